@@ -1,0 +1,30 @@
+# Everything runs inside .venv; `make install` creates it from the tested pin set (CPU torch only).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+RESULTS ?= results/synthetic
+
+.PHONY: install test table1 table2 clean-results help
+
+help:
+	@echo "make install   - create $(VENV) with the pinned CPU stack and install the harness"
+	@echo "make test      - run the test suite"
+	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
+	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY)
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+
+test: install
+	$(PY) -m pytest -q
+
+table1: install
+	$(PY) -m benchmark run --methods all --dataset all --backbone resnet50 --results $(RESULTS)
+	$(PY) -m benchmark table 1 --results $(RESULTS) --format md --out $(RESULTS)/table1.md
+
+table2: install
+	$(PY) -m benchmark run --methods crossfusion --dataset all --backbone all --results $(RESULTS)
+	$(PY) -m benchmark table 2 --results $(RESULTS) --format md --out $(RESULTS)/table2.md
