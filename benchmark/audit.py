@@ -1,0 +1,126 @@
+"""Leakage audit and report card of a cohort's clinical table and split files.
+
+Fatal problems (non-zero exit of ``python -m benchmark audit``): a patient in both train and val of a fold,
+split IDs missing from the table. Warnings: val folds that overlap, patients in no val fold, train/val that
+do not cover a fold's IDs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmark.clinical import patient_table, read_clinical
+from benchmark.splits import read_splits, stratified_patient_folds
+
+
+@dataclass
+class AuditReport:
+    """Facts, per-fold table, fatal problems and warnings of one table + split set."""
+
+    name: str
+    clinical: str
+    splits: str
+    facts: dict
+    folds: pd.DataFrame
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _to_patients(ids: list[str], slides: pd.DataFrame) -> tuple[set[str], list[str]]:
+    patients = set(slides["patient_id"])
+    by_case = dict(zip(slides["case_id"], slides["patient_id"]))
+    by_slide = dict(zip(slides["slide_id"], slides["patient_id"]))
+    found, missing = set(), []
+    for i in ids:
+        p = i if i in patients else by_case.get(i, by_slide.get(i))
+        if p is None:
+            missing.append(i)
+        else:
+            found.add(p)
+    return found, missing
+
+
+def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> AuditReport:
+    """Audit a clinical table against its split folder (``None``: the harness's own generated splits)."""
+    slides = read_clinical(clinical)
+    patients = patient_table(slides, source=clinical)
+    if splits is None:
+        raw = stratified_patient_folds(patients[["time", "event"]])
+        splits_label = "(generated: patient-level, stratified by event and time bin, seed 0)"
+    else:
+        raw = read_splits(splits)
+        splits_label = str(splits)
+    t = patients["time"]
+    facts = {
+        "patients": len(patients),
+        "slides": len(slides),
+        "events": int(patients["event"].sum()),
+        "censoring": float(patients["censorship"].mean()),
+        "time quantiles (min/25/50/75/max, months)": [round(float(x), 2) for x in np.quantile(t, [0, .25, .5, .75, 1])],
+        "median follow-up of censored (months)": round(float(t[patients["censorship"] == 1].median()), 2)
+        if (patients["censorship"] == 1).any() else None,
+        "slides per patient (max)": int(patients["slide_ids"].map(len).max()),
+    }
+    report = AuditReport(name, str(clinical), splits_label, facts, pd.DataFrame())
+    rows, all_missing, val_seen = [], set(), {}
+    for k, (train, val) in enumerate(raw):
+        tr, miss_t = _to_patients(train, slides)
+        va, miss_v = _to_patients(val, slides)
+        missing = sorted(set(miss_t + miss_v))
+        all_missing.update(missing)
+        leak = sorted(tr & va)
+        if leak:
+            report.problems.append(f"fold {k}: {len(leak)} patient(s) in both train and val, e.g. {leak[:3]}")
+        for p in va:
+            val_seen.setdefault(p, []).append(k)
+        ev = patients.loc[sorted(va), "event"]
+        rows.append({"fold": k, "train IDs": len(train), "val IDs": len(val), "train pat.": len(tr),
+                     "val pat.": len(va), "val events": int(ev.sum()),
+                     "val cens.": round(float(1 - ev.mean()), 3) if len(ev) else None,
+                     "missing": len(missing), "leaked": len(leak)})
+    report.folds = pd.DataFrame(rows)
+    if all_missing:
+        report.problems.append(
+            f"{len(all_missing)} split ID(s) are not in the clinical table {clinical}, e.g. {sorted(all_missing)[:3]}"
+        )
+    multi = [p for p, ks in val_seen.items() if len(ks) > 1]
+    if multi:
+        report.warnings.append(f"{len(multi)} patient(s) are in the val set of several folds, e.g. {multi[:3]}")
+    never = sorted(set(patients.index) - set(val_seen))
+    if never:
+        report.warnings.append(f"{len(never)} patient(s) of the table are in no val fold, e.g. {never[:3]}")
+    return report
+
+
+def print_report(report: AuditReport) -> None:
+    """Print the report card with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = f"audit: {report.name}" if report.name else "audit"
+    facts = Table(title=title, show_header=False)
+    facts.add_row("clinical table", report.clinical)
+    facts.add_row("splits", report.splits)
+    for k, v in report.facts.items():
+        facts.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(facts)
+    folds = Table(title="folds")
+    for c in report.folds.columns:
+        folds.add_column(str(c), justify="right")
+    for r in report.folds.astype(object).itertuples(index=False):
+        folds.add_row(*["" if v is None else str(v) for v in r])
+    console.print(folds)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    for p in report.problems:
+        console.print(f"[red]FAIL:[/red] {p}")
+    console.print("[green]OK[/green]: no leakage, every split ID is in the table" if report.ok
+                  else f"[red]{len(report.problems)} problem(s)[/red]")

@@ -1,0 +1,48 @@
+"""``python -m benchmark audit``: leakage audit and report card of a cohort's table and splits."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "audit", help="check a cohort's clinical table and splits for leakage and missing IDs",
+        description="Report card (patients, slides, events, censoring, follow-up, events per fold) and checks. "
+                    "Exits 1 when a patient is in train and val of a fold or when split IDs are missing "
+                    "from the table.",
+    )
+    p.add_argument("--dataset", required=True, help="cohort name (blca, brca, coad, gbmlgg, luad, ucec)")
+    p.add_argument("--clinical", type=Path, help="clinical table (MCAT format, .csv or .csv.zip)")
+    p.add_argument("--splits", type=Path, help="folder of splits_{k}.csv")
+    p.add_argument("--data-root", type=Path,
+                   help="data root with <cohort>/clinical.csv and splits/ (default: synthetic demo cohorts)")
+    p.add_argument("--real-tables", type=Path,
+                   help="folder laid out like shared/data/tcga_clinical: use the cohort's real table and splits "
+                        "(default $MIL_BENCHMARK_TCGA_TABLES when --real-tables is given without --clinical)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from benchmark.audit import audit, print_report
+    from benchmark.cohorts import get_cohort
+
+    cohort = get_cohort(args.dataset)
+    clinical, splits = args.clinical, args.splits
+    if clinical is None and args.real_tables is not None:
+        clinical, real_splits = cohort.real_paths(args.real_tables)
+        splits = splits or real_splits
+    if clinical is None:
+        if args.data_root is not None:
+            root = args.data_root
+        else:
+            from benchmark.synth import ensure_synthetic
+
+            root = ensure_synthetic("demo", cohorts=(cohort.name,), backbones=())
+        cdir = root / cohort.name if (root / cohort.name).is_dir() else root
+        clinical = cdir / "clinical.csv"
+        splits = splits or cdir / "splits"
+    report = audit(clinical, splits, name=cohort.name)
+    print_report(report)
+    return 0 if report.ok else 1

@@ -1,0 +1,53 @@
+"""``python -m benchmark list [datasets|backbones|methods]``: print the registries."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("list", help="list datasets, backbones and methods")
+    p.add_argument("what", nargs="?", default="all", choices=("all", "datasets", "backbones", "methods"))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if args.what in ("all", "datasets"):
+        from benchmark.cohorts import cohort_names, get_cohort
+
+        t = Table(title="datasets (facts of the real label tables; times in months)")
+        for c in ("name", "TCGA project(s)", "patients", "slides", "events", "censoring", "median time",
+                  "max time"):
+            t.add_column(c)
+        for n in cohort_names():
+            c = get_cohort(n)
+            t.add_row(n, ", ".join(c.projects), str(c.patients), str(c.slides), str(c.events),
+                      f"{c.censoring:.1%}", f"{c.time_median:g}", f"{c.time_max:g}")
+        console.print(t)
+    if args.what in ("all", "backbones"):
+        from benchmark.backbones import backbone_names, get_backbone
+
+        t = Table(title="backbones")
+        for c in ("name", "dim", "variant of", "TRIDENT name", "synthetic noise", "description"):
+            t.add_column(c)
+        for n in backbone_names():
+            b = get_backbone(n)
+            t.add_row(n, str(b.dim), b.base if b.variant else "", b.trident or "", f"{b.synthetic_noise:g}",
+                      b.description)
+        console.print(t)
+    if args.what in ("all", "methods"):
+        from benchmark.registry import get_method_spec, method_names
+
+        t = Table(title="methods")
+        for c in ("name", "needs", "loss", "in 'all'", "source"):
+            t.add_column(c)
+        for n in method_names():
+            s = get_method_spec(n)
+            t.add_row(n, s.needs.describe(), s.loss, "yes" if s.in_all else "no", s.source)
+        if not method_names():
+            t.add_row("(none registered yet)", "", "", "", "")
+        console.print(t)
+    return 0

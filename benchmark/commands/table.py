@@ -1,0 +1,58 @@
+"""``python -m benchmark table 1|2``: the paper's tables from the result store."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "table",
+        help="Table 1 (methods x cohorts) or Table 2 (backbones x cohorts) from the result store",
+        description="Render Table 1 (rows = methods, columns = cohorts) or Table 2 (rows = backbones, columns = "
+                    "cohorts + Mean, one method). Cells: mean ± population std over folds; best bold, second "
+                    "underlined; missing cells shown as missing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("number", choices=("1", "2"), help="which table")
+    p.add_argument("--results", default="results/synthetic", help="result store root")
+    p.add_argument("--format", default="md", choices=("md", "latex", "csv"))
+    p.add_argument("--out", default=None, help="write to FILE instead of stdout")
+    p.add_argument("--method", default="crossfusion", help="Table 2: the method")
+    p.add_argument("--backbone", default=None, help="Table 1: the backbone (default resnet50 when present)")
+    p.add_argument("--recipe", default=None, help="recipe label (needed when the store holds several)")
+    p.add_argument("--selection", default=None, help="selection rule (needed when the store holds several)")
+    p.add_argument("--seed", type=int, default=None, help="one seed (default: average the seeds per fold)")
+    p.add_argument("--metric", default="c_index", choices=("c_index", "c_index_uno", "mean_auc", "ibs"))
+    p.add_argument("--significance", action="store_true",
+                   help="mark rows significantly worse than each column's best (paired bootstrap, benchmark.compare)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from benchmark.store import ResultStore
+    from benchmark.tables import render, table1, table2
+
+    store = ResultStore(args.results)
+    if not (store.root / "cells").is_dir():
+        raise FileNotFoundError(f"{store.root}: no result store here (missing cells/); run `python -m benchmark run` first")
+    records = store.records()
+    hook = None
+    if args.significance:
+        from benchmark.compare import significant_rows
+
+        hook = significant_rows
+    if args.number == "1":
+        table = table1(records, recipe=args.recipe, selection=args.selection, backbone=args.backbone, seed=args.seed,
+                       metric=args.metric, significance=hook)
+    else:
+        table = table2(records, method=args.method, recipe=args.recipe, selection=args.selection, seed=args.seed,
+                       metric=args.metric, significance=hook)
+    text = render(table, args.format)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0

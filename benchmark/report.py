@@ -1,0 +1,254 @@
+"""One Markdown page for a result store: tables, comparisons, Kaplan-Meier figures, cohort report cards and the
+provenance of every number.
+
+``python -m benchmark report --results DIR [--out report.md]``. Figures go to ``<out folder>/figures`` and are
+linked relatively, so the page and its folder can be moved together.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from benchmark import compare
+
+
+def _md_table(frame: pd.DataFrame, index: bool = True) -> str:
+    """A DataFrame as a Markdown table (no extra dependency)."""
+    cols = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in zip(frame.index, frame.astype(object).itertuples(index=False)):  # keeps ints as ints
+        cells = ([str(idx)] if index else []) + [_fmt(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        return f"{value:.3f}"
+    return str(value)
+
+
+def data_description(record: dict) -> str:
+    """Where a record's data came from: the data root, or the synthetic preset / seed / signal."""
+    prov = record.get("provenance") or {}
+    config = record.get("config") or {}
+    root = prov.get("data_root", config.get("data_root"))
+    data = prov.get("data") or {}
+    synthetic = data.get("synthetic") or prov.get("synthetic")
+    if isinstance(synthetic, dict):
+        parts = [f"{k} {synthetic[k]}" for k in ("preset", "seed", "signal") if synthetic.get(k) is not None]
+        return f"synthetic ({', '.join(parts)})" + (f" at {root}" if root else "")
+    return f"data root {root}" if root else "synthetic (embedded demo)"
+
+
+def provenance_table(records: Sequence[dict]) -> pd.DataFrame:
+    """One row per cell: folds ok / failed, data, git commit(s), versions, creation dates."""
+    rows = []
+    for key, recs in compare.group_cells(records).items():
+        ok = [r for r in recs if r.get("status") == "ok"]
+        provs = [r.get("provenance") or {} for r in recs]
+        commits = sorted({str(p.get("git_commit"))[:10] for p in provs if p.get("git_commit")})
+        versions = (provs[0].get("versions") or {}) if provs else {}
+        created = sorted(str(p.get("created")) for p in provs if p.get("created"))
+        rows.append({
+            "method": key[0], "cohort": key[1], "backbone": key[2], "recipe": key[3], "selection": key[4],
+            "seed": key[5], "folds ok": len(ok), "folds failed": len(recs) - len(ok),
+            "data": data_description(recs[0]),
+            "git commit": ", ".join(commits) or "—",
+            "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("harness", "torch", "scikit-survival")) or "—",
+            "created": f"{created[0][:10]} .. {created[-1][:10]}" if created else "—",
+        })
+    return pd.DataFrame(rows)
+
+
+def report_card_from_records(records: Sequence[dict]) -> pd.DataFrame:
+    """A cohort's report card read off the out-of-fold predictions of one cell (every patient once).
+
+    Columns: patients, samples, events, censoring, median follow-up (months), and per fold ``fold k``
+    = ``patients/events`` of the validation split.
+    """
+    pooled = compare.pooled_predictions(records)
+    patients = pooled.groupby("patient_id").agg(time=("time", "first"), event=("event", "first"), fold=("fold", "first"))
+    card = {
+        "patients": len(patients), "samples": len(pooled), "events": int(patients["event"].sum()),
+        "censoring": f"{1 - patients['event'].mean():.1%}",
+        "median follow-up (months)": f"{patients['time'].median():.1f}",
+    }
+    for k, grp in patients.groupby("fold"):
+        card[f"fold {k} (patients/events)"] = f"{len(grp)}/{int(grp['event'].sum())}"
+    return pd.DataFrame([card])
+
+
+def _report_card(cohort: str, records: Sequence[dict], use_audit: bool) -> tuple[str, str]:
+    """(source, Markdown) of a cohort's report card: the data layer's audit of the clinical table and splits the
+    cell was trained on (paths from the record's provenance) when they are reachable, else the records."""
+    data = (records[0].get("provenance") or {}).get("data") or {}
+    clinical, splits = data.get("clinical"), data.get("splits")
+    if use_audit and clinical and Path(clinical).exists():
+        from benchmark.audit import audit
+
+        rep = audit(clinical, splits if splits and Path(splits).is_dir() else None, name=cohort)
+        facts = pd.DataFrame([{k: ("/".join(str(x) for x in v) if isinstance(v, list) else
+                                   f"{v:.1%}" if k == "censoring" else v) for k, v in rep.facts.items()}])
+        text = _md_table(facts, index=False) + "\n" + _md_table(rep.folds, index=False)
+        text += "".join(f"\n- warning: {w}" for w in rep.warnings)
+        text += "".join(f"\n- **problem**: {p}" for p in rep.problems)
+        return f"audit of {clinical}", text
+    return "records", _md_table(report_card_from_records(records), index=False)
+
+
+def _protocols(records: Sequence[dict]) -> list[tuple[str, str]]:
+    return sorted({(str(r["recipe"]), str(r["selection"])) for r in records})
+
+
+def build_report(
+    results: str | Path,
+    out: str | Path | None = None,
+    *,
+    km_methods: Sequence[str] | None = None,
+    split: str = "train-median",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    boot_seed: int = 0,
+    audit_cards: bool = True,
+) -> Path:
+    """Write the Markdown report of a result store and return its path.
+
+    Parameters
+    ----------
+    results : path
+        Result-store root.
+    out : path, optional
+        Markdown file (default ``<results>/report.md``); figures go to ``<its folder>/figures``.
+    km_methods : list of str, optional
+        Methods with Kaplan-Meier figures (default: the best method by mean C-index of each backbone/protocol).
+    split : {"train-median", "pooled-median"}
+        Kaplan-Meier threshold rule.
+    n_boot, alpha, boot_seed : bootstrap settings of the significance markers and comparisons.
+    audit_cards : bool
+        Build each cohort's report card with the data layer's audit of the clinical table and splits named in
+        the records' provenance (when reachable); False reads it off the stored predictions (evaluated
+        patients only).
+    """
+    from benchmark.plots import SPLIT_DESCRIPTIONS, format_p, plot_km
+
+    results = Path(results)
+    out = Path(out) if out is not None else results / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig_dir = out.parent / "figures"
+    all_records = compare.read_records(results, status=None)
+    ok = [r for r in all_records if r.get("status") == "ok"]
+    if not ok:
+        raise FileNotFoundError(f"{results}: no successful records to report")
+    significance = partial(compare.significant_rows, alpha=alpha, n_boot=n_boot, seed=boot_seed)
+    rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
+
+    lines = [
+        "# Benchmark report", "",
+        f"Result store `{results}`: {len(ok)} successful fold records, {len(all_records) - len(ok)} failed; "
+        f"generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.", "",
+        "Every number is a C-index (Harrell) on the validation split of its fold; which recipe, selection rule, "
+        "data and code produced it is listed under [Provenance](#provenance).", "",
+    ]
+
+    # --- tables --------------------------------------------------------------------------------------------
+    lines += ["## Tables", ""]
+    try:
+        from benchmark import tables
+    except ImportError:
+        tables = None
+    backbones = sorted({str(r["backbone"]) for r in ok})
+    for recipe, selection in _protocols(ok):
+        recs = [r for r in all_records if r["recipe"] == recipe and r["selection"] == selection]
+        for backbone in backbones:
+            sub = [r for r in recs if r["backbone"] == backbone]
+            if not any(r.get("status") == "ok" for r in sub):
+                continue
+            if tables is not None:
+                t = tables.table1(sub, recipe=recipe, selection=selection, backbone=backbone,
+                                  significance=significance, marker=compare.SIGNIFICANCE_MARKER)
+                lines += [tables.render(t, "md").rstrip("\n"), f"- Test behind {compare.SIGNIFICANCE_MARKER}: "
+                          + compare.significance_footnote(alpha, n_boot).split(" (", 1)[1].rstrip(")."), ""]
+            else:
+                scores = compare.score_table(results, sorted({r["method"] for r in sub}), backbone=backbone,
+                                             recipe=recipe, selection=selection)
+                lines += [f"**C-index, backbone {backbone}, recipe {recipe}, selection {selection}**", "",
+                          _md_table(scores.T), ""]
+        if tables is not None and len({r["backbone"] for r in recs if r.get("status") == "ok"}) > 1:
+            for method in sorted({r["method"] for r in recs if r.get("status") == "ok"}):
+                if len({r["backbone"] for r in recs if r["method"] == method and r.get("status") == "ok"}) > 1:
+                    t = tables.table2(recs, method=method, recipe=recipe, selection=selection,
+                                      significance=significance, marker=compare.SIGNIFICANCE_MARKER)
+                    lines += [tables.render(t, "md"), ""]
+
+    # --- comparisons and Kaplan-Meier per backbone and protocol -----------------------------------------
+    lines += ["## Paired comparisons", ""]
+    km_plan: list[tuple[str, str, str, str]] = []  # method, backbone, recipe, selection
+    for recipe, selection in _protocols(ok):
+        for backbone in backbones:
+            sub = [r for r in ok if r["recipe"] == recipe and r["selection"] == selection and r["backbone"] == backbone]
+            methods = sorted({r["method"] for r in sub})
+            if not methods:
+                continue
+            scores = compare.score_table(results, methods, backbone=backbone, recipe=recipe, selection=selection)
+            label = f"backbone {backbone}, recipe {recipe}, selection {selection}"
+            if len(methods) >= 2 and len(scores):
+                summary = compare.rank_summary(scores, alpha=alpha)
+                name = f"cd_{backbone}_{recipe}_{selection}.png".replace("/", "-")
+                compare.critical_difference_diagram(summary, fig_dir / name, title=f"Mean rank ({label})")
+                ranks = pd.DataFrame({"mean rank": summary.ranks, "mean C-index": scores.mean(axis=0)[summary.ranks.index]})
+                ranks.index.name = "method"
+                fried = ("Friedman test needs >= 3 methods and >= 2 cohorts" if summary.friedman_p_value is None
+                         else f"Friedman chi2 = {summary.friedman_statistic:.2f}, p = {summary.friedman_p_value:.3g}")
+                lines += [f"**Mean ranks over {len(scores)} cohort(s), {label}** (1 = best). {fried}; "
+                          f"Nemenyi critical difference {summary.critical_difference:.2f} (alpha {alpha:g}).", "",
+                          _md_table(ranks), f"![critical-difference diagram]({rel(fig_dir / name)})", ""]
+            best = scores.mean(axis=0).idxmax() if len(scores) else methods[0]
+            chosen = [m for m in (km_methods or [best]) if m in methods]
+            km_plan += [(m, backbone, recipe, selection) for m in chosen]
+    if not any(line.startswith("**Mean ranks") for line in lines):
+        lines += ["Fewer than two methods share a cohort: nothing to compare.", ""]
+
+    lines += ["## Kaplan-Meier curves", "", f"High vs low predicted risk, {SPLIT_DESCRIPTIONS[split]}; "
+              "log-rank test (lifelines). One figure per cohort.", ""]
+    for method, backbone, recipe, selection in km_plan:
+        cohorts = sorted({r["cohort"] for r in ok if (r["method"], r["backbone"], r["recipe"], r["selection"]) ==
+                          (method, backbone, recipe, selection)})
+        kms = plot_km(results, method, cohorts, split=split, out=fig_dir / f"km_{backbone}_{recipe}_{selection}",
+                      layout="figures", backbone=backbone, recipe=recipe, selection=selection)
+        table = pd.DataFrame([{"cohort": k.cohort, "high risk (n/events)": f"{k.n_high}/{k.events_high}",
+                               "low risk (n/events)": f"{k.n_low}/{k.events_low}", "log-rank p": format_p(k.p_value)}
+                              for k in kms]).set_index("cohort")
+        lines += [f"**{method}**, backbone {backbone}, recipe {recipe}, selection {selection}", "", _md_table(table), ""]
+        for k in kms:
+            png = next(f for f in k.files if f.suffix == ".png")
+            lines += [f"![Kaplan-Meier {method} {k.cohort}]({rel(png)})", ""]
+
+    # --- report cards ------------------------------------------------------------------------------------
+    lines += ["## Cohort report cards", ""]
+    by_cohort: dict[str, list[dict]] = defaultdict(list)
+    for r in ok:
+        by_cohort[r["cohort"]].append(r)
+    for cohort, recs in sorted(by_cohort.items()):
+        first_cell = next(iter(compare.group_cells(recs).values()))
+        source, text = _report_card(cohort, first_cell, audit_cards)
+        note = (f" ({source})" if source != "records"
+                else " (read off the stored out-of-fold predictions: evaluated patients only)")
+        lines += [f"**{cohort.upper()}**{note}; data: {data_description(first_cell[0])}", "", text, ""]
+
+    # --- provenance ----------------------------------------------------------------------------------------
+    lines += ["## Provenance", "", "Each row is one cell (all its folds). `paper-max` selection picks the epoch on "
+              "the reported fold itself (optimistic).", "", _md_table(provenance_table(all_records), index=False), ""]
+    out.write_text("\n".join(lines))
+    return out

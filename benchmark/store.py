@@ -1,0 +1,274 @@
+"""The result store: one JSON record per cell (method x cohort x backbone x fold x seed x recipe x selection).
+
+Layout (``docs/ARCHITECTURE.md``, "Result store contract")::
+
+    <results>/cells/<method>/<cohort>/<backbone>/<recipe>-<selection>-s<seed>/fold<k>.json
+    <results>/cells/<method>/<cohort>/<backbone>/<recipe>-<selection>-s<seed>/fold<k>.pt   (model weights)
+
+Records are written atomically (a temporary file in the same folder, then ``os.replace``), so a crash or
+a parallel reader never sees half a record. Reruns skip cells whose ``ok`` record exists; error records
+are retried.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+#: Version of the record layout.
+SCHEMA = 1
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Coordinates of one record in the grid."""
+
+    method: str
+    cohort: str
+    backbone: str
+    fold: int
+    seed: int = 0
+    recipe: str = "paper"
+    selection: str = "last"
+
+    @property
+    def run_dir(self) -> Path:
+        """Path of the cell's folder relative to the store root."""
+        return Path("cells", self.method, self.cohort, self.backbone, f"{self.recipe}-{self.selection}-s{self.seed}")
+
+    @property
+    def stem(self) -> str:
+        return f"fold{self.fold}"
+
+    def label(self) -> str:
+        return f"{self.method}/{self.cohort}/{self.backbone}/{self.recipe}-{self.selection}-s{self.seed}/fold{self.fold}"
+
+    @classmethod
+    def of(cls, record: dict) -> "Cell":
+        return cls(record["method"], record["cohort"], record["backbone"], int(record["fold"]), int(record["seed"]),
+                   record["recipe"], record["selection"])
+
+
+def config_hash(config: dict) -> str:
+    """Short, stable hash of a configuration (canonical JSON, sorted keys)."""
+    text = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+_PROVENANCE_CACHE: dict[str, Any] = {}
+
+
+def software_provenance() -> dict[str, Any]:
+    """Package versions and git commit (cached per process)."""
+    if not _PROVENANCE_CACHE:
+        import numpy
+        import pandas
+        import sklearn
+        import sksurv
+
+        from benchmark import __version__
+
+        _PROVENANCE_CACHE.update(
+            {
+                "versions": {
+                    "harness": __version__,
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "numpy": numpy.__version__,
+                    "pandas": pandas.__version__,
+                    "scikit-learn": sklearn.__version__,
+                    "scikit-survival": sksurv.__version__,
+                },
+                "git_commit": _git_commit(),
+            }
+        )
+    return dict(_PROVENANCE_CACHE)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN / inf -> None (JSON has no NaN), numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()
+        except (ValueError, AttributeError):
+            pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class ResultStore:
+    """Read and write the records under ``root``.
+
+    Parameters
+    ----------
+    root : path
+        The store's root folder (it holds ``cells/``).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    # paths -------------------------------------------------------------------------------------------
+    def record_path(self, cell: Cell) -> Path:
+        return self.root / cell.run_dir / f"{cell.stem}.json"
+
+    def weights_path(self, cell: Cell) -> Path:
+        return self.root / cell.run_dir / f"{cell.stem}.pt"
+
+    # writing -----------------------------------------------------------------------------------------
+    def write(self, record: dict, state_dict: dict | None = None) -> Path:
+        """Write ``record`` atomically (and the model weights beside it when given); returns the JSON path."""
+        missing = [k for k in ("method", "cohort", "backbone", "fold", "seed", "recipe", "selection", "status")
+                   if k not in record]
+        if missing:
+            raise ValueError(f"result record lacks field(s) {missing}")
+        cell = Cell.of(record)
+        record = dict(record)
+        record.setdefault("schema", SCHEMA)
+        if state_dict is not None:
+            import io
+
+            buffer = io.BytesIO()
+            torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+            _atomic_write_bytes(self.weights_path(cell), buffer.getvalue())
+            record["weights"] = self.weights_path(cell).name
+        else:
+            record.setdefault("weights", None)
+        text = json.dumps(_json_safe(record), indent=1, allow_nan=False)
+        path = self.record_path(cell)
+        _atomic_write_bytes(path, text.encode())
+        return path
+
+    # reading -----------------------------------------------------------------------------------------
+    def read(self, cell: Cell) -> dict | None:
+        """The record of ``cell``, or None when absent."""
+        path = self.record_path(cell)
+        if not path.exists():
+            return None
+        return self._load(path)
+
+    def _load(self, path: Path) -> dict:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: unreadable result record ({exc})") from None
+        record["_path"] = str(path)
+        return record
+
+    def has(self, cell: Cell, include_errors: bool = False) -> bool:
+        """Whether ``cell`` is finished: an ``ok`` record exists (or any record, with ``include_errors``)."""
+        path = self.record_path(cell)
+        if not path.exists():
+            return False
+        if include_errors:
+            return True
+        try:
+            return self._load(path).get("status") == "ok"
+        except ValueError:
+            return False
+
+    def iter_paths(self) -> Iterator[Path]:
+        cells = self.root / "cells"
+        if not cells.is_dir():
+            return iter(())
+        return iter(sorted(cells.glob("*/*/*/*/fold*.json")))
+
+    def records(self, status: str | None = None, **filters: Any) -> list[dict]:
+        """Every record (``ok`` and ``error``) whose fields equal ``filters``; a filter value may be a list/set/tuple
+        of accepted values. ``status="ok"`` keeps only successful cells. Sorted by cell, then fold."""
+        out = []
+        for path in self.iter_paths():
+            record = self._load(path)
+            if status is not None and record.get("status") != status:
+                continue
+            ok = True
+            for key, want in filters.items():
+                if want is None:
+                    continue
+                have = record.get(key)
+                if isinstance(want, (list, tuple, set, frozenset)):
+                    ok = have in want or str(have) in {str(w) for w in want}
+                else:
+                    ok = have == want or str(have) == str(want)
+                if not ok:
+                    break
+            if ok:
+                out.append(record)
+        out.sort(key=lambda r: (r["method"], r["cohort"], r["backbone"], r["recipe"], r["selection"], int(r["seed"]),
+                                int(r["fold"])))
+        return out
+
+    def load_model(self, record: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+        """Rebuild the record's method (``create_method(name, in_dim, n_bins, **method_options)``) and load its
+        ``fold<k>.pt`` weights; returned in eval mode."""
+        from benchmark.registry import create_method
+
+        if record.get("status") != "ok":
+            raise ValueError(f"{record.get('_path', 'record')}: status {record.get('status')!r}, no model to load")
+        config = record.get("config") or {}
+        if not record.get("weights"):
+            raise FileNotFoundError(f"{record.get('_path', 'record')}: no weights were saved for this cell")
+        path = self.weights_path(Cell.of(record))
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: weights file missing")
+        model = create_method(record["method"], in_dim=int(config["in_dim"]), n_bins=int(config["n_bins"]),
+                              **(config.get("method_options") or {}))
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def cell_record(cell: Cell, **fields: Any) -> dict:
+    """A record skeleton with the cell's coordinates and the contract's fields (defaults None)."""
+    base = asdict(cell)
+    base.update(
+        schema=SCHEMA, status=None, unit=None, config=None, config_hash=None, provenance=None, metrics=None,
+        selected_epoch=None, history=None, bin_edges=None, train_risk_median=None, predictions=None, error=None,
+        seconds=None, weights=None,
+    )
+    base.update(fields)
+    return base

@@ -1,0 +1,339 @@
+"""The paper's tables from the result store.
+
+- Table 1: rows = methods, columns = cohorts (one backbone).
+- Table 2: rows = the five backbones, columns = the cohorts + Mean (one method, CrossFusion by default).
+
+Each cell is the mean ± population std (ddof 0) of the per-fold metric; when several seeds were run, the
+folds' values are first averaged over seeds. The best value of each column is bold and the second best
+underlined. A cell without any successful fold is shown as missing (never as zero); a cell with fewer
+folds than the table's others is marked ``(k/n)``; ``paper-max`` selection (optimistic: the epoch is chosen
+on the reported fold) is marked in the caption, the header and a note. A significance hook may mark cells.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from benchmark.metrics import aggregate
+
+#: Higher-is-better per metric.
+METRICS = {"c_index": True, "c_index_uno": True, "mean_auc": True, "ibs": False}
+METRIC_NAMES = {"c_index": "C-index", "c_index_uno": "Uno's C-index", "mean_auc": "mean time-dependent AUC",
+                "ibs": "integrated Brier score"}
+#: Paper order of the Table 1 rows; other methods follow alphabetically, the ``random`` floor comes last.
+PAPER_METHOD_ORDER = ("amil", "dsmil", "transmil", "deepgraphsurv", "patchgcn", "scmil", "protosurv", "crossfusion")
+TABLE2_BACKBONES = ("resnet50", "conch", "uni2-h", "quiltnet", "prov-gigapath")
+MISSING = {"md": "—", "latex": "--", "csv": ""}
+PAPER_MAX_MARK = "†"
+
+#: ``significance(rows) -> labels to mark``: ``rows`` maps each row label of one column to that cell's ok fold
+#: records (``benchmark.compare.significant_rows`` has this signature).
+SignificanceHook = Callable[[Mapping[str, Sequence[dict]]], set]
+
+
+@dataclass
+class TableCell:
+    """One cell: aggregated over folds."""
+
+    values: list[float]  # per fold (seed-averaged), sorted by fold
+    n_expected: int
+    n_errors: int = 0
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return aggregate(self.values)[0]
+
+    @property
+    def std(self) -> float:
+        return aggregate(self.values)[1]
+
+    @property
+    def present(self) -> bool:
+        return len(self.values) > 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.values) >= self.n_expected
+
+
+@dataclass
+class ResultTable:
+    """A rendered-agnostic table: rows x columns of :class:`TableCell` (None = no record at all)."""
+
+    title: str
+    row_header: str
+    rows: list[str]
+    columns: list[str]
+    cells: dict[tuple[str, str], TableCell | None]
+    metric: str = "c_index"
+    recipe: str = ""
+    selection: str = ""
+    mean_column: bool = False
+    marks: dict[tuple[str, str], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric]
+
+    def value(self, row: str, column: str) -> float | None:
+        """Mean of a cell (the Mean column: mean over the cohorts' means, only when every cohort is present)."""
+        if column == "Mean":
+            vals = [self.value(row, c) for c in self.columns]
+            return float(np.mean(vals)) if vals and all(v is not None for v in vals) else None
+        cell = self.cells.get((row, column))
+        return cell.mean if cell is not None and cell.present else None
+
+    def _complete(self, row: str, column: str) -> bool:
+        cols = self.columns if column == "Mean" else [column]
+        return all(self.cells.get((row, c)) is not None and self.cells[(row, c)].complete for c in cols)
+
+    def all_columns(self) -> list[str]:
+        return self.columns + (["Mean"] if self.mean_column else [])
+
+    def ranks(self, column: str, decimals: int = 3) -> dict[str, int]:
+        """Row -> 1 (best) or 2 (second best) in ``column``, on the displayed (rounded) values; ties share a rank.
+        Only cells with every fold compete (an incomplete cell is marked, never bold)."""
+        vals = {r: self.value(r, column) if self._complete(r, column) else None for r in self.rows}
+        shown = sorted({round(v, decimals) for v in vals.values() if v is not None}, reverse=self.higher_is_better)
+        out = {}
+        for r, v in vals.items():
+            if v is not None and round(v, decimals) in shown[:2]:
+                out[r] = shown.index(round(v, decimals)) + 1
+        return out
+
+
+def _choose_one(records: list[dict], key: str, wanted: str | None, what: str) -> str:
+    if wanted is not None:
+        return wanted
+    found = sorted({str(r[key]) for r in records})
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"no result records to choose a {what} from")
+    raise ValueError(f"the results hold several {what}s ({', '.join(found)}); choose one with --{what}")
+
+
+def build_table(
+    records: Iterable[dict],
+    row_key: str,
+    column_key: str,
+    rows: Sequence[str],
+    columns: Sequence[str],
+    metric: str = "c_index",
+    n_expected: int | None = None,
+) -> dict[tuple[str, str], TableCell | None]:
+    """Cells of a rows x columns table from records (ok and error) already filtered to one recipe/selection."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        grouped.setdefault((str(r[row_key]), str(r[column_key])), []).append(r)
+    per_cell: dict[tuple[str, str], tuple[list[float], int, list[dict]]] = {}
+    for key, recs in grouped.items():
+        by_fold: dict[int, list[float]] = {}
+        ok = [r for r in recs if r.get("status") == "ok"]
+        for r in ok:
+            v = (r.get("metrics") or {}).get(metric)
+            if v is not None and math.isfinite(v):
+                by_fold.setdefault(int(r["fold"]), []).append(float(v))
+        values = [float(np.mean(by_fold[k])) for k in sorted(by_fold)]
+        n_err = sum(1 for r in recs if r.get("status") == "error")
+        per_cell[key] = (values, n_err, ok)
+    expected = n_expected or max([len(v[0]) for v in per_cell.values()] + [1])
+    out: dict[tuple[str, str], TableCell | None] = {}
+    for row in rows:
+        for col in columns:
+            if (row, col) in per_cell:
+                values, n_err, ok = per_cell[(row, col)]
+                out[(row, col)] = TableCell(values, expected, n_err, ok)
+            else:
+                out[(row, col)] = None
+    return out
+
+
+def _cohort_columns(records: list[dict]) -> list[str]:
+    try:
+        from benchmark.cohorts import cohort_names
+
+        registered = list(cohort_names())
+    except Exception:  # the cohort registry is optional for rendering a store
+        registered = []
+    seen = sorted({str(r["cohort"]) for r in records})
+    return registered + [c for c in seen if c not in registered]
+
+
+def _method_rows(records: list[dict]) -> list[str]:
+    found = {str(r["method"]) for r in records}
+    ordered = [m for m in PAPER_METHOD_ORDER if m in found]
+    ordered += sorted(m for m in found if m not in PAPER_METHOD_ORDER and m != "random")
+    return ordered + (["random"] if "random" in found else [])
+
+
+def _finish(table: ResultTable, significance: SignificanceHook | None, marker: str) -> ResultTable:
+    if table.selection == "paper-max":
+        table.notes.append(
+            f"{PAPER_MAX_MARK} selection paper-max: each fold reports its best epoch on the reported fold itself "
+            "(as the CrossFusion code); optimistic, not comparable with 'last' or 'inner'."
+        )
+    incomplete = [k for k, c in table.cells.items() if c is not None and c.present and not c.complete]
+    if incomplete:
+        table.notes.append("(k/n): only k of the n folds finished for this cell.")
+    if any(c is not None and c.n_errors for c in table.cells.values()):
+        table.notes.append("err: at least one fold of this cell failed (see the error records).")
+    if significance is not None:
+        for col in table.columns:
+            rows = {r: table.cells[(r, col)].records for r in table.rows
+                    if table.cells.get((r, col)) is not None and table.cells[(r, col)].present}
+            for r in significance(rows) or ():
+                table.marks[(r, col)] = marker
+        table.notes.append(f"{marker}: significantly worse than the column's best row (paired test).")
+    return table
+
+
+def table1(
+    records: Iterable[dict],
+    recipe: str | None = None,
+    selection: str | None = None,
+    backbone: str | None = None,
+    seed: int | None = None,
+    metric: str = "c_index",
+    significance: SignificanceHook | None = None,
+    marker: str = "*",
+) -> ResultTable:
+    """Table 1: rows = methods, columns = cohorts, for one backbone / recipe / selection."""
+    recs = [r for r in records if seed is None or int(r["seed"]) == seed]
+    if backbone is None:
+        backbones = {str(r["backbone"]) for r in recs}
+        backbone = "resnet50" if "resnet50" in backbones or not backbones else _choose_one(recs, "backbone", None, "backbone")
+    recs = [r for r in recs if str(r["backbone"]) == backbone]
+    recipe = _choose_one(recs, "recipe", recipe, "recipe")
+    recs = [r for r in recs if str(r["recipe"]) == recipe]
+    selection = _choose_one(recs, "selection", selection, "selection")
+    recs = [r for r in recs if str(r["selection"]) == selection]
+    if not recs:
+        raise ValueError(f"no records for backbone {backbone}, recipe {recipe}, selection {selection}")
+    rows, columns = _method_rows(recs), _cohort_columns(recs)
+    mark = PAPER_MAX_MARK if selection == "paper-max" else ""
+    table = ResultTable(
+        title=f"Table 1. {METRIC_NAMES[metric]}{mark} (mean ± population std over folds), backbone {backbone}, "
+              f"recipe {recipe}, selection {selection}",
+        row_header="Method" + mark, rows=rows, columns=columns,
+        cells=build_table(recs, "method", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
+        selection=selection,
+    )
+    return _finish(table, significance, marker)
+
+
+def table2(
+    records: Iterable[dict],
+    method: str = "crossfusion",
+    recipe: str | None = None,
+    selection: str | None = None,
+    seed: int | None = None,
+    metric: str = "c_index",
+    backbones: Sequence[str] = TABLE2_BACKBONES,
+    significance: SignificanceHook | None = None,
+    marker: str = "*",
+) -> ResultTable:
+    """Table 2: rows = backbones, columns = cohorts + Mean, for one method / recipe / selection."""
+    recs = [r for r in records if str(r["method"]) == method.lower() and (seed is None or int(r["seed"]) == seed)]
+    if not recs:
+        raise ValueError(f"no records for method {method!r}")
+    recipe = _choose_one(recs, "recipe", recipe, "recipe")
+    recs = [r for r in recs if str(r["recipe"]) == recipe]
+    selection = _choose_one(recs, "selection", selection, "selection")
+    recs = [r for r in recs if str(r["selection"]) == selection]
+    rows = list(backbones) + sorted({str(r["backbone"]) for r in recs} - set(backbones))
+    columns = _cohort_columns(recs)
+    mark = PAPER_MAX_MARK if selection == "paper-max" else ""
+    table = ResultTable(
+        title=f"Table 2. {METRIC_NAMES[metric]}{mark} of {method} per backbone (mean ± population std over folds), "
+              f"recipe {recipe}, selection {selection}",
+        row_header="Backbone" + mark, rows=rows, columns=columns,
+        cells=build_table(recs, "backbone", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
+        selection=selection, mean_column=True,
+    )
+    table.notes.append("Mean: mean of the cohort means, shown only when every cohort is present.")
+    return _finish(table, significance, marker)
+
+
+# -------------------------------------------------------------------------------------------------------
+# rendering
+# -------------------------------------------------------------------------------------------------------
+def _cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: int = 3) -> str:
+    value = table.value(row, col)
+    cell = table.cells.get((row, col)) if col != "Mean" else None
+    if value is None:
+        text = MISSING[fmt]
+        if cell is not None and cell.n_errors:
+            text += " err"
+        return text
+    if col == "Mean":
+        text = f"{value:.{decimals}f}"
+    else:
+        pm = r" $\pm$ " if fmt == "latex" else " ± "
+        text = f"{value:.{decimals}f}{pm}{cell.std:.{decimals}f}"
+    rank = table.ranks(col, decimals).get(row)
+    if rank == 1:
+        text = f"**{text}**" if fmt == "md" else rf"\textbf{{{text}}}"
+    elif rank == 2:
+        text = f"<u>{text}</u>" if fmt == "md" else rf"\underline{{{text}}}"
+    if cell is not None:
+        text += table.marks.get((row, col), "")
+        if not cell.complete:
+            text += f" ({len(cell.values)}/{cell.n_expected})"
+        if cell.n_errors:
+            text += " err"
+    return text
+
+
+def _col_title(col: str) -> str:
+    return col if col == "Mean" else col.upper()
+
+
+def render(table: ResultTable, fmt: str = "md") -> str:
+    """The table as Markdown (``md``), LaTeX (``latex``) or tidy CSV (``csv``)."""
+    if fmt == "md":
+        lines = [f"**{table.title}**", "", "| " + " | ".join([table.row_header] + [_col_title(c) for c in table.all_columns()]) + " |",
+                 "|" + "---|" * (1 + len(table.all_columns()))]
+        for row in table.rows:
+            lines.append("| " + " | ".join([row] + [_cell_text(table, row, c, "md") for c in table.all_columns()]) + " |")
+        lines += [""] + [f"- {n}" for n in ["Best per column in bold, second underlined; — = missing (no finished fold)."] + table.notes]
+        return "\n".join(lines) + "\n"
+    if fmt == "latex":
+        esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace(PAPER_MAX_MARK, r"$^\dagger$")  # noqa: E731
+        cols = table.all_columns()
+        lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(table.title)}}}",
+                 r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule",
+                 " & ".join([esc(table.row_header)] + [_col_title(c) for c in cols]) + r" \\", r"\midrule"]
+        for row in table.rows:
+            lines.append(" & ".join([esc(row)] + [_cell_text(table, row, c, "latex") for c in cols]) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        lines += [rf"\par\footnotesize {esc(n)}" for n in table.notes]
+        lines.append(r"\end{table}")
+        return "\n".join(lines) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["row", "column", "metric", "mean", "std", "n_folds", "n_expected", "n_errors", "rank",
+                         "marker", "recipe", "selection"])
+        for row in table.rows:
+            for col in table.all_columns():
+                value = table.value(row, col)
+                cell = table.cells.get((row, col)) if col != "Mean" else None
+                writer.writerow([
+                    row, col, table.metric, "" if value is None else f"{value:.6f}",
+                    f"{cell.std:.6f}" if cell is not None and cell.present else "",
+                    "" if col == "Mean" else (len(cell.values) if cell is not None else 0),
+                    cell.n_expected if cell is not None else "", cell.n_errors if cell is not None else 0,
+                    table.ranks(col).get(row, ""), table.marks.get((row, col), ""), table.recipe, table.selection,
+                ])
+        return buffer.getvalue()
+    raise ValueError(f"unknown table format {fmt!r}; expected md, latex or csv")

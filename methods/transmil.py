@@ -1,0 +1,179 @@
+"""TransMIL: transformer-based correlated MIL, with a discrete-time survival head.
+
+Paper: Z. Shao, H. Bian, Y. Chen, Y. Wang, J. Zhang, X. Ji, Y. Zhang, "TransMIL: Transformer based Correlated
+Multiple Instance Learning for Whole Slide Image Classification", NeurIPS 2021.
+Official repository: github.com/szc19990412/TransMIL (``models/TransMIL.py``), which uses lucidrains'
+``nystrom-attention`` (github.com/lucidrains/nystrom-attention).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from nystrom_attention import NystromAttention
+from torch import Tensor, nn
+
+from benchmark.bag import Bag, Needs
+from benchmark.output import AttentionMap, SurvivalOutput
+from benchmark.registry import register_method
+
+
+class TransLayer(nn.Module):
+    """Pre-LN Nystrom self-attention with a residual connection and no feed-forward block.
+
+    ``x + NystromAttention(LayerNorm(x))``; ``dim_head = dim // 8``, 8 heads, ``dim // 2`` landmarks, 6
+    pseudo-inverse iterations, depthwise value-residual convolution of kernel 33, dropout 0.1 after the output
+    projection (an ``nn.Dropout``, so inactive in eval mode), as in the official ``TransLayer``.
+    """
+
+    def __init__(self, dim: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(
+            dim=dim,
+            dim_head=dim // 8,
+            heads=8,
+            num_landmarks=dim // 2,
+            pinv_iterations=6,
+            residual=True,
+            residual_conv_kernel=33,
+            dropout=dropout,
+        )
+
+    def forward(self, x: Tensor, return_attn_matrices: bool = False):
+        """``x``: ``(1, n, dim)`` -> ``(1, n, dim)``; optionally also the three Nystrom factors of the layer
+        (``attn1 (1, h, n_pad, m)``, ``pinv (1, h, m, m)``, ``attn3 (1, h, m, n_pad)``, front-padded)."""
+        if return_attn_matrices:
+            out, factors = self.attn(self.norm(x), return_attn_matrices=True)
+            return x + out, factors
+        return x + self.attn(self.norm(x))
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: ``x + dw7(x) + dw5(x) + dw3(x)`` on the tokens laid out row-major
+    on a ``side x side`` grid (depthwise ``Conv2d`` with bias); the class token passes through unchanged."""
+
+    def __init__(self, dim: int = 512) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 7, 1, 7 // 2, groups=dim)
+        self.proj1 = nn.Conv2d(dim, dim, 5, 1, 5 // 2, groups=dim)
+        self.proj2 = nn.Conv2d(dim, dim, 3, 1, 3 // 2, groups=dim)
+
+    def forward(self, x: Tensor, side: int) -> Tensor:
+        """``x``: ``(1, 1 + side * side, dim)`` -> same shape."""
+        batch, _, dim = x.shape
+        cls_token, tokens = x[:, :1], x[:, 1:]
+        grid = tokens.transpose(1, 2).reshape(batch, dim, side, side)
+        grid = self.proj(grid) + grid + self.proj1(grid) + self.proj2(grid)
+        return torch.cat((cls_token, grid.flatten(2).transpose(1, 2)), dim=1)
+
+
+@register_method(
+    "transmil",
+    needs=Needs(magnifications=(20,)),
+    source="Shao et al. NeurIPS 2021; github.com/szc19990412/TransMIL (models/TransMIL.py)",
+)
+class TransMIL(nn.Module):
+    """TransMIL (official configuration, ``D = 512``) with one output per survival bin.
+
+    Forward on one bag of ``N`` 20x patches:
+
+    1. ``Linear(in_dim -> D), ReLU`` ``(N, D)``;
+    2. square padding: ``side = ceil(sqrt(N))``; the first ``side**2 - N`` tokens are appended again at the end
+       (wrap-around duplication, no mask);
+    3. prepend the class token (``randn(1, 1, D)``, no re-initialisation, as the official code);
+    4. ``TransLayer``, ``PPEG``, ``TransLayer`` (two pre-LN Nystrom layers: 8 heads x 64, 256 landmarks,
+       6 pseudo-inverse iterations, residual conv 33, dropout 0.1);
+    5. ``LayerNorm(D)``, class token, ``Linear(D -> n_bins)`` logits ``(1, n_bins)``.
+
+    Parameters: 2,673,172 at ``in_dim`` 1024, 2,935,316 at 1536, 2,411,028 at 512 (4 bins).
+
+    Parameters
+    ----------
+    in_dim : int
+        Patch-feature dimension.
+    n_bins : int
+        Number of discrete-time survival bins.
+    dim : int
+        Token width ``D`` (512 in the official code; heads stay 8, so ``dim`` must be a multiple of 8).
+    dropout : float
+        Dropout after each attention output projection (0.1 official); acts only in training.
+
+    Notes
+    -----
+    Deliberate deviations from the official code:
+
+    - Nystrom attention from ``nystrom-attention`` >= 0.0.10 (0.0.14 here), which returns the last ``n`` rows
+      after front padding. The official code pins 0.0.9, whose ``out[:, :n]`` misaligns every token by the pad
+      length whenever ``n % 256 != 0``; published TransMIL numbers come from that shifted behaviour.
+    - The class token follows the module's device (the official code calls ``.cuda()``).
+    - The classification head's ``n_classes`` becomes ``n_bins`` logits, trained with the shared NLL; no
+      softmax / argmax.
+
+    Outputs ``attention["attention"]``, ``(N,)``, aligned with ``bag.features[20]`` rows: the class token's row
+    of the last layer's Nystrom attention, averaged over heads, ``attn1[cls] @ pinv @ attn3``. It costs
+    ``O(heads * landmarks * n)`` and never forms an ``n x n`` matrix. It is the Nystrom approximation of the
+    softmax row (it may hold small negative values and need not sum exactly to one), it ignores the value
+    residual convolution, and the wrap-around duplicates are cropped away (each patch keeps the score of its
+    original position only).
+    """
+
+    def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        if in_dim < 1 or n_bins < 1:
+            raise ValueError(f"methods/transmil.py: in_dim and n_bins must be positive, got {in_dim}, {n_bins}")
+        if dim % 16 != 0:
+            raise ValueError(f"methods/transmil.py: dim must be a multiple of 16 (8 heads, dim // 2 landmarks), "
+                             f"got {dim}")
+        self.in_dim = in_dim
+        self.n_bins = n_bins
+        self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layer1 = TransLayer(dim=dim, dropout=dropout)
+        self.pos_layer = PPEG(dim=dim)
+        self.layer2 = TransLayer(dim=dim, dropout=dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.fc2 = nn.Linear(dim, n_bins)
+
+    def forward(self, bag: Bag) -> SurvivalOutput:
+        """Score one bag.
+
+        Parameters
+        ----------
+        bag : Bag
+            Reads ``bag.features[20]``, ``(N, in_dim)``.
+
+        Returns
+        -------
+        SurvivalOutput
+            ``logits`` ``(1, n_bins)``; ``attention["attention"]`` ``(N,)``.
+        """
+        if 20 not in bag.features:
+            raise ValueError(f"methods/transmil.py: bag {bag.sample_id!r} has no 20x features")
+        feats = bag.features[20]
+        if feats.dim() != 2 or feats.shape[1] != self.in_dim or feats.shape[0] == 0:
+            raise ValueError(f"methods/transmil.py: bag {bag.sample_id!r} has 20x features of shape "
+                             f"{tuple(feats.shape)}; expected (N >= 1, {self.in_dim})")
+        n_patches = feats.shape[0]
+        h = self.fc1(feats).unsqueeze(0)  # (1, N, D)
+
+        side = math.ceil(math.sqrt(n_patches))
+        n_added = side * side - n_patches
+        if n_added:
+            # Wrap-around duplication of the first tokens (modulo N, so tiny bags never run short).
+            wrap = torch.arange(n_added, device=h.device) % n_patches
+            h = torch.cat((h, h[:, wrap]), dim=1)  # (1, side**2, D)
+
+        h = torch.cat((self.cls_token.expand(h.shape[0], -1, -1), h), dim=1)  # (1, 1 + side**2, D)
+        h = self.layer1(h)
+        h = self.pos_layer(h, side)
+        h, (attn1, pinv, attn3) = self.layer2(h, return_attn_matrices=True)
+        logits = self.fc2(self.norm(h)[:, 0])  # (1, n_bins)
+
+        with torch.no_grad():
+            n_tokens = h.shape[1]
+            landmarks = self.layer2.attn.num_landmarks
+            front_pad = (landmarks - n_tokens % landmarks) % landmarks  # Nystrom pads at the front
+            cls_row = (attn1[:, :, front_pad : front_pad + 1] @ pinv) @ attn3  # (1, heads, 1, n_pad)
+            scores = cls_row.mean(dim=1)[0, 0, front_pad + 1 : front_pad + 1 + n_patches]  # (N,)
+        return SurvivalOutput.from_logits(logits, attention={"attention": AttentionMap(20, scores.detach())})

@@ -1,0 +1,32 @@
+"""Shared test fixtures.
+
+- ``tiny_root``: the ``tiny`` synthetic preset (cohorts blca and ucec; backbones resnet50 and conch; signal
+  mixed; seed 0), generated once per test session into a temporary folder. Load it with
+  ``load_cohort("blca", data_root=tiny_root, backbone="resnet50")``.
+- ``real_tables``: the real TCGA label tables and splits in ``../shared/data/tcga_clinical`` (located relative
+  to the repository); tests using it are skipped when that folder is absent.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TABLES = REPO.parent / "shared" / "data" / "tcga_clinical"
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    from benchmark.synth import generate
+
+    root = tmp_path_factory.mktemp("synthetic") / "tiny-mixed-s0"
+    return generate(root, preset="tiny", seed=0, cohorts=("blca", "ucec"), backbones=("resnet50", "conch"),
+                    signal="mixed")
+
+
+@pytest.fixture(scope="session")
+def real_tables() -> Path:
+    if not (SHARED_TABLES / "derived" / "labels").is_dir():
+        pytest.skip(f"real TCGA tables not found at {SHARED_TABLES}")
+    return SHARED_TABLES

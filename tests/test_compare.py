@@ -1,0 +1,177 @@
+"""Paired comparisons: C-index on pair matrices, paired bootstrap, ranks, CD diagram, table hook, CLI.
+
+``write_fake_store`` (also used by test_plots.py and test_report.py) writes result records in the documented
+store layout (docs/ARCHITECTURE.md "Result store contract") for a few fake methods whose quality is known.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sksurv.metrics import concordance_index_censored
+
+from benchmark import compare
+from benchmark.cli import main
+
+#: fake methods: how their risk relates to the true risk z
+FAKE_METHODS = {
+    "good": lambda z, noise: z + 0.3 * noise,   # strongly prognostic
+    "twin": lambda z, noise: z + 0.3 * noise,   # identical risks to "good"
+    "noise": lambda z, noise: noise,            # random
+}
+
+
+def write_fake_store(
+    root: Path,
+    methods=("good", "twin", "noise"),
+    cohorts=("blca", "luad"),
+    n_patients: int = 150,
+    n_folds: int = 5,
+    backbone: str = "resnet50",
+    seed: int = 0,
+    slides_per_patient: int = 1,
+) -> Path:
+    """Write fold records of ``methods x cohorts x folds`` under ``root`` (the store layout) and return root.
+
+    Times are exponential with hazard ``exp(z)``; ``good`` and ``twin`` have identical risks ``z + noise``,
+    ``noise`` is random. With ``slides_per_patient > 1`` the unit is ``slide`` (samples = slides).
+    """
+    for ci, cohort in enumerate(cohorts):
+        rng = np.random.default_rng(seed + 100 * ci)
+        z = rng.normal(size=n_patients)
+        time = rng.exponential(30.0 * np.exp(-z))
+        censor_time = rng.uniform(5, 120, size=n_patients)
+        event = (time <= censor_time).astype(int)
+        time = np.minimum(time, censor_time).round(2) + 0.01
+        fold_of = rng.permutation(np.arange(n_patients) % n_folds)
+        noise_good = rng.normal(size=n_patients)
+        noise_rand = rng.normal(size=n_patients)
+        for method in methods:
+            noise = noise_rand if method == "noise" else noise_good
+            risk = FAKE_METHODS[method](z, noise)
+            for k in range(n_folds):
+                val = np.flatnonzero(fold_of == k)
+                train = np.flatnonzero(fold_of != k)
+                preds = []
+                for i in val:
+                    for s in range(slides_per_patient):
+                        sid = f"{cohort}-P{i:03d}" + (f"-S{s}" if slides_per_patient > 1 else "")
+                        preds.append({"sample_id": sid, "patient_id": f"{cohort}-P{i:03d}", "time": float(time[i]),
+                                      "event": int(event[i]), "risk": float(risk[i] + 0.01 * s)})
+                df = pd.DataFrame(preds)
+                c = concordance_index_censored(df["event"].astype(bool), df["time"], df["risk"], tied_tol=1e-8)[0]
+                record = {
+                    "schema": 1, "status": "ok", "method": method, "cohort": cohort, "backbone": backbone,
+                    "fold": k, "seed": 0, "recipe": "harmonized", "selection": "last_epoch",
+                    "unit": "slide" if slides_per_patient > 1 else "patient",
+                    "config": {"lr": 2e-4}, "config_hash": "abc123",
+                    "provenance": {"versions": {"torch": "2.13.0", "benchmark": "0.1.0"}, "git_commit": "deadbeef",
+                                   "data_root": None, "synthetic": {"preset": "demo", "seed": 0},
+                                   "created": "2025-01-01T00:00:00"},
+                    "metrics": {"c_index": float(c), "c_index_uno": None, "ibs": None, "mean_auc": None},
+                    "selected_epoch": 19, "history": [], "bin_edges": [0, 10, 20, 40, 1e9],
+                    "train_risk_median": float(np.median(risk[train])),
+                    "predictions": preds, "error": None, "seconds": 1.0, "weights": None,
+                }
+                cell = root / "cells" / method / cohort / backbone / f"harmonized-last_epoch-s0"
+                cell.mkdir(parents=True, exist_ok=True)
+                (cell / f"fold{k}.json").write_text(json.dumps(record))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return write_fake_store(tmp_path_factory.mktemp("store"))
+
+
+def test_c_index_matches_sksurv_with_ties_and_weights():
+    rng = np.random.default_rng(1)
+    time = rng.integers(1, 15, size=60).astype(float)          # many tied times
+    event = rng.integers(0, 2, size=60)
+    risk = rng.integers(0, 6, size=60).astype(float)           # many tied risks
+    expected = concordance_index_censored(event.astype(bool), time, risk, tied_tol=1e-8)[0]
+    assert compare.harrell_c_index(time, event, risk) == pytest.approx(expected, abs=1e-12)
+    # weights = multiplicities: equal to sksurv on the data with rows duplicated
+    counts = rng.integers(0, 3, size=60)
+    rows = np.repeat(np.arange(60), counts)
+    dup = concordance_index_censored(event[rows].astype(bool), time[rows], risk[rows], tied_tol=1e-8)[0]
+    assert compare.harrell_c_index(time, event, risk, weights=counts) == pytest.approx(dup, abs=1e-12)
+
+
+def test_better_method_is_significant_identical_is_not(store):
+    good = compare.select_cell(store, "good", "blca")
+    twin = compare.select_cell(store, "twin", "blca")
+    noise = compare.select_cell(store, "noise", "blca")
+    assert len(good) == 5
+    better = compare.compare_cells(good, noise, n_boot=400, seed=3)
+    bs = better.bootstrap
+    assert bs.difference > 0.15 and bs.p_value < 0.01 and bs.significant()
+    assert bs.ci_low <= bs.difference <= bs.ci_high and bs.ci_low > 0
+    # pooled C-index of each = sksurv on the pooled out-of-fold risks
+    pooled = compare.pooled_predictions(good)
+    ref = concordance_index_censored(pooled["event"].astype(bool), pooled["time"], pooled["risk"], tied_tol=1e-8)[0]
+    assert bs.c_index_a == pytest.approx(ref, abs=1e-12)
+    # per-fold differences are the stored fold C-indices
+    assert better.fold_differences == pytest.approx(
+        [a["metrics"]["c_index"] - b["metrics"]["c_index"] for a, b in zip(good, noise)])
+    same = compare.compare_cells(good, twin, n_boot=200, seed=3).bootstrap
+    assert same.difference == 0 and same.p_value == 1.0 and not same.significant()
+
+
+def test_bootstrap_is_seeded_and_resamples_patients(tmp_path):
+    root = write_fake_store(tmp_path, methods=("good", "noise"), cohorts=("blca",), n_patients=60, slides_per_patient=2)
+    a = compare.pooled_predictions(compare.select_cell(root, "good", "blca"))
+    b = compare.pooled_predictions(compare.select_cell(root, "noise", "blca"))
+    r1 = compare.paired_bootstrap(a, b, n_boot=150, seed=7)
+    r2 = compare.paired_bootstrap(a, b, n_boot=150, seed=7)
+    r3 = compare.paired_bootstrap(a, b, n_boot=150, seed=8)
+    np.testing.assert_array_equal(r1.differences, r2.differences)
+    assert r1.p_value == r2.p_value and r1.ci_low == r2.ci_low
+    assert not np.array_equal(r1.differences, r3.differences)
+    assert r1.n_patients == 60 and r1.n_samples == 120
+    assert r1.ci_low <= r1.difference <= r1.ci_high
+
+
+def test_significance_hook_marks_worse_rows(store):
+    rows = {m: compare.select_cell(store, m, "luad") for m in ("good", "twin", "noise")}
+    result = compare.significance_vs_best(rows, n_boot=200, seed=0)
+    best = [k for k, v in result.items() if v is None]
+    assert len(best) == 1 and best[0] in ("good", "twin")
+    assert compare.significant_rows(rows, n_boot=200, seed=0) == {"noise"}
+    assert compare.SIGNIFICANCE_MARKER in compare.significance_footnote()
+
+
+def test_ranks_friedman_and_critical_difference(tmp_path):
+    # Demsar 2006 Table 5a (q_0.05)
+    for k, q in ((2, 1.960), (3, 2.343), (4, 2.569), (10, 3.164)):
+        assert compare.nemenyi_q(k) == pytest.approx(q, abs=1e-3)
+    # Demsar's CD for k=4 methods, N=14 datasets, alpha=0.05: 2.569 * sqrt(20/84) = 1.25
+    assert compare.nemenyi_critical_difference(4, 14) == pytest.approx(2.569 * np.sqrt(20 / 84), abs=2e-3)
+    scores = pd.DataFrame({"a": [0.7, 0.72, 0.69, 0.71], "b": [0.6, 0.65, 0.7, 0.6], "c": [0.5, 0.52, 0.51, 0.55]},
+                          index=list("wxyz"))
+    summary = compare.rank_summary(scores)
+    assert summary.ranks.to_dict() == pytest.approx({"a": 1.25, "b": 1.75, "c": 3.0})
+    from scipy.stats import friedmanchisquare
+    assert summary.friedman_p_value == pytest.approx(friedmanchisquare(*scores.T.to_numpy()).pvalue)
+    cd = summary.critical_difference
+    for group in summary.cliques():
+        assert summary.ranks[list(group)].max() - summary.ranks[list(group)].min() < cd
+    path = compare.critical_difference_diagram(summary, tmp_path / "cd.png")
+    assert path.exists() and path.stat().st_size > 5000
+
+
+def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
+    out_json = tmp_path / "cmp.json"
+    rc = main(["compare", "--results", str(store), "--methods", "good,twin,noise", "--n-boot", "100",
+               "--json", str(out_json), "--cd-out", str(tmp_path / "cd.png")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "good vs noise" in text and "blca" in text and "mean rank" in text.lower()
+    data = json.loads(out_json.read_text())
+    pair = next(p for p in data["pairs"] if p["a"] == "good" and p["b"] == "noise" and p["cohort"] == "blca")
+    assert pair["p_value"] < 0.05 and len(pair["fold_differences"]) == 5
+    assert (tmp_path / "cd.png").exists()
+    assert main(["compare", "--results", str(store), "--methods", "good,nosuch"]) == 2

@@ -1,0 +1,108 @@
+"""Synthetic generator: mirrors the real cohorts, plants each signal at its scale, deterministic, all formats."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import benchmark.synth as synth
+from benchmark.backbones import get_backbone
+from benchmark.bag import Needs
+from benchmark.cohorts import get_cohort
+from benchmark.data import load_cohort
+
+
+@pytest.mark.parametrize("name", ["blca", "brca", "gbmlgg", "ucec"])
+def test_demo_plan_mirrors_real_cohort(name):
+    cohort = get_cohort(name)
+    plan = synth.plan_cohort(cohort, synth.PRESETS["demo"], seed=0)
+    p = plan.patients
+    assert len(p) == cohort.patients and len(plan.slides) == cohort.slides
+    assert p["censorship"].mean() == pytest.approx(cohort.censoring, abs=0.01)
+    assert np.median(p["time"]) == pytest.approx(cohort.time_median, rel=0.02)
+    assert plan.slides["n_patches"].mean() == pytest.approx(52, rel=0.1)
+
+
+def test_cross_part_is_invisible_to_either_scale_alone():
+    p = synth.plan_cohort(get_cohort("brca"), synth.PRESETS["demo"], seed=0, signal="cross").patients
+    assert np.allclose(p["risk"], p["risk_cross"])
+    for state in ("u", "v"):
+        for fn in (lambda x: x, lambda x: np.abs(x - 0.5), lambda x: (x - 0.5) ** 2):
+            assert abs(np.corrcoef(fn(p[state]), p["risk"])[0, 1]) < 0.1
+    assert np.corrcoef((p["u"] - 0.5) * (p["v"] - 0.5), p["risk"])[0, 1] > 0.99
+    none = synth.plan_cohort(get_cohort("blca"), synth.PRESETS["tiny"], seed=0, signal="none").patients
+    assert (none["risk"] == 0).all()
+    assert synth.signal_weights((1, 0, 2)) == ("custom-1-0-2", (1.0, 0.0, 2.0))
+
+
+def test_states_show_only_at_their_scale(tiny_root):
+    cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
+    truth = synth.read_truth(tiny_root / "blca")[0].loc[cohort.samples.index]
+    space = synth._backbone_space(get_backbone("resnet50"), seed=0)
+    d_fine, d_v, d_coarse, d_u = (torch.from_numpy(d) for d in space.directions)
+    needs = Needs(magnifications=(5, 10, 20), tissue_types=True)
+    proj = {k: [] for k in ("fine20", "fine10", "coarse5", "coarse20")}
+    for sid in cohort.samples.index:
+        b = cohort.bag(sid, needs)
+        tumour = b.tissue_type == 0
+        proj["fine20"].append((b.features[20][tumour] @ d_fine).mean().item())
+        proj["coarse20"].append((b.features[20][tumour] @ d_coarse).mean().item())
+        proj["fine10"].append((b.features[10] @ d_fine).mean().item())
+        proj["coarse5"].append((b.features[5] @ d_coarse).mean().item())
+    corr = {k: np.corrcoef(v, truth["f" if k.startswith("fine") else "a"])[0, 1] for k, v in proj.items()}
+    assert corr["fine20"] > 0.8 and corr["coarse5"] > 0.6
+    assert abs(corr["fine10"]) < 0.45 and abs(corr["coarse20"]) < 0.45
+
+
+def test_tiny_counts_truth_and_oracle(tiny_root):
+    s = json.loads((tiny_root / "blca" / "truth" / "summary.json").read_text())
+    ratio = get_cohort("blca").slides / get_cohort("blca").patients
+    assert s["patients"] == 40 and s["slides"] == 40 + round(40 * (ratio - 1))
+    assert 0.55 < s["oracle_c_index"] < 1 and len(s["oracle_c_index_per_fold"]) == 5
+    m = s["mean_patches"]
+    assert m["20x"] > m["10x"] > m["5x"] >= 1
+    # features never carry the truth
+    assert not (tiny_root / "blca" / "features" / "resnet50" / "truth").exists()
+
+
+def test_deterministic_and_independent_of_other_backbones(tiny_root, tmp_path, monkeypatch):
+    # conch alone, written block by block (the full preset's slide-by-slide writer at small scale),
+    # equals conch written after resnet50 in one go
+    monkeypatch.setattr(synth, "FEATURE_BLOCK", 8)
+    synth.generate(tmp_path / "alone", "tiny", 0, ("blca",), ("conch",), "mixed")
+    a = load_cohort("blca", data_root=tmp_path / "alone", backbone="conch")
+    b = load_cohort("blca", data_root=tiny_root, backbone="conch")
+    needs = Needs(magnifications=(5, 10, 20), coords=True)
+    for sid in a.samples.index[:6]:
+        x, y = a.bag(sid, needs), b.bag(sid, needs)
+        assert x.num_patches(20) > 8
+        for m in (5, 10, 20):
+            assert torch.equal(x.features[m], y.features[m]) and torch.equal(x.coords[m], y.coords[m])
+    with pytest.raises(ValueError, match="already holds synthetic data"):
+        synth.generate(tmp_path / "alone", "tiny", 1, ("blca",), ("conch",), "mixed")
+
+
+def test_every_layout_reads_back_identically(tiny_root, tmp_path):
+    root = synth.generate(tmp_path / "layouts", "tiny", 0, ("ucec",), ("conch",), "mixed",
+                          layouts=("trident", "clam", "crossfusion"))
+    ref = load_cohort("ucec", data_root=tiny_root, backbone="conch")
+    sids = list(ref.samples.index[:3])
+    assert (root / "ucec" / "20x_256px_0px_overlap" / "features_conch_v1").is_dir()
+    assert (root / "ucec" / "conch" / "x5" / "pt_files").is_dir()
+    for layout in ("trident", "clam", "crossfusion"):
+        c = load_cohort("ucec", data_root=root, backbone="conch", layout=layout)
+        for sid in sids:
+            x = c.bag(sid, Needs(magnifications=(5, 20), coords=True))
+            y = ref.bag(sid, Needs(magnifications=(5, 20), coords=True))
+            assert torch.equal(x.features[20], y.features[20]) and torch.equal(x.coords[5], y.coords[5])
+    assert load_cohort("ucec", data_root=root, backbone="conch").layout == "trident"  # auto-detected
+
+
+def test_ensure_synthetic_generates_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIL_BENCHMARK_DATA", str(tmp_path))
+    root = synth.ensure_synthetic("tiny", seed=3, cohorts=("coad",), backbones=())
+    assert root == tmp_path / "tiny-mixed-s3"
+    clinical = root / "coad" / "clinical.csv"
+    stamp = clinical.stat().st_mtime_ns
+    assert synth.ensure_synthetic("tiny", seed=3, cohorts=("coad",), backbones=()) == root
+    assert clinical.stat().st_mtime_ns == stamp

@@ -1,0 +1,65 @@
+"""The Markdown report: tables with significance markers, figures that exist, report cards and provenance."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+from benchmark.cli import main
+from benchmark.report import build_report, data_description, report_card_from_records
+from benchmark.compare import select_cell
+from test_compare import write_fake_store
+
+
+def test_report_page(tmp_path):
+    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=80)
+    # one failed fold must be counted, not hidden
+    failed = store / "cells" / "noise" / "luad" / "resnet50" / "harmonized-last_epoch-s0" / "fold4.json"
+    record = json.loads(failed.read_text())
+    record.update(status="error", error="RuntimeError: boom", metrics=None, predictions=None)
+    failed.write_text(json.dumps(record))
+
+    out = build_report(store, tmp_path / "site" / "report.md", n_boot=100, audit_cards=False)
+    text = out.read_text()
+    for heading in ("## Tables", "## Paired comparisons", "## Kaplan-Meier curves", "## Cohort report cards",
+                    "## Provenance"):
+        assert heading in text
+    # significance marker on the random method only, in both cohorts
+    noise_row = next(line for line in text.splitlines() if line.startswith("| noise |"))
+    good_row = next(line for line in text.splitlines() if line.startswith("| good |"))
+    assert noise_row.count("‡") == 2 and "‡" not in good_row
+    # every linked figure exists, Kaplan-Meier for each cohort of the best method
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all((out.parent / link).exists() for link in links)
+    assert sum("km_good_" in link for link in links) == 2
+    # provenance: one row per cell, the failed fold counted, the data named
+    prov = text.split("## Provenance")[1]
+    assert len([line for line in prov.splitlines() if line.startswith("| good |") or line.startswith("| noise |")]) == 4
+    assert re.search(r"\| noise \| luad \| resnet50 \| harmonized \| last_epoch \| 0 \| 4 \| 1 \|", prov)
+    assert "synthetic (preset demo, seed 0)" in prov and "deadbeef" in prov
+
+
+def test_report_card_numbers(tmp_path):
+    store = write_fake_store(tmp_path, methods=("good",), cohorts=("blca",), n_patients=60, slides_per_patient=2)
+    records = select_cell(store, "good", "blca")
+    card = report_card_from_records(records).iloc[0]
+    events = {p["patient_id"]: p["event"] for r in records for p in r["predictions"]}
+    assert card["patients"] == 60 and card["samples"] == 120 and card["events"] == sum(events.values())
+    per_fold = [card[f"fold {k} (patients/events)"] for k in range(5)]
+    assert sum(int(x.split("/")[0]) for x in per_fold) == 60
+    assert sum(int(x.split("/")[1]) for x in per_fold) == card["events"]
+    assert card["censoring"] == f"{1 - np.mean(list(events.values())):.1%}"
+
+
+def test_data_description_names_the_source():
+    assert data_description({"provenance": {"data_root": "/data/tcga", "data": {"synthetic": None}}}) == "data root /data/tcga"
+    synthetic = {"provenance": {"data_root": None, "data": {"synthetic": {"preset": "demo", "seed": 0, "signal": "mixed"}}}}
+    assert data_description(synthetic) == "synthetic (preset demo, seed 0, signal mixed)"
+
+
+def test_report_cli(tmp_path, capsys):
+    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), cohorts=("blca",), n_patients=50)
+    assert main(["report", "--results", str(store), "--n-boot", "50", "--cards-from-records"]) == 0
+    assert (store / "report.md").exists() and "wrote" in capsys.readouterr().out
+    assert main(["report", "--results", str(tmp_path / "nothing")]) == 2

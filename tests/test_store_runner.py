@@ -1,0 +1,110 @@
+"""Result store (atomic records, filters, model reload) and the grid runner (errors, skips, overwrite)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from benchmark.recipes import Recipe
+from benchmark.registry import register_method
+from benchmark.runner import RunSpec, expand_grid, parse_folds, recipe_label, run_cell, run_grid, summary_table
+from benchmark.store import Cell, ResultStore, config_hash
+from benchmark.train import predict
+from test_train import ToyCohort, scoped_registry
+
+torch.set_num_threads(1)
+TINY = Recipe("tiny", lr=1e-3, epochs=2, accumulation=4, warmup_epochs=0, max_samples_per_epoch=12)
+CONTRACT_FIELDS = {"schema", "status", "method", "cohort", "backbone", "fold", "seed", "recipe", "selection", "unit",
+                   "config", "config_hash", "provenance", "metrics", "selected_epoch", "history", "bin_edges",
+                   "train_risk_median", "predictions", "error", "seconds", "weights"}
+
+
+class ToyBroken(nn.Module):
+    """Always fails (tests that one crashed cell does not stop the grid)."""
+
+    def __init__(self, in_dim, n_bins=4):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n_bins)
+
+    def forward(self, bag):
+        raise RuntimeError("planted failure")
+
+
+def toy_loader(name, data_root=None, backbone="resnet50", unit="patient"):
+    return ToyCohort(n=30, seed=1)
+
+
+def test_parse_folds_and_recipe_label():
+    assert parse_folds("0-4") == [0, 1, 2, 3, 4] and parse_folds("0,2,2") == [0, 2] and parse_folds("all", 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="--folds"):
+        parse_folds("a-b")
+    assert recipe_label("demo", {"set": {}, "unit": None}) == "demo"
+    changed = recipe_label("demo", {"set": {"lr": "3e-4"}})
+    assert changed.startswith("demo+") and changed != recipe_label("demo", {"set": {"lr": "1e-4"}})
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+
+
+def test_grid_records_errors_skips_and_overwrites(tmp_path, monkeypatch):
+    scoped_registry(monkeypatch)
+    register_method("toy_broken", source="test only", in_all=False)(ToyBroken)
+    store = ResultStore(tmp_path)
+    spec = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu")
+    cells = expand_grid(["amil", "toy_broken"], ["blca"], ["resnet50"], [0, 1], spec)
+    report = run_grid(cells, spec, store, loader=toy_loader, show_progress=False)
+    assert [r["status"] for r in report.ran] == ["ok", "ok", "error", "error"]
+    ok = store.records(status="ok")
+    assert len(ok) == 2 and {r["method"] for r in ok} == {"amil"}
+    errors = store.records(status="error", method="toy_broken")
+    assert len(errors) == 2 and "planted failure" in errors[0]["error"] and errors[0]["weights"] is None
+    assert len(store.records()) == 4 and len(store.records(fold=[0])) == 2
+    # contract fields, JSON on disk, no temporary file left behind
+    rec = ok[0]
+    assert CONTRACT_FIELDS <= set(rec)
+    assert rec["_path"].endswith("cells/amil/blca/resnet50/tiny-last-s0/fold0.json")
+    assert json.loads(open(rec["_path"]).read())["status"] == "ok"
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert rec["config_hash"] == config_hash(rec["config"]) and rec["config"]["recipe"]["epochs"] == 2
+    assert {"versions", "git_commit", "created"} <= set(rec["provenance"])
+    assert len(rec["predictions"]) == 15 and {"sample_id", "patient_id", "time", "event", "risk"} <= set(rec["predictions"][0])
+    assert set(rec["metrics"]) == {"c_index", "c_index_uno", "ibs", "mean_auc"} and len(rec["bin_edges"]) == 5
+    # rerun: finished cells are skipped, failed ones retried
+    again = run_grid(cells, spec, store, loader=toy_loader, show_progress=False)
+    assert len(again.skipped) == 2 and [r["cell"] for r in again.ran] == [c.label() for c in cells[2:]]
+    stamp = store.read(cells[0])["provenance"]["created"]
+    forced = run_grid(cells[:1], spec, store, overwrite=True, loader=toy_loader, show_progress=False)
+    assert len(forced.ran) == 1 and store.has(cells[0]) and not store.has(cells[2])
+    assert store.has(cells[2], include_errors=True) and store.read(cells[0])["provenance"]["created"] >= stamp
+    table = summary_table(store, cells)
+    assert table.row_count == 2
+
+
+def test_load_model_reproduces_stored_risks(tmp_path):
+    store = ResultStore(tmp_path)
+    spec = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu", method_options={"amil": {"dropout": 0.1}})
+    summary = run_cell(Cell("amil", "blca", "resnet50", 1, 0, "tiny", "last"), spec, store, loader=toy_loader)
+    assert summary["status"] == "ok"
+    rec = store.records(method="amil")[0]
+    assert rec["weights"] == "fold1.pt" and rec["config"]["method_options"] == {"dropout": 0.1}
+    model = store.load_model(rec)
+    assert not model.training and model.embed[2].p == 0.1
+    cohort = toy_loader("blca")
+    ids = [p["sample_id"] for p in rec["predictions"]]
+    again = predict(model, cohort, ids, torch.device("cpu"))
+    np.testing.assert_allclose(again.risk, [p["risk"] for p in rec["predictions"]], rtol=0, atol=1e-6)
+    # the KM split threshold is the training fold's median risk under the final model
+    train_risk = predict(model, cohort, cohort.folds[1].train, torch.device("cpu")).risk
+    assert rec["train_risk_median"] == pytest.approx(float(np.median(train_risk)), abs=1e-6)
+
+
+def test_run_cell_with_the_real_data_layer(tiny_root, tmp_path):
+    store = ResultStore(tmp_path)
+    spec = RunSpec(recipe=TINY, recipe_label="tiny", data_root=str(tiny_root), device="cpu", save_weights=False)
+    summary = run_cell(Cell("amil", "blca", "resnet50", 0, 0, "tiny", "last"), spec, store)
+    assert summary["status"] == "ok", summary["error"]
+    rec = store.records()[0]
+    assert rec["weights"] is None and rec["provenance"]["data"]["synthetic"]["preset"] == "tiny"
+    from benchmark.data import load_cohort
+
+    cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
+    assert [p["sample_id"] for p in rec["predictions"]] == list(cohort.folds[0].val)

@@ -1,0 +1,94 @@
+"""Tables 1 and 2: mean ± population std, best bold / second underlined, missing never zero, marks."""
+import pytest
+
+from benchmark.store import ResultStore
+from benchmark.tables import render, table1, table2
+
+
+def rec(method, cohort, fold, c, *, backbone="resnet50", status="ok", selection="last", recipe="demo", seed=0):
+    return {"method": method, "cohort": cohort, "backbone": backbone, "fold": fold, "seed": seed, "recipe": recipe,
+            "selection": selection, "status": status, "metrics": None if status != "ok" else {"c_index": c, "ibs": 1 - c}}
+
+
+def grid():
+    out = []
+    for k, (a, b, r) in enumerate([(0.70, 0.60, 0.50), (0.80, 0.62, 0.52), (0.60, 0.64, 0.48), (0.70, 0.66, 0.50)]):
+        out += [rec("amil", "blca", k, a), rec("crossfusion", "blca", k, b), rec("random", "blca", k, r)]
+        out += [rec("amil", "ucec", k, b), rec("crossfusion", "ucec", k, a)]  # random has no ucec: missing
+    out.append(rec("crossfusion", "luad", 0, 0.9))  # one fold of four: incomplete
+    out.append(rec("random", "luad", 0, None, status="error"))
+    return out
+
+
+def test_table1_cells_ranks_and_missing():
+    t = table1(grid())
+    assert t.rows == ["amil", "crossfusion", "random"]  # paper order, random floor last
+    assert t.columns[:2] == ["blca", "brca"] or "blca" in t.columns
+    cell = t.cells[("amil", "blca")]
+    assert cell.mean == pytest.approx(0.70) and cell.std == pytest.approx(0.070710678, abs=1e-8)  # population std
+    assert t.ranks("blca") == {"amil": 1, "crossfusion": 2}
+    md = render(t, "md")
+    line = {l.split(" | ")[0].strip("| "): l for l in md.splitlines() if l.startswith("| ")}
+    assert "**0.700 ± 0.071**" in line["amil"] and "<u>0.630 ± 0.022</u>" in line["crossfusion"]
+    # random has no ucec record at all and only an error for luad: shown missing, never 0
+    cells = [c.strip() for c in line["random"].strip("|").split("|")]
+    col = {name: i for i, name in enumerate(c.strip() for c in line["Method"].strip("|").split("|"))}
+    assert cells[col["UCEC"]] == "—" and cells[col["LUAD"]] == "— err"
+    assert "0.000" not in line["random"]
+    assert "| 0.900 ± 0.000 (1/4) |" in line["crossfusion"]  # incomplete: marked, never ranked
+    assert "(k/n)" in md and "paper-max" not in md
+
+
+def test_paper_max_is_marked_and_mixed_selections_need_a_choice():
+    records = grid() + [dict(r, selection="paper-max") for r in grid()]
+    with pytest.raises(ValueError, match="several selections"):
+        table1(records)
+    t = table1(records, selection="paper-max")
+    md = render(t, "md")
+    assert "†" in md.splitlines()[0] and "| Method† |" in md and "optimistic" in md
+    assert "$^\\dagger$" in render(t, "latex")
+
+
+def test_significance_hook_and_formats():
+    seen = {}
+
+    def hook(rows):
+        seen.update({k: len(v) for k, v in rows.items()})
+        return {"random"}
+
+    t = table1(grid(), significance=hook)
+    assert seen["amil"] == 4 and t.marks[("random", "blca")] == "*"
+    latex = render(t, "latex")
+    assert r"\textbf{0.700 $\pm$ 0.071}" in latex and r"\underline{0.630 $\pm$ 0.022}" in latex and "--" in latex
+    csv_text = render(t, "csv").splitlines()
+    assert csv_text[0].startswith("row,column,metric,mean,std,n_folds")
+    random_ucec = [l for l in csv_text if l.startswith("random,ucec")][0].split(",")
+    assert random_ucec[3] == "" and random_ucec[5] == "0"
+    # IBS: lower is better
+    assert table1(grid(), metric="ibs").ranks("blca")["crossfusion"] == 2
+    with pytest.raises(ValueError, match="format"):
+        render(t, "html")
+
+
+def test_table2_backbones_and_mean_column(tmp_path):
+    records = []
+    for bb, base in [("resnet50", 0.6), ("uni2-h", 0.7)]:
+        for cohort in ("blca", "ucec"):
+            records += [rec("crossfusion", cohort, k, base + 0.01 * k, backbone=bb) for k in range(2)]
+    records.append(rec("crossfusion", "blca", 0, 0.8, backbone="conch"))
+    t = table2(records)
+    assert t.rows[:5] == ["resnet50", "conch", "uni2-h", "quiltnet", "prov-gigapath"]
+    md = render(t, "md")
+    head = md.splitlines()[2]
+    assert head.endswith("| Mean |")
+    n_cols = len(t.columns)
+    if n_cols == 2:  # without a cohort registry: Mean = mean of the cohort means
+        assert t.value("uni2-h", "Mean") == pytest.approx(0.705)
+    assert t.value("conch", "Mean") is None  # a missing cohort: no Mean
+    assert t.ranks("Mean").get("uni2-h") == 1 if t.value("uni2-h", "Mean") is not None else True
+    # the store round trip feeds the renderer
+    store = ResultStore(tmp_path)
+    for r in records:
+        store.write(r)
+    assert len(store.records(backbone="uni2-h")) == 4
+    assert render(table2(store.records()), "csv") == render(t, "csv")

@@ -1,0 +1,131 @@
+"""TransMIL: parameter counts, module structure, the Nystrom package's alignment fix, padding and the map."""
+from __future__ import annotations
+
+import math
+from importlib.metadata import version
+
+import pytest
+import torch
+from nystrom_attention import NystromAttention
+
+from benchmark.bag import Bag
+from benchmark.registry import count_parameters, create_method
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core runner, thread spinning costs more than it gains here."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+#: Behaviour tests run a narrow model (8 heads x 8, 32 landmarks) to stay fast; the official width is
+#: checked by the parameter-count and structure tests.
+SMALL = {"dim": 64}
+
+
+def make_bag(n: int, dim: int, seed: int = 0, dtype=torch.float32) -> Bag:
+    g = torch.Generator().manual_seed(seed)
+    return Bag(sample_id="s", slide_ids=("a",), features={20: torch.randn(n, dim, generator=g).to(dtype)})
+
+
+@pytest.mark.parametrize("in_dim, expected", [(1024, 2_673_172), (1536, 2_935_316), (512, 2_411_028)])
+def test_parameter_count(in_dim, expected):
+    assert count_parameters(create_method("transmil", in_dim=in_dim, n_bins=4)) == expected
+
+
+def test_module_structure_matches_official():
+    model = create_method("transmil", in_dim=64)
+    for layer in (model.layer1, model.layer2):
+        attn = layer.attn
+        assert isinstance(attn, NystromAttention)
+        assert (attn.heads, attn.num_landmarks, attn.pinv_iterations) == (8, 256, 6)
+        assert attn.to_qkv.weight.shape == (3 * 512, 512) and attn.to_qkv.bias is None
+        assert attn.res_conv.kernel_size == (33, 1) and attn.res_conv.groups == 8 and attn.res_conv.bias is None
+        assert isinstance(attn.to_out[1], torch.nn.Dropout) and attn.to_out[1].p == 0.1
+        assert layer.norm.normalized_shape == (512,)
+    assert [c.kernel_size for c in (model.pos_layer.proj, model.pos_layer.proj1, model.pos_layer.proj2)] == [
+        (7, 7), (5, 5), (3, 3)]
+    assert model.pos_layer.proj.groups == 512
+    assert model.cls_token.shape == (1, 1, 512) and "cls_token" in dict(model.named_parameters())
+
+
+def test_nystrom_package_returns_aligned_rows():
+    """>= 0.0.10 keeps the last n rows after front padding; 0.0.9 kept the first n (shifted by the pad)."""
+    major_minor_patch = tuple(int(p) for p in version("nystrom-attention").split(".")[:3])
+    assert major_minor_patch >= (0, 0, 10)
+    torch.manual_seed(0)
+    attn = NystromAttention(dim=16, dim_head=8, heads=2, num_landmarks=64, residual=True).eval()
+    with torch.no_grad():
+        attn.to_qkv.weight[:32].zero_()  # q = k = 0: uniform attention, so only the residual conv is local
+    x = torch.zeros(1, 100, 16)  # 100 % 64 != 0: 28 pad rows in front
+    x[0, 0] = torch.randn(16)
+    with torch.no_grad():
+        out = attn(x)[0]
+    assert not torch.allclose(out[0], out[60])  # token 0 sees its own value through the residual conv
+    torch.testing.assert_close(out[30], out[60])  # beyond the conv's reach every row is the same
+
+
+def test_square_padding_and_class_token():
+    torch.manual_seed(0)
+    model = create_method("transmil", in_dim=16, **SMALL).eval()
+    seen = {}
+    model.pos_layer.register_forward_hook(lambda m, args, out: seen.update(shape=args[0].shape, side=args[1]))
+    for n, side in [(1, 1), (2, 2), (5, 3), (17, 5), (300, 18)]:
+        out = model(make_bag(n, 16))
+        assert seen["shape"] == (1, 1 + side * side, SMALL["dim"]) and seen["side"] == side
+        assert out.logits.shape == (1, 4)
+        assert out.attention["attention"].scores.shape == (n,)
+
+
+def test_attention_map_is_class_token_row_of_last_layer():
+    torch.manual_seed(1)
+    model = create_method("transmil", in_dim=16, **SMALL).eval()
+    captured = {}
+    layer_forward = model.layer2.attn.forward
+
+    def full_attention(x, **kwargs):  # the dense n x n Nystrom matrix, only for this small bag
+        captured["attn"] = layer_forward(x, return_attn=True)[1]
+        return layer_forward(x, **kwargs)
+
+    model.layer2.attn.forward = full_attention
+    n = 300
+    with torch.no_grad():
+        out = model(make_bag(n, 16))
+    n_tokens = 1 + math.ceil(math.sqrt(n)) ** 2
+    m = model.layer2.attn.num_landmarks
+    pad = (m - n_tokens % m) % m
+    expected = captured["attn"][0, :, pad, pad + 1 : pad + 1 + n].mean(0)
+    torch.testing.assert_close(out.attention["attention"].scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(2)
+    model = create_method("transmil", in_dim=16, **SMALL)
+    bag = make_bag(40, 16)
+    model.eval()
+    torch.manual_seed(0)
+    a = model(bag).logits
+    torch.manual_seed(1)
+    assert torch.equal(a, model(bag).logits)
+    model.train()
+    torch.manual_seed(0)
+    b = model(bag).logits
+    torch.manual_seed(1)
+    assert not torch.equal(b, model(bag).logits)
+
+
+def test_class_token_follows_module_dtype_and_device():
+    model = create_method("transmil", in_dim=16, **SMALL).double().eval()
+    out = model(make_bag(10, 16, dtype=torch.float64))
+    assert out.logits.dtype == torch.float64
+
+
+def test_bad_input_is_named():
+    model = create_method("transmil", in_dim=16, **SMALL)
+    with pytest.raises(ValueError, match="transmil.py.*shape"):
+        model(make_bag(5, 8))
+    with pytest.raises(ValueError, match="transmil.py.*shape"):
+        model(make_bag(0, 16))
