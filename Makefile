@@ -22,9 +22,9 @@ test: install
 	$(PY) -m pytest -q
 
 table1: install
-	$(PY) -m benchmark run --methods all --dataset all --backbone resnet50 --results $(RESULTS)
+	$(PY) -m benchmark run --methods all --dataset all --backbone resnet50 --jobs 2 --results $(RESULTS)
 	$(PY) -m benchmark table 1 --results $(RESULTS) --format md --out $(RESULTS)/table1.md
 
 table2: install
-	$(PY) -m benchmark run --methods crossfusion --dataset all --backbone all --results $(RESULTS)
+	$(PY) -m benchmark run --methods crossfusion --dataset all --backbone all --jobs 2 --results $(RESULTS)
 	$(PY) -m benchmark table 2 --results $(RESULTS) --format md --out $(RESULTS)/table2.md

@@ -11,6 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Small models on 2 shared cores: one intra-op thread is ~10x faster than two (PyG scatter stalls) and
+# keeps results reproducible.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TABLES = REPO.parent / "shared" / "data" / "tcga_clinical"
