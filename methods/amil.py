@@ -7,22 +7,7 @@ from torch import nn
 from benchmark.bag import Bag, Needs
 from benchmark.output import AttentionMap, SurvivalOutput
 from benchmark.registry import register_method
-
-
-class GatedAttention(nn.Module):
-    """Gated attention scorer ``A = w^T (tanh(V h) * sigmoid(U h))`` (Ilse et al. 2018).
-
-    Input ``(N, dim)``, output unnormalised scores ``(N, 1)``.
-    """
-
-    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.tanh_branch = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
-        self.sigmoid_branch = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
-        self.score = nn.Linear(hidden, 1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.score(self.tanh_branch(h) * self.sigmoid_branch(h))
+from methods._attention import GatedAttention
 
 
 @register_method(
@@ -79,7 +64,7 @@ class AMIL(nn.Module):
         if x.dim() != 2 or x.shape[0] == 0:
             raise ValueError(f"AMIL: bag {bag.sample_id!r} needs (N > 0, D) features at 20x, got {tuple(x.shape)}")
         h = self.embed(x)  # (N, hidden)
-        weights = torch.softmax(self.attention(h).squeeze(1), dim=0)  # (N,)
+        weights = torch.softmax(self.attention(h), dim=0)  # (N,)
         pooled = weights @ h  # (hidden,)
         logits = self.classifier(self.rho(pooled)).unsqueeze(0)  # (1, n_bins)
         return SurvivalOutput.from_logits(logits, attention={"attention": AttentionMap(20, weights.detach())})

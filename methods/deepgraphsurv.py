@@ -17,7 +17,7 @@ from benchmark.bag import Bag, Needs
 from benchmark.graphs import bag_graph
 from benchmark.output import AttentionMap, SurvivalOutput
 from benchmark.registry import register_method
-from methods.patchgcn import GatedAttention, attention_pool
+from methods._attention import GatedAttention, attention_pool
 
 
 def _gin_mlp(in_dim: int, hidden_dim: int) -> nn.Sequential:
