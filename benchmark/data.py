@@ -375,7 +375,7 @@ def load_cohort(
         "splits": str(split_dir.resolve()),
         "splits_generated": generated,
         "layout": layout,
-        "synthetic": None if synthetic is None else {k: synthetic.get(k) for k in ("preset", "seed", "signal")},
+        "synthetic": None if synthetic is None else {k: synthetic.get(k) for k in ("preset", "seed", "signal", "schema")},
         "missing_split_ids": missing_ids,
         "magnifications": list(MAGNIFICATIONS),
     }

@@ -102,8 +102,17 @@ def get_cohort_data(cell: Cell, spec: RunSpec, loader: CohortLoader | None = Non
     return _COHORT_CACHE[key]
 
 
-def cell_config(cell: Cell, spec: RunSpec, in_dim: int) -> dict[str, Any]:
-    """What determines a cell's result besides its coordinates (hashed into ``config_hash``)."""
+def cell_config(cell: Cell, spec: RunSpec, in_dim: int | None = None) -> dict[str, Any]:
+    """What determines a cell's result besides its coordinates (hashed into ``config_hash``).
+
+    A rerun compares it with a finished record's to tell a finished cell from a stale one (other recipe
+    fields, method options or synthetic-data version); ``in_dim`` defaults to the backbone's registered dim.
+    """
+    from benchmark.backbones import get_backbone
+    from benchmark.synth import SCHEMA as SYNTHETIC_SCHEMA
+
+    if in_dim is None:
+        in_dim = get_backbone(cell.backbone).dim
     return {
         "recipe": spec.recipe.to_dict(),
         "method_options": dict(spec.method_options.get(cell.method, {})),
@@ -112,6 +121,8 @@ def cell_config(cell: Cell, spec: RunSpec, in_dim: int) -> dict[str, Any]:
         "n_bins": spec.n_bins,
         "in_dim": int(in_dim),
         "data_root": spec.data_root,
+        # the embedded synthetic data changes with the generator's version; real data is named by its root
+        "synthetic_version": SYNTHETIC_SCHEMA if spec.data_root is None else None,
     }
 
 
@@ -199,6 +210,16 @@ class GridReport:
     seconds: float
 
 
+def _is_stale(store: ResultStore, cell: Cell, spec: RunSpec) -> bool:
+    """Whether the finished record of ``cell`` was made under another configuration than ``spec``'s."""
+    record = store.read(cell) or {}
+    try:  # the input dim is the data's, not part of the run's settings
+        expected = config_hash(cell_config(cell, spec, (record.get("config") or {}).get("in_dim")))
+    except Exception:  # an unknown backbone fails later, inside the cell, with a clear error record
+        return False
+    return record.get("config_hash") != expected
+
+
 def run_grid(
     cells: list[Cell],
     spec: RunSpec,
@@ -214,10 +235,18 @@ def run_grid(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console()
-    todo = [c for c in cells if overwrite or not store.has(c)]
+    todo, stale = [], 0
+    for c in cells:
+        if overwrite or not store.has(c):
+            todo.append(c)
+        elif _is_stale(store, c, spec):
+            todo.append(c)  # finished under another configuration or data version: redo, never mix
+            stale += 1
     skipped = [c for c in cells if c not in set(todo)]
     if skipped:
         console.print(f"[dim]{len(skipped)} finished cell(s) skipped (use --overwrite to redo them)[/dim]")
+    if stale:
+        console.print(f"[yellow]{stale} cell(s) finished under another configuration or data version: rerunning[/yellow]")
     started = time.perf_counter()
     ran: list[dict] = []
     progress = Progress(

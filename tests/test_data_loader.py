@@ -9,6 +9,7 @@ import benchmark.data as data_mod
 from benchmark.bag import Needs
 from benchmark.data import load_cohort
 from benchmark.labels import quantile_edges
+from benchmark.synth import SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def test_samples_and_folds(blca):
     assert set().union(*vals) == set(s.index) and sum(map(len, vals)) == len(s)
     for f in blca.folds:
         assert not set(f.train) & set(f.val) and set(f.train) | set(f.val) == set(s.index)
-    assert blca.provenance["synthetic"] == {"preset": "tiny", "seed": 0, "signal": "mixed"}
+    assert blca.provenance["synthetic"] == {"preset": "tiny", "seed": 0, "signal": "mixed", "schema": SCHEMA}
 
 
 def test_bag_fills_only_what_needs_asks(blca):

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+from benchmark.synth import SCHEMA
 import pytest
 import torch
 
@@ -101,7 +102,7 @@ def test_every_layout_reads_back_identically(tiny_root, tmp_path):
 def test_ensure_synthetic_generates_once(tmp_path, monkeypatch):
     monkeypatch.setenv("MIL_BENCHMARK_DATA", str(tmp_path))
     root = synth.ensure_synthetic("tiny", seed=3, cohorts=("coad",), backbones=())
-    assert root == tmp_path / "tiny-mixed-s3"
+    assert root == tmp_path / f"tiny-mixed-s3-v{SCHEMA}"
     clinical = root / "coad" / "clinical.csv"
     stamp = clinical.stat().st_mtime_ns
     assert synth.ensure_synthetic("tiny", seed=3, cohorts=("coad",), backbones=()) == root

@@ -79,6 +79,22 @@ def test_grid_records_errors_skips_and_overwrites(tmp_path, monkeypatch):
     assert table.row_count == 2
 
 
+def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monkeypatch):
+    store = ResultStore(tmp_path)
+    spec = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu")
+    cells = expand_grid(["amil"], ["blca"], ["resnet50"], [0], spec)
+    run_grid(cells, spec, store, loader=toy_loader, show_progress=False)
+    assert len(run_grid(cells, spec, store, loader=toy_loader, show_progress=False).skipped) == 1
+    # same path, other method options (or another synthetic-data version): never reused silently
+    changed = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu", method_options={"amil": {"dropout": 0.1}})
+    redo = run_grid(cells, changed, store, loader=toy_loader, show_progress=False)
+    assert len(redo.ran) == 1 and not redo.skipped
+    assert store.read(cells[0])["config"]["method_options"] == {"dropout": 0.1}
+    monkeypatch.setattr("benchmark.synth.SCHEMA", 999)
+    assert len(run_grid(cells, changed, store, loader=toy_loader, show_progress=False).ran) == 1
+    assert store.read(cells[0])["config"]["synthetic_version"] == 999
+
+
 def test_load_model_reproduces_stored_risks(tmp_path):
     store = ResultStore(tmp_path)
     spec = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu", method_options={"amil": {"dropout": 0.1}})
@@ -108,3 +124,19 @@ def test_run_cell_with_the_real_data_layer(tiny_root, tmp_path):
 
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
     assert [p["sample_id"] for p in rec["predictions"]] == list(cohort.folds[0].val)
+
+
+def test_run_cli_signal_control_cohort(tmp_path, monkeypatch):
+    """`run --signal fine` trains on the same generator with another planted signal, into its own store."""
+    import benchmark.synth as synth
+    from benchmark.cli import main
+
+    monkeypatch.setenv("MIL_BENCHMARK_DATA", str(tmp_path / "data"))
+    monkeypatch.setitem(synth.PRESETS, "demo", synth.PRESETS["tiny"])  # tiny cohorts stand in for the demo preset
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--methods", "random", "--dataset", "blca", "--folds", "0", "--signal", "fine"]) == 0
+    records = ResultStore(tmp_path / "results" / "synthetic-fine").records(status="ok")
+    assert len(records) == 1 and records[0]["recipe"] == "demo"
+    assert records[0]["provenance"]["data"]["synthetic"]["signal"] == "fine"
+    assert (tmp_path / "data" / f"demo-fine-s0-v{synth.SCHEMA}" / "blca" / "truth" / "summary.json").exists()
+    assert not (tmp_path / "results" / "synthetic").exists()

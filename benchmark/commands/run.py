@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", default="blca", help="'all' or a comma list of cohorts")
     p.add_argument("--backbone", default="resnet50", help="'all' (the five base backbones) or a comma list")
     p.add_argument("--data-root", default=None, help="real data root (default: embedded synthetic cohorts)")
+    p.add_argument("--signal", default="mixed", choices=("mixed", "cross", "fine", "coarse", "none"),
+                   help="planted signal of the embedded synthetic cohorts (ignored with --data-root); "
+                        "results default to results/synthetic-<signal> when it is not 'mixed'")
     p.add_argument("--recipe", default=None,
                    help=f"paper | mahmood | demo (default: {SYNTHETIC_DEFAULT_RECIPE} on synthetic data, "
                         f"{REAL_DEFAULT_RECIPE} with --data-root)")
@@ -83,6 +86,12 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--jobs must be >= 1")
     resolve_device(args.device)  # fail early on an unavailable device
     recipe_name = args.recipe or (SYNTHETIC_DEFAULT_RECIPE if args.data_root is None else REAL_DEFAULT_RECIPE)
+    default_results = default_results_dir(args.data_root)
+    if args.data_root is None and args.signal != "mixed":  # a control cohort: same generator, other signal
+        from benchmark.synth import ensure_synthetic
+
+        args.data_root = str(ensure_synthetic("demo", seed=0, signal=args.signal, cohorts=cohorts, backbones=backbones))
+        default_results = default_results.with_name(f"synthetic-{args.signal}")
     overrides = parse_assignments(args.overrides)
     recipe = get_recipe(recipe_name, overrides)
     method_options = _method_options(args.method_options, methods)
@@ -96,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
         unit=args.unit, bin_rule=args.bin_rule, device=args.device, method_options=method_options,
         save_weights=not args.no_weights, plugins=tuple(args.plugin),
     )
-    results = Path(args.results) if args.results else default_results_dir(args.data_root)
+    results = Path(args.results) if args.results else default_results
     store = ResultStore(results)
 
     # Load every cohort once here: validates names and paths, generates synthetic data before workers start.
@@ -110,6 +119,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--folds {args.folds}: the cohorts have only {n_folds} folds (0-{n_folds - 1})")
 
     source = "embedded synthetic cohorts" if args.data_root is None else f"data root {args.data_root}"
+    if args.signal != "mixed" and recipe_name == SYNTHETIC_DEFAULT_RECIPE:
+        source = f"embedded synthetic cohorts with a '{args.signal}' signal ({args.data_root})"
     demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
         if recipe.name == "demo" else ""
     console.print(f"[bold]recipe {label}[/bold]{demo_note}: " + ", ".join(
