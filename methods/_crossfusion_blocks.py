@@ -187,12 +187,8 @@ class AttentionSettings:
         return self.attn_dropout if (training or self.official_eval_dropout) else 0.0
 
 
-class MultiHeadSelfAttention(nn.Module):
-    """Biased q/k/v projections, ``heads`` heads, attention dropout, output projection (no output dropout).
-
-    ``forward(x (1, N, D))`` -> ``(1, N, D)``, and (when ``want_map``) ``(received (N,), cls_row (N,))``:
-    the head-averaged attention each token receives summed over queries, and the first token's attention row.
-    """
+class _HeadProjections(nn.Module):
+    """Biased q/k/v and output projections (registered in that order) and the split into ``heads`` heads."""
 
     def __init__(self, dim: int, heads: int, settings: AttentionSettings) -> None:
         super().__init__()
@@ -206,6 +202,14 @@ class MultiHeadSelfAttention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # (B, H, N, d_h)
+
+
+class MultiHeadSelfAttention(_HeadProjections):
+    """Biased q/k/v projections, ``heads`` heads, attention dropout, output projection (no output dropout).
+
+    ``forward(x (1, N, D))`` -> ``(1, N, D)``, and (when ``want_map``) ``(received (N,), cls_row (N,))``:
+    the head-averaged attention each token receives summed over queries, and the first token's attention row.
+    """
 
     def forward(self, x: Tensor, want_map: bool = False):
         b, n, d = x.shape
@@ -281,7 +285,7 @@ class PadTransformer(nn.Module):
         return self.post_layers(x, want_map=want_map)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_HeadProjections):
     """Cross-attention with one learnable scale embedding ``e (1, 1, D)`` added to query *and* context.
 
     ``forward(x (1, N, D), context (1, M, D))`` -> ``out_proj(attention(W_q(x+e), W_k(c+e), W_v(c+e)))``
@@ -290,19 +294,9 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, settings: AttentionSettings) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q_proj = nn.Linear(dim, dim, bias=True)
-        self.k_proj = nn.Linear(dim, dim, bias=True)
-        self.v_proj = nn.Linear(dim, dim, bias=True)
-        self.out_proj = nn.Linear(dim, dim)
+        super().__init__(dim, heads, settings)
         self.scale_embeddings = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.trunc_normal_(self.scale_embeddings, std=0.02)
-        self.settings = settings
-
-    def _split(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
     def forward(self, x: Tensor, context: Tensor, want_map: bool = False):
         b, n, d = x.shape

@@ -29,6 +29,7 @@ from methods._crossfusion_blocks import (
     init_weights_like_official,
     square_pad,
 )
+from methods._inputs import checked_features
 
 _FILE = "methods/crossfusion.py"
 _SOURCE = "Sheikh Hosseini et al. arXiv 2503.02064 (MIDL 2026); github.com/RustinS/CrossFusion"
@@ -40,14 +41,8 @@ DEFAULT_MAP_MAX_PAIRS = 2 * 10**8
 
 
 def _check_features(bag: Bag, magnification: int, in_dim: int) -> Tensor:
-    if magnification not in bag.features:
-        raise ValueError(f"{_FILE}: bag {bag.sample_id!r} has no {magnification}x features "
-                         f"(has {sorted(bag.features)}); CrossFusion needs Needs.magnifications to include it")
-    feats = bag.features[magnification]
-    if feats.dim() != 2 or feats.shape[0] == 0 or feats.shape[1] != in_dim:
-        raise ValueError(f"{_FILE}: bag {bag.sample_id!r} has {magnification}x features of shape "
-                         f"{tuple(feats.shape)}; expected (N >= 1, {in_dim})")
-    return feats
+    return checked_features(bag, magnification, in_dim, _FILE,
+                            needs_hint="CrossFusion needs Needs.magnifications to include it")
 
 
 class _CrossFusionBase(nn.Module):

@@ -14,10 +14,10 @@ from torch import nn
 from torch_geometric.nn import GINConv
 
 from benchmark.bag import Bag, Needs
-from benchmark.graphs import bag_graph
 from benchmark.output import AttentionMap, SurvivalOutput
 from benchmark.registry import register_method
 from methods._attention import GatedAttention, attention_pool
+from methods._inputs import graph_inputs
 
 
 def _gin_mlp(in_dim: int, hidden_dim: int) -> nn.Sequential:
@@ -104,12 +104,7 @@ class DeepGraphSurv(nn.Module):
 
         The attention map is ``"attention"``: softmax weights ``(N,)`` at 20x.
         """
-        needs = getattr(self, "needs", Needs())
-        magnification = needs.graph_magnification
-        x = bag.features[magnification]
-        if x.shape[0] == 0:
-            raise ValueError(f"bag {bag.sample_id!r} has no patches at {magnification}x")
-        edge_index = bag_graph(bag, self.edge_agg, k=needs.graph_k, magnification=magnification)
+        x, edge_index, magnification = graph_inputs(self, bag, self.edge_agg)
         x = self.input_dropout(x)
         x = F.relu(self.conv1(x, edge_index))
         x = F.relu(self.conv2(x, edge_index))

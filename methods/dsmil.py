@@ -15,6 +15,7 @@ from torch import nn
 from benchmark.bag import Bag, Needs
 from benchmark.output import AttentionMap, SurvivalOutput
 from benchmark.registry import register_method
+from methods._inputs import checked_features
 
 STREAMS = ("both", "bag")
 
@@ -136,12 +137,7 @@ class DSMIL(nn.Module):
             ``logits`` ``(1, n_bins)`` from the bag stream; ``aux_logits`` = (max-instance logits ``(1, n_bins)``,)
             when ``streams="both"``; ``attention["attention"]`` ``(N,)``.
         """
-        if 20 not in bag.features:
-            raise ValueError(f"methods/dsmil.py: bag {bag.sample_id!r} has no 20x features")
-        feats = bag.features[20]
-        if feats.dim() != 2 or feats.shape[1] != self.in_dim or feats.shape[0] == 0:
-            raise ValueError(f"methods/dsmil.py: bag {bag.sample_id!r} has 20x features of shape "
-                             f"{tuple(feats.shape)}; expected (N >= 1, {self.in_dim})")
+        feats = checked_features(bag, 20, self.in_dim, "methods/dsmil.py")
         instance_logits = self.instance_classifier(feats)  # (N, C)
         critical = instance_logits.argmax(dim=0)  # (C,) critical instance of each bin
         queries = self.query(feats)  # (N, Q)

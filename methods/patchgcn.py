@@ -18,10 +18,10 @@ from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import DeepGCNLayer, GENConv
 
 from benchmark.bag import Bag, Needs
-from benchmark.graphs import bag_graph
 from benchmark.output import AttentionMap, SurvivalOutput
 from benchmark.registry import register_method
 from methods._attention import GatedAttention, attention_pool
+from methods._inputs import graph_inputs
 
 
 @register_method(
@@ -153,12 +153,7 @@ class PatchGCN(nn.Module):
 
         The attention map is ``"attention"``: softmax weights ``(N,)`` at 20x.
         """
-        needs = getattr(self, "needs", Needs())
-        magnification = needs.graph_magnification
-        h = bag.features[magnification]
-        if h.shape[0] == 0:
-            raise ValueError(f"bag {bag.sample_id!r} has no patches at {magnification}x")
-        edge_index = bag_graph(bag, self.edge_agg, k=needs.graph_k, magnification=magnification)
+        h, edge_index, magnification = graph_inputs(self, bag, self.edge_agg)
         use_ckpt = self._use_checkpoint(h.shape[0])
 
         x0 = self.fc(h)

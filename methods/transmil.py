@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from benchmark.bag import Bag, Needs
 from benchmark.output import AttentionMap, SurvivalOutput
 from benchmark.registry import register_method
+from methods._inputs import checked_features
 
 
 class TransLayer(nn.Module):
@@ -148,12 +149,7 @@ class TransMIL(nn.Module):
         SurvivalOutput
             ``logits`` ``(1, n_bins)``; ``attention["attention"]`` ``(N,)``.
         """
-        if 20 not in bag.features:
-            raise ValueError(f"methods/transmil.py: bag {bag.sample_id!r} has no 20x features")
-        feats = bag.features[20]
-        if feats.dim() != 2 or feats.shape[1] != self.in_dim or feats.shape[0] == 0:
-            raise ValueError(f"methods/transmil.py: bag {bag.sample_id!r} has 20x features of shape "
-                             f"{tuple(feats.shape)}; expected (N >= 1, {self.in_dim})")
+        feats = checked_features(bag, 20, self.in_dim, "methods/transmil.py")
         n_patches = feats.shape[0]
         h = self.fc1(feats).unsqueeze(0)  # (1, N, D)
 

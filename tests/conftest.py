@@ -5,6 +5,10 @@
   ``load_cohort("blca", data_root=tiny_root, backbone="resnet50")``.
 - ``real_tables``: the real TCGA label tables and splits in ``../shared/data/tcga_clinical`` (located relative
   to the repository); tests using it are skipped when that folder is absent.
+- ``one_torch_thread``: one intra-op thread for a test module (``pytestmark =
+  pytest.mark.usefixtures("one_torch_thread")``), restored afterwards.
+
+Fake bags and shared output checks are in ``tests/helpers.py``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,16 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TABLES = REPO.parent / "shared" / "data" / "tcga_clinical"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models and graphs: on a shared 2-core runner, thread spinning (and PyG scatter waits) costs more
+    than threads gain."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

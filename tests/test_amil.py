@@ -4,6 +4,7 @@ import torch
 
 from benchmark.bag import Bag, Needs
 from benchmark.registry import count_parameters, create_method, get_method_spec
+from tests.helpers import check_survival_output, features_bag, seeded_outputs
 
 # baselines.md §2.1: only the first Linear changes with the input dim
 EXPECTED_PARAMETERS = {512: 657_925, 768: 788_997, 1024: 920_069, 1536: 1_182_213, 2048: 1_444_357}
@@ -14,9 +15,8 @@ def test_parameter_count_matches_the_official_model(in_dim):
     assert count_parameters(create_method("amil", in_dim=in_dim, n_bins=4)) == EXPECTED_PARAMETERS[in_dim]
 
 
-def _bag(n=50, dim=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return Bag("p0", ("s0",), {20: torch.randn(n, dim, generator=g)})
+def _bag():
+    return features_bag(50, 32, sample_id="p0", slide_id="s0")
 
 
 def test_registered_with_20x_needs_and_returns_the_output_contract():
@@ -25,8 +25,7 @@ def test_registered_with_20x_needs_and_returns_the_output_contract():
     torch.manual_seed(0)
     model = create_method("amil", in_dim=32).eval()
     out = model(_bag())
-    assert out.logits.shape == (1, 4) and out.survival.shape == (1, 4) and out.risk.shape == (1,)
-    assert torch.allclose(out.risk, -out.survival.sum(1))
+    check_survival_output(out)
     att = out.attention["attention"]
     assert att.magnification == 20 and att.scores.shape == (50,)
     assert torch.all(att.scores >= 0) and att.scores.sum().item() == pytest.approx(1.0, abs=1e-5)
@@ -43,10 +42,7 @@ def test_dropout_only_in_training_and_permutation_invariance():
     shuffled = Bag("p0", ("s0",), {20: bag.features[20][perm]})
     assert torch.allclose(model(shuffled).risk, a, atol=1e-6)
     model.train()
-    torch.manual_seed(1)
-    c = model(bag).risk
-    torch.manual_seed(2)
-    d = model(bag).risk
+    c, d = seeded_outputs(model, bag, 1, 2, field="risk")
     assert not torch.equal(c, d)
 
 

@@ -10,17 +10,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmark.bag import Bag
 from benchmark.registry import count_parameters, create_method, get_method_spec
 from methods import _crossfusion_blocks as blocks
+from tests.helpers import seeded_outputs
 
 SMALL = dict(embed_dim=32, num_heads=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a shared, loaded 2-core runner."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_bag(in_dim: int = 16, n5: int = 5, n10: int = 18, n20: int = 70, seed: int = 0) -> Bag:
@@ -128,16 +123,12 @@ def test_attention_dropout_only_in_training_unless_official_option():
     model = small_model(dropout=0.0).eval()  # only the attention dropout (0.2) can make outputs random
     torch.testing.assert_close(model(bag).logits, model(bag).logits, rtol=0, atol=0)
     model.official_eval_dropout = True
-    torch.manual_seed(1)
-    a = model(bag).logits
-    torch.manual_seed(2)
-    assert not torch.allclose(a, model(bag).logits)
+    a, b = seeded_outputs(model, bag, 1, 2)
+    assert not torch.allclose(a, b)
     model.official_eval_dropout = False
     model.train()
-    torch.manual_seed(1)
-    b = model(bag).logits
-    torch.manual_seed(2)
-    assert not torch.allclose(b, model(bag).logits)
+    a, b = seeded_outputs(model, bag, 1, 2)
+    assert not torch.allclose(a, b)
 
 
 # ------------------------------------------------------------------------------------------- bounded attention

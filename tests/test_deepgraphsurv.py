@@ -7,7 +7,9 @@ import torch
 from benchmark.bag import Bag
 from benchmark.graphs import build_graph
 from benchmark.registry import count_parameters, create_method, get_method_spec
-from tests.test_patchgcn import check_output, make_bag, one_thread  # noqa: F401  (fixture re-used)
+from tests.helpers import check_graph_output, graph_bag, seeded_outputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_parameter_count_matches_the_official_model():
@@ -30,9 +32,9 @@ def test_gin_layers_match_the_official_structure():
 def test_forward_backward_and_contract():
     torch.manual_seed(0)
     model = create_method("deepgraphsurv", in_dim=32).train()
-    bag = make_bag()
+    bag = graph_bag()
     out = model(bag)
-    check_output(out, 48)
+    check_graph_output(out, 48)
     out.risk.sum().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -40,15 +42,15 @@ def test_forward_backward_and_contract():
 
 def test_single_patch_bag():
     model = create_method("deepgraphsurv", in_dim=32).eval()
-    out = model(make_bag(n=1, slides=1))
-    check_output(out, 1)
+    out = model(graph_bag(n=1, slides=1))
+    check_graph_output(out, 1)
 
 
 def test_uses_the_latent_graph_built_from_features_when_missing():
     torch.manual_seed(0)
     model = create_method("deepgraphsurv", in_dim=32).eval()
-    bag = make_bag()
-    assert torch.equal(model(make_bag(graph=False)).logits, model(bag).logits)
+    bag = graph_bag()
+    assert torch.equal(model(graph_bag(graph=False)).logits, model(bag).logits)
     # The latent graph, not the spatial one, drives the convolutions.
     swapped = Bag(bag.sample_id, bag.slide_ids, bag.features, bag.coords, bag.slide_index,
                   {"latent": bag.edge_index["spatial"]})
@@ -60,7 +62,7 @@ def test_uses_the_latent_graph_built_from_features_when_missing():
 def test_node_order_does_not_matter():
     torch.manual_seed(0)
     model = create_method("deepgraphsurv", in_dim=32).eval()
-    bag = make_bag()
+    bag = graph_bag()
     perm = torch.randperm(48, generator=torch.Generator().manual_seed(3))
     inverse = torch.argsort(perm)
     permuted = Bag(bag.sample_id, bag.slide_ids, {20: bag.features[20][perm]}, {20: bag.coords[20][perm]},
@@ -69,18 +71,13 @@ def test_node_order_does_not_matter():
 
 
 def test_dropout_only_in_training_and_seeded_determinism():
-    bag = make_bag()
+    bag = graph_bag()
     torch.manual_seed(0)
     model = create_method("deepgraphsurv", in_dim=32, resample=0.2)
     model.eval()
     assert torch.equal(model(bag).logits, model(bag).logits)
     model.train()
-    torch.manual_seed(1)
-    a = model(bag).logits
-    torch.manual_seed(1)
-    b = model(bag).logits
-    torch.manual_seed(2)
-    c = model(bag).logits
+    a, b, c = seeded_outputs(model, bag, 1, 1, 2)
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 

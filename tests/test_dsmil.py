@@ -10,20 +10,9 @@ import torch.nn.functional as F
 from benchmark.bag import Bag
 from benchmark.losses import survival_loss
 from benchmark.registry import count_parameters, create_method
+from tests.helpers import assert_dropout_only_in_training, features_bag
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core runner, thread spinning costs more than it gains here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_bag(n: int, dim: int, seed: int = 0) -> Bag:
-    g = torch.Generator().manual_seed(seed)
-    return Bag(sample_id="s", slide_ids=("a",), features={20: torch.randn(n, dim, generator=g)})
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_parameter_count_crossfusion_configuration():
@@ -64,7 +53,7 @@ def reference_forward(model, feats: torch.Tensor):
 def test_matches_reference_computation():
     torch.manual_seed(1)
     model = create_method("dsmil", in_dim=32, n_bins=4).eval()
-    bag = make_bag(57, 32)
+    bag = features_bag(57, 32)
     out = model(bag)
     bag_logits, max_logits, attention = reference_forward(model, bag.features[20])
     torch.testing.assert_close(out.logits, bag_logits)
@@ -77,7 +66,7 @@ def test_matches_reference_computation():
 def test_instance_classifier_learns_only_with_both_streams(streams):
     torch.manual_seed(2)
     model = create_method("dsmil", in_dim=16, n_bins=4, streams=streams).train()
-    out = model(make_bag(30, 16))
+    out = model(features_bag(30, 16))
     assert len(out.aux_logits) == (1 if streams == "both" else 0)
     survival_loss(out, bin_index=2, censorship=0.0).backward()
     grad = model.instance_classifier.weight.grad
@@ -91,10 +80,10 @@ def test_instance_classifier_learns_only_with_both_streams(streams):
 def test_loss_is_mean_of_bag_and_max_stream():
     torch.manual_seed(3)
     model = create_method("dsmil", in_dim=16, n_bins=4)
-    out = model(make_bag(20, 16))
+    out = model(features_bag(20, 16))
     bag_only = create_method("dsmil", in_dim=16, n_bins=4, streams="bag")
     bag_only.load_state_dict(model.state_dict())
-    out_bag = bag_only(make_bag(20, 16))
+    out_bag = bag_only(features_bag(20, 16))
     torch.testing.assert_close(out.risk, out_bag.risk)  # risk from the bag stream in both settings
     y, c = 1, 1.0
     from dataclasses import replace
@@ -107,17 +96,7 @@ def test_loss_is_mean_of_bag_and_max_stream():
 def test_value_dropout_only_in_training():
     torch.manual_seed(4)
     model = create_method("dsmil", in_dim=16, n_bins=4, passing_v=True, dropout_v=0.5)
-    bag = make_bag(25, 16)
-    model.eval()
-    torch.manual_seed(0)
-    a = model(bag).logits
-    torch.manual_seed(1)
-    assert torch.equal(a, model(bag).logits)
-    model.train()
-    torch.manual_seed(0)
-    b = model(bag).logits
-    torch.manual_seed(1)
-    assert not torch.equal(b, model(bag).logits)
+    assert_dropout_only_in_training(model, features_bag(25, 16))
 
 
 def test_bad_input_is_named():
@@ -125,6 +104,6 @@ def test_bad_input_is_named():
         create_method("dsmil", in_dim=16, streams="max")
     model = create_method("dsmil", in_dim=16)
     with pytest.raises(ValueError, match="dsmil.py.*shape"):
-        model(make_bag(5, 8))
+        model(features_bag(5, 8))
     with pytest.raises(ValueError, match="dsmil.py.*20x"):
         model(Bag(sample_id="s", slide_ids=("a",), features={10: torch.randn(3, 16)}))

@@ -10,13 +10,7 @@ from benchmark.bag import Bag
 from benchmark.graphs import bag_graph, build_graph, knn_edges
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy graphs gain nothing from intra-op threads; on a busy 2-core machine they only add waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SumNeighbours(MessagePassing):

@@ -5,39 +5,11 @@ import pytest
 import torch
 
 from benchmark.bag import Bag
-from benchmark.graphs import build_graph
 from benchmark.registry import count_parameters, create_method, get_method_spec
+from tests.helpers import check_graph_output, graph_bag, seeded_outputs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny graphs gain nothing from intra-op threads, and on a busy 2-core machine each OpenMP region of the
-    scatter kernels can wait a scheduler quantum (a 48-node forward took 2.7 s with 2 threads, 0.04 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_bag(n: int = 48, in_dim: int = 32, slides: int = 2, seed: int = 0, graph: bool = True) -> Bag:
-    g = torch.Generator().manual_seed(seed)
-    feats = torch.randn(n, in_dim, generator=g)
-    coords = torch.randint(0, 12, (n, 2), generator=g) * 256
-    slide_index = torch.arange(n) * slides // n
-    edges = {"spatial": build_graph(coords, slide_index, 8), "latent": build_graph(feats, slide_index, 8)} if graph else {}
-    return Bag(f"bag{seed}", tuple(f"s{i}" for i in range(slides)), {20: feats}, {20: coords}, {20: slide_index}, edges)
-
-
-def check_output(out, n: int, n_bins: int = 4) -> None:
-    assert out.logits.shape == (1, n_bins) and out.survival.shape == (1, n_bins)
-    s = out.survival
-    assert torch.isfinite(out.logits).all()
-    assert ((s >= 0) & (s <= 1)).all() and (s[:, 1:] <= s[:, :-1]).all()
-    assert torch.allclose(out.risk, -s.sum(dim=1))
-    weights = out.attention["attention"].scores
-    assert out.attention["attention"].magnification == 20 and weights.shape == (n,)
-    # One softmax over every node of the bag (both slides together).
-    assert torch.allclose(weights.sum(), torch.tensor(1.0)) and (weights >= 0).all()
+# A 48-node forward took 2.7 s with 2 threads, 0.04 s with 1 (the scatter kernels wait on a busy machine).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(
@@ -76,10 +48,10 @@ def test_genconv_configuration():
 def test_forward_backward_and_contract():
     torch.manual_seed(0)
     model = create_method("patchgcn", in_dim=32)
-    bag = make_bag()
+    bag = graph_bag()
     model.train()
     out = model(bag)
-    check_output(out, 48)
+    check_graph_output(out, 48)
     out.risk.sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     # Every trainable parameter gets a gradient; the first block's LayerNorm (unused officially) is frozen.
@@ -95,27 +67,24 @@ def test_forward_backward_and_contract():
 
 def test_single_patch_bag():
     model = create_method("patchgcn", in_dim=32).eval()
-    out = model(make_bag(n=1, slides=1))
-    check_output(out, 1)
+    out = model(graph_bag(n=1, slides=1))
+    check_graph_output(out, 1)
     assert out.attention["attention"].scores.item() == pytest.approx(1.0)
 
 
 def test_eval_is_deterministic_and_dropout_acts_only_in_training():
     torch.manual_seed(0)
     model = create_method("patchgcn", in_dim=32)
-    bag = make_bag()
+    bag = graph_bag()
     model.eval()
     assert torch.equal(model(bag).logits, model(bag).logits)
     model.train()
-    torch.manual_seed(1)
-    a = model(bag).logits
-    torch.manual_seed(2)
-    b = model(bag).logits
+    a, b = seeded_outputs(model, bag, 1, 2)
     assert not torch.allclose(a, b)
 
 
 def test_same_seed_same_model_and_output():
-    bag = make_bag()
+    bag = graph_bag()
     outs = []
     for _ in range(2):
         torch.manual_seed(5)
@@ -127,7 +96,7 @@ def test_same_seed_same_model_and_output():
 def test_the_graph_is_used_and_node_order_does_not_matter():
     torch.manual_seed(0)
     model = create_method("patchgcn", in_dim=32).eval()
-    bag = make_bag()
+    bag = graph_bag()
     base = model(bag).logits
     no_edges = Bag(bag.sample_id, bag.slide_ids, bag.features, bag.coords, bag.slide_index,
                    {"spatial": torch.zeros(2, 0, dtype=torch.long)})
@@ -144,11 +113,11 @@ def test_the_graph_is_used_and_node_order_does_not_matter():
 def test_missing_graph_is_built_from_coordinates():
     torch.manual_seed(0)
     model = create_method("patchgcn", in_dim=32).eval()
-    assert torch.equal(model(make_bag(graph=False)).logits, model(make_bag()).logits)
+    assert torch.equal(model(graph_bag(graph=False)).logits, model(graph_bag()).logits)
 
 
 def test_activation_checkpointing_changes_neither_output_nor_gradients():
-    bag = make_bag()
+    bag = graph_bag()
     results = []
     for threshold in (None, 0):
         torch.manual_seed(0)
@@ -169,4 +138,4 @@ def test_bad_options_and_empty_bag_are_refused():
         create_method("patchgcn", in_dim=32, edge_agg="radius")
     model = create_method("patchgcn", in_dim=32)
     with pytest.raises(ValueError, match="no patches"):
-        model(make_bag(n=0, slides=1, graph=False))
+        model(graph_bag(n=0, slides=1, graph=False))

@@ -52,14 +52,20 @@ def slow_marks(reason: str) -> list:
     return [pytest.mark.slow, pytest.mark.skipif(not RUN_SLOW, reason=f"slow: {reason}; set MIL_BENCHMARK_RUN_SLOW=1")]
 
 
+def method_params(slow: dict[str, str], skip: dict[str, str] | None = None):
+    """One ``pytest.param`` per method: slow-marked when in ``slow``, else skipped when in ``skip`` (with the reason)."""
+    for name in METHODS:
+        marks = [pytest.mark.skip(reason=skip[name])] if skip and name in skip else []
+        if name in slow:
+            marks = slow_marks(slow[name])
+        yield pytest.param(name, marks=marks)
+
+
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core runner, thread spinning costs more than it gains on tiny bags."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread_then_free_caches(one_torch_thread):
+    """One intra-op thread; afterwards, free the cached models and bags for the rest of the session."""
     yield
-    torch.set_num_threads(previous)
-    shared_model.cache_clear()  # free the cached models and bags for the rest of the session
+    shared_model.cache_clear()
     make_bag.cache_clear()
 
 
@@ -282,15 +288,7 @@ def _peak_rss_growth(fn) -> int:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 
 
-def _big_bag_params():
-    for name in METHODS:
-        marks = []
-        if name in SLOW_ON_BIG_BAG:
-            marks = slow_marks(SLOW_ON_BIG_BAG[name])
-        yield pytest.param(name, marks=marks)
-
-
-@pytest.mark.parametrize("name", list(_big_bag_params()))
+@pytest.mark.parametrize("name", list(method_params(slow=SLOW_ON_BIG_BAG)))
 def test_big_bag_eval_memory(name):
     bag = bag_for(name, n20=BIG_PATCHES)
     model = shared_model(name).eval()
@@ -348,15 +346,7 @@ def tiny_cohort(request):
     return data.load_cohort("blca", data_root=root, backbone="resnet50")
 
 
-def _learn_params():
-    for name in METHODS:
-        marks = [pytest.mark.skip(reason=NOT_LEARNING[name])] if name in NOT_LEARNING else []
-        if name in SLOW_TO_LEARN:
-            marks = slow_marks(SLOW_TO_LEARN[name])
-        yield pytest.param(name, marks=marks)
-
-
-@pytest.mark.parametrize("name", list(_learn_params()))
+@pytest.mark.parametrize("name", list(method_params(slow=SLOW_TO_LEARN, skip=NOT_LEARNING)))
 def test_learns_planted_signal(name, tiny_cohort):
     train = pytest.importorskip("benchmark.train")
     from benchmark.metrics import c_index

@@ -1,14 +1,13 @@
 """SCMIL: output contract, clustered-window attention, k-means, memory on a 50k-patch bag."""
 from __future__ import annotations
 
-import resource
-
 import pytest
 import torch
 
 from benchmark.bag import Bag
 from benchmark.registry import count_parameters, create_method, get_method_spec
 from methods.scmil import SCMIL, ClusterLocalAttention, kmeans, window_sizes
+from tests.helpers import assert_attention_follows_permutation, assert_eval_in_bounded_memory, check_survival_output
 
 
 def make_bag(n: int, in_dim: int = 16, seed: int = 0, n_slides: int = 1) -> Bag:
@@ -57,9 +56,7 @@ def test_output_contract_and_attention_rows():
     model = create_method("scmil", in_dim=16).eval()
     bag = make_bag(300, n_slides=2)
     out = model(bag)
-    assert out.logits.shape == (1, 4) and out.risk.shape == (1,)
-    assert torch.all(out.survival[:, 1:] <= out.survival[:, :-1]) and torch.all((out.survival >= 0) & (out.survival <= 1))
-    assert torch.allclose(out.risk, -out.survival.sum(dim=1))
+    check_survival_output(out)
     for name in ("attention", "soft_filter"):
         amap = out.attention[name]
         assert amap.magnification == 20 and amap.scores.shape == (300,)
@@ -72,10 +69,7 @@ def test_attention_map_follows_row_permutation():
     model = keep_everything(create_method("scmil", in_dim=16)).eval()
     perm = torch.randperm(bag.num_patches(), generator=torch.Generator().manual_seed(1))
     permuted = Bag("p", ("s",), {20: bag.features[20][perm]}, coords={20: bag.coords[20][perm]})
-    with torch.no_grad():
-        a, b = model(bag), model(permuted)
-    assert torch.allclose(a.risk, b.risk, atol=1e-5)
-    assert torch.allclose(a.attention["attention"].scores[perm], b.attention["attention"].scores, atol=1e-6)
+    assert_attention_follows_permutation(model, bag, permuted, perm)
 
 
 def test_attention_stays_inside_clusters():
@@ -157,9 +151,4 @@ def test_fifty_thousand_patches_in_bounded_memory():
     torch.manual_seed(0)
     model = create_method("scmil", in_dim=8).eval()
     bag = make_bag(50_000, in_dim=8)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    with torch.no_grad():
-        out = model(bag)
-    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert torch.isfinite(out.risk).all() and out.attention["attention"].scores.shape == (50_000,)
-    assert grown_mib < 1500, f"peak memory grew by {grown_mib:.0f} MiB (an N x N float matrix is ~9.3 GiB)"
+    assert_eval_in_bounded_memory(model, bag)

@@ -8,27 +8,15 @@ import pytest
 import torch
 from nystrom_attention import NystromAttention
 
-from benchmark.bag import Bag
 from benchmark.registry import count_parameters, create_method
+from tests.helpers import assert_dropout_only_in_training, features_bag
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core runner, thread spinning costs more than it gains here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 #: Behaviour tests run a narrow model (8 heads x 8, 32 landmarks) to stay fast; the official width is
 #: checked by the parameter-count and structure tests.
 SMALL = {"dim": 64}
-
-
-def make_bag(n: int, dim: int, seed: int = 0, dtype=torch.float32) -> Bag:
-    g = torch.Generator().manual_seed(seed)
-    return Bag(sample_id="s", slide_ids=("a",), features={20: torch.randn(n, dim, generator=g).to(dtype)})
 
 
 @pytest.mark.parametrize("in_dim, expected", [(1024, 2_673_172), (1536, 2_935_316), (512, 2_411_028)])
@@ -74,7 +62,7 @@ def test_square_padding_and_class_token():
     seen = {}
     model.pos_layer.register_forward_hook(lambda m, args, out: seen.update(shape=args[0].shape, side=args[1]))
     for n, side in [(1, 1), (2, 2), (5, 3), (17, 5), (300, 18)]:
-        out = model(make_bag(n, 16))
+        out = model(features_bag(n, 16))
         assert seen["shape"] == (1, 1 + side * side, SMALL["dim"]) and seen["side"] == side
         assert out.logits.shape == (1, 4)
         assert out.attention["attention"].scores.shape == (n,)
@@ -93,7 +81,7 @@ def test_attention_map_is_class_token_row_of_last_layer():
     model.layer2.attn.forward = full_attention
     n = 300
     with torch.no_grad():
-        out = model(make_bag(n, 16))
+        out = model(features_bag(n, 16))
     n_tokens = 1 + math.ceil(math.sqrt(n)) ** 2
     m = model.layer2.attn.num_landmarks
     pad = (m - n_tokens % m) % m
@@ -104,28 +92,18 @@ def test_attention_map_is_class_token_row_of_last_layer():
 def test_dropout_only_in_training():
     torch.manual_seed(2)
     model = create_method("transmil", in_dim=16, **SMALL)
-    bag = make_bag(40, 16)
-    model.eval()
-    torch.manual_seed(0)
-    a = model(bag).logits
-    torch.manual_seed(1)
-    assert torch.equal(a, model(bag).logits)
-    model.train()
-    torch.manual_seed(0)
-    b = model(bag).logits
-    torch.manual_seed(1)
-    assert not torch.equal(b, model(bag).logits)
+    assert_dropout_only_in_training(model, features_bag(40, 16))
 
 
 def test_class_token_follows_module_dtype_and_device():
     model = create_method("transmil", in_dim=16, **SMALL).double().eval()
-    out = model(make_bag(10, 16, dtype=torch.float64))
+    out = model(features_bag(10, 16, dtype=torch.float64))
     assert out.logits.dtype == torch.float64
 
 
 def test_bad_input_is_named():
     model = create_method("transmil", in_dim=16, **SMALL)
     with pytest.raises(ValueError, match="transmil.py.*shape"):
-        model(make_bag(5, 8))
+        model(features_bag(5, 8))
     with pytest.raises(ValueError, match="transmil.py.*shape"):
-        model(make_bag(0, 16))
+        model(features_bag(0, 16))
