@@ -27,10 +27,15 @@ def test_demo_plan_mirrors_real_cohort(name):
 def test_cross_part_is_invisible_to_either_scale_alone():
     p = synth.plan_cohort(get_cohort("brca"), synth.PRESETS["demo"], seed=0, signal="cross").patients
     assert np.allclose(p["risk"], p["risk_cross"])
+    from benchmark.metrics import c_index
+
+    # independent of each scale, not merely uncorrelated: no function of u or v alone ranks survival
     for state in ("u", "v"):
-        for fn in (lambda x: x, lambda x: np.abs(x - 0.5), lambda x: (x - 0.5) ** 2):
+        for fn in (lambda x: x, lambda x: np.abs(x - 0.5), lambda x: (x - 0.5) ** 2, lambda x: np.cos(2 * np.pi * x)):
             assert abs(np.corrcoef(fn(p[state]), p["risk"])[0, 1]) < 0.1
-    assert np.corrcoef((p["u"] - 0.5) * (p["v"] - 0.5), p["risk"])[0, 1] > 0.99
+            assert abs(c_index(p["time"].to_numpy(), p["event"].to_numpy(), fn(p[state]).to_numpy()) - 0.5) < 0.04
+    assert c_index(p["time"].to_numpy(), p["event"].to_numpy(), p["risk"].to_numpy()) > 0.75  # both together do
+    assert np.corrcoef(np.cos(2 * np.pi * (p["u"] + p["v"])), p["risk"])[0, 1] > 0.99
     none = synth.plan_cohort(get_cohort("blca"), synth.PRESETS["tiny"], seed=0, signal="none").patients
     assert (none["risk"] == 0).all()
     assert synth.signal_weights((1, 0, 2)) == ("custom-1-0-2", (1.0, 0.0, 2.0))
