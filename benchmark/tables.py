@@ -61,6 +61,11 @@ class TableCell:
     def complete(self) -> bool:
         return len(self.values) >= self.n_expected
 
+    @property
+    def mixed_configs(self) -> bool:
+        """Folds run under different configurations (recipe fields, method options, data version)."""
+        return len({r.get("config_hash") for r in self.records if r.get("config_hash")}) > 1
+
 
 @dataclass
 class ResultTable:
@@ -107,6 +112,10 @@ class ResultTable:
             if v is not None and round(v, decimals) in shown[:2]:
                 out[r] = shown.index(round(v, decimals)) + 1
         return out
+
+
+#: Marks a cell whose folds were run under different configurations (never averaged silently).
+MIXED_MARK = " §"
 
 
 def _choose_one(records: list[dict], key: str, wanted: str | None, what: str) -> str:
@@ -185,6 +194,9 @@ def _finish(table: ResultTable, significance: SignificanceHook | None, marker: s
     incomplete = [k for k, c in table.cells.items() if c is not None and c.present and not c.complete]
     if incomplete:
         table.notes.append("(k/n): only k of the n folds finished for this cell.")
+    if any(c is not None and c.mixed_configs for c in table.cells.values()):
+        table.notes.append(f"{MIXED_MARK}: the folds of this cell ran under different configurations (recipe fields, "
+                           "method options or data version); rerun `benchmark run` to make them consistent.")
     if any(c is not None and c.n_errors for c in table.cells.values()):
         table.notes.append("err: at least one fold of this cell failed (see the error records).")
     if significance is not None:
@@ -289,6 +301,8 @@ def _cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: int =
         text += table.marks.get((row, col), "")
         if not cell.complete:
             text += f" ({len(cell.values)}/{cell.n_expected})"
+        if cell.mixed_configs:
+            text += MIXED_MARK
         if cell.n_errors:
             text += " err"
     return text

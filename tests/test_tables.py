@@ -92,3 +92,13 @@ def test_table2_backbones_and_mean_column(tmp_path):
         store.write(r)
     assert len(store.records(backbone="uni2-h")) == 4
     assert render(table2(store.records()), "csv") == render(t, "csv")
+
+
+def test_folds_run_under_different_configurations_are_flagged():
+    records = [dict(rec("amil", "blca", k, 0.6 + 0.01 * k), config_hash="a" if k < 3 else "b") for k in range(5)]
+    records += [dict(rec("dsmil", "blca", k, 0.55), config_hash="c") for k in range(5)]
+    t = table1(records)
+    assert t.cells[("amil", "blca")].mixed_configs and not t.cells[("dsmil", "blca")].mixed_configs
+    md = render(t, "md")
+    line = {l.split(" | ")[0].strip("| "): l for l in md.splitlines() if l.startswith("| ")}
+    assert "§" in line["amil"] and "§" not in line["dsmil"] and "different configurations" in md
