@@ -210,9 +210,17 @@ class GridReport:
     seconds: float
 
 
-def _is_stale(store: ResultStore, cell: Cell, spec: RunSpec) -> bool:
-    """Whether the finished record of ``cell`` was made under another configuration than ``spec``'s."""
-    record = store.read(cell) or {}
+def _finished_record(store: ResultStore, cell: Cell) -> dict | None:
+    """The ``ok`` record of ``cell`` (read once), or None when absent, failed or unreadable."""
+    try:
+        record = store.read(cell)
+    except ValueError:
+        return None
+    return record if record is not None and record.get("status") == "ok" else None
+
+
+def _is_stale(record: dict, cell: Cell, spec: RunSpec) -> bool:
+    """Whether the finished ``record`` of ``cell`` was made under another configuration than ``spec``'s."""
     try:  # the input dim is the data's, not part of the run's settings
         expected = config_hash(cell_config(cell, spec, (record.get("config") or {}).get("in_dim")))
     except Exception:  # an unknown backbone fails later, inside the cell, with a clear error record
@@ -235,14 +243,16 @@ def run_grid(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console()
-    todo, stale = [], 0
+    todo, skipped, stale = [], [], 0
     for c in cells:
-        if overwrite or not store.has(c):
+        record = None if overwrite else _finished_record(store, c)
+        if record is None:
             todo.append(c)
-        elif _is_stale(store, c, spec):
+        elif _is_stale(record, c, spec):
             todo.append(c)  # finished under another configuration or data version: redo, never mix
             stale += 1
-    skipped = [c for c in cells if c not in set(todo)]
+        else:
+            skipped.append(c)
     if skipped:
         console.print(f"[dim]{len(skipped)} finished cell(s) skipped (use --overwrite to redo them)[/dim]")
     if stale:
