@@ -167,6 +167,15 @@ def build_table(
     return out
 
 
+def _one_recipe_and_selection(recs: list[dict], recipe: str | None,
+                              selection: str | None) -> tuple[list[dict], str, str]:
+    """Keep the records of one recipe and one selection rule (the given ones, or the only ones present)."""
+    recipe = _choose_one(recs, "recipe", recipe, "recipe")
+    recs = [r for r in recs if str(r["recipe"]) == recipe]
+    selection = _choose_one(recs, "selection", selection, "selection")
+    return [r for r in recs if str(r["selection"]) == selection], recipe, selection
+
+
 def _cohort_columns(records: list[dict]) -> list[str]:
     try:
         from benchmark.cohorts import cohort_names
@@ -225,10 +234,7 @@ def table1(
         backbones = {str(r["backbone"]) for r in recs}
         backbone = "resnet50" if "resnet50" in backbones or not backbones else _choose_one(recs, "backbone", None, "backbone")
     recs = [r for r in recs if str(r["backbone"]) == backbone]
-    recipe = _choose_one(recs, "recipe", recipe, "recipe")
-    recs = [r for r in recs if str(r["recipe"]) == recipe]
-    selection = _choose_one(recs, "selection", selection, "selection")
-    recs = [r for r in recs if str(r["selection"]) == selection]
+    recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
     if not recs:
         raise ValueError(f"no records for backbone {backbone}, recipe {recipe}, selection {selection}")
     rows, columns = _method_rows(recs), _cohort_columns(recs)
@@ -258,10 +264,7 @@ def table2(
     recs = [r for r in records if str(r["method"]) == method.lower() and (seed is None or int(r["seed"]) == seed)]
     if not recs:
         raise ValueError(f"no records for method {method!r}")
-    recipe = _choose_one(recs, "recipe", recipe, "recipe")
-    recs = [r for r in recs if str(r["recipe"]) == recipe]
-    selection = _choose_one(recs, "selection", selection, "selection")
-    recs = [r for r in recs if str(r["selection"]) == selection]
+    recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
     rows = list(backbones) + sorted({str(r["backbone"]) for r in recs} - set(backbones))
     columns = _cohort_columns(recs)
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""

@@ -27,6 +27,11 @@ from torch.utils.checkpoint import checkpoint
 #: Default bound on the bytes of one block of attention matrix (heads x query chunk x keys, float32).
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
+#: With ``activation_checkpointing=None`` (auto), layers whose sequence is longer than this are checkpointed in
+#: training. The largest real slide (34,500 10x tokens) stores about 100 kB of activations per 20x patch without
+#: it (about 14 GB), and about a third with it; typical slides (N10 below 16k) keep the faster path.
+DEFAULT_CHECKPOINT_MIN_TOKENS = 16_384
+
 #: ``attention_backend`` values: "auto" (memory-bounded, see the module docstring) or "sdpa" (always
 #: ``F.scaled_dot_product_attention`` with the dropout as given, the official code's call: on CPU with dropout
 #: this is PyTorch's math kernel, O(Lq * Lk) memory; only for parity / kernel comparisons on small bags).
@@ -169,7 +174,9 @@ class FeedForward(nn.Module):
 class AttentionSettings:
     """Runtime attention settings shared by every attention module of one model (set by the model)."""
 
-    def __init__(self, attn_dropout: float, official_eval_dropout: bool, backend: str, block_bytes: int) -> None:
+    def __init__(self, attn_dropout: float, official_eval_dropout: bool, backend: str, block_bytes: int,
+                 activation_checkpointing: bool | None = None,
+                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS) -> None:
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"methods/_crossfusion_blocks.py: attention_backend must be one of "
                              f"{ATTENTION_BACKENDS}, got {backend!r}")
@@ -181,6 +188,18 @@ class AttentionSettings:
         self.official_eval_dropout = official_eval_dropout
         self.backend = backend
         self.block_bytes = block_bytes
+        self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_min_tokens = checkpoint_min_tokens
+
+    def checkpoint_layer(self, n_tokens: int, training: bool) -> bool:
+        """Recompute this layer in the backward pass instead of storing its activations?
+
+        Only when autograd records in training; True / False force it, None (auto) above ``checkpoint_min_tokens``.
+        The result is numerically identical either way (the RNG state is replayed, so dropout masks match).
+        """
+        if not (training and torch.is_grad_enabled()) or self.activation_checkpointing is False:
+            return False
+        return bool(self.activation_checkpointing) or n_tokens > self.checkpoint_min_tokens
 
     def dropout_p(self, training: bool) -> float:
         """Self-attention dropout: only in training, unless the official eval-time dropout is requested."""
@@ -237,14 +256,27 @@ class Block(nn.Module):
             for _ in range(depth)
         )
 
+    @staticmethod
+    def _layer(x: Tensor, norm_1: nn.Module, attn: nn.Module, norm_2: nn.Module, ffn: nn.Module) -> Tensor:
+        x = norm_1(x)
+        x = x + attn(x)[0]
+        x = norm_2(x)
+        return ffn(x) + x
+
     def forward(self, x: Tensor, want_map: bool = False):
         maps = None
+        last = len(self.layers) - 1
         for i, (norm_1, attn, norm_2, ffn) in enumerate(self.layers):
-            x = norm_1(x)
-            x_attn, maps = attn(x, want_map=want_map and i == len(self.layers) - 1)
-            x = x + x_attn
-            x = norm_2(x)
-            x = ffn(x) + x
+            if i == last and want_map:  # maps are computed under no_grad from this layer's own q, k
+                x = norm_1(x)
+                x_attn, maps = attn(x, want_map=True)
+                x = norm_2(x + x_attn)
+                x = ffn(x) + x
+            elif attn.settings.checkpoint_layer(x.shape[1], self.training):
+                # Only the layer input is kept; the layer is recomputed (same dropout masks) in the backward pass.
+                x = checkpoint(self._layer, x, norm_1, attn, norm_2, ffn, use_reentrant=False)
+            else:
+                x = self._layer(x, norm_1, attn, norm_2, ffn)
         return x, maps
 
 
@@ -318,7 +350,14 @@ class CrossAttentionBlock(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, hidden_dim, dropout)
 
+    def _block(self, x: Tensor, context: Tensor) -> Tensor:
+        u = self.ln(x + self.cross_attn(x, context)[0])
+        return u + self.ffn(u)
+
     def forward(self, x: Tensor, context: Tensor, want_map: bool = False):
+        if not want_map and self.cross_attn.settings.checkpoint_layer(max(x.shape[1], context.shape[1]),
+                                                                      self.training):
+            return checkpoint(self._block, x, context, use_reentrant=False), None
         out, received = self.cross_attn(x, context, want_map=want_map)
         u = self.ln(x + out)
         return u + self.ffn(u), received

@@ -21,6 +21,7 @@ from benchmark.output import AttentionMap, SurvivalOutput
 from benchmark.registry import register_method
 from methods._crossfusion_blocks import (
     DEFAULT_BLOCK_BYTES,
+    DEFAULT_CHECKPOINT_MIN_TOKENS,
     AttentionSettings,
     ConvProcessor,
     CrossAttentionBlock,
@@ -50,13 +51,16 @@ class _CrossFusionBase(nn.Module):
 
     def _setup(self, in_dim: int, n_bins: int, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
                attn_dropout: float, mlp_ratio: float, official_eval_dropout: bool, attention_backend: str,
-               attention_block_mb: float, return_attention: bool | None, attention_map_max_pairs: int) -> None:
+               attention_block_mb: float, return_attention: bool | None, attention_map_max_pairs: int,
+               activation_checkpointing: bool | None, checkpoint_min_tokens: int) -> None:
         if in_dim < 1 or n_bins < 1:
             raise ValueError(f"{_FILE}: in_dim and n_bins must be positive, got {in_dim}, {n_bins}")
         if embed_dim % num_heads != 0 or embed_dim % 2 != 0:
             raise ValueError(f"{_FILE}: embed_dim ({embed_dim}) must be even and divisible by num_heads ({num_heads})")
         if num_layers < 1:
             raise ValueError(f"{_FILE}: num_layers must be >= 1, got {num_layers}")
+        if checkpoint_min_tokens < 0:
+            raise ValueError(f"{_FILE}: checkpoint_min_tokens must be >= 0, got {checkpoint_min_tokens}")
         if attention_block_mb <= 0:
             raise ValueError(f"{_FILE}: attention_block_mb must be positive, got {attention_block_mb}")
         self.in_dim, self.n_bins, self.embed_dim = in_dim, n_bins, embed_dim
@@ -64,6 +68,7 @@ class _CrossFusionBase(nn.Module):
         self.attention_settings = AttentionSettings(
             attn_dropout, bool(official_eval_dropout), attention_backend,
             int(attention_block_mb * 2**20) if attention_block_mb else DEFAULT_BLOCK_BYTES,
+            activation_checkpointing, int(checkpoint_min_tokens),
         )
         self.return_attention = return_attention
         self.attention_map_max_pairs = attention_map_max_pairs
@@ -147,6 +152,13 @@ class CrossFusion(_CrossFusionBase):
     return_attention : bool or None
         Attention maps: True always (also in training, under ``no_grad``), False never, None (default) in eval
         mode only when the largest query x key product is at most ``attention_map_max_pairs``.
+    activation_checkpointing : bool or None
+        Recompute each transformer layer and cross-attention block in the backward pass instead of storing its
+        activations (numerically identical: dropout masks are replayed). None (default): only for sequences
+        longer than ``checkpoint_min_tokens`` (16,384), i.e. the largest slides, where it cuts the training
+        step's memory by about two thirds for about a third more time. True always, False never.
+    checkpoint_min_tokens : int
+        Threshold of the automatic choice above.
     fusion : {"conv", "concat"}
         Conv Processor (CrossFusion) or concatenation + Linear (w/o CP).
 
@@ -168,7 +180,7 @@ class CrossFusion(_CrossFusionBase):
 
     Deliberate deviations from the official code: attention dropout only in training (option above);
     device-agnostic (the official code hard-codes CUDA at construction); memory-bounded attention on CPU with
-    dropout; no fp16 autocast; the unused modules (``dropout_emb``, ``PreNorm``) are not built. A patient with
+    dropout; activation checkpointing on very large bags (same numbers, less memory); no fp16 autocast; the unused modules (``dropout_emb``, ``PreNorm``) are not built. A patient with
     several slides: the loader concatenates each scale's slides, so the 10x grid spans all slides.
     """
 
@@ -176,13 +188,15 @@ class CrossFusion(_CrossFusionBase):
                  dropout: float = 0.3, attn_dropout: float = 0.2, mlp_ratio: float = 2.0,
                  official_eval_dropout: bool = False, attention_backend: str = "auto",
                  attention_block_mb: float = 64, return_attention: bool | None = None,
-                 attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS, fusion: str = "conv") -> None:
+                 attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS,
+                 activation_checkpointing: bool | None = None,
+                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, fusion: str = "conv") -> None:
         super().__init__()
         if fusion not in ("conv", "concat"):
             raise ValueError(f"{_FILE}: fusion must be 'conv' or 'concat', got {fusion!r}")
         self._setup(in_dim, n_bins, embed_dim, num_heads, num_layers, dropout, attn_dropout, mlp_ratio,
                     official_eval_dropout, attention_backend, attention_block_mb, return_attention,
-                    attention_map_max_pairs)
+                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens)
         self.fusion = fusion
         d, s = embed_dim, self.attention_settings
         # Registration order follows the official __init__ (same random-stream order at construction).
@@ -275,11 +289,13 @@ class CrossFusionSingle(_CrossFusionBase):
                  dropout: float = 0.3, attn_dropout: float = 0.2, mlp_ratio: float = 2.0,
                  official_eval_dropout: bool = False, attention_backend: str = "auto",
                  attention_block_mb: float = 64, return_attention: bool | None = None,
-                 attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS) -> None:
+                 attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS,
+                 activation_checkpointing: bool | None = None,
+                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS) -> None:
         super().__init__()
         self._setup(in_dim, n_bins, embed_dim, num_heads, num_layers, dropout, attn_dropout, mlp_ratio,
                     official_eval_dropout, attention_backend, attention_block_mb, return_attention,
-                    attention_map_max_pairs)
+                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens)
         d = embed_dim
         self.cls_token = nn.Parameter(torch.randn(1, 1, d))
         nn.init.normal_(self.cls_token, std=1e-6)

@@ -196,6 +196,49 @@ def test_training_with_dropout_on_cpu_never_materialises_a_full_attention_matrix
     torch.testing.assert_close(received.sum(), torch.tensor(float(n)))
 
 
+def _saved_activation_bytes(model, bag) -> int:
+    """Bytes of distinct storages autograd keeps for the backward pass (checkpointed layers keep only inputs)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(bag)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("name", ["crossfusion", "crossfusion_wo_cp", "crossfusion_wo_fc"])
+def test_activation_checkpointing_gives_identical_numbers_with_less_stored(name):
+    bag = make_bag(n5=12, n10=48, n20=190)
+    results, saved = {}, {}
+    for ckpt in (False, True):
+        model = small_model(name, activation_checkpointing=ckpt).train()
+        torch.manual_seed(3)  # same dropout masks (attention 0.2, FFN 0.3) in both runs
+        out = model(bag)
+        out.risk.sum().backward()
+        results[ckpt] = (out.logits.detach(), [p.grad.clone() for p in model.parameters()])
+        saved[ckpt] = _saved_activation_bytes(small_model(name, activation_checkpointing=ckpt).train(), bag)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert saved[True] < 0.5 * saved[False]
+
+
+def test_activation_checkpointing_auto_only_above_the_threshold_and_only_in_training():
+    settings = small_model(checkpoint_min_tokens=100).attention_settings
+    assert settings.checkpoint_layer(101, training=True)
+    assert not settings.checkpoint_layer(100, training=True)
+    assert not settings.checkpoint_layer(10**6, training=False)
+    with torch.no_grad():
+        assert not settings.checkpoint_layer(10**6, training=True)
+    assert not small_model(activation_checkpointing=False).attention_settings.checkpoint_layer(10**6, True)
+    assert small_model(activation_checkpointing=True).attention_settings.checkpoint_layer(1, True)
+    with pytest.raises(ValueError, match="checkpoint_min_tokens"):
+        small_model(checkpoint_min_tokens=-1)
+
+
 # ------------------------------------------------------------------------------------------- attention maps
 def _naive_received(q, k):
     probs = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)  # (1, H, N, M)

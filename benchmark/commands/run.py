@@ -5,6 +5,8 @@ import argparse
 from pathlib import Path
 
 SYNTHETIC_DEFAULT_RECIPE = "demo"
+#: ``benchmark.synth.SIGNALS`` names, spelled out so the CLI starts without importing numpy / pandas (tested equal).
+SIGNAL_CHOICES = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 REAL_DEFAULT_RECIPE = "paper"
 
 
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--dataset", default="blca", help="'all' or a comma list of cohorts")
     p.add_argument("--backbone", default="resnet50", help="'all' (the five base backbones) or a comma list")
     p.add_argument("--data-root", default=None, help="real data root (default: embedded synthetic cohorts)")
-    p.add_argument("--signal", default="mixed", choices=("mixed", "cross", "fine", "coarse", "none"),
+    p.add_argument("--signal", default="mixed", choices=SIGNAL_CHOICES,
                    help="planted signal of the embedded synthetic cohorts (ignored with --data-root); "
                         "results default to results/synthetic-<signal> when it is not 'mixed'")
     p.add_argument("--recipe", default=None,

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument("--cohorts", default="all", help="comma list or 'all' (default)")
     p.add_argument("--backbones", default="resnet50", help="comma list or 'all' (default resnet50)")
     p.add_argument("--signal", default="mixed",
-                   help="mixed|cross|fine|coarse|none, or weights 'fine,coarse,cross' e.g. '1,0,2'")
+                   help="mixed|cross|cross-xor|fine|coarse|none, or weights 'fine,coarse,cross' e.g. '1,0,2'")
     p.add_argument("--layouts", default="default", help="comma list of default,trident,clam,crossfusion")
     p.set_defaults(func=run)
 
