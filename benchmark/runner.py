@@ -159,6 +159,7 @@ def run_cell(
         cohort = get_cohort_data(cell, spec, loader)
         config = cell_config(cell, spec, cohort.in_dim)
         record["config"], record["config_hash"] = config, config_hash(config)
+        record["n_folds"] = len(cohort.folds)  # so tables know a cell is incomplete even when every row is
         record["provenance"].update({"data": dict(getattr(cohort, "provenance", {}) or {}), "data_root": spec.data_root})
         result = train_fold(
             cohort, cell.fold, cell.method, spec.recipe, selection=spec.selection, seed=cell.seed, device=spec.device,

@@ -155,12 +155,20 @@ def build_table(
         values = [float(np.mean(by_fold[k])) for k in sorted(by_fold)]
         n_err = sum(1 for r in recs if r.get("status") == "error")
         per_cell[key] = (values, n_err, ok)
-    expected = n_expected or max([len(v[0]) for v in per_cell.values()] + [1])
+    # Folds a cell should have: the cohort's fold count recorded by the runner (older records: the most folds
+    # any cell of the table has), so a grid run on fold 0 only is shown as 1/5, not as complete.
+    fallback = max([len(v[0]) for v in per_cell.values()] + [1])
+    recorded: dict[str, int] = {}
+    for (_, col), recs in grouped.items():
+        counts = [int(r["n_folds"]) for r in recs if r.get("n_folds")]
+        if counts:
+            recorded[col] = max(recorded.get(col, 0), *counts)
     out: dict[tuple[str, str], TableCell | None] = {}
     for row in rows:
         for col in columns:
             if (row, col) in per_cell:
                 values, n_err, ok = per_cell[(row, col)]
+                expected = n_expected or max(recorded.get(col, 0), fallback)
                 out[(row, col)] = TableCell(values, expected, n_err, ok)
             else:
                 out[(row, col)] = None
@@ -294,7 +302,9 @@ def _cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: int =
         text = f"{value:.{decimals}f}"
     else:
         pm = r" $\pm$ " if fmt == "latex" else " ± "
-        text = f"{value:.{decimals}f}{pm}{cell.std:.{decimals}f}"
+        # one fold has no spread: print none rather than a misleading ± 0.000
+        spread = f"{pm}{cell.std:.{decimals}f}" if len(cell.values) > 1 else ""
+        text = f"{value:.{decimals}f}{spread}"
     rank = table.ranks(col, decimals).get(row)
     if rank == 1:
         text = f"**{text}**" if fmt == "md" else rf"\textbf{{{text}}}"

@@ -20,6 +20,18 @@ def grid():
     return out
 
 
+def test_expected_folds_come_from_the_cohort_not_from_the_other_rows():
+    # a grid run on fold 0 only: every row has one fold, yet the cohort has five
+    recs = [{**rec(m, "blca", 0, c), "n_folds": 5} for m, c in (("amil", 0.7), ("crossfusion", 0.6))]
+    t = table1(recs)
+    assert all(not t.cells[(m, "blca")].complete for m in ("amil", "crossfusion"))
+    assert t.ranks("blca") == {}
+    md = render(t, "md")
+    assert "| 0.700 (1/5) |" in md and "**" not in md.split("\n\n")[1]
+    # records from before the runner stored n_folds: the most folds of any cell
+    assert table1([rec("amil", "blca", 0, 0.7)]).cells[("amil", "blca")].complete
+
+
 def test_table1_cells_ranks_and_missing():
     t = table1(grid())
     assert t.rows == ["amil", "crossfusion", "random"]  # paper order, random floor last
@@ -35,7 +47,7 @@ def test_table1_cells_ranks_and_missing():
     col = {name: i for i, name in enumerate(c.strip() for c in line["Method"].strip("|").split("|"))}
     assert cells[col["UCEC"]] == "—" and cells[col["LUAD"]] == "— err"
     assert "0.000" not in line["random"]
-    assert "| 0.900 ± 0.000 (1/4) |" in line["crossfusion"]  # incomplete: marked, never ranked
+    assert "| 0.900 (1/4) |" in line["crossfusion"]  # incomplete: marked, never ranked; one fold has no ±
     assert "(k/n)" in md and "paper-max" not in md
 
 
