@@ -572,7 +572,10 @@ def score_table(
 ) -> pd.DataFrame:
     """Mean fold C-index per dataset (rows: ``cohort`` or ``cohort/backbone``) and method (columns).
 
-    Datasets where some method has no successful cell are dropped (ranks need complete rows).
+    Only cells with every fold count: a cell's expected fold count is the cohort's (``n_folds`` in the records),
+    or for older records the most folds any cell of that dataset has. A mean over 1 of 5 folds is not comparable
+    with a mean over 5. Methods with no complete cell are then dropped, and so are datasets where some remaining
+    method has no complete cell (ranks need complete rows).
     """
     records = read_records(
         results, method=methods, cohort=cohorts, backbone=backbone, recipe=recipe, selection=selection, seed=seed
@@ -585,12 +588,20 @@ def score_table(
             f"{results}: cells of several recipes/selection rules {sorted(protocols)}; "
             "choose one with --recipe and --selection (numbers of different protocols are not comparable)"
         )
+    expected: dict[str, int] = defaultdict(int)  # dataset row -> folds a complete cell has
+    for key, recs in groups.items():
+        row = key[1] if len(backbones) == 1 else f"{key[1]}/{key[2]}"
+        recorded = [int(r["n_folds"]) for r in recs if r.get("n_folds")]
+        expected[row] = max(expected[row], len({int(r["fold"]) for r in recs}), *recorded)
     table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for key, recs in groups.items():
         m, c, b = key[0], key[1], key[2]
         row = c if len(backbones) == 1 else f"{c}/{b}"
+        if len({int(r["fold"]) for r in recs}) < expected[row]:
+            table[row][m].append(float("nan"))  # incomplete cell: never ranked
+            continue
         table[row][m].append(float(np.mean([fold_c_index(r) for r in recs])))
     # several seeds of one method and dataset are replicates: their means are averaged
     frame = pd.DataFrame({row: {m: float(np.mean(v)) for m, v in cols.items()} for row, cols in table.items()}).T
     frame = frame.reindex(columns=[m.lower() for m in methods])
-    return frame.dropna(axis=0, how="any").sort_index()
+    return frame.dropna(axis=1, how="all").dropna(axis=0, how="any").sort_index()

@@ -203,7 +203,7 @@ def build_report(
                 continue
             scores = compare.score_table(results, methods, backbone=backbone, recipe=recipe, selection=selection)
             label = f"backbone {backbone}, recipe {recipe}, selection {selection}"
-            if len(methods) >= 2 and len(scores):
+            if scores.shape[1] >= 2 and len(scores):
                 summary = compare.rank_summary(scores, alpha=alpha)
                 name = f"cd_{backbone}_{recipe}_{selection}.png".replace("/", "-")
                 compare.critical_difference_diagram(summary, fig_dir / name, title=f"Mean rank ({label})")
@@ -211,9 +211,13 @@ def build_report(
                 ranks.index.name = "method"
                 fried = ("Friedman test needs >= 3 methods and >= 2 cohorts" if summary.friedman_p_value is None
                          else f"Friedman chi2 = {summary.friedman_statistic:.2f}, p = {summary.friedman_p_value:.3g}")
+                left_out = [m for m in methods if m not in scores.columns]
                 lines += [f"**Mean ranks over {len(scores)} cohort(s), {label}** (1 = best). {fried}; "
                           f"Nemenyi critical difference {summary.critical_difference:.2f} (alpha {alpha:g}).", "",
                           _md_table(ranks), f"![critical-difference diagram]({rel(fig_dir / name)})", ""]
+                if left_out:
+                    lines += [f"Not ranked (no cohort where every fold finished): {', '.join(left_out)}. Only cohorts "
+                              "where every ranked method finished every fold are ranked.", ""]
             best = scores.mean(axis=0).idxmax() if len(scores) else methods[0]
             chosen = [m for m in (km_methods or [best]) if m in methods]
             km_plan += [(m, backbone, recipe, selection) for m in chosen]

@@ -163,6 +163,22 @@ def test_ranks_friedman_and_critical_difference(tmp_path):
     assert path.exists() and path.stat().st_size > 5000
 
 
+def test_score_table_ranks_only_cells_with_every_fold(tmp_path):
+    root = write_fake_store(tmp_path / "s", methods=("good", "noise", "twin"), n_patients=60)
+    full = compare.score_table(root, ["good", "noise", "twin"])
+    assert list(full.columns) == ["good", "noise", "twin"] and list(full.index) == ["blca", "luad"]
+    # 'twin' finished only fold 0 on luad: that mean (1 of 5 folds) must not be ranked against 5-fold means
+    for k in range(1, 5):
+        (root / "cells" / "twin" / "luad" / "resnet50" / "harmonized-last_epoch-s0" / f"fold{k}.json").unlink()
+    partial = compare.score_table(root, ["good", "noise", "twin"])
+    assert list(partial.index) == ["blca"]  # luad lacks a complete 'twin' cell: dropped from the ranks
+    assert partial.loc["blca", "twin"] == pytest.approx(full.loc["blca", "twin"])
+    # a method with no complete cell at all is left out rather than emptying the table
+    for k in range(1, 5):
+        (root / "cells" / "twin" / "blca" / "resnet50" / "harmonized-last_epoch-s0" / f"fold{k}.json").unlink()
+    assert list(compare.score_table(root, ["good", "noise", "twin"]).columns) == ["good", "noise"]
+
+
 def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
     out_json = tmp_path / "cmp.json"
     rc = main(["compare", "--results", str(store), "--methods", "good,twin,noise", "--n-boot", "100",
