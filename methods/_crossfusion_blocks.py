@@ -257,26 +257,23 @@ class Block(nn.Module):
         )
 
     @staticmethod
-    def _layer(x: Tensor, norm_1: nn.Module, attn: nn.Module, norm_2: nn.Module, ffn: nn.Module) -> Tensor:
+    def _layer(x: Tensor, norm_1: nn.Module, attn: nn.Module, norm_2: nn.Module, ffn: nn.Module,
+               want_map: bool = False):
         x = norm_1(x)
-        x = x + attn(x)[0]
-        x = norm_2(x)
-        return ffn(x) + x
+        x_attn, maps = attn(x, want_map=want_map)
+        x = norm_2(x + x_attn)
+        return ffn(x) + x, maps
 
     def forward(self, x: Tensor, want_map: bool = False):
         maps = None
         last = len(self.layers) - 1
         for i, (norm_1, attn, norm_2, ffn) in enumerate(self.layers):
-            if i == last and want_map:  # maps are computed under no_grad from this layer's own q, k
-                x = norm_1(x)
-                x_attn, maps = attn(x, want_map=True)
-                x = norm_2(x + x_attn)
-                x = ffn(x) + x
-            elif attn.settings.checkpoint_layer(x.shape[1], self.training):
+            want = want_map and i == last  # maps come from the last layer, under no_grad, from its own q, k
+            if not want and attn.settings.checkpoint_layer(x.shape[1], self.training):
                 # Only the layer input is kept; the layer is recomputed (same dropout masks) in the backward pass.
-                x = checkpoint(self._layer, x, norm_1, attn, norm_2, ffn, use_reentrant=False)
+                x, _ = checkpoint(self._layer, x, norm_1, attn, norm_2, ffn, use_reentrant=False)
             else:
-                x = self._layer(x, norm_1, attn, norm_2, ffn)
+                x, maps = self._layer(x, norm_1, attn, norm_2, ffn, want)
         return x, maps
 
 
