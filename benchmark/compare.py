@@ -588,19 +588,19 @@ def score_table(
             f"{results}: cells of several recipes/selection rules {sorted(protocols)}; "
             "choose one with --recipe and --selection (numbers of different protocols are not comparable)"
         )
+    from benchmark.tables import recorded_n_folds
+
+    def row_of(key: tuple) -> str:
+        return key[1] if len(backbones) == 1 else f"{key[1]}/{key[2]}"
+
+    folds_done = {key: len({int(r["fold"]) for r in recs}) for key, recs in groups.items()}
     expected: dict[str, int] = defaultdict(int)  # dataset row -> folds a complete cell has
     for key, recs in groups.items():
-        row = key[1] if len(backbones) == 1 else f"{key[1]}/{key[2]}"
-        recorded = [int(r["n_folds"]) for r in recs if r.get("n_folds")]
-        expected[row] = max(expected[row], len({int(r["fold"]) for r in recs}), *recorded)
+        expected[row_of(key)] = max(expected[row_of(key)], folds_done[key], recorded_n_folds(recs))
     table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for key, recs in groups.items():
-        m, c, b = key[0], key[1], key[2]
-        row = c if len(backbones) == 1 else f"{c}/{b}"
-        if len({int(r["fold"]) for r in recs}) < expected[row]:
-            table[row][m].append(float("nan"))  # incomplete cell: never ranked
-            continue
-        table[row][m].append(float(np.mean([fold_c_index(r) for r in recs])))
+        complete = folds_done[key] >= expected[row_of(key)]  # an incomplete cell is never ranked
+        table[row_of(key)][key[0]].append(float(np.mean([fold_c_index(r) for r in recs])) if complete else math.nan)
     # several seeds of one method and dataset are replicates: their means are averaged
     frame = pd.DataFrame({row: {m: float(np.mean(v)) for m, v in cols.items()} for row, cols in table.items()}).T
     frame = frame.reindex(columns=[m.lower() for m in methods])

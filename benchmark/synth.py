@@ -66,7 +66,10 @@ SIGNALS: dict[str, tuple[float, float, float]] = {
 #: "cos" = cos(2 pi (u + v)): four diagonal level lines, hard to learn from ~300 patients (a gradient-boosted
 #: learner given the true u, v directions reaches C = 0.65 of an oracle 0.79 on demo BLCA); "xor" =
 #: sign(u - 1/2) sign(v - 1/2): two axis-aligned thresholds, learnable in principle (the same learner: 0.73 of 0.75).
-CROSS_FORMS = ("cos", "xor")
+CROSS_FORMS = {
+    "cos": lambda u, v: np.cos(2 * np.pi * (u + v)),
+    "xor": lambda u, v: np.sign(u - 0.5) * np.sign(v - 0.5),
+}
 SIGNAL_CROSS_FORM: dict[str, str] = {"cross-xor": "xor"}
 MAGS = (5, 10, 20)
 WEIBULL_SHAPE = 1.2
@@ -179,10 +182,7 @@ def plan_cohort(cohort: Cohort, preset: Preset, seed: int, signal="mixed") -> Co
     pids = [f"SYN-{cohort.name.upper()}-{i:04d}" for i in range(n)]
     f, a = rng.standard_normal(n), rng.standard_normal(n)
     u, v = rng.uniform(size=n), rng.uniform(size=n)
-    if SIGNAL_CROSS_FORM.get(name, "cos") == "xor":
-        cross = np.sign(u - 0.5) * np.sign(v - 0.5)
-    else:
-        cross = np.cos(2 * np.pi * (u + v))
+    cross = CROSS_FORMS[SIGNAL_CROSS_FORM.get(name, "cos")](u, v)
     parts = np.stack([_zscore(f), _zscore(a), _zscore(cross)], axis=1)
     wv = np.asarray(w)
     risk = parts @ wv / np.linalg.norm(wv) if wv.any() else np.zeros(n)

@@ -118,6 +118,11 @@ class ResultTable:
 MIXED_MARK = " §"
 
 
+def recorded_n_folds(records: Iterable[Mapping]) -> int:
+    """The cohort's fold count as the runner records it in each fold record (0 when no record carries it)."""
+    return max([int(r["n_folds"]) for r in records if r.get("n_folds")], default=0)
+
+
 def _choose_one(records: list[dict], key: str, wanted: str | None, what: str) -> str:
     if wanted is not None:
         return wanted
@@ -160,9 +165,7 @@ def build_table(
     fallback = max([len(v[0]) for v in per_cell.values()] + [1])
     recorded: dict[str, int] = {}
     for (_, col), recs in grouped.items():
-        counts = [int(r["n_folds"]) for r in recs if r.get("n_folds")]
-        if counts:
-            recorded[col] = max(recorded.get(col, 0), *counts)
+        recorded[col] = max(recorded.get(col, 0), recorded_n_folds(recs))
     out: dict[tuple[str, str], TableCell | None] = {}
     for row in rows:
         for col in columns:

@@ -347,17 +347,17 @@ class CrossAttentionBlock(nn.Module):
         self.ln = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, hidden_dim, dropout)
 
-    def _block(self, x: Tensor, context: Tensor) -> Tensor:
-        u = self.ln(x + self.cross_attn(x, context)[0])
-        return u + self.ffn(u)
+    def _block(self, x: Tensor, context: Tensor, want_map: bool = False):
+        out, received = self.cross_attn(x, context, want_map=want_map)
+        u = self.ln(x + out)
+        return u + self.ffn(u), received
 
     def forward(self, x: Tensor, context: Tensor, want_map: bool = False):
         if not want_map and self.cross_attn.settings.checkpoint_layer(max(x.shape[1], context.shape[1]),
                                                                       self.training):
-            return checkpoint(self._block, x, context, use_reentrant=False), None
-        out, received = self.cross_attn(x, context, want_map=want_map)
-        u = self.ln(x + out)
-        return u + self.ffn(u), received
+            # Only the inputs are kept; the block is recomputed (same dropout masks) in the backward pass.
+            return checkpoint(self._block, x, context, use_reentrant=False)
+        return self._block(x, context, want_map)
 
 
 class MultiScaleConv(nn.Module):
