@@ -24,6 +24,9 @@ class Backbone:
     variant: str | None = None
     trident: str | None = None  # encoder name in TRIDENT output folders (features_<trident>)
     synthetic_noise: float = 1.0  # per-coordinate noise std of the synthetic features
+    # How strongly the encoder expresses the planted prognostic morphology: a factor on the synthetic preset's
+    # amplitude (data v4). Backbones differ here, not only in noise, so the synthetic Table 2 can rank them.
+    synthetic_signal: float = 1.0
 
 
 @lru_cache(maxsize=1)
@@ -35,13 +38,16 @@ def _backbones() -> dict[str, Backbone]:
         except KeyError:
             raise ValueError(f"{body['_file']}: backbone {name!r} lacks field 'dim'") from None
         noise = float(body.get("synthetic_noise", 1.0))
+        signal = float(body.get("synthetic_signal", 1.0))
+        if noise < 0 or signal < 0:
+            raise ValueError(f"{body['_file']}: backbone {name!r}: synthetic_noise and synthetic_signal must be >= 0")
         trident = body.get("trident")
-        out[name] = Backbone(name, dim, body.get("description", ""), name, None, trident, noise)
+        out[name] = Backbone(name, dim, body.get("description", ""), name, None, trident, noise, signal)
         for vname, vbody in body.get("variants", {}).items():
             full = f"{name}-{vname}"
             out[full] = Backbone(
                 full, int(vbody["dim"]), vbody.get("description", ""), name, vname,
-                vbody.get("trident", f"{trident}_{vname}" if trident else None), noise,
+                vbody.get("trident", f"{trident}_{vname}" if trident else None), noise, signal,
             )
     return out
 

@@ -67,7 +67,8 @@ def read_records(
     Returns
     -------
     list of dict
-        Records (the stored JSON), each with ``_path`` added, sorted by cell then fold.
+        Records (the stored JSON), each with ``_path`` added, sorted by cell then fold. Records of an older
+        synthetic-data version than the newest in the store are left out (see ``tables.newest_data_records``).
     """
     from benchmark.store import ResultStore
 
@@ -80,10 +81,14 @@ def read_records(
             return None
         return [str(v).lower() for v in ([value] if isinstance(value, str) else value)]
 
-    out = ResultStore(root).records(
+    store = ResultStore(root)
+    out = store.records(
         status=status, method=as_list(method), cohort=as_list(cohort), backbone=as_list(backbone),
         recipe=recipe, selection=selection, seed=seed,
     )
+    from benchmark.tables import newest_data_records
+
+    out, _ = newest_data_records(out, among=store.records(status=None))
     out.sort(key=lambda r: (tuple(str(r.get(f)) for f in CELL_FIELDS), int(r["fold"])))
     return out
 

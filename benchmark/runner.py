@@ -111,9 +111,10 @@ def cell_config(cell: Cell, spec: RunSpec, in_dim: int | None = None) -> dict[st
     from benchmark.backbones import get_backbone
     from benchmark.synth import SCHEMA as SYNTHETIC_SCHEMA
 
+    backbone = get_backbone(cell.backbone)
     if in_dim is None:
-        in_dim = get_backbone(cell.backbone).dim
-    return {
+        in_dim = backbone.dim
+    config = {
         "recipe": spec.recipe.to_dict(),
         "method_options": dict(spec.method_options.get(cell.method, {})),
         "unit": spec.unit,
@@ -124,6 +125,9 @@ def cell_config(cell: Cell, spec: RunSpec, in_dim: int | None = None) -> dict[st
         # the embedded synthetic data changes with the generator's version; real data is named by its root
         "synthetic_version": SYNTHETIC_SCHEMA if spec.data_root is None else None,
     }
+    if spec.data_root is None:  # and with the backbone's generator parameters (datasets/backbones.toml)
+        config["synthetic_backbone"] = {"noise": backbone.synthetic_noise, "signal": backbone.synthetic_signal}
+    return config
 
 
 def run_cell(

@@ -22,9 +22,11 @@ Model, in short:
 - **Where the states show.** ``f`` and ``v`` in the 20x features of tumour patches; ``a`` and ``u`` in the 5x
   features, weighted by the tumour fraction of the patch's area; 10x carries tissue type only. Each slide of a
   patient shows the patient's state plus a small slide-level jitter.
-- **Features** of backbone b: ``mix @ prototypes_b + offset_{b,m} + amplitude * state terms + slide offset +
-  noise_b * N(0, I)``; state directions are orthogonal to the prototypes and offsets; ``noise_b`` comes from
-  ``datasets/backbones.toml`` (domain-specific encoders are cleaner than ResNet50).
+- **Features** of backbone b: ``mix @ prototypes_b + offset_{b,m} + amplitude * signal_b * state terms + slide
+  offset + noise_b * N(0, I)``; state directions are orthogonal to the prototypes and offsets; ``signal_b`` and
+  ``noise_b`` come from ``datasets/backbones.toml`` (domain-specific encoders express the morphology more strongly
+  and more cleanly than ResNet50; data version 4 added ``signal_b``, because noise alone left every backbone
+  saturated and the synthetic Table 2 flat).
 - **Survival.** Weibull proportional hazards (shape 1.2) with log hazard ratio ``effect * risk``, independent
   uniform censoring tuned to the cohort's censoring rate, times rescaled to its median follow-up (months).
 
@@ -50,7 +52,7 @@ from benchmark.cohorts import Cohort, get_cohort, resolve_cohorts
 from benchmark.features import LAYOUTS, H5SlideWriter, feature_path, level0_patch_size, write_slide, write_tissue_types
 from benchmark.splits import stratified_patient_folds, write_splits
 
-SCHEMA = 3  # bump whenever the generative model changes: it names the cache folder, so old data is never reused
+SCHEMA = 4  # bump whenever the generative model changes: it names the cache folder, so old data is never reused
 TISSUE_TYPES = ("tumour", "stroma", "lymphocytes", "necrosis", "other")
 TISSUE_PROBS = np.array([0.45, 0.25, 0.12, 0.08, 0.10])
 #: Risk-component weights (fine, coarse, cross) of each signal preset.
@@ -92,11 +94,13 @@ class Preset:
     # Projection of one SD of a state on its feature direction. Measured on demo BLCA / resnet50 (AMIL, demo
     # recipe, 5 folds): 1.5 -> 0.529, 6 -> 0.546, 16 -> 0.582 (effect 1.0); a weak direction among 1024 noisy
     # ones is not found from ~300 patients, whereas real prognostic morphology is a major axis of variation.
+    # Each backbone scales it by its ``synthetic_signal`` (uni2-h 1.0 down to resnet50 0.3; data v4).
     amplitude: float = 16.0
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", 40, 20, 0.3, 6, 48),
+    # tests: 40 patients learn a method-agnostic signal only when it is strong (resnet50 plants 14.4, not 4.8)
+    "tiny": Preset("tiny", 40, 20, 0.3, 6, 48, amplitude=48.0),
     "demo": Preset("demo", None, 52, 0.35, 12, 160),
     "full": Preset("full", None, 13496, 0.9, 256, 137990),
 }
@@ -284,10 +288,11 @@ def _backbone_space(backbone: Backbone, seed: int) -> _BackboneSpace:
                           q[:, 8:12].T.astype(np.float32))
 
 
-def _state_terms(plan: CohortPlan, slide_index: int, mag: int, mix: np.ndarray, space: _BackboneSpace) -> np.ndarray:
-    """(N, D) planted state signal of one slide at ``mag``."""
+def _state_terms(plan: CohortPlan, slide_index: int, mag: int, mix: np.ndarray, space: _BackboneSpace,
+                 backbone: Backbone) -> np.ndarray:
+    """(N, D) planted state signal of one slide at ``mag``, scaled by the backbone's ``synthetic_signal``."""
     row = plan.slides.iloc[slide_index]
-    amp = plan.preset.amplitude
+    amp = plan.preset.amplitude * backbone.synthetic_signal
     if mag == 20:
         weight = mix[:, 0:1]  # tumour patches (20x patches are pure)
         state = np.array([row["f"], (row["v"] - 0.5) * np.sqrt(12)], dtype=np.float32)
@@ -305,7 +310,7 @@ def _feature_blocks(plan, slide_index, mag, geo, space, backbone, rng) -> Iterab
     for start in range(0, mix.shape[0], FEATURE_BLOCK):
         part = mix[start : start + FEATURE_BLOCK]
         x = part @ space.prototypes + space.offsets[mag] + slide_offset
-        x += _state_terms(plan, slide_index, mag, part, space)
+        x += _state_terms(plan, slide_index, mag, part, space, backbone)
         x += backbone.synthetic_noise * rng.standard_normal(x.shape, dtype=np.float32)
         yield start, x.astype(np.float32, copy=False)
 
@@ -344,17 +349,23 @@ def write_backbone(plan: CohortPlan, cohort_dir: Path, backbone: Backbone, layou
         except OSError:  # another process finished first; its files are identical
             pass
         shutil.rmtree(tmp_root, ignore_errors=True)
-    _mark(cohort_dir, f"{backbone.name}-{layout}")
+    _mark(cohort_dir, f"{backbone.name}-{layout}", backbone_parameters(backbone))
+
+
+def backbone_parameters(backbone: Backbone) -> str:
+    """The generator's parameters of a backbone, as recorded in its done-marker (and checked on reuse)."""
+    return json.dumps({"dim": backbone.dim, "noise": backbone.synthetic_noise, "signal": backbone.synthetic_signal},
+                      sort_keys=True)
 
 
 def _marker(cohort_dir: Path, what: str) -> Path:
     return cohort_dir / ".synth" / f"{what}.done"
 
 
-def _mark(cohort_dir: Path, what: str) -> None:
+def _mark(cohort_dir: Path, what: str, content: str = "ok") -> None:
     p = _marker(cohort_dir, what)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("ok\n")
+    p.write_text(content + "\n")
 
 
 # ------------------------------------------------------------------------------------------ cohort base
@@ -476,9 +487,16 @@ def generate(
         if not _marker(cdir, "base").exists():
             write_base(plan, cdir)
         for bname in resolve_backbones(backbones):
+            backbone = get_backbone(bname)
             for layout in layouts:
-                if not _marker(cdir, f"{bname}-{layout}").exists():
-                    write_backbone(plan, cdir, get_backbone(bname), layout)
+                marker = _marker(cdir, f"{bname}-{layout}")
+                if not marker.exists():
+                    write_backbone(plan, cdir, backbone, layout)
+                elif marker.read_text().strip() != backbone_parameters(backbone):
+                    raise ValueError(
+                        f"{marker}: the cached {bname} features were generated with {marker.read_text().strip()}, "
+                        f"but datasets/backbones.toml now gives {backbone_parameters(backbone)}; delete "
+                        f"{cdir / 'features' / bname} and {marker} to regenerate them")
     return out
 
 

@@ -178,6 +178,29 @@ def build_table(
     return out
 
 
+def newest_data_records(records: Iterable[dict], among: Iterable[Mapping] | None = None) -> tuple[list[dict], str | None]:
+    """Drop the fold records of an older embedded synthetic-data version than the newest one present.
+
+    Numbers from two generator versions are not comparable (the planted signal differs), so a store caught
+    half-way through a rerun must not mix them in one table. Records of real data (no synthetic version) are
+    kept. ``among`` (default: ``records``) are the records that define the newest version, e.g. the whole store.
+    Returns the kept records and a note naming what was left out (None when nothing was).
+    """
+    records = list(records)
+
+    def version(r: Mapping) -> int | None:
+        return (r.get("config") or {}).get("synthetic_version")
+
+    versions = {version(r) for r in (records if among is None else among)} - {None}
+    if not versions or {version(r) for r in records} - {None} <= {max(versions)}:
+        return records, None
+    newest = max(versions)
+    kept = [r for r in records if version(r) in (None, newest)]
+    old = ", ".join(str(v) for v in sorted(versions - {newest}))
+    return kept, (f"{len(records) - len(kept)} fold record(s) of older synthetic data (version {old}) left out: "
+                  f"not comparable with version {newest}; `benchmark run` reruns them.")
+
+
 def _one_recipe_and_selection(recs: list[dict], recipe: str | None,
                               selection: str | None) -> tuple[list[dict], str, str]:
     """Keep the records of one recipe and one selection rule (the given ones, or the only ones present)."""
@@ -245,6 +268,7 @@ def table1(
         backbones = {str(r["backbone"]) for r in recs}
         backbone = "resnet50" if "resnet50" in backbones or not backbones else _choose_one(recs, "backbone", None, "backbone")
     recs = [r for r in recs if str(r["backbone"]) == backbone]
+    recs, stale_note = newest_data_records(recs)
     recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
     if not recs:
         raise ValueError(f"no records for backbone {backbone}, recipe {recipe}, selection {selection}")
@@ -257,6 +281,7 @@ def table1(
         cells=build_table(recs, "method", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
         selection=selection,
     )
+    table.notes += [stale_note] if stale_note else []
     return _finish(table, significance, marker)
 
 
@@ -275,6 +300,7 @@ def table2(
     recs = [r for r in records if str(r["method"]) == method.lower() and (seed is None or int(r["seed"]) == seed)]
     if not recs:
         raise ValueError(f"no records for method {method!r}")
+    recs, stale_note = newest_data_records(recs)
     recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
     rows = list(backbones) + sorted({str(r["backbone"]) for r in recs} - set(backbones))
     columns = _cohort_columns(recs)
@@ -287,6 +313,7 @@ def table2(
         selection=selection, mean_column=True,
     )
     table.notes.append("Mean: mean of the cohort means, shown only when every cohort is present.")
+    table.notes += [stale_note] if stale_note else []
     return _finish(table, significance, marker)
 
 

@@ -317,3 +317,7 @@ def test_bench_bag_follows_needs_and_sizes():
     assert graph_bag.coords[20].shape == (50, 2) and graph_bag.tissue_type.shape == (50,)
     assert _parse_options("attn_dropout=0,official_eval_dropout=true,attention_backend=sdpa") == {
         "attn_dropout": 0, "official_eval_dropout": True, "attention_backend": "sdpa"}
+    assert _parse_options("checkpoint_min_tokens=8192, activation_checkpointing=None,") == {
+        "checkpoint_min_tokens": 8192, "activation_checkpointing": None}
+    with pytest.raises(ValueError, match="--options expects key=value"):
+        _parse_options("attn_dropout")

@@ -76,6 +76,19 @@ def test_states_show_only_at_their_scale(tiny_root):
     assert abs(corr["fine10"]) < 0.45 and abs(corr["coarse20"]) < 0.45
 
 
+def test_backbone_signal_scales_only_the_planted_states():
+    import dataclasses
+
+    plan = synth.plan_cohort(get_cohort("blca"), synth.PRESETS["tiny"], seed=0)
+    base = get_backbone("resnet50")
+    space = synth._backbone_space(base, seed=0)
+    mix = plan.geometry(0).mix[20].astype(np.float32)
+    terms = {k: synth._state_terms(plan, 0, 20, mix, space, dataclasses.replace(base, synthetic_signal=k))
+             for k in (0.0, 0.5, 1.0)}
+    assert np.abs(terms[1.0]).max() > 1 and not terms[0.0].any()
+    np.testing.assert_allclose(terms[0.5], 0.5 * terms[1.0], rtol=1e-6)
+
+
 def test_tiny_counts_truth_and_oracle(tiny_root):
     s = json.loads((tiny_root / "blca" / "truth" / "summary.json").read_text())
     ratio = get_cohort("blca").slides / get_cohort("blca").patients
@@ -102,6 +115,13 @@ def test_deterministic_and_independent_of_other_backbones(tiny_root, tmp_path, m
             assert torch.equal(x.features[m], y.features[m]) and torch.equal(x.coords[m], y.coords[m])
     with pytest.raises(ValueError, match="already holds synthetic data"):
         synth.generate(tmp_path / "alone", "tiny", 1, ("blca",), ("conch",), "mixed")
+    # cached features made with other backbone parameters are never reused silently
+    import dataclasses
+
+    edited = dataclasses.replace(get_backbone("conch"), synthetic_signal=0.123)
+    monkeypatch.setattr(synth, "get_backbone", lambda name: edited)
+    with pytest.raises(ValueError, match=r"conch-default\.done: the cached conch features .*\"signal\": 0\.123"):
+        synth.generate(tmp_path / "alone", "tiny", 0, ("blca",), ("conch",), "mixed")
 
 
 def test_every_layout_reads_back_identically(tiny_root, tmp_path):

@@ -93,6 +93,15 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     monkeypatch.setattr("benchmark.synth.SCHEMA", 999)
     assert len(run_grid(cells, changed, store, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_version"] == 999
+    # ... or a backbone whose generator parameters were edited in datasets/backbones.toml
+    import dataclasses
+
+    from benchmark.backbones import get_backbone
+
+    edited = dataclasses.replace(get_backbone("resnet50"), synthetic_signal=0.123)
+    monkeypatch.setattr("benchmark.backbones.get_backbone", lambda name: edited)
+    assert len(run_grid(cells, changed, store, loader=toy_loader, show_progress=False).ran) == 1
+    assert store.read(cells[0])["config"]["synthetic_backbone"] == {"noise": 1.0, "signal": 0.123}
 
 
 def test_load_model_reproduces_stored_risks(tmp_path):

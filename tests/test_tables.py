@@ -114,3 +114,24 @@ def test_folds_run_under_different_configurations_are_flagged():
     md = render(t, "md")
     line = {l.split(" | ")[0].strip("| "): l for l in md.splitlines() if l.startswith("| ")}
     assert "§" in line["amil"] and "§" not in line["dsmil"] and "different configurations" in md
+
+
+def test_older_synthetic_data_versions_never_share_a_table():
+    # a store caught half-way through a rerun after a generator change: v3 cells beside v4 cells
+    def versioned(r, v):
+        return {**r, "config": {"synthetic_version": v}}
+
+    recs = [versioned(rec(b, "blca", k, 0.6 + 0.01 * k), 4) for b in ("resnet50", "conch") for k in range(4)]
+    recs = [{**r, "method": "amil", "backbone": r["method"]} for r in recs]
+    recs += [versioned({**rec("amil", "ucec", k, 0.9), "backbone": "resnet50"}, 3) for k in range(4)]
+    recs += [{**rec("amil", "luad", k, 0.7), "backbone": "resnet50"} for k in range(4)]  # real data: kept
+    t = table2(recs, method="amil")
+    assert t.cells[("resnet50", "ucec")] is None and t.cells[("resnet50", "blca")].complete
+    assert t.cells[("resnet50", "luad")].complete
+    assert any("4 fold record(s) of older synthetic data (version 3) left out" in n for n in t.notes)
+    only_v4 = [r for r in recs if (r.get("config") or {}).get("synthetic_version") != 3]
+    assert not any("older synthetic data" in n for n in table2(only_v4, method="amil").notes)
+    from benchmark.tables import newest_data_records
+
+    kept, note = newest_data_records([recs[-5]], among=recs)  # a v3 record alone, judged against the store
+    assert kept == [] and "version 3" in note

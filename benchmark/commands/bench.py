@@ -15,6 +15,7 @@ import argparse
 import json
 
 from benchmark.bench import LARGEST_SLIDE, BenchCase, bag_sizes, run_in_child
+from benchmark.recipes import parse_assignments, parse_option_value
 
 #: Options that reproduce the official CrossFusion code's kernel choice: attention dropout on at evaluation,
 #: and PyTorch SDPA called with that dropout (the math kernel on CPU, O(N^2) memory).
@@ -22,17 +23,9 @@ OFFICIAL_OPTIONS = {"official_eval_dropout": True, "attention_backend": "sdpa"}
 
 
 def _parse_options(text: str) -> dict:
-    """``"a=1,b=true,c=x"`` -> ``{"a": 1, "b": True, "c": "x"}`` (values read as JSON when they parse)."""
-    options = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        if "=" not in item:
-            raise ValueError(f"benchmark/commands/bench.py: --options item {item!r} is not key=value")
-        key, value = item.split("=", 1)
-        try:
-            options[key.strip()] = json.loads(value.lower() if value.lower() in ("true", "false", "null") else value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
+    """``"a=1,b=true,c=x"`` -> ``{"a": 1, "b": True, "c": "x"}``, read as ``run --method-option`` reads them."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    return {k: parse_option_value(v) for k, v in parse_assignments(items, "--options").items()}
 
 
 def register(subparsers) -> None:

@@ -31,12 +31,12 @@ def run(args: argparse.Namespace) -> int:
         from benchmark.backbones import backbone_names, get_backbone
 
         t = Table(title="backbones")
-        for c in ("name", "dim", "variant of", "TRIDENT name", "synthetic noise", "description"):
+        for c in ("name", "dim", "variant of", "TRIDENT name", "synthetic noise", "synthetic signal", "description"):
             t.add_column(c)
         for n in backbone_names():
             b = get_backbone(n)
             t.add_row(n, str(b.dim), b.base if b.variant else "", b.trident or "", f"{b.synthetic_noise:g}",
-                      b.description)
+                      f"{b.synthetic_signal:g}", b.description)
         console.print(t)
     if args.what in ("all", "methods"):
         from benchmark.registry import get_method_spec, method_names
