@@ -491,6 +491,27 @@ def retrain_cell(record: Mapping, results: str | Path) -> Mapping:
     return store.read(cell)
 
 
+def stale_data_reason(record: Mapping) -> str | None:
+    """Why a record's model no longer matches the embedded synthetic data it would be re-run on (None if it does).
+
+    Its weights were trained on another generator version or other backbone parameters, so its maps on today's
+    features would mean nothing. Real-data records (a ``data_root``) are never judged stale here.
+    """
+    from benchmark.backbones import get_backbone
+    from benchmark.synth import SCHEMA
+
+    config = record.get("config") or {}
+    if config.get("data_root") is not None or "synthetic_version" not in config:
+        return None
+    if config["synthetic_version"] != SCHEMA:
+        return f"trained on synthetic data version {config['synthetic_version']}, the generator is now at {SCHEMA}"
+    backbone = get_backbone(str(record["backbone"]))
+    now = {"noise": backbone.synthetic_noise, "signal": backbone.synthetic_signal}
+    if config.get("synthetic_backbone", now) != now:
+        return f"trained with {record['backbone']} generator parameters {config['synthetic_backbone']}, now {now}"
+    return None
+
+
 def load_record_cohort(record: Mapping):
     """The cohort a record was trained on (same data root, backbone and unit)."""
     from benchmark.data import load_cohort
@@ -568,7 +589,13 @@ def attention_heatmaps(
     slide_id = slide if slide in slide_ids else slide_ids[0]
     record = fold_record_for(records, sample_id, fold)
     store = ResultStore(results)
+    stale = stale_data_reason(record)
+    if stale and not retrain:
+        raise ValueError(f"{record.get('_path', 'record')}: {stale}. Re-train this cell: "
+                         f"`{retrain_command(record, results)}` (or add --retrain to this command)")
     try:
+        if stale:
+            raise FileNotFoundError(stale)
         model = store.load_model(dict(record))
     except FileNotFoundError as exc:
         if not retrain:

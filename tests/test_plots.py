@@ -98,7 +98,7 @@ def test_tumour_fraction_of_coarse_patches():
     np.testing.assert_allclose(frac, [0.5])
 
 
-def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=True):
+def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=True, config_extra=None):
     """A store record with an untrained model's weights (heatmaps need a model, not a good one)."""
     from benchmark.registry import create_method
     from benchmark.store import ResultStore
@@ -111,7 +111,7 @@ def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=Tr
     record = {"status": "ok", "method": method, "cohort": cohort.name, "backbone": cohort.backbone.name, "fold": fold,
               "seed": 0, "recipe": "demo", "selection": "last", "unit": "patient",
               "config": {"in_dim": cohort.in_dim, "n_bins": 4, "method_options": {}, "data_root": str(data_root),
-                         "unit": "patient"},
+                         "unit": "patient", **(config_extra or {})},
               "provenance": {}, "metrics": {"c_index": 0.5}, "train_risk_median": 0.0, "predictions": preds}
     ResultStore(results).write(record, state_dict=model.state_dict() if weights else None)
     return model, val
@@ -166,3 +166,25 @@ def test_heatmap_without_weights_says_how_to_retrain(tiny_root, tmp_path, capsys
         plots.attention_heatmaps(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)
     with pytest.raises(KeyError, match="no sample"):
         plots.attention_heatmaps(tmp_path / "store", "amil", "blca", "NO-SUCH-SLIDE", cohort_data=cohort)
+
+
+
+def test_heatmap_refuses_a_model_trained_on_other_synthetic_data(tiny_root, tmp_path):
+    from benchmark.backbones import get_backbone
+    from benchmark.data import load_cohort
+    from benchmark.synth import SCHEMA
+
+    b = get_backbone("resnet50")
+    now = {"noise": b.synthetic_noise, "signal": b.synthetic_signal}
+    rec = {"backbone": "resnet50", "config": {"data_root": None, "synthetic_version": SCHEMA, "synthetic_backbone": now}}
+    assert plots.stale_data_reason(rec) is None
+    assert "version 3" in plots.stale_data_reason({**rec, "config": {**rec["config"], "synthetic_version": 3}})
+    edited = {**rec, "config": {**rec["config"], "synthetic_backbone": {**now, "signal": 0.123}}}
+    assert "0.123" in plots.stale_data_reason(edited)
+    assert plots.stale_data_reason({**edited, "config": {**edited["config"], "data_root": "/real"}}) is None
+    # the command refuses such weights with the retrain command, instead of drawing meaningless maps
+    cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
+    _, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root,
+                                   config_extra={"data_root": None, "synthetic_version": SCHEMA - 1})
+    with pytest.raises(ValueError, match=f"synthetic data version {SCHEMA - 1}.*--overwrite"):
+        plots.attention_heatmaps(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)
