@@ -675,7 +675,8 @@ def _draw_heatmaps(result: HeatmapResult, stem: Path) -> list[Path]:
         title = f"{pm.name} ({pm.magnification}x)"
         if pm.name in result.overlap:
             o = result.overlap[pm.name]
-            title += f"\nAUC {o['auc']:.2f}, top-10% on tumour {o['top_precision']:.0%} (chance {o['prevalence']:.0%})"
+            title += (f"\nAUC {o['auc']:.2f} ({o['n_signal']} tumour vs {o['n_patches'] - o['n_signal']} other), "
+                      f"top-10% on tumour {o['top_precision']:.0%} (chance {o['prevalence']:.0%})")
         ax.set_title(title, fontsize=9)
         fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02, label="attention percentile")
     used = len(result.maps)

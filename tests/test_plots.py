@@ -142,7 +142,7 @@ def test_heatmap_maps_equal_model_attention(tiny_root, tmp_path):
     assert {f.suffix for f in res.files} == {".png", ".pdf"} and all(f.exists() for f in res.files)
 
 
-def test_heatmap_crossfusion_draws_every_map(tiny_root, tmp_path):
+def test_heatmap_crossfusion_draws_every_map(tiny_root, tmp_path, capsys):
     from benchmark.data import load_cohort
 
     cohort = load_cohort("ucec", data_root=tiny_root, backbone="resnet50")
@@ -155,6 +155,9 @@ def test_heatmap_crossfusion_draws_every_map(tiny_root, tmp_path):
     assert {"coarse_cross", "fine_cross", "source_transformer", "final_transformer"} <= set(data["overlap"])
     assert all(0.0 <= o["top_precision"] <= 1.0 for o in data["overlap"].values())
     assert all(p.endswith((".png", ".pdf")) for p in data["files"])
+    # the printed overlap names its class sizes, so an AUC resting on one or two patches is visible
+    fine = data["overlap"]["fine_cross"]
+    assert f"({fine['n_signal']} tumour vs {fine['n_patches'] - fine['n_signal']} other)" in capsys.readouterr().out
 
 
 def test_heatmap_without_weights_says_how_to_retrain(tiny_root, tmp_path, capsys):

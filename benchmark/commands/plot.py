@@ -92,7 +92,9 @@ def run_heatmap(args: argparse.Namespace) -> int:
         line = f"  {pm.name:<20} {pm.magnification:>2}x  {len(pm.values)} patches"
         if pm.name in res.overlap:
             o = res.overlap[pm.name]
-            line += (f"  AUC vs tumour patches {o['auc']:.3f}; top-10% attention on tumour {o['top_precision']:.1%}"
+            # the class sizes say when an AUC rests on one or two patches (e.g. an almost all-tumour 5x bag)
+            line += (f"  AUC vs tumour patches {o['auc']:.3f} ({o['n_signal']} tumour vs "
+                     f"{o['n_patches'] - o['n_signal']} other); top-10% attention on tumour {o['top_precision']:.1%}"
                      f" (chance {o['prevalence']:.1%})")
         print(line)
     for f in res.files:
