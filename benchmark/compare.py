@@ -81,14 +81,14 @@ def read_records(
             return None
         return [str(v).lower() for v in ([value] if isinstance(value, str) else value)]
 
-    store = ResultStore(root)
-    out = store.records(
-        status=status, method=as_list(method), cohort=as_list(cohort), backbone=as_list(backbone),
+    everything = ResultStore(root).records(status=None)  # read once: the newest data version is the store's
+    out = ResultStore.select(
+        everything, status=status, method=as_list(method), cohort=as_list(cohort), backbone=as_list(backbone),
         recipe=recipe, selection=selection, seed=seed,
     )
     from benchmark.tables import newest_data_records
 
-    out, _ = newest_data_records(out, among=store.records(status=None))
+    out, _ = newest_data_records(out, among=everything)
     out.sort(key=lambda r: (tuple(str(r.get(f)) for f in CELL_FIELDS), int(r["fold"])))
     return out
 

@@ -498,15 +498,14 @@ def stale_data_reason(record: Mapping) -> str | None:
     features would mean nothing. Real-data records (a ``data_root``) are never judged stale here.
     """
     from benchmark.backbones import get_backbone
-    from benchmark.synth import SCHEMA
+    from benchmark.synth import SCHEMA, synthetic_parameters
 
     config = record.get("config") or {}
     if config.get("data_root") is not None or "synthetic_version" not in config:
         return None
     if config["synthetic_version"] != SCHEMA:
         return f"trained on synthetic data version {config['synthetic_version']}, the generator is now at {SCHEMA}"
-    backbone = get_backbone(str(record["backbone"]))
-    now = {"noise": backbone.synthetic_noise, "signal": backbone.synthetic_signal}
+    now = synthetic_parameters(get_backbone(str(record["backbone"])))
     if config.get("synthetic_backbone", now) != now:
         return f"trained with {record['backbone']} generator parameters {config['synthetic_backbone']}, now {now}"
     return None
@@ -593,16 +592,17 @@ def attention_heatmaps(
     if stale and not retrain:
         raise ValueError(f"{record.get('_path', 'record')}: {stale}. Re-train this cell: "
                          f"`{retrain_command(record, results)}` (or add --retrain to this command)")
-    try:
-        if stale:
-            raise FileNotFoundError(stale)
-        model = store.load_model(dict(record))
-    except FileNotFoundError as exc:
-        if not retrain:
-            raise FileNotFoundError(
-                f"{exc}. Re-train this cell with weights: `{retrain_command(record, results)}` "
-                "(or add --retrain to this command)"
-            ) from None
+    model = None
+    if not stale:
+        try:
+            model = store.load_model(dict(record))
+        except FileNotFoundError as exc:
+            if not retrain:
+                raise FileNotFoundError(
+                    f"{exc}. Re-train this cell with weights: `{retrain_command(record, results)}` "
+                    "(or add --retrain to this command)"
+                ) from None
+    if model is None:  # stale or without weights, and retrain was asked for
         record = retrain_cell(record, results)
         model = store.load_model(dict(record))
     if hasattr(model, "return_attention"):  # CrossFusion computes its maps on request only on huge bags

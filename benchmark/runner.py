@@ -109,7 +109,7 @@ def cell_config(cell: Cell, spec: RunSpec, in_dim: int | None = None) -> dict[st
     fields, method options or synthetic-data version); ``in_dim`` defaults to the backbone's registered dim.
     """
     from benchmark.backbones import get_backbone
-    from benchmark.synth import SCHEMA as SYNTHETIC_SCHEMA
+    from benchmark.synth import SCHEMA as SYNTHETIC_SCHEMA, synthetic_parameters
 
     backbone = get_backbone(cell.backbone)
     if in_dim is None:
@@ -126,7 +126,7 @@ def cell_config(cell: Cell, spec: RunSpec, in_dim: int | None = None) -> dict[st
         "synthetic_version": SYNTHETIC_SCHEMA if spec.data_root is None else None,
     }
     if spec.data_root is None:  # and with the backbone's generator parameters (datasets/backbones.toml)
-        config["synthetic_backbone"] = {"noise": backbone.synthetic_noise, "signal": backbone.synthetic_signal}
+        config["synthetic_backbone"] = synthetic_parameters(backbone)
     return config
 
 

@@ -220,9 +220,13 @@ class ResultStore:
     def records(self, status: str | None = None, **filters: Any) -> list[dict]:
         """Every record (``ok`` and ``error``) whose fields equal ``filters``; a filter value may be a list/set/tuple
         of accepted values. ``status="ok"`` keeps only successful cells. Sorted by cell, then fold."""
+        return self.select([self._load(path) for path in self.iter_paths()], status, **filters)
+
+    @staticmethod
+    def select(records: list[dict], status: str | None = None, **filters: Any) -> list[dict]:
+        """The records matching ``status`` and ``filters`` as in :meth:`records` (for records already loaded)."""
         out = []
-        for path in self.iter_paths():
-            record = self._load(path)
+        for record in records:
             if status is not None and record.get("status") != status:
                 continue
             ok = True

@@ -352,10 +352,14 @@ def write_backbone(plan: CohortPlan, cohort_dir: Path, backbone: Backbone, layou
     _mark(cohort_dir, f"{backbone.name}-{layout}", backbone_parameters(backbone))
 
 
+def synthetic_parameters(backbone: Backbone) -> dict[str, float]:
+    """The generator's per-backbone parameters (from ``datasets/backbones.toml``); runs record them in their config."""
+    return {"noise": backbone.synthetic_noise, "signal": backbone.synthetic_signal}
+
+
 def backbone_parameters(backbone: Backbone) -> str:
-    """The generator's parameters of a backbone, as recorded in its done-marker (and checked on reuse)."""
-    return json.dumps({"dim": backbone.dim, "noise": backbone.synthetic_noise, "signal": backbone.synthetic_signal},
-                      sort_keys=True)
+    """A backbone's generator parameters and dim, as recorded in its done-marker (and checked on reuse)."""
+    return json.dumps({"dim": backbone.dim, **synthetic_parameters(backbone)}, sort_keys=True)
 
 
 def _marker(cohort_dir: Path, what: str) -> Path:
@@ -492,9 +496,9 @@ def generate(
                 marker = _marker(cdir, f"{bname}-{layout}")
                 if not marker.exists():
                     write_backbone(plan, cdir, backbone, layout)
-                elif marker.read_text().strip() != backbone_parameters(backbone):
+                elif (found := marker.read_text().strip()) != backbone_parameters(backbone):
                     raise ValueError(
-                        f"{marker}: the cached {bname} features were generated with {marker.read_text().strip()}, "
+                        f"{marker}: the cached {bname} features were generated with {found}, "
                         f"but datasets/backbones.toml now gives {backbone_parameters(backbone)}; delete "
                         f"{cdir / 'features' / bname} and {marker} to regenerate them")
     return out

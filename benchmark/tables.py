@@ -192,10 +192,10 @@ def newest_data_records(records: Iterable[dict], among: Iterable[Mapping] | None
         return (r.get("config") or {}).get("synthetic_version")
 
     versions = {version(r) for r in (records if among is None else among)} - {None}
-    if not versions or {version(r) for r in records} - {None} <= {max(versions)}:
-        return records, None
-    newest = max(versions)
+    newest = max(versions, default=None)
     kept = [r for r in records if version(r) in (None, newest)]
+    if len(kept) == len(records):
+        return records, None
     old = ", ".join(str(v) for v in sorted(versions - {newest}))
     return kept, (f"{len(records) - len(kept)} fold record(s) of older synthetic data (version {old}) left out: "
                   f"not comparable with version {newest}; `benchmark run` reruns them.")
