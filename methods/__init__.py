@@ -1,2 +1,2 @@
 """Built-in methods, one module each. Every module registers itself with
-:func:`benchmark.registry.register_method`; :func:`benchmark.registry.load_builtin_methods` imports them all."""
+:func:`benchmark.training.registry.register_method`; :func:`benchmark.training.registry.load_builtin_methods` imports them all."""

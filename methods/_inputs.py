@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from benchmark.bag import Bag, Needs
-from benchmark.graphs import bag_graph
+from benchmark.data.bag import Bag, Needs
+from benchmark.data.graphs import bag_graph
 
 
 def checked_features(bag: Bag, magnification: int, in_dim: int, owner: str, needs_hint: str | None = None) -> Tensor:
@@ -29,7 +29,7 @@ def checked_features(bag: Bag, magnification: int, in_dim: int, owner: str, need
 def graph_inputs(method: nn.Module, bag: Bag, edge_kind: str) -> tuple[Tensor, Tensor, int]:
     """Node features, their ``edge_kind`` edges and the magnification, as the method's registered Needs say.
 
-    The edges are the bag's own, or built when missing (:func:`benchmark.graphs.bag_graph`). An empty bag is
+    The edges are the bag's own, or built when missing (:func:`benchmark.data.graphs.bag_graph`). An empty bag is
     refused.
     """
     needs = getattr(method, "needs", Needs())

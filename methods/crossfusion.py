@@ -16,9 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from benchmark.bag import Bag, Needs
-from benchmark.output import AttentionMap, SurvivalOutput
-from benchmark.registry import register_method
+from benchmark.data.bag import Bag, Needs
+from benchmark.training.output import AttentionMap, SurvivalOutput
+from benchmark.training.registry import register_method
 from methods._crossfusion_blocks import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_CHECKPOINT_MIN_TOKENS,

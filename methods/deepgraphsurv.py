@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GINConv
 
-from benchmark.bag import Bag, Needs
-from benchmark.output import AttentionMap, SurvivalOutput
-from benchmark.registry import register_method
+from benchmark.data.bag import Bag, Needs
+from benchmark.training.output import AttentionMap, SurvivalOutput
+from benchmark.training.registry import register_method
 from methods._attention import GatedAttention, attention_pool
 from methods._inputs import graph_inputs
 
@@ -70,7 +70,7 @@ class DeepGraphSurv(nn.Module):
     - **Correct latent graph.** The Patch-GCN notebook built the feature-space index but queried it with patch
       coordinates, so all nodes got nearly the same "neighbours" (Patch-GCN issue #25), and it did not offset
       latent edges of a patient's second and later slides. Here the graph is the exact 8-NN in feature space
-      (squared L2), queried with the features, per slide, from :mod:`benchmark.graphs`, in PyG's
+      (squared L2), queried with the features, per slide, from :mod:`benchmark.data.graphs`, in PyG's
       ``[neighbour; centre]`` direction (node i sums its own 8 nearest patches).
     - The official ``forward`` reads an undefined ``self.pool`` (``AttributeError`` at HEAD); its TopK pooling
       branches are dropped here, which is the path the released configuration took.

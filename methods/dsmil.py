@@ -12,9 +12,9 @@ import math
 import torch
 from torch import nn
 
-from benchmark.bag import Bag, Needs
-from benchmark.output import AttentionMap, SurvivalOutput
-from benchmark.registry import register_method
+from benchmark.data.bag import Bag, Needs
+from benchmark.training.output import AttentionMap, SurvivalOutput
+from benchmark.training.registry import register_method
 from methods._inputs import checked_features
 
 STREAMS = ("both", "bag")

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import DeepGCNLayer, GENConv
 
-from benchmark.bag import Bag, Needs
-from benchmark.output import AttentionMap, SurvivalOutput
-from benchmark.registry import register_method
+from benchmark.data.bag import Bag, Needs
+from benchmark.training.output import AttentionMap, SurvivalOutput
+from benchmark.training.registry import register_method
 from methods._attention import GatedAttention, attention_pool
 from methods._inputs import graph_inputs
 
@@ -55,7 +55,7 @@ class PatchGCN(nn.Module):
     ``Inference Benchmark.ipynb``. The total includes the 256 parameters of the first block's LayerNorm, which
     the official forward never uses (so they never train there either). They are kept, frozen
     (``requires_grad=False``), so the module and its state-dict keys mirror the official model; the
-    trainable count (:func:`benchmark.registry.count_parameters`) is therefore 256 lower: 1,384,200 at 1024-d.
+    trainable count (:func:`benchmark.training.registry.count_parameters`) is therefore 256 lower: 1,384,200 at 1024-d.
 
     Parameters
     ----------
@@ -94,7 +94,7 @@ class PatchGCN(nn.Module):
       published numbers came from; pass 0.1 for what the official code asks for on a current PyG.
     - **GENConv MLP biases.** PyG >= 2 defaults ``GENConv(bias=False)``; PyG 1.6.3 had biased MLP layers.
       ``bias=True`` is passed for parity (1,152 parameters over three layers).
-    - **Graph.** Exact 8-NN from :mod:`benchmark.graphs` (the official notebook used an approximate HNSW
+    - **Graph.** Exact 8-NN from :mod:`benchmark.data.graphs` (the official notebook used an approximate HNSW
       index), in PyG's ``[neighbour; centre]`` direction so node i aggregates from its own 8 nearest patches;
       the notebook stored ``[centre; neighbour]``, so there node i aggregated from the patches having i among
       their 8 nearest. Identical in the interior of a regular patch grid. Never an edge across slides.
@@ -181,8 +181,8 @@ def time_training_step(
     import resource
     import time
 
-    from benchmark.graphs import build_graph
-    from benchmark.registry import create_method
+    from benchmark.data.graphs import build_graph
+    from benchmark.training.registry import create_method
 
     torch.manual_seed(seed)
     side = int((n_nodes * 1.3) ** 0.5) + 1

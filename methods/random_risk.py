@@ -6,9 +6,9 @@ import zlib
 import torch
 from torch import nn
 
-from benchmark.bag import Bag, Needs
-from benchmark.output import SurvivalOutput
-from benchmark.registry import register_method
+from benchmark.data.bag import Bag, Needs
+from benchmark.training.output import SurvivalOutput
+from benchmark.training.registry import register_method
 
 
 @register_method("random", needs=Needs(magnifications=(20,)), source="harness baseline (no paper): chance level")

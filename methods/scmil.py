@@ -15,9 +15,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from benchmark.bag import Bag, Needs
-from benchmark.output import AttentionMap, SurvivalOutput
-from benchmark.registry import register_method
+from benchmark.data.bag import Bag, Needs
+from benchmark.training.output import AttentionMap, SurvivalOutput
+from benchmark.training.registry import register_method
 
 #: Rows of the point matrix handled at once when computing point-to-centroid distances, scaled so that one
 #: chunk's distance block holds about this many entries (bounds k-means memory to O(N + chunk)).

@@ -37,7 +37,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    from benchmark.synth import generate
+    from benchmark.data.synth import generate
 
     root = tmp_path_factory.mktemp("synthetic") / "tiny-mixed-s0"
     return generate(root, preset="tiny", seed=0, cohorts=("blca", "ucec"), backbones=("resnet50", "conch"),

@@ -5,9 +5,9 @@ import resource
 
 import torch
 
-from benchmark.bag import Bag
-from benchmark.graphs import build_graph
-from benchmark.output import SurvivalOutput
+from benchmark.data.bag import Bag
+from benchmark.data.graphs import build_graph
+from benchmark.training.output import SurvivalOutput
 
 
 def features_bag(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float32, sample_id: str = "s",

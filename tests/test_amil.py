@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from benchmark.bag import Bag, Needs
-from benchmark.registry import count_parameters, create_method, get_method_spec
+from benchmark.data.bag import Bag, Needs
+from benchmark.training.registry import count_parameters, create_method, get_method_spec
 from tests.helpers import check_survival_output, features_bag, seeded_outputs
 
 # baselines.md §2.1: only the first Linear changes with the input dim

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from sksurv.metrics import concordance_index_censored
 
-from benchmark import compare
+from benchmark.analysis import statistics as compare
+from benchmark.store.query import Results, select_cell
 from benchmark.cli import main
 
 #: fake methods: how their risk relates to the true risk z
@@ -102,9 +103,9 @@ def test_c_index_matches_sksurv_with_ties_and_weights():
 
 
 def test_better_method_is_significant_identical_is_not(store):
-    good = compare.select_cell(store, "good", "blca")
-    twin = compare.select_cell(store, "twin", "blca")
-    noise = compare.select_cell(store, "noise", "blca")
+    good = select_cell(store, "good", "blca")
+    twin = select_cell(store, "twin", "blca")
+    noise = select_cell(store, "noise", "blca")
     assert len(good) == 5
     better = compare.compare_cells(good, noise, n_boot=400, seed=3)
     bs = better.bootstrap
@@ -123,8 +124,8 @@ def test_better_method_is_significant_identical_is_not(store):
 
 def test_bootstrap_is_seeded_and_resamples_patients(tmp_path):
     root = write_fake_store(tmp_path, methods=("good", "noise"), cohorts=("blca",), n_patients=60, slides_per_patient=2)
-    a = compare.pooled_predictions(compare.select_cell(root, "good", "blca"))
-    b = compare.pooled_predictions(compare.select_cell(root, "noise", "blca"))
+    a = compare.pooled_predictions(select_cell(root, "good", "blca"))
+    b = compare.pooled_predictions(select_cell(root, "noise", "blca"))
     r1 = compare.paired_bootstrap(a, b, n_boot=150, seed=7)
     r2 = compare.paired_bootstrap(a, b, n_boot=150, seed=7)
     r3 = compare.paired_bootstrap(a, b, n_boot=150, seed=8)
@@ -136,7 +137,7 @@ def test_bootstrap_is_seeded_and_resamples_patients(tmp_path):
 
 
 def test_significance_hook_marks_worse_rows(store):
-    rows = {m: compare.select_cell(store, m, "luad") for m in ("good", "twin", "noise")}
+    rows = {m: select_cell(store, m, "luad") for m in ("good", "twin", "noise")}
     result = compare.significance_vs_best(rows, n_boot=200, seed=0)
     best = [k for k, v in result.items() if v is None]
     assert len(best) == 1 and best[0] in ("good", "twin")
@@ -165,18 +166,18 @@ def test_ranks_friedman_and_critical_difference(tmp_path):
 
 def test_score_table_ranks_only_cells_with_every_fold(tmp_path):
     root = write_fake_store(tmp_path / "s", methods=("good", "noise", "twin"), n_patients=60)
-    full = compare.score_table(root, ["good", "noise", "twin"])
+    full = compare.score_table(Results.open(root), ["good", "noise", "twin"])
     assert list(full.columns) == ["good", "noise", "twin"] and list(full.index) == ["blca", "luad"]
     # 'twin' finished only fold 0 on luad: that mean (1 of 5 folds) must not be ranked against 5-fold means
     for k in range(1, 5):
         (root / "cells" / "twin" / "luad" / "resnet50" / "harmonized-last_epoch-s0" / f"fold{k}.json").unlink()
-    partial = compare.score_table(root, ["good", "noise", "twin"])
+    partial = compare.score_table(Results.open(root), ["good", "noise", "twin"])
     assert list(partial.index) == ["blca"]  # luad lacks a complete 'twin' cell: dropped from the ranks
     assert partial.loc["blca", "twin"] == pytest.approx(full.loc["blca", "twin"])
     # a method with no complete cell at all is left out rather than emptying the table
     for k in range(1, 5):
         (root / "cells" / "twin" / "blca" / "resnet50" / "harmonized-last_epoch-s0" / f"fold{k}.json").unlink()
-    assert list(compare.score_table(root, ["good", "noise", "twin"]).columns) == ["good", "noise"]
+    assert list(compare.score_table(Results.open(root), ["good", "noise", "twin"]).columns) == ["good", "noise"]
 
 
 def test_compare_cli_prints_and_writes(store, tmp_path, capsys):

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmark.bag import Bag
-from benchmark.registry import count_parameters, create_method, get_method_spec
+from benchmark.data.bag import Bag
+from benchmark.training.registry import count_parameters, create_method, get_method_spec
 from methods import _crossfusion_blocks as blocks
 from tests.helpers import seeded_outputs
 
@@ -301,8 +301,8 @@ def test_attention_maps_policy():
 
 # ------------------------------------------------------------------------------------------- benchmark command
 def test_bench_bag_follows_needs_and_sizes():
-    from benchmark.bag import Needs
-    from benchmark.bench import bag_sizes, make_bag
+    from benchmark.data.bag import Needs
+    from benchmark.training.bench import bag_sizes, make_bag
     from benchmark.commands.bench import _parse_options
 
     assert bag_sizes(137_990) == (137_990, 34_498, 8_624)

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.bag import Needs
-from benchmark.clinical import read_clinical
-from benchmark.data import load_cohort
+from benchmark.data.bag import Needs
+from benchmark.data.clinical import read_clinical
+from benchmark.data.loader import load_cohort
 
 
 def _table(tmp_path, **changes):

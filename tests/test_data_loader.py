@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import benchmark.data as data_mod
-from benchmark.bag import Needs
-from benchmark.data import load_cohort
-from benchmark.labels import quantile_edges
-from benchmark.synth import SCHEMA
+import benchmark.data.loader as data_mod
+from benchmark.data.bag import Needs
+from benchmark.data.loader import load_cohort
+from benchmark.data.labels import quantile_edges
+from benchmark.data.synth import SCHEMA
 
 
 @pytest.fixture(scope="module")

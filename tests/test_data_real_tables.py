@@ -3,11 +3,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.audit import audit
-from benchmark.clinical import patient_table, read_clinical
-from benchmark.cohorts import get_cohort
-from benchmark.labels import assign_bins, quantile_edges
-from benchmark.splits import read_splits
+from benchmark.data.audit import audit
+from benchmark.data.clinical import patient_table, read_clinical
+from benchmark.data.cohorts import get_cohort
+from benchmark.data.labels import assign_bins, quantile_edges
+from benchmark.data.splits import read_splits
 
 PATIENTS = {"blca": 373, "brca": 956, "gbmlgg": 569, "luad": 453, "ucec": 480}
 

@@ -1,9 +1,9 @@
 """Cohort and backbone registries (datasets/*.toml)."""
 import pytest
 
-from benchmark.backbones import backbone_names, check_dim, get_backbone, resolve_backbones
-from benchmark.cohorts import DATASETS_DIR, cohort_names, get_cohort, resolve_cohorts
-from benchmark.registry import UnknownNameError
+from benchmark.data.backbones import backbone_names, check_dim, get_backbone, resolve_backbones
+from benchmark.data.cohorts import DATASETS_DIR, cohort_names, get_cohort, resolve_cohorts
+from benchmark.naming import UnknownNameError
 
 
 def test_six_cohorts_with_real_facts():

@@ -2,15 +2,15 @@
 import json
 
 import numpy as np
-from benchmark.synth import SCHEMA
+from benchmark.data.synth import SCHEMA
 import pytest
 import torch
 
-import benchmark.synth as synth
-from benchmark.backbones import get_backbone
-from benchmark.bag import Needs
-from benchmark.cohorts import get_cohort
-from benchmark.data import load_cohort
+import benchmark.data.synth as synth
+from benchmark.data.backbones import get_backbone
+from benchmark.data.bag import Needs
+from benchmark.data.cohorts import get_cohort
+from benchmark.data.loader import load_cohort
 
 
 @pytest.mark.parametrize("name", ["blca", "brca", "gbmlgg", "ucec"])
@@ -29,7 +29,7 @@ def test_demo_plan_mirrors_real_cohort(name):
 def test_cross_part_is_invisible_to_either_scale_alone(signal, form):
     p = synth.plan_cohort(get_cohort("brca"), synth.PRESETS["demo"], seed=0, signal=signal).patients
     assert np.allclose(p["risk"], p["risk_cross"])
-    from benchmark.metrics import c_index
+    from benchmark.training.metrics import c_index
 
     # independent of each scale, not merely uncorrelated: no function of u or v alone ranks survival
     for state in ("u", "v"):

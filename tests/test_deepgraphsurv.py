@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.bag import Bag
-from benchmark.graphs import build_graph
-from benchmark.registry import count_parameters, create_method, get_method_spec
+from benchmark.data.bag import Bag
+from benchmark.data.graphs import build_graph
+from benchmark.training.registry import count_parameters, create_method, get_method_spec
 from tests.helpers import check_graph_output, graph_bag, seeded_outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

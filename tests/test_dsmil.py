@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmark.bag import Bag
-from benchmark.losses import survival_loss
-from benchmark.registry import count_parameters, create_method
+from benchmark.data.bag import Bag
+from benchmark.training.losses import survival_loss
+from benchmark.training.registry import count_parameters, create_method
 from tests.helpers import assert_dropout_only_in_training, features_bag
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch_geometric.nn import MessagePassing
 
-from benchmark.bag import Bag
-from benchmark.graphs import bag_graph, build_graph, knn_edges
+from benchmark.data.bag import Bag
+from benchmark.data.graphs import bag_graph, build_graph, knn_edges
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

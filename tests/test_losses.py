@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from benchmark.losses import cox_partial_likelihood, nll_surv_loss, survival_loss
-from benchmark.output import SurvivalOutput
+from benchmark.training.losses import cox_partial_likelihood, nll_surv_loss, survival_loss
+from benchmark.training.output import SurvivalOutput
 
 LN2 = math.log(2.0)
 

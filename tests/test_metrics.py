@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.metrics import aggregate, c_index, discrete_survival_function, evaluate, evaluation_times
+from benchmark.training.metrics import aggregate, c_index, discrete_survival_function, evaluate, evaluation_times
 
 PREDICTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga_clinical" / "derived" / "predictions"
 

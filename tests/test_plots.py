@@ -10,9 +10,10 @@ import torch
 from lifelines.statistics import logrank_test
 from sklearn.metrics import roc_auc_score
 
-from benchmark import plots
+from benchmark.analysis import plots
 from benchmark.cli import main
-from benchmark.compare import pooled_predictions, select_cell
+from benchmark.analysis.statistics import pooled_predictions
+from benchmark.store.query import Results, select_cell
 from test_compare import write_fake_store
 
 
@@ -22,7 +23,7 @@ def store(tmp_path_factory):
 
 
 def _expected_groups(records, split):
-    """High/low groups rebuilt independently of benchmark.plots."""
+    """High/low groups rebuilt independently of benchmark.analysis.plots."""
     pooled = pooled_predictions(records)
     if split == "train-median":
         threshold = pooled["fold"].map({r["fold"]: r["train_risk_median"] for r in records})
@@ -33,7 +34,7 @@ def _expected_groups(records, split):
 
 @pytest.mark.parametrize("split", ["train-median", "pooled-median"])
 def test_km_numbers_equal_lifelines(store, tmp_path, split):
-    results = plots.plot_km(store, "good", "blca", split=split, out=tmp_path)
+    results = plots.plot_km(Results.open(store), "good", "blca", split=split, out=tmp_path)
     km = results[0]
     high, low = _expected_groups(select_cell(store, "good", "blca"), split)
     expected = logrank_test(high["time"], low["time"], event_observed_A=high["event"], event_observed_B=low["event"])
@@ -100,8 +101,8 @@ def test_tumour_fraction_of_coarse_patches():
 
 def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=True, config_extra=None):
     """A store record with an untrained model's weights (heatmaps need a model, not a good one)."""
-    from benchmark.registry import create_method
-    from benchmark.store import ResultStore
+    from benchmark.training.registry import create_method
+    from benchmark.store.records import ResultStore
 
     torch.manual_seed(0)
     model = create_method(method, in_dim=cohort.in_dim, n_bins=4)
@@ -118,8 +119,8 @@ def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=Tr
 
 
 def test_heatmap_maps_equal_model_attention(tiny_root, tmp_path):
-    from benchmark.bag import Needs
-    from benchmark.data import load_cohort
+    from benchmark.data.bag import Needs
+    from benchmark.data.loader import load_cohort
 
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
     model, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, fold=2)
@@ -143,7 +144,7 @@ def test_heatmap_maps_equal_model_attention(tiny_root, tmp_path):
 
 
 def test_heatmap_crossfusion_draws_every_map(tiny_root, tmp_path, capsys):
-    from benchmark.data import load_cohort
+    from benchmark.data.loader import load_cohort
 
     cohort = load_cohort("ucec", data_root=tiny_root, backbone="resnet50")
     _write_untrained_cell(tmp_path / "store", cohort, "crossfusion", tiny_root, fold=0)
@@ -161,7 +162,7 @@ def test_heatmap_crossfusion_draws_every_map(tiny_root, tmp_path, capsys):
 
 
 def test_heatmap_without_weights_says_how_to_retrain(tiny_root, tmp_path, capsys):
-    from benchmark.data import load_cohort
+    from benchmark.data.loader import load_cohort
 
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
     _, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, weights=False)
@@ -173,9 +174,9 @@ def test_heatmap_without_weights_says_how_to_retrain(tiny_root, tmp_path, capsys
 
 
 def test_heatmap_refuses_a_model_trained_on_other_synthetic_data(tiny_root, tmp_path):
-    from benchmark.backbones import get_backbone
-    from benchmark.data import load_cohort
-    from benchmark.synth import SCHEMA
+    from benchmark.data.backbones import get_backbone
+    from benchmark.data.loader import load_cohort
+    from benchmark.data.synth import SCHEMA
 
     b = get_backbone("resnet50")
     now = {"noise": b.synthetic_noise, "signal": b.synthetic_signal}

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.bag import Bag
-from benchmark.graphs import build_graph
-from benchmark.registry import count_parameters, create_method, get_method_spec, method_names
+from benchmark.data.bag import Bag
+from benchmark.data.graphs import build_graph
+from benchmark.training.registry import count_parameters, create_method, get_method_spec, method_names
 from methods.protosurv import compatibility_loss, orthogonality_loss, pseudo_tissue_types
 from tests.helpers import assert_attention_follows_permutation, assert_eval_in_bounded_memory, check_survival_output
 

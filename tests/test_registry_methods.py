@@ -1,7 +1,7 @@
 """Contract tests run on every registered method (``method_names()``, later methods included).
 
 Each method is built at a small input dimension and exercised on fake bags built directly from its
-:class:`benchmark.bag.Needs`. Per-method parameter counts live in each method's own test file.
+:class:`benchmark.data.bag.Needs`. Per-method parameter counts live in each method's own test file.
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from functools import lru_cache
 import pytest
 import torch
 
-from benchmark.bag import Bag, Needs
-from benchmark.graphs import build_graph
-from benchmark.losses import survival_loss
-from benchmark.output import SurvivalOutput
-from benchmark.registry import create_method, get_method_spec, method_names
+from benchmark.data.bag import Bag, Needs
+from benchmark.data.graphs import build_graph
+from benchmark.training.losses import survival_loss
+from benchmark.training.output import SurvivalOutput
+from benchmark.training.registry import create_method, get_method_spec, method_names
 
 IN_DIM = 64
 N_BINS = 4
@@ -96,7 +96,7 @@ def make_bag(needs: Needs, n20: int, seed: int = 0) -> Bag:
     """A fake bag with consistent 5/10/20x patch counts (each coarse patch covers 2 x 2 finer ones).
 
     Patches lie on a grid, split over two slides (one when there is a single patch). Only what ``needs`` asks
-    for is filled, as the loader does; ``slide_index`` always. Graphs come from :func:`benchmark.graphs.build_graph`;
+    for is filled, as the loader does; ``slide_index`` always. Graphs come from :func:`benchmark.data.graphs.build_graph`;
     on the 50,000-patch bag the latent graph is the spatial one (the memory test exercises the method, not
     a 64-d k-NN search).
     """
@@ -144,7 +144,7 @@ def bag_for(name: str, n20: int = TINY_PATCHES, seed: int = 0) -> Bag:
 
 
 def check_contract(name: str, out: SurvivalOutput) -> None:
-    """The output contract of ``benchmark/output.py``."""
+    """The output contract of ``benchmark/training/output.py``."""
     assert isinstance(out, SurvivalOutput), f"{name}: forward must return a SurvivalOutput"
     assert out.risk.shape == (1,), f"{name}: risk shape {tuple(out.risk.shape)}"
     assert torch.isfinite(out.risk).all(), f"{name}: non-finite risk"
@@ -342,15 +342,15 @@ def tiny_cohort(request):
         root = request.getfixturevalue("tiny_root")
     except pytest.FixtureLookupError:
         pytest.skip("tests/conftest.py has no tiny_root fixture yet")
-    data = pytest.importorskip("benchmark.data")
+    data = pytest.importorskip("benchmark.data.loader")
     return data.load_cohort("blca", data_root=root, backbone="resnet50")
 
 
 @pytest.mark.parametrize("name", list(method_params(slow=SLOW_TO_LEARN, skip=NOT_LEARNING)))
 def test_learns_planted_signal(name, tiny_cohort):
-    train = pytest.importorskip("benchmark.train")
-    from benchmark.metrics import c_index
-    from benchmark.recipes import Recipe
+    train = pytest.importorskip("benchmark.training.trainer")
+    from benchmark.training.metrics import c_index
+    from benchmark.training.recipes import Recipe
 
     recipe = Recipe("registry-learn", **{**LEARN_RECIPE, **LEARN_RECIPE_CHANGES.get(name, {})})
     result = train.train_fold(tiny_cohort, 0, name, recipe, seed=0, device="cpu",

@@ -7,8 +7,8 @@ import re
 import numpy as np
 
 from benchmark.cli import main
-from benchmark.report import build_report, data_description, report_card_from_records
-from benchmark.compare import select_cell
+from benchmark.analysis.report import build_report, data_description, report_card_from_records
+from benchmark.store.query import Results, select_cell
 from test_compare import write_fake_store
 
 
@@ -20,7 +20,7 @@ def test_report_page(tmp_path):
     record.update(status="error", error="RuntimeError: boom", metrics=None, predictions=None)
     failed.write_text(json.dumps(record))
 
-    out = build_report(store, tmp_path / "site" / "report.md", n_boot=100, audit_cards=False)
+    out = build_report(Results.open(store), tmp_path / "site" / "report.md", n_boot=100, audit_cards=False)
     text = out.read_text()
     for heading in ("## Tables", "## Paired comparisons", "## Kaplan-Meier curves", "## Cohort report cards",
                     "## Provenance"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.bag import Bag
-from benchmark.registry import count_parameters, create_method, get_method_spec
+from benchmark.data.bag import Bag
+from benchmark.training.registry import count_parameters, create_method, get_method_spec
 from methods.scmil import SCMIL, ClusterLocalAttention, kmeans, window_sizes
 from tests.helpers import assert_attention_follows_permutation, assert_eval_in_bounded_memory, check_survival_output
 

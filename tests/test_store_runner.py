@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.recipes import Recipe
-from benchmark.registry import register_method
-from benchmark.runner import RunSpec, expand_grid, parse_folds, recipe_label, run_cell, run_grid, summary_table
-from benchmark.store import Cell, ResultStore, config_hash
-from benchmark.train import predict
+from benchmark.training.recipes import Recipe
+from benchmark.training.registry import register_method
+from benchmark.training.runner import RunSpec, expand_grid, parse_folds, recipe_label, run_cell, run_grid, summary_table
+from benchmark.store.records import Cell, ResultStore, config_hash
+from benchmark.training.trainer import predict
 from test_train import ToyCohort, scoped_registry
 
 torch.set_num_threads(1)
@@ -90,16 +90,16 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     redo = run_grid(cells, changed, store, loader=toy_loader, show_progress=False)
     assert len(redo.ran) == 1 and not redo.skipped
     assert store.read(cells[0])["config"]["method_options"] == {"dropout": 0.1}
-    monkeypatch.setattr("benchmark.synth.SCHEMA", 999)
+    monkeypatch.setattr("benchmark.data.synth.SCHEMA", 999)
     assert len(run_grid(cells, changed, store, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_version"] == 999
     # ... or a backbone whose generator parameters were edited in datasets/backbones.toml
     import dataclasses
 
-    from benchmark.backbones import get_backbone
+    from benchmark.data.backbones import get_backbone
 
     edited = dataclasses.replace(get_backbone("resnet50"), synthetic_signal=0.123)
-    monkeypatch.setattr("benchmark.backbones.get_backbone", lambda name: edited)
+    monkeypatch.setattr("benchmark.data.backbones.get_backbone", lambda name: edited)
     assert len(run_grid(cells, changed, store, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_backbone"] == {"noise": 1.0, "signal": 0.123}
 
@@ -129,7 +129,7 @@ def test_run_cell_with_the_real_data_layer(tiny_root, tmp_path):
     assert summary["status"] == "ok", summary["error"]
     rec = store.records()[0]
     assert rec["weights"] is None and rec["provenance"]["data"]["synthetic"]["preset"] == "tiny"
-    from benchmark.data import load_cohort
+    from benchmark.data.loader import load_cohort
 
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
     assert [p["sample_id"] for p in rec["predictions"]] == list(cohort.folds[0].val)
@@ -137,7 +137,7 @@ def test_run_cell_with_the_real_data_layer(tiny_root, tmp_path):
 
 def test_run_cli_signal_control_cohort(tmp_path, monkeypatch):
     """`run --signal fine` trains on the same generator with another planted signal, into its own store."""
-    import benchmark.synth as synth
+    import benchmark.data.synth as synth
     from benchmark.cli import main
 
     monkeypatch.setenv("MIL_BENCHMARK_DATA", str(tmp_path / "data"))

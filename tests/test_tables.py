@@ -1,8 +1,8 @@
 """Tables 1 and 2: mean ± population std, best bold / second underlined, missing never zero, marks."""
 import pytest
 
-from benchmark.store import ResultStore
-from benchmark.tables import render, table1, table2
+from benchmark.store.records import ResultStore
+from benchmark.analysis.tables import render, table1, table2
 
 
 def rec(method, cohort, fold, c, *, backbone="resnet50", status="ok", selection="last", recipe="demo", seed=0):
@@ -131,7 +131,7 @@ def test_older_synthetic_data_versions_never_share_a_table():
     assert any("4 fold record(s) of older synthetic data (version 3) left out" in n for n in t.notes)
     only_v4 = [r for r in recs if (r.get("config") or {}).get("synthetic_version") != 3]
     assert not any("older synthetic data" in n for n in table2(only_v4, method="amil").notes)
-    from benchmark.tables import newest_data_records
+    from benchmark.store.query import newest_data_records
 
     kept, note = newest_data_records([recs[-5]], among=recs)  # a v3 record alone, judged against the store
     assert kept == [] and "version 3" in note

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.bag import Bag, Needs
-from benchmark.labels import assign_bins, quantile_edges
-from benchmark.output import SurvivalOutput
-from benchmark.recipes import Recipe, get_recipe, parse_assignments
-from benchmark.registry import register_method
-from benchmark.train import (
+from benchmark.data.bag import Bag, Needs
+from benchmark.data.labels import assign_bins, quantile_edges
+from benchmark.training.output import SurvivalOutput
+from benchmark.training.recipes import Recipe, get_recipe, parse_assignments
+from benchmark.training.registry import register_method
+from benchmark.training.trainer import (
     balanced_weights, draw_epoch, inner_split, lr_factor, plan_windows, resolve_device, train_fold,
 )
 
@@ -61,7 +61,7 @@ class ToyCohort:
 def scoped_registry(monkeypatch):
     """Register test-only methods in a copy of the registry that is restored after the test, so they never
     reach the contract tests that run on every registered method."""
-    from benchmark import registry
+    from benchmark.training import registry
 
     registry.load_builtin_methods()
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmark.audit import audit, print_report
-    from benchmark.cohorts import get_cohort
+    from benchmark.data.audit import audit, print_report
+    from benchmark.data.cohorts import get_cohort
 
     cohort = get_cohort(args.dataset)
     clinical, splits = args.clinical, args.splits
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         if args.data_root is not None:
             root = args.data_root
         else:
-            from benchmark.synth import ensure_synthetic
+            from benchmark.data.synth import ensure_synthetic
 
             root = ensure_synthetic("demo", cohorts=(cohort.name,), backbones=())
         cdir = root / cohort.name if (root / cohort.name).is_dir() else root

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmark.bench import LARGEST_SLIDE, BenchCase, bag_sizes, run_in_child
-from benchmark.recipes import parse_assignments, parse_option_value
+from benchmark.training.bench import LARGEST_SLIDE, BenchCase, bag_sizes, run_in_child
+from benchmark.training.recipes import parse_assignments, parse_option_value
 
 #: Options that reproduce the official CrossFusion code's kernel choice: attention dropout on at evaluation,
 #: and PyTorch SDPA called with that dropout (the math kernel on CPU, O(N^2) memory).
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmark.registry import resolve_methods
+    from benchmark.training.registry import resolve_methods
 
     if args.largest:
         n20, n10, n5 = LARGEST_SLIDE["n20"], LARGEST_SLIDE["n10"], LARGEST_SLIDE["n5"]

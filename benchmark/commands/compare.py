@@ -36,17 +36,21 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmark import compare
+    from benchmark.analysis import statistics as compare
+    from benchmark.store.query import Results
 
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     if len(methods) < 2:
         raise ValueError("--methods needs at least two methods")
     filters = dict(backbone=args.backbone, recipe=args.recipe, selection=args.selection, seed=args.seed)
+    results = Results.open(args.results)  # read once
+    for note in results.notes:
+        print(f"note: {note}")
     for m in methods:
-        if not compare.read_records(args.results, method=m, **filters):
+        if not results.select(method=m, **filters):
             raise FileNotFoundError(f"{args.results}: no successful records of method {m!r}")
     if args.dataset.lower() == "all":
-        per_method = [{r["cohort"] for r in compare.read_records(args.results, method=m, **filters)} for m in methods]
+        per_method = [{r["cohort"] for r in results.select(method=m, **filters)} for m in methods]
         cohorts = sorted(set.intersection(*per_method))
         if not cohorts:
             raise FileNotFoundError(f"{args.results}: no cohort has results for all of {', '.join(methods)}")
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     pairs = []
     for cohort in cohorts:
-        cells = {m: compare.select_cell(args.results, m, cohort, **filters) for m in methods}
+        cells = {m: results.cell(m, cohort, **filters) for m in methods}
         print(f"\n== {cohort} ==")
         for a, b in itertools.combinations(methods, 2):
             cmp = compare.compare_cells(cells[a], cells[b], n_boot=args.n_boot, seed=args.boot_seed,
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                   f"({bs.n_patients} patients, {bs.n_boot} resamples, seed {bs.seed})")
             pairs.append(cmp.as_dict())
 
-    scores = compare.score_table(args.results, methods, cohorts=cohorts, **filters)
+    scores = compare.score_table(results, methods, cohorts=cohorts, **filters)
     out: dict = {"methods": methods, "cohorts": cohorts, "alpha": args.alpha, "pairs": pairs}
     if len(scores):
         summary = compare.rank_summary(scores, alpha=args.alpha)

@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     if args.what in ("all", "datasets"):
-        from benchmark.cohorts import cohort_names, get_cohort
+        from benchmark.data.cohorts import cohort_names, get_cohort
 
         t = Table(title="datasets (facts of the real label tables; times in months)")
         for c in ("name", "TCGA project(s)", "patients", "slides", "events", "censoring", "median time",
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{c.censoring:.1%}", f"{c.time_median:g}", f"{c.time_max:g}")
         console.print(t)
     if args.what in ("all", "backbones"):
-        from benchmark.backbones import backbone_names, get_backbone
+        from benchmark.data.backbones import backbone_names, get_backbone
 
         t = Table(title="backbones")
         for c in ("name", "dim", "variant of", "TRIDENT name", "synthetic noise", "synthetic signal", "description"):
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{b.synthetic_signal:g}", b.description)
         console.print(t)
     if args.what in ("all", "methods"):
-        from benchmark.registry import get_method_spec, method_names
+        from benchmark.training.registry import get_method_spec, method_names
 
         t = Table(title="methods")
         for c in ("name", "needs", "loss", "in 'all'", "source"):

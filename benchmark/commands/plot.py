@@ -64,10 +64,11 @@ def _write_json(path: str | None, data) -> None:
 
 
 def run_km(args: argparse.Namespace) -> int:
-    from benchmark.plots import SPLIT_DESCRIPTIONS, format_p, plot_km
+    from benchmark.analysis.plots import SPLIT_DESCRIPTIONS, format_p, plot_km
+    from benchmark.store.query import Results
 
     results = plot_km(
-        args.results, args.method, args.dataset, split=args.split, out=args.out, layout=args.layout,
+        Results.open(args.results), args.method, args.dataset, split=args.split, out=args.out, layout=args.layout,
         backbone=args.backbone, recipe=args.recipe, selection=args.selection, seed=args.seed,
     )
     print(f"{args.method}: {SPLIT_DESCRIPTIONS[args.split]}")
@@ -81,7 +82,7 @@ def run_km(args: argparse.Namespace) -> int:
 
 
 def run_heatmap(args: argparse.Namespace) -> int:
-    from benchmark.plots import attention_heatmaps
+    from benchmark.analysis.plots import attention_heatmaps
 
     res = attention_heatmaps(
         args.results, args.method, args.dataset, args.slide, fold=args.fold, out=args.out, backbone=args.backbone,

@@ -24,10 +24,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmark.report import build_report
+    from benchmark.analysis.report import build_report
+    from benchmark.store.query import Results
 
     km = [m.strip().lower() for m in args.km_methods.split(",")] if args.km_methods else None
-    path = build_report(args.results, args.out, km_methods=km, split=args.split, n_boot=args.n_boot,
+    path = build_report(Results.open(args.results), args.out, km_methods=km, split=args.split, n_boot=args.n_boot,
                         alpha=args.alpha, boot_seed=args.boot_seed, audit_cards=not args.cards_from_records)
     print(f"wrote {path}")
     return 0

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 SYNTHETIC_DEFAULT_RECIPE = "demo"
-#: ``benchmark.synth.SIGNALS`` names, spelled out so the CLI starts without importing numpy / pandas (tested equal).
+#: ``benchmark.data.synth.SIGNALS`` names, spelled out so the CLI starts without importing numpy / pandas (tested equal).
 SIGNAL_CHOICES = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 REAL_DEFAULT_RECIPE = "paper"
 
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
 
 
 def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
-    from benchmark.recipes import parse_assignments, parse_option_value
+    from benchmark.training.recipes import parse_assignments, parse_option_value
 
     out: dict[str, dict] = {m: {} for m in methods}
     for key, value in parse_assignments(items, "--method-option").items():
@@ -69,15 +69,15 @@ def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from benchmark.backbones import resolve_backbones
-    from benchmark.cohorts import resolve_cohorts
-    from benchmark.recipes import get_recipe, parse_assignments
-    from benchmark.registry import load_plugins, resolve_methods
-    from benchmark.runner import (
+    from benchmark.data.backbones import resolve_backbones
+    from benchmark.data.cohorts import resolve_cohorts
+    from benchmark.training.recipes import get_recipe, parse_assignments
+    from benchmark.training.registry import load_plugins, resolve_methods
+    from benchmark.training.runner import (
         RunSpec, default_results_dir, expand_grid, get_cohort_data, parse_folds, recipe_label, run_grid, summary_table,
     )
-    from benchmark.store import Cell, ResultStore
-    from benchmark.train import resolve_device
+    from benchmark.store.records import Cell, ResultStore
+    from benchmark.training.trainer import resolve_device
 
     console = Console()
     load_plugins(args.plugin)
@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
     recipe_name = args.recipe or (SYNTHETIC_DEFAULT_RECIPE if args.data_root is None else REAL_DEFAULT_RECIPE)
     default_results = default_results_dir(args.data_root)
     if args.data_root is None and args.signal != "mixed":  # a control cohort: same generator, other signal
-        from benchmark.synth import ensure_synthetic
+        from benchmark.data.synth import ensure_synthetic
 
         args.data_root = str(ensure_synthetic("demo", seed=0, signal=args.signal, cohorts=cohorts, backbones=backbones))
         default_results = default_results.with_name(f"synthetic-{args.signal}")

@@ -25,8 +25,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from benchmark.cohorts import resolve_cohorts
-    from benchmark.synth import generate
+    from benchmark.data.cohorts import resolve_cohorts
+    from benchmark.data.synth import generate
 
     signal = args.signal
     if "," in signal:

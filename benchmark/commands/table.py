@@ -25,13 +25,13 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="one seed (default: average the seeds per fold)")
     p.add_argument("--metric", default="c_index", choices=("c_index", "c_index_uno", "mean_auc", "ibs"))
     p.add_argument("--significance", action="store_true",
-                   help="mark rows significantly worse than each column's best (paired bootstrap, benchmark.compare)")
+                   help="mark rows significantly worse than each column's best (paired bootstrap, benchmark.analysis.statistics)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmark.store import ResultStore
-    from benchmark.tables import render, table1, table2
+    from benchmark.store.records import ResultStore
+    from benchmark.analysis.tables import render, table1, table2
 
     store = ResultStore(args.results)
     if not (store.root / "cells").is_dir():
@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
     records = store.records()
     hook = None
     if args.significance:
-        from benchmark.compare import significant_rows
+        from benchmark.analysis.statistics import significant_rows
 
         hook = significant_rows
     if args.number == "1":

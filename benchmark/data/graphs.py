@@ -13,7 +13,7 @@ Conventions:
 - ``spatial`` = k-NN on patch coordinates; ``latent`` = k-NN in feature space, queried with the features
   themselves (the Patch-GCN notebook queried the feature index with coordinates, which is a bug).
 
-``python -m benchmark.graphs`` prints the build time at a real slide scale (a benchmark, not a test).
+``python -m benchmark.data.graphs`` prints the build time at a real slide scale (a benchmark, not a test).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from benchmark.bag import Bag
+    from benchmark.data.bag import Bag
 
 #: Points with at most this many dimensions go to the KD-tree; more go to the brute-force search.
 KDTREE_MAX_DIM = 8
@@ -141,7 +141,7 @@ def bag_graph(bag: Bag, kind: str, k: int = 8, magnification: int = 20) -> Tenso
 
     Parameters
     ----------
-    bag : benchmark.bag.Bag
+    bag : benchmark.data.bag.Bag
     kind : {"spatial", "latent"}
     k : neighbours per node (used only when the graph is built here)
     magnification : rows of ``bag.features[magnification]`` the graph indexes

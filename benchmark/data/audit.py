@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.clinical import patient_table, read_clinical
-from benchmark.splits import read_splits, stratified_patient_folds
+from benchmark.data.clinical import patient_table, read_clinical
+from benchmark.data.splits import read_splits, stratified_patient_folds
 
 
 @dataclass

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from benchmark.metrics import aggregate
+from benchmark.store.query import newest_data_records, recorded_n_folds
+from benchmark.training.metrics import aggregate
 
 #: Higher-is-better per metric.
 METRICS = {"c_index": True, "c_index_uno": True, "mean_auc": True, "ibs": False}
@@ -32,7 +33,7 @@ MISSING = {"md": "—", "latex": "--", "csv": ""}
 PAPER_MAX_MARK = "†"
 
 #: ``significance(rows) -> labels to mark``: ``rows`` maps each row label of one column to that cell's ok fold
-#: records (``benchmark.compare.significant_rows`` has this signature).
+#: records (``benchmark.analysis.statistics.significant_rows`` has this signature).
 SignificanceHook = Callable[[Mapping[str, Sequence[dict]]], set]
 
 
@@ -118,11 +119,6 @@ class ResultTable:
 MIXED_MARK = " §"
 
 
-def recorded_n_folds(records: Iterable[Mapping]) -> int:
-    """The cohort's fold count as the runner records it in each fold record (0 when no record carries it)."""
-    return max([int(r["n_folds"]) for r in records if r.get("n_folds")], default=0)
-
-
 def _choose_one(records: list[dict], key: str, wanted: str | None, what: str) -> str:
     if wanted is not None:
         return wanted
@@ -178,29 +174,6 @@ def build_table(
     return out
 
 
-def newest_data_records(records: Iterable[dict], among: Iterable[Mapping] | None = None) -> tuple[list[dict], str | None]:
-    """Drop the fold records of an older embedded synthetic-data version than the newest one present.
-
-    Numbers from two generator versions are not comparable (the planted signal differs), so a store caught
-    half-way through a rerun must not mix them in one table. Records of real data (no synthetic version) are
-    kept. ``among`` (default: ``records``) are the records that define the newest version, e.g. the whole store.
-    Returns the kept records and a note naming what was left out (None when nothing was).
-    """
-    records = list(records)
-
-    def version(r: Mapping) -> int | None:
-        return (r.get("config") or {}).get("synthetic_version")
-
-    versions = {version(r) for r in (records if among is None else among)} - {None}
-    newest = max(versions, default=None)
-    kept = [r for r in records if version(r) in (None, newest)]
-    if len(kept) == len(records):
-        return records, None
-    old = ", ".join(str(v) for v in sorted(versions - {newest}))
-    return kept, (f"{len(records) - len(kept)} fold record(s) of older synthetic data (version {old}) left out: "
-                  f"not comparable with version {newest}; `benchmark run` reruns them.")
-
-
 def _one_recipe_and_selection(recs: list[dict], recipe: str | None,
                               selection: str | None) -> tuple[list[dict], str, str]:
     """Keep the records of one recipe and one selection rule (the given ones, or the only ones present)."""
@@ -212,7 +185,7 @@ def _one_recipe_and_selection(recs: list[dict], recipe: str | None,
 
 def _cohort_columns(records: list[dict]) -> list[str]:
     try:
-        from benchmark.cohorts import cohort_names
+        from benchmark.data.cohorts import cohort_names
 
         registered = list(cohort_names())
     except Exception:  # the cohort registry is optional for rendering a store

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmark.backbones import Backbone, check_dim
+from benchmark.data.backbones import Backbone, check_dim
 
 LAYOUTS = ("default", "trident", "clam", "crossfusion")
 #: Level-0 pixel size of a 256-px patch at each magnification on a 40x scan.

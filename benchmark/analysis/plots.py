@@ -18,7 +18,7 @@ Kaplan-Meier
 
 Heatmaps
     :func:`attention_heatmaps` rebuilds the trained model of one fold from the store, runs it in eval mode on
-    the bag holding the slide, and draws each returned :class:`~benchmark.output.AttentionMap` on the patch grid
+    the bag holding the slide, and draws each returned :class:`~benchmark.training.output.AttentionMap` on the patch grid
     at its magnification's coordinates. On synthetic cohorts the stored tissue types and planted signal are
     drawn beside them and the overlap is reported (:func:`attention_signal_overlap`).
 
@@ -37,7 +37,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmark.compare import pooled_predictions, read_records, select_cell  # noqa: E402
+from benchmark.analysis.statistics import pooled_predictions  # noqa: E402
+from benchmark.store.query import Results, read_records, select_cell  # noqa: E402
 
 SPLIT_RULES = ("train-median", "pooled-median")
 SPLIT_DESCRIPTIONS = {
@@ -195,7 +196,7 @@ def _save(fig: plt.Figure, stem: Path) -> list[Path]:
 
 
 def plot_km(
-    results: str | Path,
+    results: Results,
     method: str,
     dataset: str | Sequence[str] = "all",
     *,
@@ -211,8 +212,8 @@ def plot_km(
 
     Parameters
     ----------
-    results : path
-        Result-store root.
+    results : Results
+        The result store, read (:class:`benchmark.store.query.Results`).
     method : str
         Method whose out-of-fold risks are split.
     dataset : str or list of str
@@ -237,13 +238,13 @@ def plot_km(
         cohorts = sorted({r["cohort"] for r in read_records(results, method=method, backbone=backbone,
                                                             recipe=recipe, selection=selection, seed=seed)})
         if not cohorts:
-            raise FileNotFoundError(f"{results}: no successful records of method {method!r}")
+            raise FileNotFoundError(f"{results.root}: no successful records of method {method!r}")
     else:
         cohorts = [c.strip() for c in dataset.split(",")] if isinstance(dataset, str) else list(dataset)
     layout = layout or ("panels" if len(cohorts) > 1 else "figures")
     if layout not in ("panels", "figures"):
         raise ValueError(f"unknown layout {layout!r}; expected 'panels' or 'figures'")
-    out = Path(out) if out is not None else Path(results) / "figures"
+    out = Path(out) if out is not None else results.root / "figures"
     kms = [
         km_analysis(select_cell(results, method, c, backbone=backbone, recipe=recipe, selection=selection, seed=seed), split)
         for c in cohorts
@@ -470,9 +471,9 @@ def retrain_command(record: Mapping, results: str | Path) -> str:
 
 def retrain_cell(record: Mapping, results: str | Path) -> Mapping:
     """Re-train one cell with the settings stored in its record (weights kept) and return the new record."""
-    from benchmark.recipes import Recipe
-    from benchmark.runner import RunSpec, run_cell
-    from benchmark.store import Cell, ResultStore
+    from benchmark.training.recipes import Recipe
+    from benchmark.training.runner import RunSpec, run_cell
+    from benchmark.store.records import Cell, ResultStore
 
     config = record.get("config") or {}
     if "recipe" not in config:
@@ -497,8 +498,8 @@ def stale_data_reason(record: Mapping) -> str | None:
     Its weights were trained on another generator version or other backbone parameters, so its maps on today's
     features would mean nothing. Real-data records (a ``data_root``) are never judged stale here.
     """
-    from benchmark.backbones import get_backbone
-    from benchmark.synth import SCHEMA, synthetic_parameters
+    from benchmark.data.backbones import get_backbone
+    from benchmark.data.synth import SCHEMA, synthetic_parameters
 
     config = record.get("config") or {}
     if config.get("data_root") is not None or "synthetic_version" not in config:
@@ -513,7 +514,7 @@ def stale_data_reason(record: Mapping) -> str | None:
 
 def load_record_cohort(record: Mapping):
     """The cohort a record was trained on (same data root, backbone and unit)."""
-    from benchmark.data import load_cohort
+    from benchmark.data.loader import load_cohort
 
     config = record.get("config") or {}
     return load_cohort(str(record["cohort"]), data_root=config.get("data_root"), backbone=str(record["backbone"]),
@@ -578,8 +579,8 @@ def attention_heatmaps(
 
     import torch
 
-    from benchmark.registry import get_method_spec
-    from benchmark.store import ResultStore
+    from benchmark.training.registry import get_method_spec
+    from benchmark.store.records import ResultStore
 
     records = select_cell(results, method, dataset, backbone=backbone, recipe=recipe, selection=selection, seed=seed)
     cohort = cohort_data if cohort_data is not None else load_record_cohort(records[0])
@@ -641,8 +642,8 @@ def attention_heatmaps(
 def _add_tissue_and_signal(result: HeatmapResult, cohort, sample_id: str, slide_id: str) -> None:
     """Tissue types per magnification (from the cohort's tissue-type files) and the tumour fraction of each
     patch's area, computed from the 20x types; nothing when the cohort has no tissue types."""
-    from benchmark.bag import Needs
-    from benchmark.features import level0_patch_size
+    from benchmark.data.bag import Needs
+    from benchmark.data.features import level0_patch_size
 
     mags = sorted({pm.magnification for pm in result.maps} | {20})
     for m in mags:

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from benchmark.registry import did_you_mean
+from benchmark.naming import did_you_mean
 
 
 @dataclass(frozen=True)

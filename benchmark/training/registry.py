@@ -2,8 +2,8 @@
 
 A method is an ``nn.Module`` whose ``forward(bag: Bag) -> SurvivalOutput``. It registers itself::
 
-    from benchmark.bag import Needs
-    from benchmark.registry import register_method
+    from benchmark.data.bag import Needs
+    from benchmark.training.registry import register_method
 
     @register_method("amil", needs=Needs(magnifications=(20,)),
                      source="Ilse et al. 2018; mahmoodlab/Patch-GCN models/model_set_mil.py")
@@ -16,7 +16,6 @@ project registers the same way and is loaded with ``--plugin my_module`` or thro
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ from typing import Any, Callable
 
 from torch import nn
 
-from benchmark.bag import Needs
+from benchmark.data.bag import Needs
+from benchmark.naming import did_you_mean
 
 ENTRY_POINT_GROUP = "mil_benchmark.methods"
 
@@ -47,20 +47,6 @@ class MethodSpec:
 
 _REGISTRY: dict[str, MethodSpec] = {}
 _builtins_loaded = False
-
-
-class UnknownNameError(KeyError):
-    """An unknown registry name; the message suggests close matches."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
-        return str(self.args[0])
-
-
-def did_you_mean(name: str, known: list[str] | tuple[str, ...], kind: str) -> UnknownNameError:
-    """Build the "unknown name, did you mean ..." error used by every registry of the harness."""
-    close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=3, cutoff=0.5)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(sorted(known))}.")
 
 
 def register_method(

@@ -27,7 +27,7 @@ import torch
 
 #: Version of the record layout.
 SCHEMA = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,19 @@ class ResultStore:
 
     def records(self, status: str | None = None, **filters: Any) -> list[dict]:
         """Every record (``ok`` and ``error``) whose fields equal ``filters``; a filter value may be a list/set/tuple
-        of accepted values. ``status="ok"`` keeps only successful cells. Sorted by cell, then fold."""
+        of accepted values. ``status="ok"`` keeps only successful cells. Sorted by cell, then fold. Raises
+        ValueError on an unreadable record (:meth:`load_all` reports them instead)."""
         return self.select([self._load(path) for path in self.iter_paths()], status, **filters)
+
+    def load_all(self) -> tuple[list[dict], list[str]]:
+        """Every readable record, and the paths of the unreadable ones (each read once)."""
+        loaded, unreadable = [], []
+        for path in self.iter_paths():
+            try:
+                loaded.append(self._load(path))
+            except ValueError:
+                unreadable.append(str(path))
+        return loaded, unreadable
 
     @staticmethod
     def select(records: list[dict], status: str | None = None, **filters: Any) -> list[dict]:
@@ -249,7 +260,7 @@ class ResultStore:
     def load_model(self, record: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
         """Rebuild the record's method (``create_method(name, in_dim, n_bins, **method_options)``) and load its
         ``fold<k>.pt`` weights; returned in eval mode."""
-        from benchmark.registry import create_method
+        from benchmark.training.registry import create_method
 
         if record.get("status") != "ok":
             raise ValueError(f"{record.get('_path', 'record')}: status {record.get('status')!r}, no model to load")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from benchmark.cohorts import load_definitions
-from benchmark.registry import did_you_mean
+from benchmark.data.cohorts import load_definitions
+from benchmark.naming import did_you_mean
 
 
 @dataclass(frozen=True)

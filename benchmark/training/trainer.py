@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmark.losses import cox_partial_likelihood, survival_loss
-from benchmark.metrics import c_index, evaluate
-from benchmark.recipes import SELECTIONS, Recipe
-from benchmark.registry import count_parameters, create_method, get_method_spec
+from benchmark.training.losses import cox_partial_likelihood, survival_loss
+from benchmark.training.metrics import c_index, evaluate
+from benchmark.training.recipes import SELECTIONS, Recipe
+from benchmark.training.registry import count_parameters, create_method, get_method_spec
 
 #: ``on_epoch(epoch, epochs, info)`` progress callback (1-based epoch).
 EpochCallback = Callable[[int, int, dict], None]

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from benchmark import compare
+from benchmark.analysis import statistics as compare
+from benchmark.store.query import Results, group_cells
 
 
 def _md_table(frame: pd.DataFrame, index: bool = True) -> str:
@@ -55,7 +56,7 @@ def data_description(record: dict) -> str:
 def provenance_table(records: Sequence[dict]) -> pd.DataFrame:
     """One row per cell: folds ok / failed, data, git commit(s), versions, creation dates."""
     rows = []
-    for key, recs in compare.group_cells(records).items():
+    for key, recs in group_cells(records).items():
         ok = [r for r in recs if r.get("status") == "ok"]
         provs = [r.get("provenance") or {} for r in recs]
         commits = sorted({str(p.get("git_commit"))[:10] for p in provs if p.get("git_commit")})
@@ -96,7 +97,7 @@ def _report_card(cohort: str, records: Sequence[dict], use_audit: bool) -> tuple
     data = (records[0].get("provenance") or {}).get("data") or {}
     clinical, splits = data.get("clinical"), data.get("splits")
     if use_audit and clinical and Path(clinical).exists():
-        from benchmark.audit import audit
+        from benchmark.data.audit import audit
 
         rep = audit(clinical, splits if splits and Path(splits).is_dir() else None, name=cohort)
         facts = pd.DataFrame([{k: ("/".join(str(x) for x in v) if isinstance(v, list) else
@@ -113,7 +114,7 @@ def _protocols(records: Sequence[dict]) -> list[tuple[str, str]]:
 
 
 def build_report(
-    results: str | Path,
+    results: Results,
     out: str | Path | None = None,
     *,
     km_methods: Sequence[str] | None = None,
@@ -141,22 +142,21 @@ def build_report(
         the records' provenance (when reachable); False reads it off the stored predictions (evaluated
         patients only).
     """
-    from benchmark.plots import SPLIT_DESCRIPTIONS, format_p, plot_km
+    from benchmark.analysis.plots import SPLIT_DESCRIPTIONS, format_p, plot_km
 
-    results = Path(results)
-    out = Path(out) if out is not None else results / "report.md"
+    out = Path(out) if out is not None else results.root / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.parent / "figures"
-    all_records = compare.read_records(results, status=None)
+    all_records = results.select(status=None)
     ok = [r for r in all_records if r.get("status") == "ok"]
     if not ok:
-        raise FileNotFoundError(f"{results}: no successful records to report")
+        raise FileNotFoundError(f"{results.root}: no successful records to report")
     significance = partial(compare.significant_rows, alpha=alpha, n_boot=n_boot, seed=boot_seed)
     rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
 
     lines = [
         "# Benchmark report", "",
-        f"Result store `{results}`: {len(ok)} successful fold records, {len(all_records) - len(ok)} failed; "
+        f"Result store `{results.root}`: {len(ok)} successful fold records, {len(all_records) - len(ok)} failed; "
         f"generated {datetime.now(timezone.utc).isoformat(timespec='seconds')}.", "",
         "Every number is a C-index (Harrell) on the validation split of its fold; which recipe, selection rule, "
         "data and code produced it is listed under [Provenance](#provenance).", "",
@@ -165,7 +165,7 @@ def build_report(
     # --- tables --------------------------------------------------------------------------------------------
     lines += ["## Tables", ""]
     try:
-        from benchmark import tables
+        from benchmark.analysis import tables
     except ImportError:
         tables = None
     backbones = sorted({str(r["backbone"]) for r in ok})
@@ -245,7 +245,7 @@ def build_report(
     for r in ok:
         by_cohort[r["cohort"]].append(r)
     for cohort, recs in sorted(by_cohort.items()):
-        first_cell = next(iter(compare.group_cells(recs).values()))
+        first_cell = next(iter(group_cells(recs).values()))
         source, text = _report_card(cohort, first_cell, audit_cards)
         note = (f" ({source})" if source != "records"
                 else " (read off the stored out-of-fold predictions: evaluated patients only)")

@@ -9,7 +9,7 @@ Every method sees exactly the same samples, labels, folds and features::
     cohort.bins(fold, rule="train")       # -> (edges, Series of bins indexed by sample_id)
 
 A *data root* holds one folder per cohort (``<root>/<cohort>/``: ``clinical.csv``, ``splits/``, features in
-one of the layouts of :mod:`benchmark.features`, optional ``tissue_types/`` and, for synthetic data,
+one of the layouts of :mod:`benchmark.data.features`, optional ``tissue_types/`` and, for synthetic data,
 ``truth/``). ``data_root=None`` means the embedded synthetic cohorts (``demo`` preset, seed 0).
 """
 from __future__ import annotations
@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmark.backbones import Backbone, get_backbone
-from benchmark.bag import MAGNIFICATIONS, Bag, Needs
-from benchmark.clinical import patient_table, read_clinical
-from benchmark.cohorts import Cohort, get_cohort
-from benchmark.features import LAYOUTS, detect_layout, feature_path, read_slide, read_tissue_types
-from benchmark.graphs import build_graph
-from benchmark.labels import RULES, assign_bins, quantile_edges
-from benchmark.splits import read_splits, split_files, stratified_patient_folds, write_splits
+from benchmark.data.backbones import Backbone, get_backbone
+from benchmark.data.bag import MAGNIFICATIONS, Bag, Needs
+from benchmark.data.clinical import patient_table, read_clinical
+from benchmark.data.cohorts import Cohort, get_cohort
+from benchmark.data.features import LAYOUTS, detect_layout, feature_path, read_slide, read_tissue_types
+from benchmark.data.graphs import build_graph
+from benchmark.data.labels import RULES, assign_bins, quantile_edges
+from benchmark.data.splits import read_splits, split_files, stratified_patient_folds, write_splits
 
 UNITS = ("patient", "slide")
 #: In-process bag cache budget (GiB), overridable with $MIL_BENCHMARK_CACHE_GB.
@@ -116,7 +116,7 @@ class CohortData:
 
     # ------------------------------------------------------------------ labels
     def bins(self, fold: Fold | int, rule: str | None = None, n_bins: int = 4) -> tuple[np.ndarray, pd.Series]:
-        """Discrete-time bins of every sample (see :mod:`benchmark.labels`).
+        """Discrete-time bins of every sample (see :mod:`benchmark.data.labels`).
 
         Parameters
         ----------
@@ -244,7 +244,7 @@ def _writable_splits_dir(preferred: Path, clinical: Path) -> Path:
         return preferred
     except OSError:
         digest = hashlib.sha1(str(clinical.resolve()).encode()).hexdigest()[:10]
-        return Path(__file__).resolve().parents[1] / "data_cache" / "splits" / f"{clinical.stem}-{digest}"
+        return Path(__file__).resolve().parents[2] / "data_cache" / "splits" / f"{clinical.stem}-{digest}"
 
 
 def load_cohort(
@@ -288,7 +288,7 @@ def load_cohort(
         raise ValueError(f"unknown bin rule {bin_rule!r}; known: {', '.join(RULES)}")
     synthetic = None
     if data_root is None:
-        from benchmark.synth import ensure_synthetic
+        from benchmark.data.synth import ensure_synthetic
 
         root = ensure_synthetic("demo", seed=0, signal="mixed", cohorts=(cohort.name,), backbones=(bb.name,))
     else:
@@ -356,7 +356,7 @@ def load_cohort(
             )
 
     truth = None
-    from benchmark.synth import read_truth
+    from benchmark.data.synth import read_truth
 
     found = read_truth(cdir)
     if found is not None:

@@ -14,7 +14,7 @@ Harrell's C-index follows ``sksurv.metrics.concordance_index_censored`` exactly 
 count one half; an event is comparable to later times and to censored samples at its own time). The bootstrap
 evaluates it on weighted pair matrices, which equals recomputing it on the resample with duplicated rows.
 
-Records are read through :class:`benchmark.store.ResultStore` (layout of ``docs/ARCHITECTURE.md``,
+Records are read through :class:`benchmark.store.records.ResultStore` (layout of ``docs/ARCHITECTURE.md``,
 (``<results>/cells/<method>/<cohort>/<backbone>/<recipe>-<selection>-s<seed>/fold<k>.json``).
 """
 from __future__ import annotations
@@ -28,110 +28,12 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from benchmark.store.query import Results, group_cells, recorded_n_folds
+
 #: Marker the tables put next to a row that is significantly worse than the best row of its column.
 SIGNIFICANCE_MARKER = "‡"
 
-#: Fields identifying one cell (one method x cohort x backbone x recipe x selection x seed, all folds).
-CELL_FIELDS = ("method", "cohort", "backbone", "recipe", "selection", "seed")
-
 TIED_TOL = 1e-8
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading the result store
-# --------------------------------------------------------------------------------------------------
-def read_records(
-    results: str | Path,
-    *,
-    method: str | Iterable[str] | None = None,
-    cohort: str | Iterable[str] | None = None,
-    backbone: str | Iterable[str] | None = None,
-    recipe: str | None = None,
-    selection: str | None = None,
-    seed: int | None = None,
-    status: str | None = "ok",
-) -> list[dict]:
-    """All fold records under ``results`` matching the filters (``None`` = any).
-
-    Parameters
-    ----------
-    results : path
-        Result-store root (the folder holding ``cells/``).
-    method, cohort, backbone : str or iterable of str, optional
-        Keep records whose field is one of these (case-insensitive).
-    recipe, selection, seed : optional
-        Keep records with this recipe / selection rule / seed.
-    status : str or None
-        Keep records with this status (``"ok"`` by default; ``None`` keeps errors too).
-
-    Returns
-    -------
-    list of dict
-        Records (the stored JSON), each with ``_path`` added, sorted by cell then fold. Records of an older
-        synthetic-data version than the newest in the store are left out (see ``tables.newest_data_records``).
-    """
-    from benchmark.store import ResultStore
-
-    root = Path(results)
-    if not (root / "cells").is_dir():
-        raise FileNotFoundError(f"{root}: no result store here (missing {root / 'cells'}); run `python -m benchmark run` first")
-
-    def as_list(value):
-        if value is None:
-            return None
-        return [str(v).lower() for v in ([value] if isinstance(value, str) else value)]
-
-    everything = ResultStore(root).records(status=None)  # read once: the newest data version is the store's
-    out = ResultStore.select(
-        everything, status=status, method=as_list(method), cohort=as_list(cohort), backbone=as_list(backbone),
-        recipe=recipe, selection=selection, seed=seed,
-    )
-    from benchmark.tables import newest_data_records
-
-    out, _ = newest_data_records(out, among=everything)
-    out.sort(key=lambda r: (tuple(str(r.get(f)) for f in CELL_FIELDS), int(r["fold"])))
-    return out
-
-
-def cell_key(record: Mapping) -> tuple:
-    """``(method, cohort, backbone, recipe, selection, seed)`` of a record."""
-    return tuple(record.get(f) for f in CELL_FIELDS)
-
-
-def group_cells(records: Iterable[dict]) -> dict[tuple, list[dict]]:
-    """Records grouped by :func:`cell_key`, each group sorted by fold."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        groups[cell_key(r)].append(r)
-    return {k: sorted(v, key=lambda r: int(r["fold"])) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
-
-
-def select_cell(
-    results: str | Path,
-    method: str,
-    cohort: str,
-    *,
-    backbone: str | None = None,
-    recipe: str | None = None,
-    selection: str | None = None,
-    seed: int | None = None,
-) -> list[dict]:
-    """The fold records of exactly one cell; a clear error when none or several cells match."""
-    records = read_records(
-        results, method=method, cohort=cohort, backbone=backbone, recipe=recipe, selection=selection, seed=seed
-    )
-    groups = group_cells(records)
-    if not groups:
-        raise FileNotFoundError(
-            f"{results}: no successful records for method={method!r} cohort={cohort!r}"
-            + "".join(f" {k}={v!r}" for k, v in dict(backbone=backbone, recipe=recipe, selection=selection, seed=seed).items() if v is not None)
-        )
-    if len(groups) > 1:
-        options = "; ".join(
-            f"--backbone {k[2]} --recipe {k[3]} --selection {k[4]} --seed {k[5]}" for k in groups
-        )
-        raise ValueError(f"{results}: several cells match {method}/{cohort}; choose one with {options}")
-    return next(iter(groups.values()))
 
 
 def pooled_predictions(records: Sequence[Mapping]) -> pd.DataFrame:
@@ -566,7 +468,7 @@ def critical_difference_diagram(summary: RankSummary, path: str | Path, title: s
 
 
 def score_table(
-    results: str | Path,
+    results: Results,
     methods: Sequence[str],
     *,
     cohorts: Sequence[str] | None = None,
@@ -582,8 +484,8 @@ def score_table(
     with a mean over 5. Methods with no complete cell are then dropped, and so are datasets where some remaining
     method has no complete cell (ranks need complete rows).
     """
-    records = read_records(
-        results, method=methods, cohort=cohorts, backbone=backbone, recipe=recipe, selection=selection, seed=seed
+    records = results.select(
+        method=methods, cohort=cohorts, backbone=backbone, recipe=recipe, selection=selection, seed=seed
     )
     groups = group_cells(records)
     backbones = {k[2] for k in groups}
@@ -593,8 +495,6 @@ def score_table(
             f"{results}: cells of several recipes/selection rules {sorted(protocols)}; "
             "choose one with --recipe and --selection (numbers of different protocols are not comparable)"
         )
-    from benchmark.tables import recorded_n_folds
-
     def row_of(key: tuple) -> str:
         return key[1] if len(backbones) == 1 else f"{key[1]}/{key[2]}"
 

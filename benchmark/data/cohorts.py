@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from benchmark.registry import did_you_mean
+from benchmark.naming import did_you_mean
 
 #: Folder of the cohort / backbone definition files (data, not code).
-DATASETS_DIR = Path(__file__).resolve().parents[1] / "datasets"
+DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"
 #: Environment variable naming a directory laid out like ``shared/data/tcga_clinical`` (real tables, splits).
 REAL_TABLES_ENV = "MIL_BENCHMARK_TCGA_TABLES"
 

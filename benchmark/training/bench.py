@@ -1,10 +1,10 @@
 """Speed and peak memory of one training step and one forward pass per method, each in a fresh process.
 
 For every method and phase (``train``: forward + backward + Adam step in train mode; ``eval``: one forward in
-eval mode under ``no_grad``), a child process (``python -m benchmark.bench --child JSON``) builds a random bag
+eval mode under ``no_grad``), a child process (``python -m benchmark.training.bench --child JSON``) builds a random bag
 of the requested size (5x / 10x / 20x features, coordinates on a square grid, k-NN graphs through
-:func:`benchmark.graphs.build_graph` and tissue types when the method's ``Needs`` ask), builds the method
-through :func:`benchmark.registry.create_method`, times the phase once, and reports ``ru_maxrss`` of the
+:func:`benchmark.data.graphs.build_graph` and tissue types when the method's ``Needs`` ask), builds the method
+through :func:`benchmark.training.registry.create_method`, times the phase once, and reports ``ru_maxrss`` of the
 child (the peak resident memory of the whole process: interpreter, torch, bag, model and the step).
 
 The training "loss" is the sum of the risk, the auxiliary heads' logits and ``aux_loss``: the backward pass
@@ -45,7 +45,7 @@ class BenchCase:
 def bag_sizes(n20: int, n10: int | None = None, n5: int | None = None) -> tuple[int, int, int]:
     """Default 10x = N20 / 4 and 5x = N20 / 16 (each magnification step quarters the patch count)."""
     if n20 < 1:
-        raise ValueError(f"benchmark/bench.py: --n20 must be >= 1, got {n20}")
+        raise ValueError(f"benchmark/training/bench.py: --n20 must be >= 1, got {n20}")
     return n20, n10 if n10 is not None else max(1, round(n20 / 4)), n5 if n5 is not None else max(1, round(n20 / 16))
 
 
@@ -53,8 +53,8 @@ def make_bag(needs, sizes: dict[int, int], in_dim: int, seed: int = 0):
     """A random bag with what ``needs`` asks for; ``sizes`` maps magnification -> patch count."""
     import torch
 
-    from benchmark.bag import Bag
-    from benchmark.graphs import build_graph
+    from benchmark.data.bag import Bag
+    from benchmark.data.graphs import build_graph
 
     g = torch.Generator().manual_seed(seed)
     mags = set(needs.magnifications) | ({needs.graph_magnification} if (needs.graph or needs.tissue_types) else set())
@@ -87,7 +87,7 @@ def run_case(case: BenchCase) -> dict:
     """Run one phase of one method in this process (called in the child)."""
     import torch
 
-    from benchmark.registry import count_parameters, create_method, get_method_spec
+    from benchmark.training.registry import count_parameters, create_method, get_method_spec
 
     torch.set_num_threads(case.threads)
     torch.manual_seed(case.seed)
@@ -121,7 +121,7 @@ def run_case(case: BenchCase) -> dict:
 def run_in_child(case: BenchCase, timeout_s: float | None = None) -> dict:
     """Run ``case`` in a fresh interpreter; returns its result, or ``{"error": ...}``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(case.threads), MKL_NUM_THREADS=str(case.threads))
-    cmd = [sys.executable, "-m", "benchmark.bench", "--child", json.dumps(asdict(case))]
+    cmd = [sys.executable, "-m", "benchmark.training.bench", "--child", json.dumps(asdict(case))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -137,7 +137,7 @@ def run_in_child(case: BenchCase, timeout_s: float | None = None) -> dict:
 
 
 def _child_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmark.training.bench")
     parser.add_argument("--child", required=True, help="BenchCase as JSON")
     args = parser.parse_args(argv)
     case = BenchCase(**json.loads(args.child))

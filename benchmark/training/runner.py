@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from benchmark.metrics import aggregate
-from benchmark.recipes import Recipe
-from benchmark.store import Cell, ResultStore, config_hash, now_iso, software_provenance
+from benchmark.training.metrics import aggregate
+from benchmark.training.recipes import Recipe
+from benchmark.store.records import Cell, ResultStore, config_hash, now_iso, software_provenance
 
 #: ``load_cohort(name, data_root=..., backbone=..., unit=...)``; injectable for tests.
 CohortLoader = Callable[..., Any]
@@ -88,7 +88,7 @@ _COHORT_CACHE: dict[tuple, Any] = {}
 
 
 def default_loader(name: str, data_root: str | None, backbone: str, unit: str):
-    from benchmark.data import load_cohort
+    from benchmark.data.loader import load_cohort
 
     return load_cohort(name, data_root=data_root, backbone=backbone, unit=unit)
 
@@ -108,8 +108,8 @@ def cell_config(cell: Cell, spec: RunSpec, in_dim: int | None = None) -> dict[st
     A rerun compares it with a finished record's to tell a finished cell from a stale one (other recipe
     fields, method options or synthetic-data version); ``in_dim`` defaults to the backbone's registered dim.
     """
-    from benchmark.backbones import get_backbone
-    from benchmark.synth import SCHEMA as SYNTHETIC_SCHEMA, synthetic_parameters
+    from benchmark.data.backbones import get_backbone
+    from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, synthetic_parameters
 
     backbone = get_backbone(cell.backbone)
     if in_dim is None:
@@ -141,7 +141,7 @@ def run_cell(
 
     Returns a short summary: ``cell`` label, ``status``, ``c_index``, ``seconds``, ``error``.
     """
-    from benchmark.train import train_fold
+    from benchmark.training.trainer import train_fold
 
     started = time.perf_counter()
     record: dict[str, Any] = {
@@ -192,7 +192,7 @@ def run_cell(
 # -------------------------------------------------------------------------------------------------------
 def _worker_init(plugins: tuple[str, ...]) -> None:
     torch.set_num_threads(1)
-    from benchmark.registry import load_builtin_methods, load_plugins
+    from benchmark.training.registry import load_builtin_methods, load_plugins
 
     load_builtin_methods()
     load_plugins(plugins)

@@ -47,10 +47,11 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from benchmark.backbones import Backbone, get_backbone, resolve_backbones
-from benchmark.cohorts import Cohort, get_cohort, resolve_cohorts
-from benchmark.features import LAYOUTS, H5SlideWriter, feature_path, level0_patch_size, write_slide, write_tissue_types
-from benchmark.splits import stratified_patient_folds, write_splits
+from benchmark.data.backbones import Backbone, get_backbone, resolve_backbones
+from benchmark.data.cohorts import Cohort, get_cohort, resolve_cohorts
+from benchmark.data.features import LAYOUTS, H5SlideWriter, feature_path, level0_patch_size, write_slide, write_tissue_types
+from benchmark.data.splits import stratified_patient_folds, write_splits
+from benchmark.naming import did_you_mean
 
 SCHEMA = 4  # bump whenever the generative model changes: it names the cache folder, so old data is never reused
 TISSUE_TYPES = ("tumour", "stroma", "lymphocytes", "necrosis", "other")
@@ -114,8 +115,6 @@ def signal_weights(signal: str | tuple[float, float, float] | dict) -> tuple[str
     """``(name, (w_fine, w_coarse, w_cross))`` of a signal preset name, a 3-tuple or a dict of weights."""
     if isinstance(signal, str):
         if signal not in SIGNALS:
-            from benchmark.registry import did_you_mean
-
             raise did_you_mean(signal, list(SIGNALS), "signal")
         return signal, SIGNALS[signal]
     if isinstance(signal, dict):
@@ -465,8 +464,6 @@ def generate(
     Path of ``out_dir``.
     """
     if preset not in PRESETS:
-        from benchmark.registry import did_you_mean
-
         raise did_you_mean(preset, list(PRESETS), "preset")
     layouts = tuple(layouts)
     bad = [x for x in layouts if x not in LAYOUTS]
@@ -507,7 +504,7 @@ def generate(
 def synthetic_root(preset: str = "demo", seed: int = 0, signal="mixed") -> Path:
     """Where :func:`ensure_synthetic` keeps a preset: ``$MIL_BENCHMARK_DATA/<preset>-<signal>-s<seed>-v<SCHEMA>``
     (default base ``<repo>/data_cache/synthetic``)."""
-    base = os.environ.get("MIL_BENCHMARK_DATA") or Path(__file__).resolve().parents[1] / "data_cache" / "synthetic"
+    base = os.environ.get("MIL_BENCHMARK_DATA") or Path(__file__).resolve().parents[2] / "data_cache" / "synthetic"
     return Path(base) / f"{preset}-{signal_weights(signal)[0]}-s{seed}-v{SCHEMA}"
 
 
