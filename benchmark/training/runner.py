@@ -172,7 +172,7 @@ def run_cell(
         record.update(
             status="ok", metrics=result.metrics, selected_epoch=result.selected_epoch, history=result.history,
             bin_edges=result.bin_edges, train_risk_median=result.train_risk_median, predictions=result.predictions,
-            n_parameters=result.n_parameters, data_sizes=result.extra,
+            n_parameters=result.n_parameters, data_sizes=result.extra, metric_errors=result.metric_errors,
         )
         if spec.save_weights:
             state = result.model.state_dict()

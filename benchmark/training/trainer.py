@@ -150,6 +150,7 @@ class CellResult:
     predictions: list[dict]
     n_parameters: int
     extra: dict = field(default_factory=dict)
+    metric_errors: dict[str, str] = field(default_factory=dict)  # metric -> why it is NaN
 
 
 def _fold(cohort, fold_index: int):
@@ -305,6 +306,7 @@ def train_fold(
 
     val = predict(model, cohort, val_ids, dev)
     train_pred = predict(model, cohort, train_ids, dev)
+    metric_errors: dict[str, str] = {}
     metrics = evaluate(
         time_of[val_ids].to_numpy(),
         event_of[val_ids].to_numpy(),
@@ -313,6 +315,7 @@ def train_fold(
         event_of[train_ids].to_numpy(),
         survival=val.survival,
         bin_edges=edges,
+        errors=metric_errors,
     )
     patient_of = samples["patient_id"] if "patient_id" in samples.columns else None
     predictions = [
@@ -334,6 +337,7 @@ def train_fold(
         train_risk_median=float(np.median(train_pred.risk)),
         predictions=predictions,
         n_parameters=n_parameters,
+        metric_errors=metric_errors,
         extra={"n_train": len(train_ids), "n_fit": len(fit_ids), "n_inner": len(inner_ids), "n_val": len(val_ids),
                "draws_per_epoch": n_draws, "steps_per_epoch": windows_per_epoch, "optimizer_steps": optimizer_steps,
                "device": str(dev)},
