@@ -25,8 +25,8 @@ from typing import Any, Iterator
 
 import torch
 
-#: Version of the record layout.
-SCHEMA = 1
+#: Version of the record layout (2: ``label`` added, ``unit`` only in ``config``; 1 is still read).
+SCHEMA = 2
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -211,6 +211,19 @@ class ResultStore:
         except ValueError:
             return False
 
+    def move(self, record: dict, to: Cell, **changes: Any) -> dict:
+        """File a finished record (and its weights) under another cell's folder, e.g. when the folder naming of
+        a configuration changed; the record is written first, then the old files go. Returns the new record."""
+        old_cell = Cell.of(record)
+        moved = {k: v for k, v in record.items() if k != "_path"}
+        moved.update(recipe=to.recipe, **changes)
+        old_weights = self.weights_path(old_cell)
+        state = torch.load(old_weights, weights_only=True) if record.get("weights") and old_weights.exists() else None
+        self.write(moved, state_dict=state)
+        for path in (old_weights, self.record_path(old_cell)):
+            path.unlink(missing_ok=True)
+        return self.read(to)
+
     def iter_paths(self) -> Iterator[Path]:
         cells = self.root / "cells"
         if not cells.is_dir():
@@ -257,31 +270,12 @@ class ResultStore:
                                 int(r["fold"])))
         return out
 
-    def load_model(self, record: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-        """Rebuild the record's method (``create_method(name, in_dim, n_bins, **method_options)``) and load its
-        ``fold<k>.pt`` weights; returned in eval mode."""
-        from benchmark.training.registry import create_method
-
-        if record.get("status") != "ok":
-            raise ValueError(f"{record.get('_path', 'record')}: status {record.get('status')!r}, no model to load")
-        config = record.get("config") or {}
-        if not record.get("weights"):
-            raise FileNotFoundError(f"{record.get('_path', 'record')}: no weights were saved for this cell")
-        path = self.weights_path(Cell.of(record))
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: weights file missing")
-        model = create_method(record["method"], in_dim=int(config["in_dim"]), n_bins=int(config["n_bins"]),
-                              **(config.get("method_options") or {}))
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
-        return model.eval()
-
 
 def cell_record(cell: Cell, **fields: Any) -> dict:
     """A record skeleton with the cell's coordinates and the contract's fields (defaults None)."""
     base = asdict(cell)
     base.update(
-        schema=SCHEMA, status=None, unit=None, config=None, config_hash=None, provenance=None, metrics=None,
+        schema=SCHEMA, status=None, label=None, config=None, config_hash=None, provenance=None, metrics=None,
         selected_epoch=None, history=None, bin_edges=None, train_risk_median=None, predictions=None, error=None,
         seconds=None, weights=None,
     )
