@@ -329,25 +329,29 @@ class ColumnData:
     fold_values : dict
         Method -> per-fold metric, shape (J,), the same fold order for every method (seeds averaged).
     n_folds : int
-        ``K``, folds per repeat (``J / K`` repeats).
+        ``K``, folds per repeat.
     folds : tuple of FoldSample, optional
         The J validation folds (needed by the bootstrap tests only).
     risks : dict, optional
         Method -> J risk arrays aligned with ``folds``.
+    repeats : int, optional
+        ``R``, repeats present (default ``J // K``; a cell with unfinished folds has ``J < R K``).
     """
 
     fold_values: Mapping[str, np.ndarray]
     n_folds: int
     folds: tuple[FoldSample, ...] | None = None
     risks: Mapping[str, Sequence[np.ndarray]] | None = None
+    repeats: int | None = None
 
     def __post_init__(self):
         lengths = {m: len(v) for m, v in self.fold_values.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"methods have different numbers of fold values: {lengths}")
         n_units = next(iter(lengths.values()), 0)
-        if self.n_folds < 2 or n_units < 2 or n_units % self.n_folds:
-            raise ValueError(f"need J = R x K fold values with K >= 2; got J = {n_units}, K = {self.n_folds}")
+        if self.n_folds < 2 or n_units < 2:
+            raise ValueError(f"need J >= 2 fold values and K >= 2 folds per repeat; got J = {n_units}, "
+                             f"K = {self.n_folds}")
         if self.folds is not None and len(self.folds) != n_units:
             raise ValueError(f"{len(self.folds)} fold samples for {n_units} fold values")
 
@@ -357,7 +361,7 @@ class ColumnData:
 
     @property
     def n_repeats(self) -> int:
-        return len(next(iter(self.fold_values.values()))) // self.n_folds
+        return self.repeats or max(1, len(next(iter(self.fold_values.values()))) // self.n_folds)
 
     def mean(self, method: str) -> float:
         return float(np.mean(self.fold_values[method]))
