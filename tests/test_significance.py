@@ -213,7 +213,7 @@ def test_column_marks_direction_and_footer():
     assert result.marks == {"oracle": "better", "noise": "worse"}
     assert all(result.adjusted_p[p] >= result.raw_p[p] for p in result.pairs)
     footer = result.footer("*")
-    for words in ("Holm-adjusted over 2 comparisons", "every method vs ref", "alpha 0.05", "5 folds x 1 repeat"):
+    for words in ("Holm-adjusted over 2 comparisons", "every method vs ref", "better than ref", "alpha 0.05", "5 folds x 1 repeat"):
         assert words in footer
     everything = sig.column_significance(data, family="all-pairs", test="corrected-t", alpha=0.05)
     assert everything.n_comparisons == 3 and "all pairs" in everything.footer()

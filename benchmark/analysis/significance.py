@@ -428,11 +428,11 @@ class ColumnSignificance:
 
     def footer(self, marker: str = "*") -> str:
         """The sentence a table prints under itself: test, adjustment, alpha, number of comparisons."""
-        what = (f"differs from {self.reference} (↓ worse, ↑ better)" if self.family == "reference"
-                else "significantly below at least one other row")
+        what = (f"↓ / ↑ significantly worse / better than {self.reference}" if self.family == "reference"
+                else f"{marker} significantly below at least one other row")
         family = (f"every method vs {self.reference}" if self.family == "reference" else "all pairs of rows")
-        return (f"{marker} {what}: two-sided {TEST_DESCRIPTIONS[self.test]}, {self.n_folds} folds x "
-                f"{self.n_repeats} repeat(s); Holm-adjusted over {self.n_comparisons} comparisons ({family}) "
+        return (f"{what}: two-sided {TEST_DESCRIPTIONS[self.test]}, {self.n_folds} folds x "
+                f"{self.n_repeats} repeat(s); Holm-adjusted over {self.n_comparisons} comparison{"s" if self.n_comparisons != 1 else ""} ({family}) "
                 f"per column, family-wise alpha {self.alpha:g}.")
 
 
