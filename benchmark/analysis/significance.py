@@ -432,7 +432,7 @@ class ColumnSignificance:
                 else f"{marker} significantly below at least one other row")
         family = (f"every method vs {self.reference}" if self.family == "reference" else "all pairs of rows")
         return (f"{what}: two-sided {TEST_DESCRIPTIONS[self.test]}, {self.n_folds} folds x "
-                f"{self.n_repeats} repeat(s); Holm-adjusted over {self.n_comparisons} comparison{"s" if self.n_comparisons != 1 else ""} ({family}) "
+                f"{self.n_repeats} repeat(s); Holm-adjusted over {self.n_comparisons} comparison{'s' if self.n_comparisons != 1 else ''} ({family}) "
                 f"per column, family-wise alpha {self.alpha:g}.")
 
 
