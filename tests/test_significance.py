@@ -314,3 +314,22 @@ def test_rank_rows_ties_and_errors():
         sig.rank_rows([[0.1, float("nan")]])
     with pytest.raises(ValueError, match="2 data sets"):
         sig.friedman_from_mean_ranks([1.0, 2.0], 1)
+
+
+def test_fisher_combination_matches_scipy():
+    p = [0.2, 0.04, 0.5, 0.9, 0.01]
+    assert sig.fisher_combined_p(p) == pytest.approx(stats.combine_pvalues(p, method="fisher").pvalue)
+    assert sig.fisher_combined_p([0.3, float("nan")]) == pytest.approx(0.3)  # one test: its own p
+    with pytest.raises(ValueError):
+        sig.fisher_combined_p([])
+
+
+def test_bootstrap_resamples_suffice_for_the_holm_thresholds():
+    # 100 resamples cannot give p < 0.05 / 3: raised so that 2 / (B + 1) <= alpha / (2 m)
+    assert sig.resamples_for(3, 0.05, 100) == 240 and sig.resamples_for(3, 0.05, 1000) == 1000
+    for m in (1, 3, 15, 36):
+        b = sig.resamples_for(m, 0.05, 10)
+        assert 2 / (b + 1) <= 0.05 / (2 * m)
+    column = sig.simulate_null_column(np.random.default_rng(0), n_methods=3)
+    result = sig.column_significance(column, family="all-pairs", test="fold-bootstrap", n_boot=50)
+    assert result.n_boot == 240 and "(240 resamples)" in result.footer()

@@ -421,6 +421,7 @@ class ColumnSignificance:
     marks: dict[str, str] = field(default_factory=dict)
     n_folds: int = 0
     n_repeats: int = 1
+    n_boot: int = 0  # resamples of a bootstrap test (0 for the t-test)
 
     @property
     def n_comparisons(self) -> int:
@@ -431,9 +432,17 @@ class ColumnSignificance:
         what = (f"↓ / ↑ significantly worse / better than {self.reference}" if self.family == "reference"
                 else f"{marker} significantly below at least one other row")
         family = (f"every method vs {self.reference}" if self.family == "reference" else "all pairs of rows")
-        return (f"{what}: two-sided {TEST_DESCRIPTIONS[self.test]}, {self.n_folds} folds x "
+        resamples = f" ({self.n_boot} resamples)" if self.n_boot else ""
+        return (f"{what}: two-sided {TEST_DESCRIPTIONS[self.test]}{resamples}, {self.n_folds} folds x "
                 f"{self.n_repeats} repeat(s); Holm-adjusted over {self.n_comparisons} comparison{'s' if self.n_comparisons != 1 else ''} ({family}) "
                 f"per column, family-wise alpha {self.alpha:g}.")
+
+
+def resamples_for(n_comparisons: int, alpha: float, n_boot: int) -> int:
+    """At least ``4 m / alpha`` bootstrap resamples, so the smallest attainable p-value, ``2 / (B + 1)``, lies
+    below half the strictest Holm threshold ``alpha / m``; fewer could never mark anything (e.g. 100 resamples
+    and 3 comparisons: p >= 0.0198 > 0.05 / 3)."""
+    return max(int(n_boot), math.ceil(4 * n_comparisons / alpha))
 
 
 def marks_from_adjusted(family: str, differences: Mapping[tuple[str, str], float],
@@ -467,18 +476,21 @@ def column_significance(data: ColumnData, *, family: str = "reference", referenc
         Family-wise error rate: a row is marked where its Holm-adjusted p-value is ``<= alpha``.
     test : {"auto", "corrected-t", "fold-bootstrap", "pooled-bootstrap"}
         See the module docstring; ``auto`` is ``corrected-t`` with repeats, ``fold-bootstrap`` without.
+    n_boot : int
+        Bootstrap resamples, raised to :func:`resamples_for` when too few to reach the Holm thresholds.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1); got {alpha}")
     test = resolve_test(test, data)
     pairs = comparison_family(data.methods, family, reference)
+    n_boot = 0 if test == "corrected-t" else resamples_for(len(pairs), alpha, n_boot)
     tested = pair_tests(data, pairs, test, n_boot=n_boot, seed=seed)
     raw = {pair: tested[pair][1] for pair in pairs}
     adjusted = dict(zip(pairs, holm_adjust([raw[pair] for pair in pairs])))
     differences = {pair: tested[pair][0] for pair in pairs}
     marks = marks_from_adjusted(family, differences, adjusted, alpha, higher_is_better)
     return ColumnSignificance(test, family, reference if family == "reference" else None, alpha, pairs,
-                              differences, raw, adjusted, marks, data.n_folds, data.n_repeats)
+                              differences, raw, adjusted, marks, data.n_folds, data.n_repeats, n_boot)
 
 
 def vs_best_marks(data: ColumnData, *, alpha: float = 0.05, test: str = "pooled-bootstrap", n_boot: int = 1000,
@@ -625,3 +637,17 @@ def nemenyi_critical_difference(n_methods: int, n_datasets: int, alpha: float = 
     if n_methods < 2 or n_datasets < 1:
         raise ValueError("the critical difference needs at least 2 methods and 1 dataset")
     return float(nemenyi_q(n_methods, alpha) * math.sqrt(n_methods * (n_methods + 1) / (6.0 * n_datasets)))
+
+
+def fisher_combined_p(p_values: Sequence[float]) -> float:
+    """Fisher's (1932) combination of independent p-values: ``-2 sum log p`` is chi-square with ``2n`` df.
+
+    Used for the D-calibration tests of the folds of one cell (disjoint validation patients).
+    """
+    p = np.asarray([v for v in p_values if v is not None and math.isfinite(v)], dtype=float)
+    if p.size == 0:
+        raise ValueError("fisher_combined_p needs at least one finite p-value")
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must lie in [0, 1]; got {p.tolist()}")
+    statistic = -2.0 * np.sum(np.log(np.clip(p, np.finfo(float).tiny, 1.0)))
+    return float(stats.chi2.sf(statistic, 2 * p.size))

@@ -399,11 +399,13 @@ def design_mde(data: ColumnData, alpha: float = 0.05, power: float = 0.8) -> flo
     """Minimum detectable difference of a column's design from its observed fold variance (statistics.md sec. 2).
 
     ``s_d`` is pooled over every pair of rows (the root mean of the pairs' per-fold-difference variances), so the
-    number describes the design (J folds, K per repeat), not one lucky pair.
+    number describes the design (J folds, K per repeat), not one lucky pair. Pairs with identical fold values
+    (the same model twice) carry no information on the variance and are left out.
     """
     methods = data.methods
     variances = [np.var(np.subtract(data.fold_values[a], data.fold_values[b]), ddof=1)
                  for i, a in enumerate(methods) for b in methods[i + 1:]]
+    variances = [v for v in variances if v > 0] or [0.0]
     n_units = len(data.fold_values[methods[0]])
     return minimum_detectable_difference(float(np.sqrt(np.mean(variances))), n_units, data.n_folds, alpha, power)
 
