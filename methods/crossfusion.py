@@ -1,7 +1,7 @@
 """CrossFusion and its two ablations (``crossfusion``, ``crossfusion_wo_cp``, ``crossfusion_wo_fc``).
 
-Paper: R. Sheikh Hosseini et al., "CrossFusion: A Multi-Scale Cross-Attention Convolutional Fusion Model for
-Cancer Survival Prediction", arXiv 2503.02064 (v2: MIDL 2026, PMLR 315:2906-2921).
+Paper: Soraki, Wang, Elmore and Shapiro (University of Washington), "CrossFusion: A Multi-Scale Cross-Attention
+Convolutional Fusion Model for Cancer Survival Prediction", arXiv 2503.02064 (v2: MIDL 2026, PMLR 315:2906-2921).
 Official repository: github.com/RustinS/CrossFusion (``models/CrossFusion.py``, ``models/CrossFusionConcat.py``,
 ``models/CrossFusionSingle.py``), HEAD df5473de.
 
@@ -33,7 +33,7 @@ from methods._crossfusion_blocks import (
 from methods._inputs import checked_features
 
 _FILE = "methods/crossfusion.py"
-_SOURCE = "Sheikh Hosseini et al. arXiv 2503.02064 (MIDL 2026); github.com/RustinS/CrossFusion"
+_SOURCE = "Soraki, Wang, Elmore, Shapiro arXiv 2503.02064 (MIDL 2026); github.com/RustinS/CrossFusion"
 
 #: With ``return_attention=None``, attention maps are computed in eval mode only when the largest
 #: query x key product of the maps is at most this (13,496 x 3,449 patches is about 4.7e7; the largest
