@@ -5,9 +5,11 @@ Memory-bounded attention (the reason this module exists):
 - dropout 0, or any dropout on a non-CPU device: ``F.scaled_dot_product_attention`` (the flash kernel on CPU,
   flash / memory-efficient on CUDA), memory linear in the bag;
 - dropout > 0 on CPU (the fused CPU kernel has no dropout and PyTorch would fall back to the O(Lq * Lk) math
-  kernel): queries in chunks of at most ``block_bytes`` of attention matrix each; with autograd on, every chunk is
-  wrapped in ``torch.utils.checkpoint`` (RNG state preserved, so the recomputed dropout mask is the same), so
-  only one chunk's matrix is alive in the forward and in the backward pass.
+  kernel): queries in chunks of at most ``block_bytes`` of attention matrix each, so only one chunk's matrix is
+  alive in the forward and in the backward pass. ``dropout_impl="fast"`` (default): one autograd Function with
+  a flash-style backward, reused buffers and a cheaper Bernoulli mask (``methods/_fast_attention.py``).
+  ``dropout_impl="torch"`` (the reference): ``F.dropout`` on each chunk, every chunk wrapped in
+  ``torch.utils.checkpoint`` (RNG state preserved, so the recomputed dropout mask is the same).
 
 Attention maps ("attention received" per key token, head-averaged and summed over queries, as the official
 ``heatmap.py``) are computed the same chunked way under ``no_grad``, never forming the full matrix.
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from methods._fast_attention import dropout_attention
+
 #: Default bound on the bytes of one block of attention matrix (heads x query chunk x keys, float32).
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
@@ -36,6 +40,10 @@ DEFAULT_CHECKPOINT_MIN_TOKENS = 16_384
 #: ``F.scaled_dot_product_attention`` with the dropout as given, the official code's call: on CPU with dropout
 #: this is PyTorch's math kernel, O(Lq * Lk) memory; only for parity / kernel comparisons on small bags).
 ATTENTION_BACKENDS = ("auto", "sdpa")
+
+#: ``dropout_impl`` values for the chunked CPU path with dropout: "fast" (``methods/_fast_attention.py``) or
+#: "torch" (``F.dropout`` in checkpointed chunks: the plain PyTorch reference).
+DROPOUT_IMPLS = ("fast", "torch")
 
 
 # --------------------------------------------------------------------------------------------------- attention
@@ -98,6 +106,7 @@ def attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    dropout_impl: str = "fast",
 ) -> Tensor:
     """Scaled dot-product attention with bounded memory (see the module docstring for the kernel choice).
 
@@ -105,6 +114,8 @@ def attention(
     """
     if backend == "sdpa" or dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if dropout_impl == "fast" and q.dtype in (torch.float32, torch.float64):
+        return dropout_attention(q, k, v, dropout_p, block_bytes)
     return chunked_attention(q, k, v, dropout_p=dropout_p, block_bytes=block_bytes)
 
 
@@ -176,7 +187,10 @@ class AttentionSettings:
 
     def __init__(self, attn_dropout: float, official_eval_dropout: bool, backend: str, block_bytes: int,
                  activation_checkpointing: bool | None = None,
-                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS) -> None:
+                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, dropout_impl: str = "fast") -> None:
+        if dropout_impl not in DROPOUT_IMPLS:
+            raise ValueError(f"methods/_crossfusion_blocks.py: dropout_impl must be one of {DROPOUT_IMPLS}, "
+                             f"got {dropout_impl!r}")
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"methods/_crossfusion_blocks.py: attention_backend must be one of "
                              f"{ATTENTION_BACKENDS}, got {backend!r}")
@@ -188,6 +202,7 @@ class AttentionSettings:
         self.official_eval_dropout = official_eval_dropout
         self.backend = backend
         self.block_bytes = block_bytes
+        self.dropout_impl = dropout_impl
         self.activation_checkpointing = activation_checkpointing
         self.checkpoint_min_tokens = checkpoint_min_tokens
 
@@ -234,7 +249,7 @@ class MultiHeadSelfAttention(_HeadProjections):
         b, n, d = x.shape
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
         s = self.settings
-        out = attention(q, k, v, s.dropout_p(self.training), s.backend, s.block_bytes)
+        out = attention(q, k, v, s.dropout_p(self.training), s.backend, s.block_bytes, s.dropout_impl)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, d))
         maps = None
         if want_map:
