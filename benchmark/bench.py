@@ -38,7 +38,7 @@ SGEMM_SIZE = 4096
 #: Options selecting each method's plain PyTorch reference path (``--reference`` times it in the same process).
 #: CrossFusion: PyTorch SDPA with the dropout as given (the math kernel on CPU in training, O(N^2) memory) and
 #: ``F.dropout`` wherever the chunked path would run.
-_CROSSFUSION_REFERENCE = {"attention_backend": "sdpa", "dropout_impl": "torch"}
+_CROSSFUSION_REFERENCE = {"attention_backend": "sdpa", "dropout_impl": "torch", "channels_last": False}
 REFERENCE_OPTIONS = {
     "crossfusion": _CROSSFUSION_REFERENCE,
     "crossfusion_wo_cp": _CROSSFUSION_REFERENCE,

@@ -108,7 +108,7 @@ class DropoutAttention(torch.autograd.Function):
         keep_masks = g * n * k.shape[1] <= MASK_STORE_BYTES
         masks: list[Tensor] = []
         gen = torch.Generator().manual_seed(seed)
-        out = torch.empty(g, n, d, dtype=q.dtype)
+        out = torch.empty(g, n, v.shape[-1], dtype=q.dtype)
         k_t = k.transpose(1, 2)
         zero = torch.zeros((), dtype=q.dtype)
         for i, start in enumerate(chunks.starts):
@@ -157,14 +157,43 @@ class DropoutAttention(torch.autograd.Function):
 
 
 def dropout_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, block_bytes: int) -> Tensor:
-    """``dropout(softmax(q k^T / sqrt(d))) v`` with the fast path; ``q (B, H, N, d)``, ``k, v (B, H, M, d)``.
+    """``dropout(softmax(q k^T / sqrt(d))) v`` with the fast path: ``q (B, H, N, d)``, ``k (B, H, M, d)``,
+    ``v (B, H, M, d_v)`` -> ``(B, H, N, d_v)``.
 
     One seed is drawn from the default generator per call (so ``torch.manual_seed`` makes a run reproducible
     and ``torch.utils.checkpoint``'s RNG replay redraws the same masks). CPU, float32 / float64.
     """
     b, h, n, d = q.shape
-    m = k.shape[-2]
+    m, d_v = k.shape[-2], v.shape[-1]
     seed = int(torch.randint(_SEED_RANGE, (1,)).item()) if dropout_p > 0 else 0
     out = DropoutAttention.apply(q.reshape(b * h, n, d).contiguous(), k.reshape(b * h, m, d).contiguous(),
-                                 v.reshape(b * h, m, d).contiguous(), float(dropout_p), int(block_bytes), seed)
-    return out.view(b, h, n, d)
+                                 v.reshape(b * h, m, d_v).contiguous(), float(dropout_p), int(block_bytes), seed)
+    return out.view(b, h, n, d_v)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``where(drop, 0, x) * scale`` with the bool mask saved (one byte per entry) for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, drop: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return torch.where(drop, torch.zeros((), dtype=x.dtype), x).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (drop,) = ctx.saved_tensors
+        return torch.where(drop, torch.zeros((), dtype=grad.dtype), grad).mul_(ctx.scale), None, None
+
+
+def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Element-wise dropout with :func:`drop_mask` (default generator): same distribution as ``F.dropout``
+    within ``2**-16`` of ``p``, one fused pass instead of ``bernoulli_``, ``div_`` and ``mul``, and a one-byte
+    mask saved instead of a float one. ``x`` any shape, returned with that shape."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    cols = x.shape[-1] if x.dim() else 1
+    drop = drop_mask(x.numel() // max(1, cols), cols, p, torch.default_generator).view(x.shape)
+    return _MaskedScale.apply(x, drop, 1.0 / (1.0 - p))
