@@ -7,17 +7,17 @@ CPU about 40 % of a CrossFusion training step went to ``F.dropout`` there (``ber
 and much of the rest to page faults of freshly allocated attention matrices. This module computes the same
 function with:
 
-- **one autograd Function** over query chunks (at most ``block_bytes`` of attention matrix per chunk); the
-  forward keeps only ``q, k, v`` and the output, and the backward recomputes each chunk's probabilities from
-  ``q, k`` (the flash-attention backward: one extra ``q k^T`` matmul instead of the checkpoint's full
-  recomputed forward), so memory stays linear in the bag;
+- **one autograd Function** over query chunks (at most ``block_bytes`` of attention matrix per chunk) with a
+  hand-written backward: no checkpointed recomputation of the forward. On large bags it keeps only ``q, k,
+  v`` and the output and recomputes each chunk's probabilities from ``q, k`` (the flash-attention backward:
+  one extra ``q k^T`` matmul), so memory stays linear in the bag;
 - **reused buffers**: each chunk's scores are written into one preallocated block with ``out=``, softmax runs
   in place, so no attention-sized tensor is allocated (and page-faulted) per chunk;
 - **a cheaper dropout mask with the same distribution** (:func:`drop_mask`): 64 random bits per draw of the
   generator, cut into four 16-bit fields, each compared with a threshold; dropped entries are zeroed in place
   and the ``1 / (1 - p)`` rescale is applied to the small ``(N, d)`` output instead of the ``(N, M)`` matrix;
-- masks kept for the backward pass when they are small (at most :data:`MASK_STORE_BYTES` per call, one byte
-  per entry), otherwise regenerated there from the same seed.
+- the probabilities and masks kept for the backward pass when they are small (at most :data:`STORE_BYTES` per
+  call), otherwise recomputed there (probabilities from ``q, k``; masks from the same seed).
 
 Deliberate deviations from the reference path, all within the stated tolerances (tested in
 ``tests/test_fast_attention.py``): the drop probability is ``round(p * 2**16) / 2**16`` for three of every four
@@ -32,9 +32,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Masks up to this many bytes (one per attention entry, over all chunks of one call) are stored for the
-#: backward pass; larger ones (whole slides above about 8k tokens) are regenerated from the seed there.
-MASK_STORE_BYTES = 256 * 2**20
+#: Bound on what one call keeps for its backward pass: the probabilities and masks (5 bytes per attention
+#: entry over all chunks) when they fit (the paper's average slide: 243 MB per self-attention layer), else the
+#: masks alone (1 byte per entry) when they fit, else nothing (the largest slides): the rest is recomputed.
+STORE_BYTES = 256 * 2**20
 
 #: Seeds of the private mask generator are drawn from the default generator in [0, 2**62).
 _SEED_RANGE = 2**62
@@ -66,94 +67,99 @@ def drop_mask(n_rows: int, n_cols: int, p: float, generator: torch.Generator, ou
 
 
 class _Chunks:
-    """Query-chunk geometry and reusable buffers for one call: ``q (G, N, d)``, ``k (G, M, d)``."""
+    """Query-chunk geometry, reusable buffers and stored tensors of one call: ``q (G, N, d)``, ``k (G, M, d)``.
 
-    def __init__(self, g: int, n: int, m: int, block_bytes: int, dtype: torch.dtype) -> None:
+    Per chunk, the probabilities (4 bytes per entry) and drop masks (1 byte) are kept for the backward pass
+    while the whole call's worth fits :data:`STORE_BYTES`; otherwise the masks alone if they fit, and the rest
+    is recomputed in the backward pass (probabilities from ``q, k``; masks from the seed, in chunk order).
+    """
+
+    def __init__(self, g: int, n: int, m: int, block_bytes: int, dtype: torch.dtype, p: float, seed: int) -> None:
         self.rows = max(1, min(n, int(block_bytes // max(1, g * m * 4))))
-        self.g, self.m = g, m
+        self.g, self.m, self.p = g, m, p
         self.starts = list(range(0, n, self.rows))
         self.scores = torch.empty(g * self.rows * m, dtype=dtype)  # reused by every chunk
-        self.grads = None  # backward only
+        self.store_probs = g * n * m * 5 <= STORE_BYTES
+        self.store_masks = p > 0 and g * n * m <= STORE_BYTES
+        self.gen = torch.Generator().manual_seed(seed)
 
     def view(self, buf: Tensor, c: int) -> Tensor:
         return buf[: self.g * c * self.m].view(self.g, c, self.m)
 
-    def probs(self, qs: Tensor, k_t: Tensor, start: int) -> Tensor:
-        """``softmax(qs[:, start:start+c] k^T)`` in the scores buffer, ``(G, c, M)``; ``qs`` already scaled."""
+    def probs(self, qs: Tensor, k_t: Tensor, start: int, fresh: bool) -> Tensor:
+        """``softmax(qs[:, start:start+c] k^T)``, ``(G, c, M)``, in the reused scores buffer unless ``fresh``
+        (a new tensor, to be stored); ``qs`` already scaled."""
         q_c = qs[:, start : start + self.rows]
-        s = self.view(self.scores, q_c.shape[1])
-        torch.bmm(q_c, k_t, out=s)
+        s = torch.bmm(q_c, k_t) if fresh else torch.bmm(q_c, k_t, out=self.view(self.scores, q_c.shape[1]))
         return torch._softmax(s, -1, False, out=s)
 
-
-def _drop(probs: Tensor, p: float, gen: torch.Generator, stored: list[Tensor] | None, i: int,
-          keep_masks: bool) -> Tensor:
-    """The drop mask of chunk ``i`` (stored, or drawn from ``gen`` in chunk order), ``probs``'s shape."""
-    if stored is not None and i < len(stored):
-        return stored[i]
-    mask = drop_mask(probs.shape[0] * probs.shape[1], probs.shape[2], p, gen).view(probs.shape)
-    if keep_masks:
-        stored.append(mask)
-    return mask
+    def mask(self, shape: torch.Size) -> Tensor | None:
+        """The next chunk's drop mask from the seeded generator (None without dropout)."""
+        if self.p == 0:
+            return None
+        return drop_mask(shape[0] * shape[1], shape[2], self.p, self.gen).view(shape)
 
 
 class DropoutAttention(torch.autograd.Function):
-    """``dropout_p(softmax(q k^T / sqrt(d))) v`` over query chunks with a flash-style backward (see module)."""
+    """``dropout_p(softmax(q k^T / sqrt(d))) v`` over query chunks with a flash-style backward (see module).
+
+    ``q (G, N, d)``, ``k (G, M, d)``, ``v (G, M, d_v)`` -> ``(G, N, d_v)``; ``out``: optional preallocated
+    output (any strides, e.g. token-major so that merging the heads afterwards is a view).
+    """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, block_bytes: int, seed: int) -> Tensor:
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, block_bytes: int, seed: int,
+                out: Tensor | None = None) -> Tensor:
         g, n, d = q.shape
         qs = q * d**-0.5  # the score scale on the (N, d) operand, not on the (N, M) matrix
-        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype)
-        keep_masks = g * n * k.shape[1] <= MASK_STORE_BYTES
-        masks: list[Tensor] = []
-        gen = torch.Generator().manual_seed(seed)
-        out = torch.empty(g, n, v.shape[-1], dtype=q.dtype)
-        k_t = k.transpose(1, 2)
-        zero = torch.zeros((), dtype=q.dtype)
-        for i, start in enumerate(chunks.starts):
-            probs = chunks.probs(qs, k_t, start)
-            mask = _drop(probs, p, gen, masks, i, keep_masks) if p > 0 else None
-            if mask is not None:
-                torch.where(mask, zero, probs, out=probs)
-            torch.bmm(probs, v, out=out[:, start : start + probs.shape[1]])
+        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed)
+        out = torch.empty(g, n, v.shape[-1], dtype=q.dtype) if out is None else out
+        k_t, zero = k.transpose(1, 2), torch.zeros((), dtype=q.dtype)
+        stored: list[Tensor] = []
+        for start in chunks.starts:
+            probs = chunks.probs(qs, k_t, start, fresh=chunks.store_probs)
+            mask, dropped = chunks.mask(probs.shape), probs
+            stored += [probs] if chunks.store_probs else []
+            if mask is not None:  # into the reused buffer when the probabilities are stored, else in place
+                stored += [mask] if chunks.store_masks else []
+                dropped = chunks.view(chunks.scores, probs.shape[1]) if chunks.store_probs else probs
+                torch.where(mask, zero, probs, out=dropped)
+            torch.bmm(dropped, v, out=out[:, start : start + probs.shape[1]])
         if p > 0:
             out.mul_(1.0 / (1.0 - p))
-        ctx.save_for_backward(q, k, v, out, *masks)
+        ctx.save_for_backward(q, k, v, out, *stored)
         ctx.p, ctx.block_bytes, ctx.seed = p, block_bytes, seed
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        q, k, v, out, *masks = ctx.saved_tensors
+        q, k, v, out, *stored = ctx.saved_tensors
         g, n, d = q.shape
-        p, rescale = ctx.p, 1.0 / (1.0 - ctx.p)
+        rescale = 1.0 / (1.0 - ctx.p)
+        chunks = _Chunks(g, n, k.shape[1], ctx.block_bytes, q.dtype, ctx.p, ctx.seed)
+        grads = torch.empty_like(chunks.scores)
         qs = q * d**-0.5
-        grad_out = grad_out.contiguous()
         # D_i = sum_j dP_ij P_ij = grad_out_i . out_i (flash attention), divided by the rescale (see below).
         row_dot = (grad_out * out).sum(-1, keepdim=True).div_(rescale)  # (G, N, 1)
-        chunks = _Chunks(g, n, k.shape[1], ctx.block_bytes, q.dtype)
-        chunks.grads = torch.empty_like(chunks.scores)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        gen = torch.Generator().manual_seed(ctx.seed)
         k_t, v_t, zero = k.transpose(1, 2), v.transpose(1, 2), torch.zeros((), dtype=q.dtype)
-        for i, start in enumerate(chunks.starts):
-            probs = chunks.probs(qs, k_t, start)  # P, (G, c, M)
+        for start in chunks.starts:
+            probs = stored.pop(0) if chunks.store_probs else chunks.probs(qs, k_t, start, fresh=False)
             c = probs.shape[1]
-            mask = _drop(probs, p, gen, masks, i, False) if p > 0 else None
+            mask = stored.pop(0) if chunks.store_masks else chunks.mask(probs.shape)
             rows = slice(start, start + c)
-            dpd = torch.bmm(grad_out[:, rows], v_t, out=chunks.view(chunks.grads, c))  # d(dropped P) / rescale
+            dpd = torch.bmm(grad_out[:, rows], v_t, out=chunks.view(grads, c))  # d(dropped P) / rescale
             # dS = P * (rescale * keep * dPd - D) = rescale * P * (keep * dPd - D / rescale)
             if mask is not None:
                 torch.where(mask, zero, dpd, out=dpd)
             dpd.sub_(row_dot[:, rows]).mul_(probs)  # dS / rescale
             torch.bmm(dpd, k, out=dq[:, rows])
             dk.baddbmm_(dpd.transpose(1, 2), qs[:, rows], alpha=rescale)
-            if mask is not None:
-                torch.where(mask, zero, probs, out=probs)
+            if mask is not None:  # dropped P, in the reused buffer (stored probabilities stay intact)
+                probs = torch.where(mask, zero, probs, out=chunks.view(chunks.scores, c))
             dv.baddbmm_(probs.transpose(1, 2), grad_out[:, rows], alpha=rescale)
         dq.mul_(rescale * d**-0.5)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def dropout_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, block_bytes: int) -> Tensor:
@@ -161,14 +167,17 @@ def dropout_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, block_b
     ``v (B, H, M, d_v)`` -> ``(B, H, N, d_v)``.
 
     One seed is drawn from the default generator per call (so ``torch.manual_seed`` makes a run reproducible
-    and ``torch.utils.checkpoint``'s RNG replay redraws the same masks). CPU, float32 / float64.
+    and ``torch.utils.checkpoint``'s RNG replay redraws the same masks). CPU, float32 / float64. The heads are
+    read in place (no contiguous copies); with ``B == 1`` the output is written token-major, so the caller's
+    ``out.transpose(1, 2).reshape(B, N, H * d_v)`` is a view.
     """
     b, h, n, d = q.shape
     m, d_v = k.shape[-2], v.shape[-1]
     seed = int(torch.randint(_SEED_RANGE, (1,)).item()) if dropout_p > 0 else 0
-    out = DropoutAttention.apply(q.reshape(b * h, n, d).contiguous(), k.reshape(b * h, m, d).contiguous(),
-                                 v.reshape(b * h, m, d_v).contiguous(), float(dropout_p), int(block_bytes), seed)
-    return out.view(b, h, n, d_v)
+    out = torch.empty(n, h, d_v, dtype=q.dtype).transpose(0, 1) if b == 1 else None
+    out = DropoutAttention.apply(q.reshape(b * h, n, d), k.reshape(b * h, m, d), v.reshape(b * h, m, d_v),
+                                 float(dropout_p), int(block_bytes), seed, out)
+    return out.reshape(b, h, n, d_v)
 
 
 class _MaskedScale(torch.autograd.Function):

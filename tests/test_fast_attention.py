@@ -52,12 +52,11 @@ def _chunk_masks(g, n, m, p, block_bytes, seed):
     return torch.cat([fa.drop_mask(g * min(rows, n - s), m, p, gen).view(g, -1, m) for s in range(0, n, rows)], 1)
 
 
-@pytest.mark.parametrize("store_masks", [True, False])
-def test_fast_attention_with_dropout_equals_the_masked_math(store_masks, monkeypatch):
+@pytest.mark.parametrize("store_bytes", [2**30, 4 * 37 * 53 * 2, 0])  # everything, masks only, nothing
+def test_fast_attention_with_dropout_equals_the_masked_math(store_bytes, monkeypatch):
     """Given its mask, the function is ``(softmax(q k^T / sqrt d) * keep / (1 - p)) v``, forward and backward,
-    whether the masks are stored for the backward pass or regenerated there from the seed."""
-    if not store_masks:
-        monkeypatch.setattr(fa, "MASK_STORE_BYTES", 0)
+    whether probabilities and masks are stored for the backward pass or recomputed there (masks from the seed)."""
+    monkeypatch.setattr(fa, "STORE_BYTES", store_bytes)
     p, seed, block = 0.3, 123, 4 * 6 * 53 * 4
     q, k, v = _qkv()
     grad_out = torch.randn(4, 37, 8)
