@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmark.analysis.significance import corrected_t_interval
 from benchmark.analysis.statistics import folds_per_repeat
+from benchmark.data.cohorts import cohort_names
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
 from benchmark.training.metrics import aggregate
 
@@ -235,12 +236,7 @@ def label_rows(records: list[dict], row_key: str) -> tuple[list[dict], list[str]
 
 
 def _cohort_columns(records: list[dict]) -> list[str]:
-    try:
-        from benchmark.data.cohorts import cohort_names
-
-        registered = list(cohort_names())
-    except Exception:  # the cohort registry is optional for rendering a store
-        registered = []
+    registered = list(cohort_names())
     seen = sorted({str(r["cohort"]) for r in records})
     return registered + [c for c in seen if c not in registered]
 

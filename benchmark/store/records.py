@@ -12,6 +12,7 @@ are retried.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,7 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy
+import pandas
+import sklearn
+import sksurv
 import torch
+
+from benchmark import __version__
 
 #: Version of the record layout (2: ``label`` added, ``unit`` only in ``config``; 1 is still read).
 SCHEMA = 2
@@ -87,13 +94,6 @@ _PROVENANCE_CACHE: dict[str, Any] = {}
 def software_provenance() -> dict[str, Any]:
     """Package versions and git commit (cached per process)."""
     if not _PROVENANCE_CACHE:
-        import numpy
-        import pandas
-        import sklearn
-        import sksurv
-
-        from benchmark import __version__
-
         _PROVENANCE_CACHE.update(
             {
                 "versions": {
@@ -176,8 +176,6 @@ class ResultStore:
         record = dict(record)
         record.setdefault("schema", SCHEMA)
         if state_dict is not None:
-            import io
-
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
             _atomic_write_bytes(self.weights_path(cell), buffer.getvalue())
