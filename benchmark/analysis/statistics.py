@@ -1,21 +1,21 @@
-"""Paired comparisons of methods evaluated on identical folds.
+"""Records -> statistics: paired comparisons, the tables' significance hook, ranks over cohorts, CD diagrams.
 
-Every method of a grid sees the same patients in the same folds, so two methods are compared *paired*:
+The procedures themselves are pure functions in :mod:`benchmark.analysis.significance` (each citing its source);
+this module reads fold records into them:
 
-- **per fold**: the difference of the fold C-indices (the numbers the tables average);
-- **paired bootstrap over patients** of the pooled out-of-fold risks: resample patients with replacement
-  (all samples of a drawn patient come along, so slide-level cells resample whole patients), recompute
-  Harrell's C-index of *both* methods on the same resample, and read a percentile confidence interval and a
-  two-sided p-value off the bootstrap distribution of the difference;
-- **over cohorts**: mean ranks (1 = best), the Friedman test (scipy) and the Nemenyi critical difference
-  with its diagram (Demšar 2006, JMLR 7:1-30).
+- :func:`column_data`: one table column (cohort) as per-(repeat, fold) values of each row, seeds averaged, with
+  the stored out-of-fold risks for the bootstrap tests (slide-level cells resample whole patients);
+- :class:`SignificanceOptions`: the declared family (all pairs, or every row vs a reference), Holm-adjusted, as
+  the tables' significance hook; :func:`calibration_rate`: its family-wise marking rate over real stores;
+  :func:`design_mde`: the minimum detectable difference of a design from its observed fold variance;
+- **over cohorts**: mean ranks, the Friedman / Iman-Davenport test and the Nemenyi critical difference with its
+  diagram (Demšar 2006, JMLR 7:1-30), drawn only when the test rejects;
+- the former **pooled** paired bootstrap (:func:`paired_bootstrap`, :func:`compare_cells`), kept as a labelled
+  alternative: one C-index on the risks pooled across folds, which is not the quantity the tables show.
 
 Harrell's C-index follows ``sksurv.metrics.concordance_index_censored`` exactly (risk ties within ``1e-8``
-count one half; an event is comparable to later times and to censored samples at its own time). The bootstrap
-evaluates it on weighted pair matrices, which equals recomputing it on the resample with duplicated rows.
-
-Records are read through :class:`benchmark.store.records.ResultStore` (layout of ``docs/ARCHITECTURE.md``,
-(``<results>/cells/<method>/<cohort>/<backbone>/<recipe>-<selection>-s<seed>/fold<k>.json``).
+count one half; an event is comparable to later times and to censored samples at its own time). The bootstraps
+evaluate it on weighted pair matrices, which equals recomputing it on the resample with duplicated rows.
 """
 from __future__ import annotations
 
