@@ -268,8 +268,17 @@ def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "good vs noise" in text and "blca" in text and "mean rank" in text.lower()
+    assert "Holm p = " in text and "Holm-adjusted over 3 comparisons (all pairs of rows)" in text
+    assert "minimum detectable difference" in text and "Iman-Davenport" in text
     data = json.loads(out_json.read_text())
     pair = next(p for p in data["pairs"] if p["a"] == "good" and p["b"] == "noise" and p["cohort"] == "blca")
-    assert pair["p_value"] < 0.05 and len(pair["fold_differences"]) == 5
+    assert pair["holm_p_value"] < 0.05 and pair["holm_p_value"] >= pair["p_value"]
+    assert len(pair["fold_differences"]) == 5
+    twin = next(p for p in data["pairs"] if p["a"] == "good" and p["b"] == "twin" and p["cohort"] == "blca")
+    assert twin["p_value"] == 1.0 and not twin["significant"]
     assert (tmp_path / "cd.png").exists()
+    assert main(["compare", "--results", str(store), "--methods", "good,noise,twin", "--reference", "noise",
+                 "--test", "corrected-t", "--dataset", "luad", "--cd-out", str(tmp_path / "cd2.png")]) == 0
+    text = capsys.readouterr().out
+    assert "noise vs good" in text and "every method vs noise" in text and "corrected resampled t-test" in text
     assert main(["compare", "--results", str(store), "--methods", "good,nosuch"]) == 2

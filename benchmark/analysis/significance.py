@@ -278,19 +278,26 @@ def fold_bootstrap_c(folds: Sequence[FoldSample], risks: Mapping[str, Sequence[n
     observed = np.zeros((len(folds), len(methods)))
     resampled = np.zeros((n_boot, len(folds), len(methods)))
     for j, fold in enumerate(folds):
-        comp = comparable_pairs(fold.time, fold.event)
+        fold_risks = [np.asarray(risks[m][j], float) for m in methods]
+        for m, risk in zip(methods, fold_risks):
+            if risk.shape != fold.time.shape:
+                raise ValueError(f"method {m!r}, fold {j}: {risk.size} risks for {fold.time.size} samples")
         weights = patient_resample_weights(rng, fold.patients, n_boot)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            denominators = weighted_quadratic_form(weights, comp)
-            for i, m in enumerate(methods):
-                risk = np.asarray(risks[m][j], float)
-                if risk.shape != fold.time.shape:
-                    raise ValueError(f"method {m!r}, fold {j}: {risk.size} risks for {fold.time.size} samples")
-                conc = concordance_scores(risk) * comp
-                observed[j, i] = conc.sum() / comp.sum()
-                resampled[:, j, i] = weighted_quadratic_form(weights, conc) / denominators
+        observed[j], resampled[:, j] = _fold_c_indices(fold, fold_risks, weights)
     means = resampled.mean(axis=1)
     return observed.mean(axis=0), means[np.isfinite(means).all(axis=1)]
+
+
+def _fold_c_indices(fold: FoldSample, fold_risks: Sequence[np.ndarray], weights: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """One fold's C-index of each method, observed (shape (M,)) and under each resample's weights (B, M)."""
+    comp = comparable_pairs(fold.time, fold.event)
+    conc = [concordance_scores(risk) * comp for risk in fold_risks]
+    observed = np.array([c.sum() / comp.sum() for c in conc])
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without a comparable pair: NaN, dropped
+        denominators = weighted_quadratic_form(weights, comp)
+        resampled = np.stack([weighted_quadratic_form(weights, c) / denominators for c in conc], axis=1)
+    return observed, resampled
 
 
 def bootstrap_p_value(differences: np.ndarray) -> float:

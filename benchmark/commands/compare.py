@@ -87,7 +87,8 @@ def _compare_cohort(cohort: str, rows: dict, options, confidence: float) -> dict
               f"p = {raw:.3g}, Holm p = {adjusted:.3g}{star}")
         pairs.append({"a": a, "b": b, "cohort": cohort, "fold_differences": diffs.tolist(),
                       "mean_fold_difference": float(diffs.mean()), "tested_difference": result.differences[(a, b)],
-                      "p_value": raw, "holm_p_value": adjusted, "significant": adjusted <= options.alpha})
+                      "p_value": float(raw), "holm_p_value": float(adjusted),
+                      "significant": bool(adjusted <= options.alpha)})
     intervals = {m: corrected_t_interval(v, data.n_folds, confidence) for m, v in data.fold_values.items()}
     print(f"mean {options.metric} [{confidence:.0%} CI, corrected t]: " +
           ", ".join(f"{m} {mean:.3f} [{lo:.3f}, {hi:.3f}]" for m, (mean, lo, hi) in intervals.items()))
