@@ -169,3 +169,11 @@ def test_table_command_significance_options(tmp_path, capsys):
     assert "↓" in text and "worse / better than good" in text and "Holm-adjusted over 1 comparison (" in text
     assert main(["table", "1", "--results", str(store), "--reference", "good"]) == 2  # a family needs --significance
     assert main(["table", "1", "--results", str(store), "--significance", "--metric", "c_index_uno"]) == 0
+
+
+def test_a_column_that_cannot_be_tested_is_named_not_fatal():
+    def hook(rows):
+        raise ValueError("fewer than 2 validation folds are shared by every row")
+
+    t = table1(grid(), significance=hook)
+    assert not t.marks and any("not tested" in n and "fewer than 2 validation folds" in n for n in t.notes)

@@ -278,7 +278,11 @@ def _apply_significance(table: ResultTable, significance: SignificanceHook, mark
     for col in table.columns:
         rows = {r: table.cells[(r, col)].records for r in table.rows
                 if table.cells.get((r, col)) is not None and table.cells[(r, col)].present}
-        result = significance(rows)
+        try:
+            result = significance(rows)
+        except ValueError as exc:  # e.g. fewer than 2 folds shared by the rows: say so, keep the table
+            untested.append(f"{col} ({exc})")
+            continue
         if result is None:
             untested += [col] if rows else []
             continue
