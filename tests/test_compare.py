@@ -177,6 +177,13 @@ def test_declared_families_mark_the_right_rows(store):
     assert compare.SignificanceOptions(family="reference", reference="absent")(rows) is None
     with pytest.raises(ValueError, match="--reference"):
         compare.SignificanceOptions(family="reference")
+    with pytest.raises(ValueError, match="corrected-t"):
+        compare.SignificanceOptions(metric="c_index_uno", test="fold-bootstrap")
+    # Uno's C (or any stored metric): the corrected t on the stored fold values
+    uno_rows = {m: [{**r, "metrics": {**r["metrics"], "c_index_uno": r["metrics"]["c_index"]}} for r in recs]
+                for m, recs in rows.items()}
+    uno = compare.SignificanceOptions(metric="c_index_uno")(uno_rows)
+    assert uno.test == "corrected-t" and uno.n_boot == 0
 
 
 def test_slide_level_cells_resample_patients(tmp_path):

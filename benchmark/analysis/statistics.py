@@ -361,6 +361,9 @@ class SignificanceOptions:
     def __post_init__(self):
         if self.family == "reference" and not self.reference:
             raise ValueError("the reference family needs --reference NAME")
+        if self.metric != "c_index" and self.test in ("fold-bootstrap", "pooled-bootstrap"):
+            raise ValueError(f"the {self.test} test recomputes Harrell's C-index; for {self.metric} use "
+                             "--test corrected-t (or auto)")
 
     def __call__(self, rows: Mapping[str, Sequence[Mapping]]) -> ColumnSignificance | None:
         """Test one column (``row -> its fold records``); None when fewer than 2 rows, or the reference is absent."""
