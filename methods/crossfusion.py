@@ -231,12 +231,12 @@ class CrossFusion(_CrossFusionBase):
         self.fine_ln = nn.LayerNorm(d)
         self.source_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=False)
         self.source_ln = nn.LayerNorm(d)
+        if fusion == "concat":  # CrossFusionConcat registers it before the final transformer
+            self.pre_final_linear = nn.Sequential(nn.Linear(3 * d, d), nn.LayerNorm(d))
         self.final_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=True)
         self.final_ln = nn.LayerNorm(d)
         if fusion == "conv":
             self.conv_processor = ConvProcessor(d, dropout, n_scales=3, settings=s)
-        else:
-            self.pre_final_linear = nn.Sequential(nn.Linear(3 * d, d), nn.LayerNorm(d))
         self.mlp_head = nn.Sequential(nn.Linear(d, n_bins))
         self.apply(init_weights_like_official)
 
