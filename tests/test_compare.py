@@ -289,3 +289,11 @@ def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "noise vs good" in text and "every method vs noise" in text and "corrected resampled t-test" in text
     assert main(["compare", "--results", str(store), "--methods", "good,nosuch"]) == 2
+
+
+def test_calibration_command_prints_the_rate(tmp_path, capsys):
+    roots = [str(write_fake_store(tmp_path / f"s{i}", methods=("good", "peer"), n_patients=60, seed=i))
+             for i in range(2)]
+    assert main(["calibration", "--results", *roots, "--n-boot", "200"]) == 0
+    text = capsys.readouterr().out
+    assert "of 4 columns marked" in text and "vs alpha 0.05" in text

@@ -40,10 +40,10 @@ TESTS = ("auto", "corrected-t", "fold-bootstrap", "pooled-bootstrap")
 FAMILIES = ("reference", "all-pairs")
 TEST_DESCRIPTIONS = {
     "corrected-t": "corrected resampled t-test (Nadeau & Bengio 2003) over the per-fold differences",
-    "fold-bootstrap": "paired bootstrap of patients within each fold, per-fold C-index recomputed (test-set "
-                      "sampling only)",
-    "pooled-bootstrap": "paired bootstrap over patients of the risks pooled across folds (pooled C-index, not the "
-                        "quantity of the table)",
+    "fold-bootstrap": "paired bootstrap of patients within each fold, per-fold C-index recomputed, covering "
+                      "test-set sampling only",
+    "pooled-bootstrap": "paired bootstrap over patients of the risks pooled across folds, a pooled C-index that is "
+                        "not the quantity of the table",
 }
 
 
