@@ -81,3 +81,11 @@ def test_report_states_design_mde_and_d_calibration(tmp_path):
     calibration = text.split("**D-calibration")[1]
     good_row = next(line for line in calibration.splitlines() if line.startswith("| good |"))
     assert f"{combine_pvalues(fold_ps, method='fisher').pvalue:.3f}" in good_row
+
+
+def test_report_reference_family(tmp_path):
+    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=80)
+    text = build_report(Results.open(store), tmp_path / "r.md", n_boot=100, audit_cards=False,
+                        reference="good").read_text()
+    noise_row = next(line for line in text.splitlines() if line.startswith("| noise |"))
+    assert noise_row.count("↓") == 2 and "worse / better than good" in text

@@ -209,7 +209,7 @@ def build_report(
     n_boot, alpha, boot_seed : settings of the significance markers (all pairs of methods, Holm-adjusted per
         column, default test: see :mod:`benchmark.analysis.significance`) and of the rank statistics.
     reference : str, optional
-        Mark every method against this one instead of all pairs.
+        Mark every method against this one in Table 1 instead of all pairs (Table 2, rows = backbones: all pairs).
     audit_cards : bool
         Build each cohort's report card with the data layer's audit of the clinical table and splits named in
         the records' provenance (when reachable); False reads it off the stored predictions (evaluated
@@ -226,6 +226,8 @@ def build_report(
         raise FileNotFoundError(f"{results.root}: no successful records to report")
     significance = compare.SignificanceOptions(family="reference" if reference else "all-pairs", reference=reference,
                                                alpha=alpha, n_boot=n_boot, seed=boot_seed)
+    # Table 2's rows are backbones: a method reference means nothing there, so its family is all pairs
+    backbone_significance = compare.SignificanceOptions(alpha=alpha, n_boot=n_boot, seed=boot_seed)
     rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
 
     lines = [
@@ -262,7 +264,7 @@ def build_report(
             for method in sorted({r["method"] for r in recs if r.get("status") == "ok"}):
                 if len({r["backbone"] for r in recs if r["method"] == method and r.get("status") == "ok"}) > 1:
                     t = tables.table2(recs, method=method, recipe=recipe, selection=selection,
-                                      significance=significance, marker=compare.SIGNIFICANCE_MARKER)
+                                      significance=backbone_significance, marker=compare.SIGNIFICANCE_MARKER)
                     lines += [tables.render(t, "md"), ""]
 
     # --- comparisons and Kaplan-Meier per backbone and protocol -----------------------------------------
