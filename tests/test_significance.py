@@ -194,6 +194,17 @@ def test_fold_sample_and_column_data_validate():
         sig.ColumnData({"a": np.zeros(5), "b": np.zeros(5)}, 1)
     with pytest.raises(ValueError, match="predictions"):
         sig.resolve_test("fold-bootstrap", sig.ColumnData({"a": np.zeros(5), "b": np.zeros(5)}, 5))
+    fold = sig.FoldSample(np.arange(1.0, 5.0), np.ones(4), np.arange(4))
+    with pytest.raises(ValueError, match="risks for 2 folds, expected 1"):
+        sig.fold_bootstrap_c([fold], {"a": [np.zeros(4), np.zeros(4)]})
+    with pytest.raises(ValueError, match="3 risks for 4 samples"):
+        sig.fold_bootstrap_c([fold], {"a": [np.zeros(3)]})
+    with pytest.raises(ValueError, match="fold samples"):
+        sig.ColumnData({"a": np.zeros(5), "b": np.zeros(5)}, 5, folds=(fold,))
+    with pytest.raises(ValueError, match="confidence"):
+        sig.corrected_t_interval([0.5, 0.6], 5, confidence=95)
+    with pytest.raises(ValueError, match="alpha"):
+        sig.column_significance(sig.ColumnData({"a": np.zeros(5), "b": np.ones(5)}, 5), alpha=5)
 
 
 # --------------------------------------------------------------------------------------------------
