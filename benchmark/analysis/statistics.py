@@ -41,7 +41,7 @@ from benchmark.analysis.significance import (
     marking_rate,
     minimum_detectable_difference,
     nemenyi_critical_difference,
-    nemenyi_q,
+    nemenyi_q,  # noqa: F401  re-exported: callers ask this module for the Nemenyi q
 )
 from benchmark.store.query import Results, fold_order, group_cells, recorded_n_folds
 
