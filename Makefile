@@ -8,14 +8,18 @@ DATASETS ?= all
 JOBS     ?= 2
 # Table 2 method (the paper's is CrossFusion; e.g. `make table2 TABLE2_METHOD=amil` for a fast backbone ranking)
 TABLE2_METHOD ?= crossfusion
+# Null calibration: methods run on --signal none data (every method equally good), one store per data seed
+CALIBRATION_METHODS ?= amil,dsmil,transmil,random
+CALIBRATION_RESULTS ?= results/calibration
 
-.PHONY: install test table1 table2 clean-results help
+.PHONY: install test table1 table2 calibration clean-results help
 
 help:
 	@echo "make install   - create $(VENV) with the pinned CPU stack and install the harness"
 	@echo "make test      - run the test suite"
 	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
 	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
+	@echo "make calibration - methods on --signal none data; prints how often --significance marks a row vs alpha"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,3 +38,7 @@ table1: install
 table2: install
 	$(PY) -m benchmark run --methods $(TABLE2_METHOD) --dataset $(DATASETS) --backbone all --jobs $(JOBS) --results $(RESULTS)
 	$(PY) -m benchmark table 2 --results $(RESULTS) --method $(TABLE2_METHOD) --format md --out $(RESULTS)/table2.md
+
+calibration: install
+	$(PY) -m benchmark run --methods $(CALIBRATION_METHODS) --dataset all --backbone resnet50 --signal none --jobs $(JOBS) --results $(CALIBRATION_RESULTS)
+	$(PY) -m benchmark calibration --results $(CALIBRATION_RESULTS)

@@ -22,6 +22,7 @@ FAKE_METHODS = {
     "good": lambda z, noise: z + 0.3 * noise,   # strongly prognostic
     "twin": lambda z, noise: z + 0.3 * noise,   # identical risks to "good"
     "noise": lambda z, noise: noise,            # random
+    "peer": lambda z, noise: z + 0.3 * np.roll(noise, 1),  # as good as "good", its own errors
 }
 
 
@@ -136,13 +137,82 @@ def test_bootstrap_is_seeded_and_resamples_patients(tmp_path):
     assert r1.ci_low <= r1.difference <= r1.ci_high
 
 
-def test_significance_hook_marks_worse_rows(store):
+def test_column_data_reads_fold_values_and_predictions(store):
     rows = {m: select_cell(store, m, "luad") for m in ("good", "twin", "noise")}
-    result = compare.significance_vs_best(rows, n_boot=200, seed=0)
-    best = [k for k, v in result.items() if v is None]
-    assert len(best) == 1 and best[0] in ("good", "twin")
-    assert compare.significant_rows(rows, n_boot=200, seed=0) == {"noise"}
-    assert compare.SIGNIFICANCE_MARKER in compare.significance_footnote()
+    data = compare.column_data(rows)
+    assert data.n_folds == 5 and data.n_repeats == 1 and len(data.folds) == 5
+    np.testing.assert_allclose(data.fold_values["noise"], [r["metrics"]["c_index"] for r in rows["noise"]])
+    for fold, risk, record in zip(data.folds, data.risks["good"], rows["good"]):
+        ref = concordance_index_censored(fold.event.astype(bool), fold.time, risk, tied_tol=1e-8)[0]
+        assert ref == pytest.approx(record["metrics"]["c_index"])
+    # another metric: fold values only (the corrected t is the test that needs no predictions)
+    uno = compare.column_data(rows, metric="c_index", predictions=False)
+    assert uno.folds is None and np.allclose(uno.fold_values["noise"], data.fold_values["noise"])
+
+
+def test_column_data_repeats_and_seeds(store):
+    good, noise = select_cell(store, "good", "blca"), select_cell(store, "noise", "blca")
+    def copies(records, **change):
+        return [{**r, **change} for r in records]
+    # a second seed of "good" with its risks reversed: the fold value is the mean of both seeds' C-indices
+    flipped = [{**r, "seed": 1, "metrics": {**r["metrics"], "c_index": 1 - r["metrics"]["c_index"]},
+                "predictions": [{**p, "risk": -p["risk"]} for p in r["predictions"]]} for r in good]
+    data = compare.column_data({"good": good + flipped, "noise": noise})
+    np.testing.assert_allclose(data.fold_values["good"], 0.5)
+    # two repeats: J = 10 fold values, and the default test becomes the corrected t
+    repeated = compare.column_data({"good": good + copies(good, repeat=1), "noise": noise + copies(noise, repeat=1)})
+    assert len(repeated.fold_values["good"]) == 10 and repeated.n_repeats == 2
+    options = compare.SignificanceOptions(family="reference", reference="good")
+    result = options({"good": good + copies(good, repeat=1), "noise": noise + copies(noise, repeat=1)})
+    assert result.test == "corrected-t" and result.marks == {"noise": "worse"}
+
+
+def test_declared_families_mark_the_right_rows(store):
+    rows = {m: select_cell(store, m, "luad") for m in ("good", "twin", "noise")}
+    all_pairs = compare.SignificanceOptions(n_boot=300)(rows)
+    assert all_pairs.family == "all-pairs" and all_pairs.n_comparisons == 3 and all_pairs.marks == {"noise": "worse"}
+    assert all_pairs.raw_p[("good", "twin")] == 1.0  # identical risks
+    ref = compare.SignificanceOptions(family="reference", reference="noise", n_boot=300)(rows)
+    assert ref.marks == {"good": "better", "twin": "better"} and "every method vs noise" in ref.footer()
+    assert compare.SignificanceOptions(family="reference", reference="absent")(rows) is None
+    with pytest.raises(ValueError, match="--reference"):
+        compare.SignificanceOptions(family="reference")
+    with pytest.raises(ValueError, match="corrected-t"):
+        compare.SignificanceOptions(metric="c_index_uno", test="fold-bootstrap")
+    # Uno's C (or any stored metric): the corrected t on the stored fold values
+    uno_rows = {m: [{**r, "metrics": {**r["metrics"], "c_index_uno": r["metrics"]["c_index"]}} for r in recs]
+                for m, recs in rows.items()}
+    uno = compare.SignificanceOptions(metric="c_index_uno")(uno_rows)
+    assert uno.test == "corrected-t" and uno.n_boot == 0
+
+
+def test_slide_level_cells_resample_patients(tmp_path):
+    root = write_fake_store(tmp_path, methods=("good", "noise"), cohorts=("blca",), n_patients=60, slides_per_patient=2)
+    data = compare.column_data({m: select_cell(root, m, "blca") for m in ("good", "noise")})
+    fold = data.folds[0]
+    assert fold.time.size == 2 * np.unique(fold.patients).size  # two slides per patient, one patient code
+
+
+def test_design_mde_pools_the_pairs(store):
+    from benchmark.analysis.significance import minimum_detectable_difference
+
+    rows = {m: select_cell(store, m, "blca") for m in ("good", "twin", "noise")}
+    data = compare.column_data(rows, predictions=False)
+    v = data.fold_values
+    assert np.var(v["good"] - v["twin"]) == 0  # identical models: left out of the pooled variance
+    pooled_sd = np.sqrt(np.mean([np.var(v["good"] - v["noise"], ddof=1), np.var(v["twin"] - v["noise"], ddof=1)]))
+    assert compare.design_mde(data) == pytest.approx(minimum_detectable_difference(pooled_sd, 5, 5))
+
+
+def test_calibration_rate_from_stores_of_equally_good_methods(tmp_path):
+    stores = [Results.open(write_fake_store(tmp_path / f"s{i}", methods=("good", "peer"), n_patients=80, seed=i))
+              for i in range(4)]
+    options = compare.SignificanceOptions(n_boot=200)
+    rate = compare.calibration_rate(stores, options)
+    assert rate.columns == 8  # 4 stores x 2 cohorts
+    expected = sum(bool(options({m: s.cell(m, c) for m in ("good", "peer")}).marks)
+                   for s in stores for c in ("blca", "luad"))
+    assert rate.marked == expected and rate.marked <= 1
 
 
 def test_ranks_friedman_and_critical_difference(tmp_path):
@@ -157,11 +227,19 @@ def test_ranks_friedman_and_critical_difference(tmp_path):
     assert summary.ranks.to_dict() == pytest.approx({"a": 1.25, "b": 1.75, "c": 3.0})
     from scipy.stats import friedmanchisquare
     assert summary.friedman_p_value == pytest.approx(friedmanchisquare(*scores.T.to_numpy()).pvalue)
+    # Iman-Davenport: chi2 = 12*4/12 (1.25^2 + 1.75^2 + 3^2 - 12) = 6.5, F = 3 * 6.5 / (8 - 6.5) = 13, df (2, 6)
+    assert summary.friedman.f == pytest.approx(13.0) and (summary.friedman.df1, summary.friedman.df2) == (2, 6)
+    assert summary.significant and "significant" in summary.describe()
     cd = summary.critical_difference
     for group in summary.cliques():
         assert summary.ranks[list(group)].max() - summary.ranks[list(group)].min() < cd
     path = compare.critical_difference_diagram(summary, tmp_path / "cd.png")
     assert path.exists() and path.stat().st_size > 5000
+    # no ranking drawn when the test does not reject: the summary and the figure say "not significant"
+    flat = pd.DataFrame({"a": [0.7, 0.6, 0.5, 0.6], "b": [0.6, 0.7, 0.6, 0.5], "c": [0.5, 0.5, 0.7, 0.7]})
+    flat_summary = compare.rank_summary(flat)
+    assert not flat_summary.significant and "not significant" in flat_summary.describe()
+    assert compare.critical_difference_diagram(flat_summary, tmp_path / "flat.png").exists()
 
 
 def test_score_table_ranks_only_cells_with_every_fold(tmp_path):
@@ -180,6 +258,16 @@ def test_score_table_ranks_only_cells_with_every_fold(tmp_path):
     assert list(compare.score_table(Results.open(root), ["good", "noise", "twin"]).columns) == ["good", "noise"]
 
 
+def test_score_table_data_sets_are_cohorts_with_backbones_averaged(tmp_path):
+    root = write_fake_store(tmp_path / "s", methods=("good", "noise"), n_patients=60)
+    write_fake_store(tmp_path / "s", methods=("good", "noise"), n_patients=60, backbone="uni", seed=5)
+    results = Results.open(root)
+    both = compare.score_table(results, ["good", "noise"])
+    assert list(both.index) == ["blca", "luad"]  # not blca/resnet50, blca/uni: those share patients
+    one = {b: compare.score_table(results, ["good", "noise"], backbone=b) for b in ("resnet50", "uni")}
+    np.testing.assert_allclose(both.to_numpy(), (one["resnet50"].to_numpy() + one["uni"].to_numpy()) / 2)
+
+
 def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
     out_json = tmp_path / "cmp.json"
     rc = main(["compare", "--results", str(store), "--methods", "good,twin,noise", "--n-boot", "100",
@@ -187,8 +275,25 @@ def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "good vs noise" in text and "blca" in text and "mean rank" in text.lower()
+    assert "Holm p = " in text and "Holm-adjusted over 3 comparisons (all pairs of rows)" in text
+    assert "minimum detectable difference" in text and "Iman-Davenport" in text
     data = json.loads(out_json.read_text())
     pair = next(p for p in data["pairs"] if p["a"] == "good" and p["b"] == "noise" and p["cohort"] == "blca")
-    assert pair["p_value"] < 0.05 and len(pair["fold_differences"]) == 5
+    assert pair["holm_p_value"] < 0.05 and pair["holm_p_value"] >= pair["p_value"]
+    assert len(pair["fold_differences"]) == 5
+    twin = next(p for p in data["pairs"] if p["a"] == "good" and p["b"] == "twin" and p["cohort"] == "blca")
+    assert twin["p_value"] == 1.0 and not twin["significant"]
     assert (tmp_path / "cd.png").exists()
+    assert main(["compare", "--results", str(store), "--methods", "good,noise,twin", "--reference", "noise",
+                 "--test", "corrected-t", "--dataset", "luad", "--cd-out", str(tmp_path / "cd2.png")]) == 0
+    text = capsys.readouterr().out
+    assert "noise vs good" in text and "every method vs noise" in text and "corrected resampled t-test" in text
     assert main(["compare", "--results", str(store), "--methods", "good,nosuch"]) == 2
+
+
+def test_calibration_command_prints_the_rate(tmp_path, capsys):
+    roots = [str(write_fake_store(tmp_path / f"s{i}", methods=("good", "peer"), n_patients=60, seed=i))
+             for i in range(2)]
+    assert main(["calibration", "--results", *roots, "--n-boot", "200"]) == 0
+    text = capsys.readouterr().out
+    assert "of 4 columns marked" in text and "vs alpha 0.05" in text

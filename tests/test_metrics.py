@@ -1,11 +1,17 @@
 """Metrics: sign contract, brute-force agreement, the 275 released MCAT folds, IPCW metrics, aggregation."""
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from benchmark.training.metrics import aggregate, c_index, discrete_survival_function, evaluate, evaluation_times
+from scipy import stats
+from sksurv.metrics import brier_score, integrated_brier_score
+from sksurv.util import Surv
+
+from benchmark.training.metrics import (aggregate, c_index, censor_after, d_calibration, evaluate, evaluation_times,
+                                        survival_at)
 
 PREDICTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga_clinical" / "derived" / "predictions"
 
@@ -76,14 +82,106 @@ def test_aggregate_population_std_and_nan():
     assert np.isnan(aggregate([])[0])
 
 
-def test_discrete_survival_step_function():
+def test_survival_curve_constant_hazard_within_bins():
     s = np.array([[0.9, 0.6, 0.3, 0.1]])
     edges = [0.0, 10.0, 20.0, 30.0, 100.0]
-    # before the first inner edge S = 1; [10, 20) -> S_1; [20, 30) -> S_2; [30, ...) -> S_3 then S_4 past the end
-    got = discrete_survival_function(s, edges, [5.0, 10.0, 19.9, 20.0, 35.0, 100.0])
-    np.testing.assert_allclose(got, [[1.0, 0.9, 0.9, 0.6, 0.3, 0.1]])
+    # S = 1 up to e_0; at the edges S_k; half-way through bin 1: sqrt(0.9); through bin 2: 0.9 sqrt(0.6 / 0.9)
+    got = survival_at(s, edges, [-1.0, 0.0, 5.0, 10.0, 15.0, 20.0, 100.0])
+    np.testing.assert_allclose(got, [[1.0, 1.0, math.sqrt(0.9), 0.9, 0.9 * math.sqrt(0.6 / 0.9), 0.6, 0.1]])
     with pytest.raises(ValueError, match="K \\+ 1 bin edges"):
-        discrete_survival_function(s, edges[:-1], [1.0])
+        survival_at(s, edges[:-1], [1.0])
+
+
+def test_survival_curve_is_exact_for_an_exponential_model():
+    """Known answer: with a constant hazard, S_k = exp(-lambda e_k) at the edges reproduces exp(-lambda t)
+    everywhere, past the last edge included."""
+    rates = np.array([0.01, 0.05, 0.2])
+    edges = np.array([0.0, 3.0, 7.5, 20.0, 41.0])
+    times = np.linspace(0, 60, 121)
+    got = survival_at(np.exp(-np.outer(rates, edges[1:])), edges, times)
+    np.testing.assert_allclose(got, np.exp(-np.outer(rates, times)), rtol=1e-12)
+
+
+def test_ibs_known_answer_without_censoring():
+    """No censoring: the censoring weights are 1 and BS(t) = mean((1{T > t} - S(t))^2), integrated by the
+    trapezoidal rule over the grid and divided by its length (sksurv's definition)."""
+    rng = np.random.default_rng(0)
+    rate = np.exp(rng.normal(size=120)) / 20
+    time = rng.exponential(1 / rate)
+    event = np.ones(120, dtype=int)
+    train, test = slice(0, 80), slice(80, None)
+    edges = np.r_[0.0, np.quantile(time[train], [0.25, 0.5, 0.75]), time.max() + 1]
+    survival = np.exp(-np.outer(rate[test], edges[1:]))
+    got = evaluate(time[test], event[test], rate[test], time[train], event[train], survival=survival, bin_edges=edges)
+    grid = evaluation_times(time[train], time[test])
+    truth = np.exp(-np.outer(rate[test], grid))
+    bs = np.mean(((time[test][:, None] > grid[None, :]) - truth) ** 2, axis=0)
+    expected = np.sum(np.diff(grid) * (bs[1:] + bs[:-1]) / 2) / (grid[-1] - grid[0])
+    assert got["ibs"] == pytest.approx(expected, rel=1e-10)
+    y_train, y_test = Surv.from_arrays(event[train] == 1, time[train]), Surv.from_arrays(event[test] == 1, time[test])
+    assert got["ibs"] == pytest.approx(integrated_brier_score(y_train, y_test, truth, grid), rel=1e-10)
+
+
+def test_censoring_after_the_grid_leaves_sksurv_brier_scores_unchanged():
+    time, event, x = _surv_data(seed=3, n=300)
+    y_train = Surv.from_arrays(event[:200].astype(bool), time[:200])
+    grid = np.quantile(time[200:], [0.2, 0.4, 0.6])
+    estimate = np.exp(-np.outer(np.exp(x[200:]), grid) / 30)
+    t_cut, e_cut = censor_after(time[200:], event[200:], grid[-1])
+    assert t_cut.max() > grid[-1] and (t_cut <= np.sort(time[200:][time[200:] > grid[-1]])[0]).all()
+    plain = brier_score(y_train, Surv.from_arrays(event[200:].astype(bool), time[200:]), estimate, grid)[1]
+    cut = brier_score(y_train, Surv.from_arrays(e_cut, t_cut), estimate, grid)[1]
+    np.testing.assert_allclose(cut, plain, rtol=1e-12)
+
+
+def test_no_nan_in_thirty_ordinary_folds():
+    """Issue 13, point 5: IBS / td-AUC were NaN whenever a validation event fell after the last training time."""
+    for draw in range(30):
+        rng = np.random.default_rng(100 + draw)
+        n = int(rng.integers(60, 200))
+        x = rng.normal(size=n)
+        t_event, t_cens = rng.exponential(30 * np.exp(-x)), rng.uniform(2, 150, n)
+        time, event = np.minimum(t_event, t_cens).round(1) + 0.1, (t_event <= t_cens).astype(int)
+        fold = rng.permutation(np.arange(n) % 5)
+        tr, te = fold != 0, fold == 0
+        edges = np.r_[time[tr].min() - 1e-6, np.quantile(time[tr][event[tr] == 1], [0.25, 0.5, 0.75]),
+                      time[tr].max() + 1e-6]
+        survival = np.exp(-np.outer(np.exp(x[te]), edges[1:]) / 30)
+        errors = {}
+        got = evaluate(time[te], event[te], x[te], time[tr], event[tr], survival=survival, bin_edges=edges,
+                       errors=errors)
+        assert errors == {} and all(np.isfinite(v) for v in got.values()), (draw, got, errors)
+
+
+def test_metric_failures_keep_their_reason():
+    errors = {}
+    got = evaluate([1.0, 2.0, 3.0, 4.0], [0, 0, 0, 0], [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 5.0], [1, 0, 1],
+                   errors=errors)
+    assert np.isnan(got["c_index"]) and "all samples are censored" in errors["c_index"]
+    assert "Cox head" in errors["ibs"] and "Cox head" in errors["d_calibration_p"]
+
+
+def test_d_calibration_hand_computed():
+    # 4 bins. uncensored S=0.1 -> bin 0; uncensored S=0.6 -> bin 2; censored s=0.6 -> (0.6-0.5)/0.6 = 1/6 to bin 2
+    # and 1/(4*0.6) to bins 0, 1; censored s=0.2 -> (0.2-0)/0.2 = 1 to bin 0
+    result = d_calibration([0.1, 0.6, 0.6, 0.2], [1, 1, 0, 0], n_bins=4)
+    np.testing.assert_allclose(result.counts, [2 + 1 / 2.4, 1 / 2.4, 1 + 1 / 6, 0.0])
+    statistic = sum((c - 1.0) ** 2 for c in result.counts)
+    assert result.statistic == pytest.approx(statistic) and result.statistic == pytest.approx(3.375, abs=1e-9)
+    assert result.p_value == pytest.approx(stats.chisquare(result.counts).pvalue)
+    with pytest.raises(ValueError):
+        d_calibration([0.5, 0.2], [1], n_bins=4)
+
+
+def test_d_calibration_tells_calibrated_from_miscalibrated():
+    rng = np.random.default_rng(11)
+    rate = np.exp(rng.normal(size=3000)) / 30
+    t_event, t_cens = rng.exponential(1 / rate), rng.uniform(0, 100, 3000)
+    time, event = np.minimum(t_event, t_cens), t_event <= t_cens
+    calibrated = d_calibration(np.exp(-rate * time), event)
+    too_pessimistic = d_calibration(np.exp(-3 * rate * time), event)
+    assert calibrated.counts.sum() == pytest.approx(3000)
+    assert calibrated.p_value > 0.05 and too_pessimistic.p_value < 1e-6
 
 
 def _surv_data(seed=1, n=200):
@@ -104,7 +202,7 @@ def test_evaluate_informative_beats_reversed():
     bad_s = np.exp(-np.outer(np.exp(-x[te]), ends) / 30)
     good = evaluate(time[te], event[te], x[te], time[tr], event[tr], survival=good_s, bin_edges=edges)
     bad = evaluate(time[te], event[te], -x[te], time[tr], event[tr], survival=bad_s, bin_edges=edges)
-    assert set(good) == {"c_index", "c_index_uno", "ibs", "mean_auc"}
+    assert set(good) == {"c_index", "c_index_uno", "ibs", "mean_auc", "d_calibration_p"}
     assert good["c_index"] > 0.65 and bad["c_index"] == pytest.approx(1 - good["c_index"], abs=1e-9)
     assert good["c_index_uno"] > 0.6 > bad["c_index_uno"]
     assert good["mean_auc"] > 0.6 > bad["mean_auc"]

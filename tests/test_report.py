@@ -63,3 +63,29 @@ def test_report_cli(tmp_path, capsys):
     assert main(["report", "--results", str(store), "--n-boot", "50", "--cards-from-records"]) == 0
     assert (store / "report.md").exists() and "wrote" in capsys.readouterr().out
     assert main(["report", "--results", str(tmp_path / "nothing")]) == 2
+
+
+def test_report_states_design_mde_and_d_calibration(tmp_path):
+    from scipy.stats import combine_pvalues
+
+    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=80)
+    fold_ps = [0.5, 0.2, 0.9, 0.04, 0.3]
+    for k, p in enumerate(fold_ps):  # D-calibration p-values of the 'good' cell on blca, as the runner records them
+        path = store / "cells" / "good" / "blca" / "resnet50" / "harmonized-last_epoch-s0" / f"fold{k}.json"
+        record = json.loads(path.read_text())
+        record["metrics"]["d_calibration_p"] = p
+        path.write_text(json.dumps(record))
+    text = build_report(Results.open(store), tmp_path / "r.md", n_boot=100, audit_cards=False).read_text()
+    assert "**Design, backbone resnet50" in text and "MDE (C-index)" in text
+    assert "Iman-Davenport" in text and "Holm-adjusted over 1 comparison" in text
+    calibration = text.split("**D-calibration")[1]
+    good_row = next(line for line in calibration.splitlines() if line.startswith("| good |"))
+    assert f"{combine_pvalues(fold_ps, method='fisher').pvalue:.3f}" in good_row
+
+
+def test_report_reference_family(tmp_path):
+    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=80)
+    text = build_report(Results.open(store), tmp_path / "r.md", n_boot=100, audit_cards=False,
+                        reference="good").read_text()
+    noise_row = next(line for line in text.splitlines() if line.startswith("| noise |"))
+    assert noise_row.count("↓") == 2 and "worse / better than good" in text

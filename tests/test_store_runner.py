@@ -78,7 +78,10 @@ def test_grid_records_errors_skips_and_overwrites(tmp_path, monkeypatch):
     assert rec["config_hash"] == hashed_config(rec["config"]) and rec["config"]["recipe"]["epochs"] == 2
     assert {"versions", "git_commit", "created"} <= set(rec["provenance"])
     assert len(rec["predictions"]) == 15 and {"sample_id", "patient_id", "time", "event", "risk"} <= set(rec["predictions"][0])
-    assert set(rec["metrics"]) == {"c_index", "c_index_uno", "ibs", "mean_auc"} and len(rec["bin_edges"]) == 5
+    assert set(rec["metrics"]) == {"c_index", "c_index_uno", "ibs", "mean_auc", "d_calibration_p"}
+    assert len(rec["bin_edges"]) == 5
+    # every NaN metric has its reason recorded (none when all are defined)
+    assert set(rec.get("metric_errors", {})) == {k for k, v in rec["metrics"].items() if v is None or v != v}
     # rerun: finished cells are skipped, failed ones retried
     again = run_grid(configs, store, CPU, loader=toy_loader, show_progress=False)
     assert len(again.skipped) == 2 and [r["cell"] for r in again.ran] == [c.label() for c in cells[2:]]

@@ -135,3 +135,45 @@ def test_older_synthetic_data_versions_never_share_a_table():
 
     kept, note = newest_data_records([recs[-5]], among=recs)  # a v3 record alone, judged against the store
     assert kept == [] and "version 3" in note
+
+
+def test_declared_family_marks_footer_and_confidence_intervals(tmp_path):
+    from benchmark.analysis.significance import corrected_t_interval
+    from benchmark.analysis.statistics import SignificanceOptions
+    from test_compare import write_fake_store
+
+    store = write_fake_store(tmp_path / "s", methods=("good", "twin", "noise"), n_patients=100)
+    records = ResultStore(store).records()
+    t = table1(records, significance=SignificanceOptions(n_boot=200), marker="*", ci=0.95)
+    assert {k for k, v in t.marks.items()} == {("noise", "blca"), ("noise", "luad")}
+    md = render(t, "md")
+    footer = [n for n in t.notes if "Holm" in n]
+    assert len(footer) == 1 and "3 comparisons (all pairs of rows)" in footer[0] and "alpha 0.05" in footer[0]
+    assert "95% CI" in md.splitlines()[0] and "Nadeau-Bengio" in md
+    cell = t.cells[("good", "blca")]
+    _, low, high = corrected_t_interval(cell.values, 5, 0.95)
+    assert f"{cell.mean:.3f} [{low:.3f}, {high:.3f}]" in md
+    ref = table1(records, significance=SignificanceOptions(family="reference", reference="noise", n_boot=200))
+    assert ref.marks[("good", "luad")] == "↑" and ref.marks[("twin", "blca")] == "↑" and ("noise", "blca") not in ref.marks
+    assert r"$\uparrow$" in render(ref, "latex")
+
+
+def test_table_command_significance_options(tmp_path, capsys):
+    from benchmark.cli import main
+    from test_compare import write_fake_store
+
+    store = write_fake_store(tmp_path / "s", methods=("good", "noise"), n_patients=80)
+    assert main(["table", "1", "--results", str(store), "--significance", "--reference", "good", "--n-boot", "200",
+                 "--test", "fold-bootstrap", "--alpha", "0.05"]) == 0
+    text = capsys.readouterr().out
+    assert "↓" in text and "worse / better than good" in text and "Holm-adjusted over 1 comparison (" in text
+    assert main(["table", "1", "--results", str(store), "--reference", "good"]) == 2  # a family needs --significance
+    assert main(["table", "1", "--results", str(store), "--significance", "--metric", "c_index_uno"]) == 0
+
+
+def test_a_column_that_cannot_be_tested_is_named_not_fatal():
+    def hook(rows):
+        raise ValueError("fewer than 2 validation folds are shared by every row")
+
+    t = table1(grid(), significance=hook)
+    assert not t.marks and any("not tested" in n and "fewer than 2 validation folds" in n for n in t.notes)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from benchmark.analysis import statistics as compare
+from benchmark.analysis.significance import fisher_combined_p
 from benchmark.store.query import Results, group_cells
 
 
@@ -109,8 +109,77 @@ def _report_card(cohort: str, records: Sequence[dict], use_audit: bool) -> tuple
     return "records", _md_table(report_card_from_records(records), index=False)
 
 
+def calibration_table(records: Sequence[dict]) -> pd.DataFrame:
+    """D-calibration per cell (methods x cohorts): Fisher's combination of the folds' chi-square p-values
+    (Haider et al. 2020; the folds' validation patients are disjoint). Small = miscalibrated survival curves."""
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in records:
+        value = (r.get("metrics") or {}).get("d_calibration_p")
+        if value is not None and math.isfinite(value):
+            cells[(r["method"], r["cohort"])].append(float(value))
+    frame = pd.DataFrame({cohort: {m: fisher_combined_p(ps)} for (m, cohort), ps in cells.items()})
+    if frame.empty:
+        return frame
+    frame = frame.groupby(level=0).first().reindex(sorted({m for m, _ in cells}))
+    frame.index.name = "method"
+    return frame.reindex(columns=sorted(frame.columns))
+
+
+def mde_table(results: Results, methods: Sequence[str], alpha: float, **filters) -> pd.DataFrame:
+    """Per cohort: validation folds and the minimum detectable difference of the design (80 % power), from the
+    observed fold variance of every pair of methods (:func:`benchmark.analysis.statistics.design_mde`)."""
+    rows = []
+    for cohort in sorted({r["cohort"] for r in results.select(method=methods, **filters)}):
+        cells = {m: results.select(method=m, cohort=cohort, **filters) for m in methods}
+        try:
+            data = compare.column_data({m: recs for m, recs in cells.items() if recs}, predictions=False)
+        except ValueError:  # fewer than two methods, or no shared folds: no design variance to read
+            continue
+        rows.append({"cohort": cohort, "methods": len(data.methods), "validation folds":
+                     len(data.fold_values[data.methods[0]]), "folds per repeat": data.n_folds,
+                     "MDE (C-index)": compare.design_mde(data, alpha=alpha)})
+    return pd.DataFrame(rows).set_index("cohort") if rows else pd.DataFrame()
+
+
 def _protocols(records: Sequence[dict]) -> list[tuple[str, str]]:
     return sorted({(str(r["recipe"]), str(r["selection"])) for r in records})
+
+
+def _ranks_section(scores: pd.DataFrame, methods: Sequence[str], label: str, fig_dir: Path, rel, alpha: float
+                   ) -> list[str]:
+    """Mean ranks over cohorts, the Iman-Davenport verdict and the CD diagram (or its "not significant")."""
+    if scores.shape[1] < 2 or not len(scores):
+        return []
+    summary = compare.rank_summary(scores, alpha=alpha)
+    name = f"cd_{label.replace(', ', '_').replace(' ', '-')}.png".replace("/", "-")
+    compare.critical_difference_diagram(summary, fig_dir / name, title=f"Mean rank ({label})")
+    ranks = pd.DataFrame({"mean rank": summary.ranks, "mean C-index": scores.mean(axis=0)[summary.ranks.index]})
+    ranks.index.name = "method"
+    lines = [f"**Mean ranks over {len(scores)} cohort(s), {label}** (1 = best). {summary.describe()}", "",
+             _md_table(ranks), f"![critical-difference diagram]({rel(fig_dir / name)})", ""]
+    left_out = [m for m in methods if m not in scores.columns]
+    if left_out:
+        lines += [f"Not ranked (no cohort where every fold finished): {', '.join(left_out)}. Only cohorts "
+                  "where every ranked method finished every fold are ranked.", ""]
+    return lines
+
+
+def _design_section(results: Results, records: Sequence[dict], methods: Sequence[str], label: str, alpha: float,
+                    filters: dict) -> list[str]:
+    """The minimum detectable difference of the design and the D-calibration of each cell."""
+    lines = []
+    mde = mde_table(results, methods, alpha, **filters) if len(methods) >= 2 else pd.DataFrame()
+    if len(mde):
+        lines += [f"**Design, {label}**: the smallest C-index difference a paired corrected t-test detects with "
+                  f"80 % power at alpha {alpha:g}, from the observed variance of the per-fold differences "
+                  "(pooled over the pairs of methods). Smaller true differences cannot be ranked by this design.",
+                  "", _md_table(mde), ""]
+    calibration = calibration_table(records)
+    if len(calibration):
+        lines += [f"**D-calibration, {label}** (Haider et al. 2020; Fisher-combined p over folds; small = the "
+                  "predicted survival curves are miscalibrated; — = no survival curve, e.g. a Cox head):", "",
+                  _md_table(calibration), ""]
+    return lines
 
 
 def build_report(
@@ -123,6 +192,7 @@ def build_report(
     alpha: float = 0.05,
     boot_seed: int = 0,
     audit_cards: bool = True,
+    reference: str | None = None,
 ) -> Path:
     """Write the Markdown report of a result store and return its path.
 
@@ -136,7 +206,10 @@ def build_report(
         Methods with Kaplan-Meier figures (default: the best method by mean C-index of each backbone/protocol).
     split : {"train-median", "pooled-median"}
         Kaplan-Meier threshold rule.
-    n_boot, alpha, boot_seed : bootstrap settings of the significance markers and comparisons.
+    n_boot, alpha, boot_seed : settings of the significance markers (all pairs of methods, Holm-adjusted per
+        column, default test: see :mod:`benchmark.analysis.significance`) and of the rank statistics.
+    reference : str, optional
+        Mark every method against this one in Table 1 instead of all pairs (Table 2, rows = backbones: all pairs).
     audit_cards : bool
         Build each cohort's report card with the data layer's audit of the clinical table and splits named in
         the records' provenance (when reachable); False reads it off the stored predictions (evaluated
@@ -151,7 +224,10 @@ def build_report(
     ok = [r for r in all_records if r.get("status") == "ok"]
     if not ok:
         raise FileNotFoundError(f"{results.root}: no successful records to report")
-    significance = partial(compare.significant_rows, alpha=alpha, n_boot=n_boot, seed=boot_seed)
+    significance = compare.SignificanceOptions(family="reference" if reference else "all-pairs", reference=reference,
+                                               alpha=alpha, n_boot=n_boot, seed=boot_seed)
+    # Table 2's rows are backbones: a method reference means nothing there, so its family is all pairs
+    backbone_significance = compare.SignificanceOptions(alpha=alpha, n_boot=n_boot, seed=boot_seed)
     rel = lambda p: Path(p).resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
 
     lines = [
@@ -178,8 +254,7 @@ def build_report(
             if tables is not None:
                 t = tables.table1(sub, recipe=recipe, selection=selection, backbone=backbone,
                                   significance=significance, marker=compare.SIGNIFICANCE_MARKER)
-                lines += [tables.render(t, "md").rstrip("\n"), f"- Test behind {compare.SIGNIFICANCE_MARKER}: "
-                          + compare.significance_footnote(alpha, n_boot).split(" (", 1)[1].rstrip(")."), ""]
+                lines += [tables.render(t, "md"), ""]
             else:
                 scores = compare.score_table(results, sorted({r["method"] for r in sub}), backbone=backbone,
                                              recipe=recipe, selection=selection)
@@ -189,7 +264,7 @@ def build_report(
             for method in sorted({r["method"] for r in recs if r.get("status") == "ok"}):
                 if len({r["backbone"] for r in recs if r["method"] == method and r.get("status") == "ok"}) > 1:
                     t = tables.table2(recs, method=method, recipe=recipe, selection=selection,
-                                      significance=significance, marker=compare.SIGNIFICANCE_MARKER)
+                                      significance=backbone_significance, marker=compare.SIGNIFICANCE_MARKER)
                     lines += [tables.render(t, "md"), ""]
 
     # --- comparisons and Kaplan-Meier per backbone and protocol -----------------------------------------
@@ -203,25 +278,13 @@ def build_report(
                 continue
             scores = compare.score_table(results, methods, backbone=backbone, recipe=recipe, selection=selection)
             label = f"backbone {backbone}, recipe {recipe}, selection {selection}"
-            if scores.shape[1] >= 2 and len(scores):
-                summary = compare.rank_summary(scores, alpha=alpha)
-                name = f"cd_{backbone}_{recipe}_{selection}.png".replace("/", "-")
-                compare.critical_difference_diagram(summary, fig_dir / name, title=f"Mean rank ({label})")
-                ranks = pd.DataFrame({"mean rank": summary.ranks, "mean C-index": scores.mean(axis=0)[summary.ranks.index]})
-                ranks.index.name = "method"
-                fried = ("Friedman test needs >= 3 methods and >= 2 cohorts" if summary.friedman_p_value is None
-                         else f"Friedman chi2 = {summary.friedman_statistic:.2f}, p = {summary.friedman_p_value:.3g}")
-                left_out = [m for m in methods if m not in scores.columns]
-                lines += [f"**Mean ranks over {len(scores)} cohort(s), {label}** (1 = best). {fried}; "
-                          f"Nemenyi critical difference {summary.critical_difference:.2f} (alpha {alpha:g}).", "",
-                          _md_table(ranks), f"![critical-difference diagram]({rel(fig_dir / name)})", ""]
-                if left_out:
-                    lines += [f"Not ranked (no cohort where every fold finished): {', '.join(left_out)}. Only cohorts "
-                              "where every ranked method finished every fold are ranked.", ""]
+            lines += _ranks_section(scores, methods, label, fig_dir, rel, alpha)
+            lines += _design_section(results, sub, methods, label, alpha,
+                                     dict(backbone=backbone, recipe=recipe, selection=selection))
             best = scores.mean(axis=0).idxmax() if len(scores) else methods[0]
             chosen = [m for m in (km_methods or [best]) if m in methods]
             km_plan += [(m, backbone, recipe, selection) for m in chosen]
-    if not any(line.startswith("**Mean ranks") for line in lines):
+    if not any(line.startswith(("**Mean ranks", "**Design")) for line in lines):
         lines += ["Fewer than two methods share a cohort: nothing to compare.", ""]
 
     lines += ["## Kaplan-Meier curves", "", f"High vs low predicted risk, {SPLIT_DESCRIPTIONS[split]}; "

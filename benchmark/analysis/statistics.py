@@ -1,21 +1,21 @@
-"""Paired comparisons of methods evaluated on identical folds.
+"""Records -> statistics: paired comparisons, the tables' significance hook, ranks over cohorts, CD diagrams.
 
-Every method of a grid sees the same patients in the same folds, so two methods are compared *paired*:
+The procedures themselves are pure functions in :mod:`benchmark.analysis.significance` (each citing its source);
+this module reads fold records into them:
 
-- **per fold**: the difference of the fold C-indices (the numbers the tables average);
-- **paired bootstrap over patients** of the pooled out-of-fold risks: resample patients with replacement
-  (all samples of a drawn patient come along, so slide-level cells resample whole patients), recompute
-  Harrell's C-index of *both* methods on the same resample, and read a percentile confidence interval and a
-  two-sided p-value off the bootstrap distribution of the difference;
-- **over cohorts**: mean ranks (1 = best), the Friedman test (scipy) and the Nemenyi critical difference
-  with its diagram (Demšar 2006, JMLR 7:1-30).
+- :func:`column_data`: one table column (cohort) as per-(repeat, fold) values of each row, seeds averaged, with
+  the stored out-of-fold risks for the bootstrap tests (slide-level cells resample whole patients);
+- :class:`SignificanceOptions`: the declared family (all pairs, or every row vs a reference), Holm-adjusted, as
+  the tables' significance hook; :func:`calibration_rate`: its family-wise marking rate over real stores;
+  :func:`design_mde`: the minimum detectable difference of a design from its observed fold variance;
+- **over cohorts**: mean ranks, the Friedman / Iman-Davenport test and the Nemenyi critical difference with its
+  diagram (Demšar 2006, JMLR 7:1-30), drawn only when the test rejects;
+- the former **pooled** paired bootstrap (:func:`paired_bootstrap`, :func:`compare_cells`), kept as a labelled
+  alternative: one C-index on the risks pooled across folds, which is not the quantity the tables show.
 
 Harrell's C-index follows ``sksurv.metrics.concordance_index_censored`` exactly (risk ties within ``1e-8``
-count one half; an event is comparable to later times and to censored samples at its own time). The bootstrap
-evaluates it on weighted pair matrices, which equals recomputing it on the resample with duplicated rows.
-
-Records are read through :class:`benchmark.store.records.ResultStore` (layout of ``docs/ARCHITECTURE.md``,
-(``<results>/cells/<method>/<cohort>/<backbone>/<recipe>-<selection>-s<seed>/fold<k>.json``).
+count one half; an event is comparable to later times and to censored samples at its own time). The bootstraps
+evaluate it on weighted pair matrices, which equals recomputing it on the resample with duplicated rows.
 """
 from __future__ import annotations
 
@@ -28,12 +28,25 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from benchmark.store.query import Results, group_cells, recorded_n_folds
+from benchmark.analysis.significance import (
+    ColumnData,
+    ColumnSignificance,
+    FoldSample,
+    FriedmanResult,
+    MarkingRate,
+    column_significance,
+    comparable_pairs,
+    concordance_scores,
+    friedman_from_mean_ranks,
+    marking_rate,
+    minimum_detectable_difference,
+    nemenyi_critical_difference,
+    nemenyi_q,  # noqa: F401  re-exported: callers ask this module for the Nemenyi q
+)
+from benchmark.store.query import Results, fold_order, group_cells, recorded_n_folds
 
-#: Marker the tables put next to a row that is significantly worse than the best row of its column.
+#: Marker the tables put next to a row the declared family of tests marks (with an arrow for the direction).
 SIGNIFICANCE_MARKER = "‡"
-
-TIED_TOL = 1e-8
 
 
 def pooled_predictions(records: Sequence[Mapping]) -> pd.DataFrame:
@@ -78,29 +91,6 @@ def fold_c_index(record: Mapping) -> float:
         return float(value)
     df = pd.DataFrame(record["predictions"])
     return harrell_c_index(df["time"].to_numpy(float), df["event"].to_numpy(int), df["risk"].to_numpy(float))
-
-
-# --------------------------------------------------------------------------------------------------
-# Harrell's C-index on pair matrices
-# --------------------------------------------------------------------------------------------------
-def comparable_pairs(time: np.ndarray, event: np.ndarray) -> np.ndarray:
-    """Comparable-pair matrix of Harrell's C-index, as sksurv defines it.
-
-    ``P[i, j] = 1`` when sample ``i`` had the event and ``j`` outlived it (``time[j] > time[i]``), or ``j`` was
-    censored at the same time. Shape ``(N, N)``, float64.
-    """
-    t = np.asarray(time, float)
-    e = np.asarray(event).astype(bool)
-    later = t[None, :] > t[:, None]
-    same_time_censored = (t[None, :] == t[:, None]) & ~e[None, :]
-    return (e[:, None] & (later | same_time_censored)).astype(np.float64)
-
-
-def concordance_scores(risk: np.ndarray, tied_tol: float = TIED_TOL) -> np.ndarray:
-    """``S[i, j]`` = 1 if ``risk[i] > risk[j]``, 0.5 on a tie within ``tied_tol``, else 0. Shape ``(N, N)``."""
-    r = np.asarray(risk, float)
-    diff = r[:, None] - r[None, :]
-    return np.where(np.abs(diff) <= tied_tol, 0.5, (diff > 0).astype(np.float64))
 
 
 def harrell_c_index(time, event, risk, weights: np.ndarray | None = None) -> float:
@@ -286,56 +276,141 @@ def compare_cells(
     )
 
 
-def significance_vs_best(
-    rows: Mapping[str, Sequence[Mapping]],
-    *,
-    alpha: float = 0.05,
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> dict[str, PairedComparison | None]:
-    """Paired comparison of every row of one table column against the column's best row.
+# --------------------------------------------------------------------------------------------------
+# Records -> one table column of the significance layer
+# --------------------------------------------------------------------------------------------------
+def fold_metric(records: Sequence[Mapping], metric: str = "c_index") -> float:
+    """A validation fold's metric averaged over the seeds (records) of that fold; NaN when none has it."""
+    if metric == "c_index":
+        values = [fold_c_index(r) for r in records]
+    else:
+        values = [(r.get("metrics") or {}).get(metric) for r in records]
+    values = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(values)) if values else math.nan
 
-    The hook the table renderer calls to mark significant differences: for one cohort (a column),
-    ``rows`` maps each row label (a method in Table 1, a backbone in Table 2) to that cell's fold records.
-    The best row is the one with the highest mean fold C-index. Every other row is compared with it by
-    :func:`compare_cells` (paired bootstrap over patients, seeded).
 
-    Returns
-    -------
-    dict
-        Row label -> :class:`PairedComparison` (``a`` = best row, ``b`` = this row), ``None`` for the best row
-        itself. Mark a row with :data:`SIGNIFICANCE_MARKER` when ``result.bootstrap.p_value < alpha``
-        (see :func:`significant_rows`).
-    """
-    usable = {label: recs for label, recs in rows.items() if recs}
-    if not usable:
-        return {}
-    means = {label: float(np.mean([fold_c_index(r) for r in recs])) for label, recs in usable.items()}
-    best = max(means, key=lambda k: means[k])
-    out: dict[str, PairedComparison | None] = {best: None}
-    for label, recs in usable.items():
-        if label != best:
-            out[label] = compare_cells(usable[best], recs, label_a=best, label_b=label, n_boot=n_boot, seed=seed)
+def _units(records: Sequence[Mapping]) -> dict[tuple[int, int], list[Mapping]]:
+    """``(repeat, fold) -> records`` (one per seed)."""
+    out: dict[tuple[int, int], list[Mapping]] = defaultdict(list)
+    for r in records:
+        out[fold_order(r)].append(r)
     return out
 
 
-def significant_rows(
-    rows: Mapping[str, Sequence[Mapping]], *, alpha: float = 0.05, n_boot: int = 1000, seed: int = 0
-) -> set[str]:
-    """Labels of the rows significantly worse than the column's best row (p < ``alpha``)."""
-    return {
-        label
-        for label, cmp in significance_vs_best(rows, alpha=alpha, n_boot=n_boot, seed=seed).items()
-        if cmp is not None and cmp.bootstrap.p_value < alpha and cmp.bootstrap.difference > 0
-    }
+def folds_per_repeat(records: Iterable[Mapping]) -> int:
+    """``K``: the cohort's fold count recorded by the runner, else the folds seen."""
+    records = list(records)
+    return max([int(r["n_folds"]) for r in records if r.get("n_folds")] or [len({int(r["fold"]) for r in records})])
 
 
-def significance_footnote(alpha: float = 0.05, n_boot: int = 1000) -> str:
-    """The legend for :data:`SIGNIFICANCE_MARKER`, to print under a table."""
-    return (
-        f"{SIGNIFICANCE_MARKER} significantly below the best row of its column (paired bootstrap over patients of "
-        f"the pooled out-of-fold risks, {n_boot} resamples, two-sided p < {alpha:g})."
-    )
+def _fold_sample(unit_records: Mapping[str, Sequence[Mapping]]) -> tuple[FoldSample, dict[str, np.ndarray]]:
+    """The common validation samples of one fold, and each row's (seed-averaged) risk on them."""
+    pooled = {row: pooled_predictions(recs) for row, recs in unit_records.items()}
+    common = sorted(set.intersection(*(set(p.index) for p in pooled.values())))
+    first = next(iter(pooled.values())).loc[common]
+    for row, p in pooled.items():
+        if not (np.allclose(p.loc[common, "time"], first["time"]) and (p.loc[common, "event"] == first["event"]).all()):
+            raise ValueError(f"row {row!r} disagrees on survival times/events of the same samples; different data?")
+    patients = pd.factorize(first["patient_id"])[0]
+    fold = FoldSample(first["time"].to_numpy(float), first["event"].to_numpy(int), patients)
+    return fold, {row: p.loc[common, "risk"].to_numpy(float) for row, p in pooled.items()}
+
+
+def column_data(rows: Mapping[str, Sequence[Mapping]], metric: str = "c_index",
+                predictions: bool = True) -> ColumnData:
+    """One table column (cohort) as :class:`ColumnData`: each row's per-(repeat, fold) metric, seeds averaged.
+
+    Only the validation folds every row finished are used. With ``predictions`` and the Harrell C-index, the
+    stored out-of-fold risks come along for the bootstrap tests (other metrics: the corrected t only).
+    """
+    units = {row: _units([r for r in recs if r.get("status", "ok") == "ok"]) for row, recs in rows.items()}
+    units = {row: u for row, u in units.items() if u}
+    if len(units) < 2:
+        raise ValueError(f"a column needs at least 2 rows with results; got {sorted(units)}")
+    values = {row: {key: fold_metric(recs, metric) for key, recs in u.items()} for row, u in units.items()}
+    shared = sorted(set.intersection(*(set(k for k, v in vals.items() if math.isfinite(v)) for vals in values.values())))
+    if len(shared) < 2:
+        raise ValueError(f"fewer than 2 validation folds with a finite {metric} are shared by every row")
+    fold_values = {row: np.array([values[row][key] for key in shared]) for row in units}
+    all_records = [r for u in units.values() for recs in u.values() for r in recs]
+    n_repeats = len({key[0] for key in shared})
+    if not (predictions and metric == "c_index"):
+        return ColumnData(fold_values, folds_per_repeat(all_records), repeats=n_repeats)
+    folds, risks = [], {row: [] for row in units}
+    for key in shared:
+        fold, fold_risks = _fold_sample({row: units[row][key] for row in units})
+        folds.append(fold)
+        for row in units:
+            risks[row].append(fold_risks[row])
+    return ColumnData(fold_values, folds_per_repeat(all_records), tuple(folds), risks, n_repeats)
+
+
+@dataclass(frozen=True)
+class SignificanceOptions:
+    """The declared test of a table or comparison: family, reference, alpha, test, bootstrap settings."""
+
+    family: str = "all-pairs"
+    reference: str | None = None
+    alpha: float = 0.05
+    test: str = "auto"
+    n_boot: int = 1000
+    seed: int = 0
+    metric: str = "c_index"
+    higher_is_better: bool = True
+
+    def __post_init__(self):
+        if self.family == "reference" and not self.reference:
+            raise ValueError("the reference family needs --reference NAME")
+        if self.metric != "c_index" and self.test in ("fold-bootstrap", "pooled-bootstrap"):
+            raise ValueError(f"the {self.test} test recomputes Harrell's C-index; for {self.metric} use "
+                             "--test corrected-t (or auto)")
+
+    def __call__(self, rows: Mapping[str, Sequence[Mapping]]) -> ColumnSignificance | None:
+        """Test one column (``row -> its fold records``); None when fewer than 2 rows, or the reference is absent."""
+        rows = {row: recs for row, recs in rows.items() if recs}
+        if len(rows) < 2 or (self.family == "reference" and self.reference not in rows):
+            return None
+        data = column_data(rows, self.metric, predictions=self.test != "corrected-t")
+        return column_significance(data, family=self.family, reference=self.reference, alpha=self.alpha,
+                                   test=self.test, n_boot=self.n_boot, seed=self.seed,
+                                   higher_is_better=self.higher_is_better)
+
+
+def calibration_rate(results: Iterable[Results], options: SignificanceOptions, methods: Sequence[str] | None = None
+                     ) -> MarkingRate:
+    """Family-wise marking rate of ``options`` over every column of real stores (e.g. ``--signal none`` data).
+
+    A column is one cohort x backbone x recipe x selection of one store, its rows the methods. When no method
+    carries signal, the fraction of columns with any mark estimates the family-wise error rate; it should be
+    ``<= alpha`` within its Monte-Carlo error (:meth:`MarkingRate.within`).
+    """
+    columns = []
+    for store in results:
+        by_column: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for r in store.select(method=methods):
+            by_column[(r["cohort"], r["backbone"], r["recipe"], r["selection"])][r["method"]].append(r)
+        columns += [rows for rows in by_column.values() if len(rows) >= 2]
+
+    def marks_anything(rows, index) -> bool:
+        result = options(rows)
+        return bool(result is not None and result.marks)
+
+    return marking_rate(columns, marks_anything)
+
+
+def design_mde(data: ColumnData, alpha: float = 0.05, power: float = 0.8) -> float:
+    """Minimum detectable difference of a column's design from its observed fold variance (statistics.md sec. 2).
+
+    ``s_d`` is pooled over every pair of rows (the root mean of the pairs' per-fold-difference variances), so the
+    number describes the design (J folds, K per repeat), not one lucky pair. Pairs with identical fold values
+    (the same model twice) carry no information on the variance and are left out.
+    """
+    methods = data.methods
+    variances = [np.var(np.subtract(data.fold_values[a], data.fold_values[b]), ddof=1)
+                 for i, a in enumerate(methods) for b in methods[i + 1:]]
+    variances = [v for v in variances if v > 0] or [0.0]
+    n_units = len(data.fold_values[methods[0]])
+    return minimum_detectable_difference(float(np.sqrt(np.mean(variances))), n_units, data.n_folds, alpha, power)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,35 +424,48 @@ def mean_ranks(scores: pd.DataFrame) -> pd.Series:
     return ranks.mean(axis=0).sort_values()
 
 
-def nemenyi_q(n_methods: int, alpha: float = 0.05) -> float:
-    """Nemenyi ``q_alpha``: studentized range quantile (infinite df) over ``sqrt(2)`` (k=2: 1.960, k=3: 2.343)."""
-    from scipy.stats import studentized_range
-
-    return float(studentized_range.ppf(1 - alpha, n_methods, np.inf) / math.sqrt(2))
-
-
-def nemenyi_critical_difference(n_methods: int, n_datasets: int, alpha: float = 0.05) -> float:
-    """Nemenyi critical difference ``q_alpha * sqrt(k (k + 1) / (6 N))`` (Demšar 2006, eq. after Table 5).
-
-    ``q_alpha`` is the studentized range quantile with infinite degrees of freedom divided by ``sqrt(2)``
-    (k = 2: 1.960, k = 3: 2.343, k = 10: 3.164).
-    """
-    if n_methods < 2 or n_datasets < 1:
-        raise ValueError("the critical difference needs at least 2 methods and 1 dataset")
-    q = nemenyi_q(n_methods, alpha)
-    return float(q * math.sqrt(n_methods * (n_methods + 1) / (6.0 * n_datasets)))
-
-
 @dataclass
 class RankSummary:
-    """Mean ranks over datasets with the Friedman test and the Nemenyi critical difference."""
+    """Mean ranks over data sets (cohorts) with the Friedman / Iman-Davenport test and the Nemenyi CD.
+
+    Attributes
+    ----------
+    friedman : FriedmanResult or None
+        None with fewer than 2 data sets.
+    significant : bool
+        Iman-Davenport rejects "all methods equivalent" at ``alpha`` (Demšar 2006: only then are post-hoc
+        differences, and a ranking, meaningful).
+    """
 
     scores: pd.DataFrame
     ranks: pd.Series
     critical_difference: float
     alpha: float
-    friedman_statistic: float | None
-    friedman_p_value: float | None
+    friedman: FriedmanResult | None
+
+    @property
+    def friedman_statistic(self) -> float | None:
+        return None if self.friedman is None else self.friedman.chi2
+
+    @property
+    def friedman_p_value(self) -> float | None:
+        return None if self.friedman is None else self.friedman.chi2_p_value
+
+    @property
+    def significant(self) -> bool:
+        return self.friedman is not None and self.friedman.significant(self.alpha)
+
+    def describe(self) -> str:
+        """One line: the test, its result, the CD, and what it allows to say."""
+        n, k = self.scores.shape
+        if self.friedman is None:
+            return f"{k} methods on {n} data set: no Friedman test (needs >= 2 data sets); no ranking claimed."
+        f = self.friedman
+        verdict = ("significant: methods whose mean ranks differ by more than the CD differ" if self.significant
+                   else "not significant: no method is shown to differ, the mean ranks are not a ranking")
+        return (f"Iman-Davenport F = {f.f:.2f} (df {f.df1}, {f.df2}), p = {f.f_p_value:.3g} (Friedman chi2 = "
+                f"{f.chi2:.2f}, p = {f.chi2_p_value:.3g}); {k} methods, N = {n} data sets; Nemenyi CD = "
+                f"{self.critical_difference:.2f} at alpha {self.alpha:g}; {verdict}.")
 
     def cliques(self) -> list[tuple[str, ...]]:
         """Maximal groups of methods whose mean ranks differ by less than the critical difference."""
@@ -396,34 +484,60 @@ class RankSummary:
 
 
 def rank_summary(scores: pd.DataFrame, alpha: float = 0.05) -> RankSummary:
-    """Mean ranks, Friedman test (``scipy.stats.friedmanchisquare``; needs >= 3 methods) and Nemenyi CD.
+    """Mean ranks, the Friedman test with the Iman-Davenport F (Demšar 2006, JMLR 7:1-30, sec. 3.2.2) and the
+    Nemenyi critical difference.
 
     Parameters
     ----------
     scores : DataFrame
-        Rows = datasets (cohorts, or cohort x backbone), columns = methods, values = mean fold C-index.
+        Rows = data sets, columns = methods, values = mean fold C-index. Data sets must be independent
+        problems: cohorts, with backbones averaged first or one summary per backbone (:func:`score_table`);
+        cohort x backbone rows share patients and would shrink the CD.
     """
-    from scipy.stats import friedmanchisquare
-
     ranks = mean_ranks(scores)
-    stat = p = None
-    if scores.shape[1] >= 3 and scores.shape[0] >= 2:
-        res = friedmanchisquare(*[scores[c].to_numpy() for c in scores.columns])
-        stat, p = float(res.statistic), float(res.pvalue)
+    friedman = None
+    if scores.shape[0] >= 2 and scores.shape[1] >= 2:
+        friedman = friedman_from_mean_ranks(ranks[scores.columns].to_numpy(), scores.shape[0])
     cd = nemenyi_critical_difference(scores.shape[1], scores.shape[0], alpha)
-    return RankSummary(scores, ranks, cd, alpha, stat, p)
+    return RankSummary(scores, ranks, cd, alpha, friedman)
+
+
+def _not_significant_figure(summary: RankSummary, title: str | None):
+    """A figure that states the result instead of drawing a ranking the test does not support."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 0.18 * len(summary.ranks)))
+    ax.axis("off")
+    f = summary.friedman
+    test = ("no Friedman test (one data set)" if f is None else
+            f"Iman-Davenport p = {f.f_p_value:.3g} > alpha {summary.alpha:g}")
+    ax.text(0.5, 0.95, f"not significant: {test}", ha="center", va="top", fontsize=12, weight="bold")
+    listing = ", ".join(f"{name} {rank:.2f}" for name, rank in summary.ranks.items())
+    ax.text(0.5, 0.55, f"mean ranks (not a ranking): {listing}", ha="center", va="top", fontsize=8, wrap=True,
+            color="0.35")
+    ax.set_title(title or "", fontsize=10)
+    return fig
 
 
 def critical_difference_diagram(summary: RankSummary, path: str | Path, title: str | None = None) -> Path:
     """Draw a Demšar critical-difference diagram to ``path`` (PNG; PDF too if the suffix says so).
 
     Methods sit on a rank axis (1 = best, left); a bar joins methods whose mean ranks differ by less than
-    the Nemenyi critical difference (not significantly different); the CD is drawn above the axis.
+    the Nemenyi critical difference (not significantly different); the CD is drawn above the axis. When the
+    Iman-Davenport test does not reject (or cannot run), the figure says "not significant" and draws no ranking.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not summary.significant:
+        fig = _not_significant_figure(summary, title)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        plt.close(fig)
+        return path
 
     ranks = summary.ranks
     k = len(ranks)
@@ -456,12 +570,9 @@ def critical_difference_diagram(summary: RankSummary, path: str | Path, title: s
         ax.plot([r, r], [0, level], color="black", lw=0.8)
         ax.plot([r, x_text], [level, level], color="black", lw=0.8)
         ax.text(x_text, level, f"{name} ({r:.2f})", ha="left" if left else "right", va="bottom", fontsize=9)
-    subtitle = f"Nemenyi alpha={summary.alpha:g}, N={summary.scores.shape[0]} datasets"
-    if summary.friedman_p_value is not None:
-        subtitle += f"; Friedman p={summary.friedman_p_value:.3g}"
+    subtitle = (f"Nemenyi alpha={summary.alpha:g}, N={summary.scores.shape[0]} cohorts; "
+                f"Iman-Davenport p={summary.friedman.f_p_value:.3g}")
     ax.set_title((title + "\n" if title else "") + subtitle, fontsize=10)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -477,36 +588,38 @@ def score_table(
     selection: str | None = None,
     seed: int | None = None,
 ) -> pd.DataFrame:
-    """Mean fold C-index per dataset (rows: ``cohort`` or ``cohort/backbone``) and method (columns).
+    """Mean fold C-index per data set (rows: cohorts) and method (columns), for ranks over cohorts.
 
-    Only cells with every fold count: a cell's expected fold count is the cohort's (``n_folds`` in the records),
-    or for older records the most folds any cell of that dataset has. A mean over 1 of 5 folds is not comparable
-    with a mean over 5. Methods with no complete cell are then dropped, and so are datasets where some remaining
-    method has no complete cell (ranks need complete rows).
+    Data sets are cohorts (Demšar 2006 needs independent data sets; the backbones of one cohort share its
+    patients): with several backbones each method's cohort score is the mean over the backbones on which every
+    ranked method has a complete cell (pass ``backbone`` for one summary per backbone). Only cells with every
+    validation fold (repeat x fold) count: a mean over 1 of 5 folds is not comparable with a mean over 5.
+    Methods with no complete cell are dropped, and so are cohorts where some remaining method has none.
     """
     records = results.select(
         method=methods, cohort=cohorts, backbone=backbone, recipe=recipe, selection=selection, seed=seed
     )
     groups = group_cells(records)
-    backbones = {k[2] for k in groups}
     protocols = {(k[3], k[4]) for k in groups}
     if len(protocols) > 1:
         raise ValueError(
             f"{results}: cells of several recipes/selection rules {sorted(protocols)}; "
             "choose one with --recipe and --selection (numbers of different protocols are not comparable)"
         )
-    def row_of(key: tuple) -> str:
-        return key[1] if len(backbones) == 1 else f"{key[1]}/{key[2]}"
-
-    folds_done = {key: len({int(r["fold"]) for r in recs}) for key, recs in groups.items()}
-    expected: dict[str, int] = defaultdict(int)  # dataset row -> folds a complete cell has
+    folds_done = {key: len({fold_order(r) for r in recs}) for key, recs in groups.items()}
+    expected: dict[tuple, int] = defaultdict(int)  # (cohort, backbone) -> validation folds a complete cell has
     for key, recs in groups.items():
-        expected[row_of(key)] = max(expected[row_of(key)], folds_done[key], recorded_n_folds(recs))
-    table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        expected[key[1:3]] = max(expected[key[1:3]], folds_done[key], recorded_n_folds(recs))
+    table: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for key, recs in groups.items():
-        complete = folds_done[key] >= expected[row_of(key)]  # an incomplete cell is never ranked
-        table[row_of(key)][key[0]].append(float(np.mean([fold_c_index(r) for r in recs])) if complete else math.nan)
-    # several seeds of one method and dataset are replicates: their means are averaged
+        complete = folds_done[key] >= expected[key[1:3]]  # an incomplete cell is never ranked
+        table[key[1:3]][key[0]].append(float(np.mean([fold_c_index(r) for r in recs])) if complete else math.nan)
+    # several seeds of one method and data set are replicates: their means are averaged
     frame = pd.DataFrame({row: {m: float(np.mean(v)) for m, v in cols.items()} for row, cols in table.items()}).T
     frame = frame.reindex(columns=[m.lower() for m in methods])
-    return frame.dropna(axis=1, how="all").dropna(axis=0, how="any").sort_index()
+    frame = frame.dropna(axis=1, how="all").dropna(axis=0, how="any")
+    if frame.empty:
+        return pd.DataFrame(columns=frame.columns)
+    by_cohort = frame.groupby(level=0).mean()  # backbones averaged within each cohort
+    by_cohort.index.name = None
+    return by_cohort.sort_index()

@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from benchmark.analysis.significance import corrected_t_interval
+from benchmark.analysis.statistics import folds_per_repeat
 from benchmark.data.cohorts import cohort_names
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
 from benchmark.training.metrics import aggregate
@@ -33,19 +35,31 @@ TABLE2_BACKBONES = ("resnet50", "conch", "uni2-h", "quiltnet", "prov-gigapath")
 MISSING = {"md": "—", "latex": "--", "csv": ""}
 PAPER_MAX_MARK = "†"
 
-#: ``significance(rows) -> labels to mark``: ``rows`` maps each row label of one column to that cell's ok fold
-#: records (``benchmark.analysis.statistics.significant_rows`` has this signature).
-SignificanceHook = Callable[[Mapping[str, Sequence[dict]]], set]
+#: ``significance(rows) -> result``: ``rows`` maps each row label of one column to that cell's ok fold records;
+#: the result is a :class:`benchmark.analysis.significance.ColumnSignificance` (``marks`` row -> "worse" /
+#: "better", ``footer(marker)``; :class:`benchmark.analysis.statistics.SignificanceOptions` is such a hook), a
+#: set of row labels to mark as worse, or None (column not tested).
+SignificanceHook = Callable[[Mapping[str, Sequence[dict]]], object]
+#: How a row the declared family marks is shown: worse / better than the reference (``reference`` family).
+DIRECTION_MARKS = {"worse": "↓", "better": "↑"}
+LATEX_MARKS = {"↓": r"$\downarrow$", "↑": r"$\uparrow$"}
 
 
 @dataclass
 class TableCell:
     """One cell: aggregated over folds."""
 
-    values: list[float]  # per fold (seed-averaged), sorted by fold
+    values: list[float]  # per validation fold (repeat x fold, seed-averaged), sorted
     n_expected: int
     n_errors: int = 0
     records: list[dict] = field(default_factory=list)
+    folds_per_repeat: int = 0  # K of the K-fold split (the CI's Nadeau-Bengio correction needs it)
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float] | None:
+        """Confidence interval of the fold mean (corrected t over the J fold values; None below 2 values)."""
+        if len(self.values) < 2 or self.folds_per_repeat < 2:
+            return None
+        return corrected_t_interval(self.values, self.folds_per_repeat, confidence)[1:]
 
     @property
     def mean(self) -> float:
@@ -84,6 +98,7 @@ class ResultTable:
     mean_column: bool = False
     marks: dict[tuple[str, str], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    ci: float | None = None  # show this confidence interval instead of ± std
 
     @property
     def higher_is_better(self) -> bool:
@@ -169,7 +184,7 @@ def build_table(
             if (row, col) in per_cell:
                 values, n_err, ok = per_cell[(row, col)]
                 expected = n_expected or max(recorded.get(col, 0), fallback)
-                out[(row, col)] = TableCell(values, expected, n_err, ok)
+                out[(row, col)] = TableCell(values, expected, n_err, ok, folds_per_repeat(ok) if ok else 0)
             else:
                 out[(row, col)] = None
     return out
@@ -249,14 +264,43 @@ def _finish(table: ResultTable, significance: SignificanceHook | None, marker: s
                            "method options or data version); rerun `benchmark run` to make them consistent.")
     if any(c is not None and c.n_errors for c in table.cells.values()):
         table.notes.append("err: at least one fold of this cell failed (see the error records).")
+    if table.ci is not None:
+        table.notes.append(f"[low, high]: {table.ci:.0%} confidence interval of the fold mean, t-interval over the "
+                           "repeat x fold values with the Nadeau-Bengio variance correction (1/J + 1/(K-1)).")
     if significance is not None:
-        for col in table.columns:
-            rows = {r: table.cells[(r, col)].records for r in table.rows
-                    if table.cells.get((r, col)) is not None and table.cells[(r, col)].present}
-            for r in significance(rows) or ():
-                table.marks[(r, col)] = marker
-        table.notes.append(f"{marker}: significantly worse than the column's best row (paired test).")
+        _apply_significance(table, significance, marker)
     return table
+
+
+def _apply_significance(table: ResultTable, significance: SignificanceHook, marker: str) -> None:
+    """Mark the rows each column's declared family of tests marks, and state the test under the table."""
+    footers, untested = [], []
+    for col in table.columns:
+        rows = {r: table.cells[(r, col)].records for r in table.rows
+                if table.cells.get((r, col)) is not None and table.cells[(r, col)].present}
+        try:
+            result = significance(rows)
+        except ValueError as exc:  # e.g. fewer than 2 folds shared by the rows: say so, keep the table
+            untested.append(f"{col} ({exc})")
+            continue
+        if result is None:
+            untested += [col] if rows else []
+            continue
+        marks = getattr(result, "marks", None)
+        if marks is None:  # a plain set of rows: worse, as a legacy hook says
+            marks = {r: "worse" for r in result}
+        reference_family = getattr(result, "family", None) == "reference"
+        for r, direction in marks.items():
+            table.marks[(r, col)] = DIRECTION_MARKS[direction] if reference_family else marker
+        footer = result.footer(marker) if hasattr(result, "footer") else f"{marker}: significantly worse (paired test)."
+        footers += [footer] if footer not in footers else []
+    table.notes += footers
+    if untested:
+        table.notes.append(f"not tested (fewer than 2 rows, or the reference absent): {', '.join(untested)}.")
+
+
+def _spread_words(ci: float | None) -> str:
+    return "mean ± population std over folds" if ci is None else f"mean [{ci:.0%} CI] over folds"
 
 
 def table1(
@@ -268,6 +312,7 @@ def table1(
     metric: str = "c_index",
     significance: SignificanceHook | None = None,
     marker: str = "*",
+    ci: float | None = None,
 ) -> ResultTable:
     """Table 1: rows = methods, columns = cohorts, for one backbone / recipe / selection."""
     recs = [r for r in records if seed is None or int(r["seed"]) == seed]
@@ -283,11 +328,11 @@ def table1(
     rows, columns = _method_rows(recs), _cohort_columns(recs)
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
-        title=f"Table 1. {METRIC_NAMES[metric]}{mark} (mean ± population std over folds), backbone {backbone}, "
+        title=f"Table 1. {METRIC_NAMES[metric]}{mark} ({_spread_words(ci)}), backbone {backbone}, "
               f"recipe {recipe}, selection {selection}",
         row_header="Method" + mark, rows=rows, columns=columns,
         cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
-        selection=selection,
+        selection=selection, ci=ci,
     )
     table.notes += ([stale_note] if stale_note else []) + config_notes
     return _finish(table, significance, marker)
@@ -303,6 +348,7 @@ def table2(
     backbones: Sequence[str] = TABLE2_BACKBONES,
     significance: SignificanceHook | None = None,
     marker: str = "*",
+    ci: float | None = None,
 ) -> ResultTable:
     """Table 2: rows = backbones, columns = cohorts + Mean, for one method / recipe / selection."""
     recs = [r for r in records if str(r["method"]) == method.lower() and (seed is None or int(r["seed"]) == seed)]
@@ -316,11 +362,11 @@ def table2(
     columns = _cohort_columns(recs)
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
-        title=f"Table 2. {METRIC_NAMES[metric]}{mark} of {method} per backbone (mean ± population std over folds), "
+        title=f"Table 2. {METRIC_NAMES[metric]}{mark} of {method} per backbone ({_spread_words(ci)}), "
               f"recipe {recipe}, selection {selection}",
         row_header="Backbone" + mark, rows=rows, columns=columns,
         cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
-        selection=selection, mean_column=True,
+        selection=selection, mean_column=True, ci=ci,
     )
     table.notes.append("Mean: mean of the cohort means, shown only when every cohort is present.")
     table.notes += ([stale_note] if stale_note else []) + config_notes
@@ -341,17 +387,15 @@ def _cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: int =
     if col == "Mean":
         text = f"{value:.{decimals}f}"
     else:
-        pm = r" $\pm$ " if fmt == "latex" else " ± "
-        # one fold has no spread: print none rather than a misleading ± 0.000
-        spread = f"{pm}{cell.std:.{decimals}f}" if len(cell.values) > 1 else ""
-        text = f"{value:.{decimals}f}{spread}"
+        text = f"{value:.{decimals}f}{_spread_text(table, cell, fmt, decimals)}"
     rank = table.ranks(col, decimals).get(row)
     if rank == 1:
         text = f"**{text}**" if fmt == "md" else rf"\textbf{{{text}}}"
     elif rank == 2:
         text = f"<u>{text}</u>" if fmt == "md" else rf"\underline{{{text}}}"
     if cell is not None:
-        text += table.marks.get((row, col), "")
+        mark = table.marks.get((row, col), "")
+        text += LATEX_MARKS.get(mark, mark) if fmt == "latex" else mark
         if not cell.complete:
             text += f" ({len(cell.values)}/{cell.n_expected})"
         if cell.mixed_configs:
@@ -359,6 +403,15 @@ def _cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: int =
         if cell.n_errors:
             text += " err"
     return text
+
+
+def _spread_text(table: ResultTable, cell: TableCell, fmt: str, decimals: int) -> str:
+    """`` ± std``, or `` [low, high]`` with ``table.ci``; nothing for one fold (no spread, not a misleading 0)."""
+    if table.ci is not None:
+        interval = cell.interval(table.ci)
+        return "" if interval is None else f" [{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
+    pm = r" $\pm$ " if fmt == "latex" else " ± "
+    return f"{pm}{cell.std:.{decimals}f}" if len(cell.values) > 1 else ""
 
 
 def _col_title(col: str) -> str:
@@ -375,7 +428,8 @@ def render(table: ResultTable, fmt: str = "md") -> str:
         lines += [""] + [f"- {n}" for n in ["Best per column in bold, second underlined; — = missing (no finished fold)."] + table.notes]
         return "\n".join(lines) + "\n"
     if fmt == "latex":
-        esc = lambda s: s.replace("_", r"\_").replace("±", r"$\pm$").replace(PAPER_MAX_MARK, r"$^\dagger$")  # noqa: E731
+        esc = lambda s: (s.replace("_", r"\_").replace("±", r"$\pm$").replace(PAPER_MAX_MARK, r"$^\dagger$")  # noqa: E731
+                         .replace("↓", r"$\downarrow$").replace("↑", r"$\uparrow$").replace("%", r"\%"))
         cols = table.all_columns()
         lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{esc(table.title)}}}",
                  r"\begin{tabular}{l" + "c" * len(cols) + "}", r"\toprule",

@@ -17,7 +17,9 @@ def register(subparsers) -> None:
                    help="Kaplan-Meier threshold rule")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the significance markers")
     p.add_argument("--boot-seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--alpha", type=float, default=0.05, help="family-wise alpha of the markers (Holm per column)")
+    p.add_argument("--reference", default=None,
+                   help="mark every method against this one (default: all pairs of methods)")
     p.add_argument("--cards-from-records", action="store_true",
                    help="read cohort report cards off the stored predictions instead of auditing the clinical table")
     p.set_defaults(func=run)
@@ -29,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     km = [m.strip().lower() for m in args.km_methods.split(",")] if args.km_methods else None
     path = build_report(Results.open(args.results), args.out, km_methods=km, split=args.split, n_boot=args.n_boot,
-                        alpha=args.alpha, boot_seed=args.boot_seed, audit_cards=not args.cards_from_records)
+                        alpha=args.alpha, boot_seed=args.boot_seed, audit_cards=not args.cards_from_records,
+                        reference=args.reference.lower() if args.reference else None)
     print(f"wrote {path}")
     return 0

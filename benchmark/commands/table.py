@@ -10,7 +10,7 @@ def register(subparsers) -> None:
         "table",
         help="Table 1 (methods x cohorts) or Table 2 (backbones x cohorts) from the result store",
         description="Render Table 1 (rows = methods, columns = cohorts) or Table 2 (rows = backbones, columns = "
-                    "cohorts + Mean, one method). Cells: mean ± population std over folds; best bold, second "
+                    "cohorts + Mean, one method). Cells: mean ± population std (or --ci) over folds; best bold, second "
                     "underlined; missing cells shown as missing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -26,8 +26,36 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="one seed (default: average the seeds per fold)")
     p.add_argument("--metric", default="c_index", choices=("c_index", "c_index_uno", "mean_auc", "ibs"))
     p.add_argument("--significance", action="store_true",
-                   help="mark rows significantly worse than each column's best (paired bootstrap, benchmark.analysis.statistics)")
+                   help="mark rows by a family of paired tests declared up front, Holm-adjusted per column "
+                        "(benchmark.analysis.significance); the footer states test, adjustment, alpha and m")
+    family = p.add_mutually_exclusive_group()
+    family.add_argument("--reference", default=None,
+                        help="family: every row vs this one (m = k - 1); marks ↓ worse / ↑ better")
+    family.add_argument("--all-pairs", action="store_true",
+                        help="family: every pair of rows (m = k(k-1)/2; the default); marks rows below another")
+    p.add_argument("--alpha", type=float, default=0.05, help="family-wise significance level")
+    p.add_argument("--test", default="auto", choices=("auto", "corrected-t", "fold-bootstrap", "pooled-bootstrap"),
+                   help="auto: corrected resampled t with repeats, fold-stratified bootstrap without")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--ci", action="store_true",
+                   help="show each cell's 95%% confidence interval (corrected t over folds) instead of ± std")
     p.set_defaults(func=main)
+
+
+def significance_hook(args: argparse.Namespace):
+    """The declared family of tests of ``--significance`` (None without it)."""
+    if not args.significance:
+        if args.reference or args.all_pairs:
+            raise ValueError("--reference / --all-pairs declare the family of --significance; add --significance")
+        return None
+    from benchmark.analysis.statistics import SignificanceOptions
+    from benchmark.analysis.tables import METRICS
+
+    return SignificanceOptions(family="reference" if args.reference else "all-pairs",
+                               reference=args.reference.lower() if args.reference else None, alpha=args.alpha,
+                               test=args.test, n_boot=args.n_boot, seed=args.boot_seed, metric=args.metric,
+                               higher_is_better=METRICS[args.metric])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,17 +64,14 @@ def main(args: argparse.Namespace) -> int:
 
     results = Results.open(args.results)  # read once; what was left out while reading goes to the footer
     records = list(results.records)
-    hook = None
-    if args.significance:
-        from benchmark.analysis.statistics import significant_rows
-
-        hook = significant_rows
+    hook = significance_hook(args)
+    ci = 0.95 if args.ci else None
     if args.number == "1":
         table = table1(records, recipe=args.recipe, selection=args.selection, backbone=args.backbone, seed=args.seed,
-                       metric=args.metric, significance=hook)
+                       metric=args.metric, significance=hook, ci=ci)
     else:
         table = table2(records, method=args.method, recipe=args.recipe, selection=args.selection, seed=args.seed,
-                       metric=args.metric, significance=hook)
+                       metric=args.metric, significance=hook, ci=ci)
     table.notes += list(results.notes)
     text = render(table, args.format)
     if args.out:

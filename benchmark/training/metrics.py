@@ -1,4 +1,5 @@
-"""Evaluation metrics: Harrell's C-index (the headline number), Uno's C, integrated Brier score, time-dependent AUC.
+"""Evaluation metrics: Harrell's C-index (the headline number), Uno's C, integrated Brier score, time-dependent AUC,
+D-calibration.
 
 Every function takes plain arrays. Sign contract everywhere: ``risk`` is *higher for shorter survival*
 (``-sum(S)`` for the discrete-time head, the log partial hazard for a Cox head).
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from scipy.stats import chi2
 from sksurv.metrics import (
     concordance_index_censored,
     concordance_index_ipcw,
@@ -23,6 +26,8 @@ from sksurv.util import Surv
 
 #: sksurv's risk-tie tolerance, as in every MCAT / Patch-GCN / CrossFusion evaluation.
 TIED_TOL = 1e-8
+#: Floor of a survival value before its logarithm.
+TINY = np.finfo(float).tiny
 
 
 def _as_arrays(time, event, risk=None):
@@ -73,16 +78,20 @@ def c_index(time: Sequence[float], event: Sequence[int | bool], risk: Sequence[f
     return float(concordance_index_censored(e, t, r, tied_tol=tied_tol)[0])
 
 
-def discrete_survival_function(survival: np.ndarray, bin_edges: Sequence[float], times: Sequence[float]) -> np.ndarray:
-    """Evaluate the discrete-time survival of each sample as a right-continuous step function.
+def survival_at(survival: np.ndarray, bin_edges: Sequence[float], times: Sequence[float]) -> np.ndarray:
+    """Continuous survival curve of the discrete-time head: **constant hazard within each bin**.
 
-    ``S_k = P(T > end of bin k)`` with bins ``[e_k, e_{k+1})``, so ``S(t) = 1`` before the first inner edge,
-    ``S_k`` on ``[e_k, e_{k+1})`` for ``k = 1..K-1`` and ``S_K`` from the last edge on.
+    Convention (stated because IBS, td-AUC and D-calibration depend on it): ``S_k = P(T > e_k)`` is the survival
+    at the end of bin ``k`` (``[e_{k-1}, e_k)``, ``k = 1..K``); ``S(t) = 1`` up to the first edge ``e_0``; inside a
+    bin the hazard is constant, so ``log S`` is interpolated linearly between the edges,
+    ``S(t) = S_{k-1} (S_k / S_{k-1})^((t - e_{k-1}) / (e_k - e_{k-1}))`` with ``S_0 = 1``; past the last edge the
+    last bin's hazard continues. Survival values are floored at the smallest positive float before the logarithm
+    (a zero survival stays zero to machine precision).
 
     Parameters
     ----------
     survival : ndarray, shape (n, K)
-        Discrete survival ``S`` of each sample.
+        Discrete survival ``S_1..S_K`` of each sample (non-increasing).
     bin_edges : array-like, shape (K + 1,)
         Bin edges used for training (outer edges included).
     times : array-like, shape (m,)
@@ -96,9 +105,14 @@ def discrete_survival_function(survival: np.ndarray, bin_edges: Sequence[float],
     edges = np.asarray(bin_edges, dtype=float)
     if s.ndim != 2 or edges.size != s.shape[1] + 1:
         raise ValueError(f"survival must be (n, K) with K + 1 bin edges; got {s.shape} and {edges.size} edges")
-    padded = np.concatenate([np.ones((s.shape[0], 1)), s], axis=1)
-    index = np.searchsorted(edges[1:], np.asarray(times, dtype=float), side="right")
-    return padded[:, index]
+    if np.any(np.diff(edges) <= 0):
+        raise ValueError(f"bin edges must increase strictly; got {edges.tolist()}")
+    log_s = np.concatenate([np.zeros((s.shape[0], 1)), np.log(np.clip(s, TINY, 1.0))], axis=1)  # at e_0..e_K
+    t = np.asarray(times, dtype=float).reshape(-1)
+    k = np.clip(np.searchsorted(edges, t, side="left"), 1, edges.size - 1)  # bin (e_{k-1}, e_k] holding t
+    fraction = (t - edges[k - 1]) / (edges[k] - edges[k - 1])  # > 1 past the last edge: extrapolates
+    log_at = log_s[:, k - 1] + np.maximum(fraction, 0.0) * (log_s[:, k] - log_s[:, k - 1])
+    return np.where(t <= edges[0], 1.0, np.exp(log_at))
 
 
 def evaluation_times(train_time: np.ndarray, test_time: np.ndarray, n: int = 32) -> np.ndarray:
@@ -111,15 +125,71 @@ def evaluation_times(train_time: np.ndarray, test_time: np.ndarray, n: int = 32)
     return grid[(grid >= lo) & (grid < hi)]
 
 
-def _nan_on_failure(func):
+def censor_after(time: np.ndarray, event: np.ndarray, horizon: float) -> tuple[np.ndarray, np.ndarray]:
+    """Administratively censor the samples followed beyond ``horizon`` at the first such time.
+
+    Brier scores, the cumulative/dynamic AUC and Uno's C at times ``<= horizon`` use a sample observed past
+    the horizon only as "still at risk", never its own censoring weight, so this leaves them unchanged; it keeps
+    scikit-survival from evaluating the training fold's censoring survival at an event past the last training
+    time (where it is 0 or undefined), the cause of NaN IBS / AUC in ordinary folds.
+    """
+    t, e = np.asarray(time, float).copy(), np.asarray(event).astype(bool).copy()
+    beyond = t > horizon
+    if beyond.any():
+        t[beyond], e[beyond] = t[beyond].min(), False
+    return t, e
+
+
+def _nan_on_failure(func, name: str, errors: dict[str, str] | None):
+    """``func()`` as a float; NaN when it fails or is not finite, with the reason stored in ``errors[name]``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             value = float(func())
-        return value if math.isfinite(value) else float("nan")
-    except (ValueError, ZeroDivisionError, IndexError):
-        # e.g. no event in the evaluated fold, or a censoring weight of zero: undefined, reported as NaN
+    except (ValueError, ZeroDivisionError, IndexError) as exc:
+        # e.g. no event in the evaluated fold: undefined, reported as NaN with the reason kept for the record
+        if errors is not None:
+            errors[name] = f"{type(exc).__name__}: {exc}"
         return float("nan")
+    if not math.isfinite(value) and errors is not None:
+        errors[name] = f"non-finite value {value}"
+    return value if math.isfinite(value) else float("nan")
+
+
+@dataclass(frozen=True)
+class DCalibration:
+    """D-calibration of one evaluated fold: bin counts and the chi-square test of their uniformity."""
+
+    counts: np.ndarray
+    statistic: float
+    p_value: float
+
+
+def d_calibration(survival_at_time: Sequence[float], event: Sequence[int | bool], n_bins: int = 10) -> DCalibration:
+    """D-calibration (Haider, Hoehn, Davis & Greiner 2020, JMLR 21(85), sec. 3.2 / Appendix B).
+
+    For a calibrated model the predicted survival at the observed time, ``S_i(t_i)``, is uniform on [0, 1]. With
+    ``B`` equal bins of [0, 1]: an uncensored sample adds 1 to the bin of ``S_i(t_i)``; a censored one with
+    ``s = S_i(c_i)`` spreads one unit uniformly over [0, s] (its true ``S(T)`` lies below ``s``): ``(s - l_b)/s`` to
+    the bin ``b`` holding ``s`` (lower edge ``l_b``) and ``1/(B s)`` to every bin below. Pearson's chi-square of
+    the counts against ``n/B`` each, ``B - 1`` degrees of freedom; a small p-value = miscalibrated.
+    """
+    s = np.clip(np.asarray(survival_at_time, dtype=float).reshape(-1), 0.0, 1.0)
+    e = np.asarray(event).reshape(-1).astype(bool)
+    if s.shape != e.shape or s.size == 0 or n_bins < 2 or not np.isfinite(s).all():
+        raise ValueError(f"d_calibration needs n > 0 finite survival values, one per event flag, and >= 2 bins; "
+                         f"got {s.size} values, {e.size} flags, {n_bins} bins")
+    bin_of = np.minimum((s * n_bins).astype(int), n_bins - 1)  # S = 1 falls in the top bin
+    counts = np.bincount(bin_of[e], minlength=n_bins).astype(float)
+    for value, b in zip(s[~e], bin_of[~e]):
+        if value <= 0:  # survival 0 at censoring: all mass in the lowest bin
+            counts[0] += 1.0
+            continue
+        counts[b] += (value - b / n_bins) / value
+        counts[:b] += 1.0 / (n_bins * value)
+    expected = s.size / n_bins
+    statistic = float(np.sum((counts - expected) ** 2) / expected)
+    return DCalibration(counts, statistic, float(chi2.sf(statistic, n_bins - 1)))
 
 
 def evaluate(
@@ -130,6 +200,7 @@ def evaluate(
     train_event: Sequence[int | bool],
     survival: np.ndarray | None = None,
     bin_edges: Sequence[float] | None = None,
+    errors: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """All metrics of one evaluated fold.
 
@@ -140,34 +211,62 @@ def evaluate(
     train_time, train_event : array-like, shape (n_train,)
         Training fold, used only to fit the censoring distribution (IPCW).
     survival : ndarray, shape (n, K), optional
-        Discrete survival of each evaluated sample; without it (Cox heads) ``ibs`` is NaN.
+        Discrete survival of each evaluated sample (curve convention: :func:`survival_at`); without it (Cox
+        heads) ``ibs`` and ``d_calibration_p`` are NaN.
     bin_edges : array-like, shape (K + 1,), optional
         Bin edges of ``survival``.
+    errors : dict, optional
+        Filled with ``metric -> reason`` for every metric reported as NaN, for the caller to store.
 
     Returns
     -------
     dict
         ``c_index`` (Harrell), ``c_index_uno`` (truncated at the top of the time grid), ``ibs`` (lower is
-        better) and ``mean_auc`` (cumulative/dynamic AUC averaged over the grid). An undefined metric is NaN.
+        better), ``mean_auc`` (cumulative/dynamic AUC averaged over the grid) and ``d_calibration_p`` (Haider et
+        al. 2020, 10 bins). The grid (:func:`evaluation_times`) lies inside both folds' follow-up; samples followed
+        past it are censored there (:func:`censor_after`), which leaves every metric on the grid unchanged.
     """
+    errors = {} if errors is None else errors
     t, e, r = _as_arrays(time, event, risk)
     tt, te = _as_arrays(train_time, train_event)
-    y_train = Surv.from_arrays(te, tt)
-    y_test = Surv.from_arrays(e, t)
     grid = evaluation_times(tt, t)
-    out = {"c_index": _nan_on_failure(lambda: c_index(t, e, r))}
-    tau = float(grid[-1]) if grid.size else None
-    out["c_index_uno"] = _nan_on_failure(lambda: concordance_index_ipcw(y_train, y_test, r, tau=tau, tied_tol=TIED_TOL)[0])
-    if survival is not None and bin_edges is not None and grid.size >= 2:
-        s_grid = discrete_survival_function(np.asarray(survival), bin_edges, grid)
-        out["ibs"] = _nan_on_failure(lambda: integrated_brier_score(y_train, y_test, s_grid, grid))
+    out = {"c_index": _nan_on_failure(lambda: c_index(t, e, r), "c_index", errors)}
+    if grid.size == 0:
+        for name in ("c_index_uno", "ibs", "mean_auc"):
+            out[name] = _nan_on_failure(_raise("no evaluation time inside both folds' follow-up"), name, errors)
     else:
-        out["ibs"] = float("nan")
-    if grid.size >= 1:
-        out["mean_auc"] = _nan_on_failure(lambda: cumulative_dynamic_auc(y_train, y_test, r, grid, tied_tol=TIED_TOL)[1])
-    else:
-        out["mean_auc"] = float("nan")
+        y_train = Surv.from_arrays(te, tt)
+        t_cut, e_cut = censor_after(t, e, float(grid[-1]))
+        y_test = Surv.from_arrays(e_cut, t_cut)
+        out["c_index_uno"] = _nan_on_failure(lambda: concordance_index_ipcw(
+            y_train, y_test, r, tau=float(grid[-1]), tied_tol=TIED_TOL)[0], "c_index_uno", errors)
+        out["ibs"] = _nan_on_failure(lambda: _ibs(y_train, y_test, survival, bin_edges, grid), "ibs", errors)
+        out["mean_auc"] = _nan_on_failure(lambda: cumulative_dynamic_auc(
+            y_train, y_test, r, grid, tied_tol=TIED_TOL)[1], "mean_auc", errors)
+    out["d_calibration_p"] = _nan_on_failure(lambda: _d_calibration_p(t, e, survival, bin_edges),
+                                             "d_calibration_p", errors)
     return out
+
+
+def _raise(reason: str):
+    def fail():
+        raise ValueError(reason)
+    return fail
+
+
+def _ibs(y_train, y_test, survival, bin_edges, grid) -> float:
+    if survival is None or bin_edges is None:
+        raise ValueError("no survival function (Cox head): the integrated Brier score is undefined")
+    if grid.size < 2:
+        raise ValueError("fewer than 2 evaluation times: nothing to integrate")
+    return integrated_brier_score(y_train, y_test, survival_at(np.asarray(survival), bin_edges, grid), grid)
+
+
+def _d_calibration_p(time, event, survival, bin_edges) -> float:
+    if survival is None or bin_edges is None:
+        raise ValueError("no survival function (Cox head): D-calibration is undefined")
+    at_own_time = np.diagonal(survival_at(np.asarray(survival), bin_edges, time))  # S_i(t_i); n is a fold, small
+    return d_calibration(at_own_time, event).p_value
 
 
 def aggregate(values: Sequence[float]) -> tuple[float, float]:

@@ -355,10 +355,11 @@ def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, device, sele
     """Evaluate the selected model on the reported split once; everything the store records."""
     val = predict(model, cohort, data.val_ids, device, needs)
     train_pred = predict(model, cohort, data.train_ids, device, needs)
+    metric_errors: dict[str, str] = {}
     metrics = evaluate(
         data.time_of[data.val_ids].to_numpy(), data.event_of[data.val_ids].to_numpy(), val.risk,
         data.time_of[data.train_ids].to_numpy(), data.event_of[data.train_ids].to_numpy(),
-        survival=val.survival, bin_edges=data.edges,
+        survival=val.survival, bin_edges=data.edges, errors=metric_errors,
     )
     samples = cohort.samples
     patient_of = samples["patient_id"] if "patient_id" in samples.columns else None
@@ -370,7 +371,7 @@ def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, device, sele
     return CellResult(
         model=model.cpu(), metrics=metrics, selected_epoch=int(selected_epoch), history=history,
         bin_edges=[float(e) for e in np.asarray(data.edges)], train_risk_median=float(np.median(train_pred.risk)),
-        predictions=predictions, n_parameters=count_parameters(model),
+        predictions=predictions, n_parameters=count_parameters(model), metric_errors=metric_errors,
         extra={"n_train": len(data.train_ids), "n_fit": len(data.fit_ids), "n_inner": len(data.inner_ids),
                "n_val": len(data.val_ids), "draws_per_epoch": opt.n_draws,
                "steps_per_epoch": opt.windows_per_epoch,
