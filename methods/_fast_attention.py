@@ -41,6 +41,44 @@ STORE_BYTES = 256 * 2**20
 _SEED_RANGE = 2**62
 
 
+class BufferPool:
+    """Attention-sized CPU buffers kept for reuse across chunks, layers and steps.
+
+    Why: tensors above 32 MiB come from ``mmap`` and go back to the kernel when freed, so every fresh one is
+    page-faulted and zeroed again: that took about as long as the ``q k^T`` matmul writing into it. Buffers
+    given back here are handed out again (smallest one large enough, as a flat view); at most ``max_bytes`` are
+    kept idle. :meth:`clear` drops them.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._free: list[Tensor] = []
+
+    def take(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """A flat tensor of ``numel`` elements (a view of a pooled buffer, or new); contents undefined."""
+        fits = [i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel]
+        if not fits:
+            return torch.empty(numel, dtype=dtype)
+        return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))[:numel]
+
+    def give(self, *tensors: Tensor | None) -> None:
+        """Return tensors obtained from :meth:`take` (views of them are fine); they must not be used afterwards."""
+        for t in tensors:
+            if t is None:
+                continue
+            base = t if t._base is None else t._base  # the flat buffer of take() (no new view op)
+            idle = sum(b.numel() * b.element_size() for b in self._free)
+            if idle + base.numel() * base.element_size() <= self.max_bytes:
+                self._free.append(base)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+#: The pool of this module (2 GiB idle at most: one average-slide step's stored probabilities and masks).
+POOL = BufferPool(2 * 2**30)
+
+
 def drop_thresholds(p: float) -> tuple[int, int]:
     """Integer thresholds of :func:`drop_mask`: a signed 16-bit field drops when below the first, the 15-bit
     field when below the second. Drop probabilities ``round(p 2^16) / 2^16`` and ``round(p 2^15) / 2^15``."""
@@ -57,12 +95,14 @@ def drop_mask(n_rows: int, n_cols: int, p: float, generator: torch.Generator, ou
     """
     n = n_rows * n_cols
     n_words = (n + 3) // 4
-    fields = torch.empty(n_words, dtype=torch.int64).random_(generator=generator).view(torch.int16).view(n_words, 4)
+    words = POOL.take(n_words, torch.int64)
+    fields = words.random_(generator=generator).view(torch.int16).view(n_words, 4)
     mask = torch.empty(n_words * 4, dtype=torch.bool) if out is None or out.numel() < 4 * n_words else out
     mask4 = mask[: 4 * n_words].view(n_words, 4)
     low, high = drop_thresholds(p)
     torch.lt(fields[:, :3], low, out=mask4[:, :3])
     torch.lt(fields[:, 3], high, out=mask4[:, 3])
+    POOL.give(words)
     return mask[:n].view(n_rows, n_cols)
 
 
@@ -74,13 +114,14 @@ class _Chunks:
     is recomputed in the backward pass (probabilities from ``q, k``; masks from the seed, in chunk order).
     """
 
-    def __init__(self, g: int, n: int, m: int, block_bytes: int, dtype: torch.dtype, p: float, seed: int) -> None:
+    def __init__(self, g: int, n: int, m: int, block_bytes: int, dtype: torch.dtype, p: float, seed: int,
+                 store: bool = True) -> None:
         self.rows = max(1, min(n, int(block_bytes // max(1, g * m * 4))))
-        self.g, self.m, self.p = g, m, p
+        self.g, self.m, self.p, self.dtype = g, m, p, dtype
         self.starts = list(range(0, n, self.rows))
-        self.scores = torch.empty(g * self.rows * m, dtype=dtype)  # reused by every chunk
-        self.store_probs = g * n * m * 5 <= STORE_BYTES
-        self.store_masks = p > 0 and g * n * m <= STORE_BYTES
+        self.scores = POOL.take(g * self.rows * m, dtype)  # reused by every chunk; POOL.give when done
+        self.store_probs = store and g * n * m * 5 <= STORE_BYTES
+        self.store_masks = store and p > 0 and g * n * m <= STORE_BYTES
         self.gen = torch.Generator().manual_seed(seed)
 
     def view(self, buf: Tensor, c: int) -> Tensor:
@@ -90,14 +131,25 @@ class _Chunks:
         """``softmax(qs[:, start:start+c] k^T)``, ``(G, c, M)``, in the reused scores buffer unless ``fresh``
         (a new tensor, to be stored); ``qs`` already scaled."""
         q_c = qs[:, start : start + self.rows]
-        s = torch.bmm(q_c, k_t) if fresh else torch.bmm(q_c, k_t, out=self.view(self.scores, q_c.shape[1]))
+        c = q_c.shape[1]
+        s = self.view(POOL.take(self.g * c * self.m, self.dtype) if fresh else self.scores, c)
+        torch.bmm(q_c, k_t, out=s)
         return torch._softmax(s, -1, False, out=s)
 
-    def mask(self, shape: torch.Size) -> Tensor | None:
-        """The next chunk's drop mask from the seeded generator (None without dropout)."""
+    def mask(self, shape: torch.Size, fresh: bool) -> Tensor | None:
+        """The next chunk's drop mask from the seeded generator (None without dropout); ``fresh``: in a pooled
+        buffer that the caller keeps (else in one reused by every chunk)."""
         if self.p == 0:
             return None
-        return drop_mask(shape[0] * shape[1], shape[2], self.p, self.gen).view(shape)
+        if fresh or not hasattr(self, "_mask_buf"):
+            buf = POOL.take(4 * ((shape.numel() + 3) // 4), torch.bool)
+            if not fresh:
+                self._mask_buf = buf
+        buf = buf if fresh else self._mask_buf
+        return drop_mask(shape[0] * shape[1], shape[2], self.p, self.gen, out=buf).view(shape)
+
+    def release(self) -> None:
+        POOL.give(self.scores, getattr(self, "_mask_buf", None))
 
 
 class DropoutAttention(torch.autograd.Function):
@@ -112,32 +164,37 @@ class DropoutAttention(torch.autograd.Function):
                 out: Tensor | None = None) -> Tensor:
         g, n, d = q.shape
         qs = q * d**-0.5  # the score scale on the (N, d) operand, not on the (N, M) matrix
-        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed)
+        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed, store=any(ctx.needs_input_grad[:3]))
         out = torch.empty(g, n, v.shape[-1], dtype=q.dtype) if out is None else out
         k_t, zero = k.transpose(1, 2), torch.zeros((), dtype=q.dtype)
         stored: list[Tensor] = []
         for start in chunks.starts:
             probs = chunks.probs(qs, k_t, start, fresh=chunks.store_probs)
-            mask, dropped = chunks.mask(probs.shape), probs
+            mask, dropped = chunks.mask(probs.shape, fresh=chunks.store_masks), probs
             stored += [probs] if chunks.store_probs else []
             if mask is not None:  # into the reused buffer when the probabilities are stored, else in place
                 stored += [mask] if chunks.store_masks else []
                 dropped = chunks.view(chunks.scores, probs.shape[1]) if chunks.store_probs else probs
                 torch.where(mask, zero, probs, out=dropped)
             torch.bmm(dropped, v, out=out[:, start : start + probs.shape[1]])
+        chunks.release()
         if p > 0:
             out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q, k, v, out, *stored)
-        ctx.p, ctx.block_bytes, ctx.seed = p, block_bytes, seed
+        ctx.p, ctx.block_bytes, ctx.seed, ctx.spent = p, block_bytes, seed, False
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if ctx.spent:  # the stored buffers went back to the pool after the first backward
+            raise RuntimeError("methods/_fast_attention.py: DropoutAttention's backward runs once (retain_graph is "
+                               "not supported); use dropout_impl='torch'")
+        ctx.spent = True
         q, k, v, out, *stored = ctx.saved_tensors
         g, n, d = q.shape
         rescale = 1.0 / (1.0 - ctx.p)
         chunks = _Chunks(g, n, k.shape[1], ctx.block_bytes, q.dtype, ctx.p, ctx.seed)
-        grads = torch.empty_like(chunks.scores)
+        grads = POOL.take(chunks.scores.numel(), q.dtype)
         qs = q * d**-0.5
         # D_i = sum_j dP_ij P_ij = grad_out_i . out_i (flash attention), divided by the rescale (see below).
         row_dot = (grad_out * out).sum(-1, keepdim=True).div_(rescale)  # (G, N, 1)
@@ -146,7 +203,7 @@ class DropoutAttention(torch.autograd.Function):
         for start in chunks.starts:
             probs = stored.pop(0) if chunks.store_probs else chunks.probs(qs, k_t, start, fresh=False)
             c = probs.shape[1]
-            mask = stored.pop(0) if chunks.store_masks else chunks.mask(probs.shape)
+            mask = stored.pop(0) if chunks.store_masks else chunks.mask(probs.shape, fresh=False)
             rows = slice(start, start + c)
             dpd = torch.bmm(grad_out[:, rows], v_t, out=chunks.view(grads, c))  # d(dropped P) / rescale
             # dS = P * (rescale * keep * dPd - D) = rescale * P * (keep * dPd - D / rescale)
@@ -156,8 +213,12 @@ class DropoutAttention(torch.autograd.Function):
             torch.bmm(dpd, k, out=dq[:, rows])
             dk.baddbmm_(dpd.transpose(1, 2), qs[:, rows], alpha=rescale)
             if mask is not None:  # dropped P, in the reused buffer (stored probabilities stay intact)
-                probs = torch.where(mask, zero, probs, out=chunks.view(chunks.scores, c))
+                dropped = torch.where(mask, zero, probs, out=chunks.view(chunks.scores, c))
+                POOL.give(*((probs,) if chunks.store_probs else ()), *((mask,) if chunks.store_masks else ()))
+                probs = dropped
             dv.baddbmm_(probs.transpose(1, 2), grad_out[:, rows], alpha=rescale)
+        chunks.release()
+        POOL.give(grads)
         dq.mul_(rescale * d**-0.5)
         return dq, dk, dv, None, None, None, None
 
