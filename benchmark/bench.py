@@ -36,13 +36,14 @@ LARGEST_SLIDE = {"n20": 137_990, "n10": 34_500, "n5": 8_600, "in_dim": 1536}
 SGEMM_SIZE = 4096
 
 #: Options selecting each method's plain PyTorch reference path (``--reference`` times it in the same process).
-#: CrossFusion: PyTorch SDPA with the dropout as given (the math kernel on CPU in training, O(N^2) memory) and
-#: ``F.dropout`` wherever the chunked path would run.
+#: CrossFusion: PyTorch SDPA with the dropout as given (the math kernel on CPU in training, O(N^2) memory),
+#: ``F.dropout`` wherever the chunked path would run and in the FFNs, NCHW convolutions.
 _CROSSFUSION_REFERENCE = {"attention_backend": "sdpa", "dropout_impl": "torch", "channels_last": False}
 REFERENCE_OPTIONS = {
     "crossfusion": _CROSSFUSION_REFERENCE,
     "crossfusion_wo_cp": _CROSSFUSION_REFERENCE,
     "crossfusion_wo_fc": _CROSSFUSION_REFERENCE,
+    "transmil": {"nystrom_impl": "package"},  # NystromAttention.forward of the nystrom-attention package
 }
 
 
