@@ -154,17 +154,19 @@ def _loss(out):
 def count_flops(method: str, options: dict, bag, phase: str) -> dict:
     """Matmul / convolution FLOPs of one ``phase`` step, counted by ``FlopCounterMode`` on the meta device.
 
-    Model FLOPs, not executed ones: counted with the reference options (and CrossFusion's activation
-    checkpointing off), so recomputation is not counted and every implementation of a method is measured
-    against the same number. Falls back to the real bag when the method cannot run on meta tensors (such as
-    data-dependent graph code). Returns ``{"forward": F, "backward": B}`` (B = 0 for ``eval``).
+    Model FLOPs, not executed ones: recomputation is not counted. On meta tensors CrossFusion's attention
+    takes the SDPA path (two matmuls forward, four backward; see :func:`_flash_cpu_backward_flops`), and its
+    activation checkpointing is switched off here. Work a fast path skips exactly (TransMIL's padding rows)
+    is not counted either: the count follows ``options``. Falls back to the real bag when the method cannot
+    run on meta tensors (data-dependent graph code). Returns ``{"forward": F, "backward": B, "counted_on":
+    device}`` (B = 0 for ``eval``), or ``{}`` when counting failed.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark.registry import create_method
 
-    opts = {**options, **REFERENCE_OPTIONS.get(method, {})}
+    opts = dict(options)
     if method.startswith("crossfusion"):
         opts["activation_checkpointing"] = False
     aten = torch.ops.aten
