@@ -25,39 +25,34 @@ NYSTROM_IMPLS = ("fast", "package")
 
 
 def nystrom_forward(attn: NystromAttention, x: Tensor, return_attn_matrices: bool = False):
-    """``NystromAttention.forward(x)`` (no mask) with the same maths and random draws, less work.
+    """``NystromAttention.forward(x)`` (no mask) with the same maths and random draws, less work on small bags.
 
-    ``x (B, n, dim)`` -> ``(B, n, dim)`` (and the three factors as the package returns them). Two exact savings:
+    ``x (B, n, dim)`` -> ``(B, n, dim)`` (and the three factors as the package returns them). A bag of at most
+    ``m`` tokens (one token per landmark: every demo bag) has two exact savings:
 
-    - the front padding to a multiple of ``m`` landmarks is applied to ``q, k, v`` instead of ``x``: ``to_qkv``
-      has no bias, so padded rows are zero either way, and only the ``n`` real rows go through the projection
-      (a 65-token demo bag is padded to 256);
-    - with one token per landmark (``l == 1``: every bag of at most ``m`` tokens) the landmarks are the tokens
-      themselves (a sum over one token divided by 1), so the three similarity matrices ``q k_l^T``,
-      ``q_l k_l^T``, ``q_l k^T`` are the same matrix: it is computed and softmaxed once.
+    - the front padding up to ``m`` rows is applied to ``q, k, v`` instead of ``x``: ``to_qkv`` has no bias, so
+      padded rows are zero either way, and only the ``n`` real rows go through the projection (a 65-token demo
+      bag is padded to 256);
+    - the landmarks are the tokens themselves (a sum over one token divided by 1), so the three similarity
+      matrices ``q k_l^T``, ``q_l k_l^T``, ``q_l k^T`` are the same matrix: it is computed and softmaxed once.
 
-    The output projection and its dropout still run on all padded rows before the crop, as in the package, so
-    the dropout draws are the same.
+    Larger bags run the package's forward unchanged (their padding is under one row in ``l``; padding the
+    3x wider ``q, k, v`` instead of ``x`` would cost more than it saves). The output projection and its
+    dropout run on all padded rows before the crop, as in the package, so the dropout draws are the same.
     """
     b, n, _ = x.shape
     h, m = attn.heads, attn.num_landmarks
-    pad = (m - n % m) % m
-    qkv = nn.functional.pad(attn.to_qkv(x), (0, 0, pad, 0))  # (B, n + pad, 3 h d), zeros in front
-    q, k, v = (t.reshape(b, n + pad, h, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, n_pad, d)
-    q = q * attn.scale
-    tokens_per_landmark = math.ceil(n / m)
-    if tokens_per_landmark == 1:
-        attn1 = attn2 = attn3 = torch.einsum("... i d, ... j d -> ... i j", q, k).softmax(dim=-1)
-    else:
-        q_landmarks = q.reshape(b, h, m, tokens_per_landmark, -1).sum(dim=3) / tokens_per_landmark
-        k_landmarks = k.reshape(b, h, m, tokens_per_landmark, -1).sum(dim=3) / tokens_per_landmark
-        attn1, attn2, attn3 = (torch.einsum("... i d, ... j d -> ... i j", a, c).softmax(dim=-1)
-                               for a, c in ((q, k_landmarks), (q_landmarks, k_landmarks), (q_landmarks, k)))
+    if n > m:
+        return attn(x, return_attn_matrices=return_attn_matrices)
+    pad = m - n
+    qkv = nn.functional.pad(attn.to_qkv(x), (0, 0, pad, 0))  # (B, m, 3 h d), zeros in front
+    q, k, v = (t.reshape(b, m, h, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, m, d)
+    attn1 = attn2 = attn3 = torch.einsum("... i d, ... j d -> ... i j", q * attn.scale, k).softmax(dim=-1)
     attn2_inv = moore_penrose_iter_pinv(attn2, attn.pinv_iterations)
     out = (attn1 @ attn2_inv) @ (attn3 @ v)
     if attn.residual:
         out = out + attn.res_conv(v)
-    out = attn.to_out(out.transpose(1, 2).reshape(b, n + pad, -1))[:, -n:]
+    out = attn.to_out(out.transpose(1, 2).reshape(b, m, -1))[:, -n:]
     return (out, (attn1, attn2_inv, attn3)) if return_attn_matrices else out
 
 
@@ -149,9 +144,10 @@ class TransMIL(nn.Module):
     dropout : float
         Dropout after each attention output projection (0.1 official); acts only in training.
     nystrom_impl : {"fast", "package"}
-        "fast" (default): :func:`nystrom_forward`, the package's maths and dropout draws with less work (the
-        ``q, k, v`` projection on real rows only; one similarity matrix instead of three when a bag has at most
-        256 tokens). "package": ``NystromAttention.forward``, the reference. Outputs agree to about 1e-6.
+        "fast" (default): :func:`nystrom_forward`, the package's maths and dropout draws with less work on bags
+        of at most 256 tokens (the ``q, k, v`` projection on real rows only; one similarity matrix instead of
+        three); larger bags run the package's forward. "package": ``NystromAttention.forward``, the reference.
+        Outputs agree to about 1e-6.
 
     Notes
     -----
