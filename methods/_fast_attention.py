@@ -156,15 +156,16 @@ class DropoutAttention(torch.autograd.Function):
     """``dropout_p(softmax(q k^T / sqrt(d))) v`` over query chunks with a flash-style backward (see module).
 
     ``q (G, N, d)``, ``k (G, M, d)``, ``v (G, M, d_v)`` -> ``(G, N, d_v)``; ``out``: optional preallocated
-    output (any strides, e.g. token-major so that merging the heads afterwards is a view).
+    output (any strides, e.g. token-major so that merging the heads afterwards is a view); ``store``: keep
+    probabilities / masks for the backward pass when they fit (False when no backward pass will follow).
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, block_bytes: int, seed: int,
-                out: Tensor | None = None) -> Tensor:
+                out: Tensor | None = None, store: bool = True) -> Tensor:
         g, n, d = q.shape
         qs = q * d**-0.5  # the score scale on the (N, d) operand, not on the (N, M) matrix
-        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed, store=any(ctx.needs_input_grad[:3]))
+        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed, store=store)
         out = torch.empty(g, n, v.shape[-1], dtype=q.dtype) if out is None else out
         k_t, zero = k.transpose(1, 2), torch.zeros((), dtype=q.dtype)
         stored: list[Tensor] = []
@@ -195,6 +196,7 @@ class DropoutAttention(torch.autograd.Function):
         rescale = 1.0 / (1.0 - ctx.p)
         chunks = _Chunks(g, n, k.shape[1], ctx.block_bytes, q.dtype, ctx.p, ctx.seed)
         grads = POOL.take(chunks.scores.numel(), q.dtype)
+        drop_buf = POOL.take(chunks.scores.numel(), q.dtype) if ctx.p > 0 else None
         qs = q * d**-0.5
         # D_i = sum_j dP_ij P_ij = grad_out_i . out_i (flash attention), divided by the rescale (see below).
         row_dot = (grad_out * out).sum(-1, keepdim=True).div_(rescale)  # (G, N, 1)
@@ -206,21 +208,21 @@ class DropoutAttention(torch.autograd.Function):
             mask = stored.pop(0) if chunks.store_masks else chunks.mask(probs.shape, fresh=False)
             rows = slice(start, start + c)
             dpd = torch.bmm(grad_out[:, rows], v_t, out=chunks.view(grads, c))  # d(dropped P) / rescale
-            # dS = P * (rescale * keep * dPd - D) = rescale * P * (keep * dPd - D / rescale)
-            if mask is not None:
-                torch.where(mask, zero, dpd, out=dpd)
-            dpd.sub_(row_dot[:, rows]).mul_(probs)  # dS / rescale
-            torch.bmm(dpd, k, out=dq[:, rows])
+            # dS = P * (rescale * keep * dPd - D) = rescale * (keep P * dPd - P * D / rescale): three passes
+            if mask is None:
+                dropped = probs
+                dpd.sub_(row_dot[:, rows]).mul_(probs)
+            else:
+                dropped = torch.where(mask, zero, probs, out=chunks.view(drop_buf, c))
+                dpd.mul_(dropped).addcmul_(probs, row_dot[:, rows], value=-1)
+            torch.bmm(dpd, k, out=dq[:, rows])  # dpd holds dS / rescale
             dk.baddbmm_(dpd.transpose(1, 2), qs[:, rows], alpha=rescale)
-            if mask is not None:  # dropped P, in the reused buffer (stored probabilities stay intact)
-                dropped = torch.where(mask, zero, probs, out=chunks.view(chunks.scores, c))
-                POOL.give(*((probs,) if chunks.store_probs else ()), *((mask,) if chunks.store_masks else ()))
-                probs = dropped
-            dv.baddbmm_(probs.transpose(1, 2), grad_out[:, rows], alpha=rescale)
+            dv.baddbmm_(dropped.transpose(1, 2), grad_out[:, rows], alpha=rescale)
+            POOL.give(*((probs,) if chunks.store_probs else ()), *((mask,) if chunks.store_masks else ()))
         chunks.release()
-        POOL.give(grads)
+        POOL.give(grads, drop_buf)
         dq.mul_(rescale * d**-0.5)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def dropout_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, block_bytes: int) -> Tensor:
@@ -236,8 +238,10 @@ def dropout_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, block_b
     m, d_v = k.shape[-2], v.shape[-1]
     seed = int(torch.randint(_SEED_RANGE, (1,)).item()) if dropout_p > 0 else 0
     out = torch.empty(n, h, d_v, dtype=q.dtype).transpose(0, 1) if b == 1 else None
+    # Keep probabilities and masks only when a backward pass can follow (Function.forward runs without grad).
+    store = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out = DropoutAttention.apply(q.reshape(b * h, n, d), k.reshape(b * h, m, d), v.reshape(b * h, m, d_v),
-                                 float(dropout_p), int(block_bytes), seed, out)
+                                 float(dropout_p), int(block_bytes), seed, out, store)
     return out.reshape(b, h, n, d_v)
 
 
