@@ -1,23 +1,24 @@
-"""Softmax attention with attention dropout on CPU, fast and memory-bounded: ``dropout_impl="fast"``.
+"""Fast CPU dropout for CrossFusion (``dropout_impl="fast"``): attention with dropout, and element-wise dropout.
 
 The reference path (``dropout_impl="torch"``, in ``methods/_crossfusion_blocks.py``) runs
-``F.dropout(softmax(q k^T / sqrt(d))) v`` over query chunks, each wrapped in ``torch.utils.checkpoint``. On
-CPU about 40 % of a CrossFusion training step went to ``F.dropout`` there (``bernoulli_`` into a float mask,
-``div_``, ``mul``: three passes over every attention matrix, all repeated by the checkpoint's recomputation)
-and much of the rest to page faults of freshly allocated attention matrices. This module computes the same
-function with:
+``F.dropout(softmax(q k^T / sqrt(d))) v`` over query chunks, each wrapped in ``torch.utils.checkpoint``.
+``F.dropout`` on CPU makes three passes over every attention matrix (``bernoulli_`` into a float mask, ``div_``,
+``mul``), the checkpoint repeats them in the backward pass, and every fresh attention-sized tensor is
+page-faulted by the kernel. :func:`dropout_attention` computes the same function with:
 
 - **one autograd Function** over query chunks (at most ``block_bytes`` of attention matrix per chunk) with a
-  hand-written backward: no checkpointed recomputation of the forward. On large bags it keeps only ``q, k,
-  v`` and the output and recomputes each chunk's probabilities from ``q, k`` (the flash-attention backward:
-  one extra ``q k^T`` matmul), so memory stays linear in the bag;
-- **reused buffers**: each chunk's scores are written into one preallocated block with ``out=``, softmax runs
-  in place, so no attention-sized tensor is allocated (and page-faulted) per chunk;
-- **a cheaper dropout mask with the same distribution** (:func:`drop_mask`): 64 random bits per draw of the
-  generator, cut into four 16-bit fields, each compared with a threshold; dropped entries are zeroed in place
-  and the ``1 / (1 - p)`` rescale is applied to the small ``(N, d)`` output instead of the ``(N, M)`` matrix;
-- the probabilities and masks kept for the backward pass when they are small (at most :data:`STORE_BYTES` per
-  call), otherwise recomputed there (probabilities from ``q, k``; masks from the same seed).
+  hand-written backward, so the forward is not recomputed. What it keeps for the backward pass is bounded by
+  :data:`STORE_BYTES`: the probabilities and masks when they fit, else the masks, else nothing (then each
+  chunk's probabilities are recomputed from ``q, k``, the flash-attention backward, and its mask from the
+  seed), so memory stays linear in the bag;
+- **pooled buffers** (:class:`BufferPool`): scores are written with ``out=`` into buffers reused across
+  chunks, layers and steps, and softmax runs in place;
+- **a cheaper mask with the same distribution** (:func:`drop_mask`): 63 random bits per draw of the generator,
+  cut into four 16-bit fields, each compared with a threshold; dropped entries are zeroed in one pass and the
+  ``1 / (1 - p)`` rescale is applied to the ``(N, d)`` output instead of the ``(N, M)`` matrix.
+
+:func:`fast_dropout` is the element-wise dropout of the FFNs with the same mask generator and a one-byte saved
+mask.
 
 Deliberate deviations from the reference path, all within the stated tolerances (tested in
 ``tests/test_fast_attention.py``): the drop probability is ``round(p * 2**16) / 2**16`` for three of every four
@@ -25,7 +26,7 @@ entries and ``round(p * 2**15) / 2**15`` for the fourth (within ``2**-16`` of ``
 private generator seeded by one draw of the default generator, so a seeded run is bit-reproducible but draws
 other masks than ``F.dropout``; the rescale by ``1 / (1 - p)`` and the ``1 / sqrt(d)`` scale are applied to
 the ``(N, d)`` operands rather than to the attention matrix (the same maths, rounding differs by about one
-ulp).
+ulp); the backward pass runs once per forward (``retain_graph`` raises).
 """
 from __future__ import annotations
 
