@@ -101,8 +101,8 @@ def drop_mask(n_rows: int, n_cols: int, p: float, generator: torch.Generator, ou
     mask = torch.empty(n_words * 4, dtype=torch.bool) if out is None or out.numel() < 4 * n_words else out
     mask4 = mask[: 4 * n_words].view(n_words, 4)
     low, high = drop_thresholds(p)
-    torch.lt(fields[:, :3], low, out=mask4[:, :3])
-    torch.lt(fields[:, 3], high, out=mask4[:, 3])
+    torch.lt(fields.view(-1), low, out=mask[: 4 * n_words])  # contiguous: much faster than the strided 3 of 4
+    torch.lt(fields[:, 3], high, out=mask4[:, 3])  # then the 15-bit field again with its own threshold
     POOL.give(words)
     return mask[:n].view(n_rows, n_cols)
 
