@@ -1,23 +1,24 @@
-"""Softmax attention with attention dropout on CPU, fast and memory-bounded: ``dropout_impl="fast"``.
+"""Fast CPU dropout for CrossFusion (``dropout_impl="fast"``): attention with dropout, and element-wise dropout.
 
 The reference path (``dropout_impl="torch"``, in ``methods/_crossfusion_blocks.py``) runs
-``F.dropout(softmax(q k^T / sqrt(d))) v`` over query chunks, each wrapped in ``torch.utils.checkpoint``. On
-CPU about 40 % of a CrossFusion training step went to ``F.dropout`` there (``bernoulli_`` into a float mask,
-``div_``, ``mul``: three passes over every attention matrix, all repeated by the checkpoint's recomputation)
-and much of the rest to page faults of freshly allocated attention matrices. This module computes the same
-function with:
+``F.dropout(softmax(q k^T / sqrt(d))) v`` over query chunks, each wrapped in ``torch.utils.checkpoint``.
+``F.dropout`` on CPU makes three passes over every attention matrix (``bernoulli_`` into a float mask, ``div_``,
+``mul``), the checkpoint repeats them in the backward pass, and every fresh attention-sized tensor is
+page-faulted by the kernel. :func:`dropout_attention` computes the same function with:
 
 - **one autograd Function** over query chunks (at most ``block_bytes`` of attention matrix per chunk) with a
-  hand-written backward: no checkpointed recomputation of the forward. On large bags it keeps only ``q, k,
-  v`` and the output and recomputes each chunk's probabilities from ``q, k`` (the flash-attention backward:
-  one extra ``q k^T`` matmul), so memory stays linear in the bag;
-- **reused buffers**: each chunk's scores are written into one preallocated block with ``out=``, softmax runs
-  in place, so no attention-sized tensor is allocated (and page-faulted) per chunk;
-- **a cheaper dropout mask with the same distribution** (:func:`drop_mask`): 64 random bits per draw of the
-  generator, cut into four 16-bit fields, each compared with a threshold; dropped entries are zeroed in place
-  and the ``1 / (1 - p)`` rescale is applied to the small ``(N, d)`` output instead of the ``(N, M)`` matrix;
-- the probabilities and masks kept for the backward pass when they are small (at most :data:`STORE_BYTES` per
-  call), otherwise recomputed there (probabilities from ``q, k``; masks from the same seed).
+  hand-written backward, so the forward is not recomputed. What it keeps for the backward pass is bounded by
+  :data:`STORE_BYTES`: the probabilities and masks when they fit, else the masks, else nothing (then each
+  chunk's probabilities are recomputed from ``q, k``, the flash-attention backward, and its mask from the
+  seed), so memory stays linear in the bag;
+- **pooled buffers** (:class:`BufferPool`): scores are written with ``out=`` into buffers reused across
+  chunks, layers and steps, and softmax runs in place;
+- **a cheaper mask with the same distribution** (:func:`drop_mask`): 63 random bits per draw of the generator,
+  cut into four 16-bit fields, each compared with a threshold; dropped entries are zeroed in one pass and the
+  ``1 / (1 - p)`` rescale is applied to the ``(N, d)`` output instead of the ``(N, M)`` matrix.
+
+:func:`fast_dropout` is the element-wise dropout of the FFNs with the same mask generator and a one-byte saved
+mask.
 
 Deliberate deviations from the reference path, all within the stated tolerances (tested in
 ``tests/test_fast_attention.py``): the drop probability is ``round(p * 2**16) / 2**16`` for three of every four
@@ -25,7 +26,7 @@ entries and ``round(p * 2**15) / 2**15`` for the fourth (within ``2**-16`` of ``
 private generator seeded by one draw of the default generator, so a seeded run is bit-reproducible but draws
 other masks than ``F.dropout``; the rescale by ``1 / (1 - p)`` and the ``1 / sqrt(d)`` scale are applied to
 the ``(N, d)`` operands rather than to the attention matrix (the same maths, rounding differs by about one
-ulp).
+ulp); the backward pass runs once per forward (``retain_graph`` raises).
 """
 from __future__ import annotations
 
@@ -39,6 +40,44 @@ STORE_BYTES = 256 * 2**20
 
 #: Seeds of the private mask generator are drawn from the default generator in [0, 2**62).
 _SEED_RANGE = 2**62
+
+
+class BufferPool:
+    """Attention-sized CPU buffers kept for reuse across chunks, layers and steps.
+
+    Why: tensors above 32 MiB come from ``mmap`` and go back to the kernel when freed, so every fresh one is
+    page-faulted and zeroed again: that took about as long as the ``q k^T`` matmul writing into it. Buffers
+    given back here are handed out again (smallest one large enough, as a flat view); at most ``max_bytes`` are
+    kept idle. :meth:`clear` drops them.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._free: list[Tensor] = []
+
+    def take(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """A flat tensor of ``numel`` elements (a view of a pooled buffer, or new); contents undefined."""
+        fits = [i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel]
+        if not fits:
+            return torch.empty(numel, dtype=dtype)
+        return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))[:numel]
+
+    def give(self, *tensors: Tensor | None) -> None:
+        """Return tensors obtained from :meth:`take` (views of them are fine); they must not be used afterwards."""
+        for t in tensors:
+            if t is None:
+                continue
+            base = t if t._base is None else t._base  # the flat buffer of take() (no new view op)
+            idle = sum(b.numel() * b.element_size() for b in self._free)
+            if idle + base.numel() * base.element_size() <= self.max_bytes:
+                self._free.append(base)
+
+    def clear(self) -> None:
+        self._free.clear()
+
+
+#: The pool of this module (2 GiB idle at most: one average-slide step's stored probabilities and masks).
+POOL = BufferPool(2 * 2**30)
 
 
 def drop_thresholds(p: float) -> tuple[int, int]:
@@ -57,12 +96,14 @@ def drop_mask(n_rows: int, n_cols: int, p: float, generator: torch.Generator, ou
     """
     n = n_rows * n_cols
     n_words = (n + 3) // 4
-    fields = torch.empty(n_words, dtype=torch.int64).random_(generator=generator).view(torch.int16).view(n_words, 4)
+    words = POOL.take(n_words, torch.int64)
+    fields = words.random_(generator=generator).view(torch.int16).view(n_words, 4)
     mask = torch.empty(n_words * 4, dtype=torch.bool) if out is None or out.numel() < 4 * n_words else out
     mask4 = mask[: 4 * n_words].view(n_words, 4)
     low, high = drop_thresholds(p)
-    torch.lt(fields[:, :3], low, out=mask4[:, :3])
-    torch.lt(fields[:, 3], high, out=mask4[:, 3])
+    torch.lt(fields.view(-1), low, out=mask[: 4 * n_words])  # contiguous: much faster than the strided 3 of 4
+    torch.lt(fields[:, 3], high, out=mask4[:, 3])  # then the 15-bit field again with its own threshold
+    POOL.give(words)
     return mask[:n].view(n_rows, n_cols)
 
 
@@ -74,13 +115,14 @@ class _Chunks:
     is recomputed in the backward pass (probabilities from ``q, k``; masks from the seed, in chunk order).
     """
 
-    def __init__(self, g: int, n: int, m: int, block_bytes: int, dtype: torch.dtype, p: float, seed: int) -> None:
+    def __init__(self, g: int, n: int, m: int, block_bytes: int, dtype: torch.dtype, p: float, seed: int,
+                 store: bool = True) -> None:
         self.rows = max(1, min(n, int(block_bytes // max(1, g * m * 4))))
-        self.g, self.m, self.p = g, m, p
+        self.g, self.m, self.p, self.dtype = g, m, p, dtype
         self.starts = list(range(0, n, self.rows))
-        self.scores = torch.empty(g * self.rows * m, dtype=dtype)  # reused by every chunk
-        self.store_probs = g * n * m * 5 <= STORE_BYTES
-        self.store_masks = p > 0 and g * n * m <= STORE_BYTES
+        self.scores = POOL.take(g * self.rows * m, dtype)  # reused by every chunk; POOL.give when done
+        self.store_probs = store and g * n * m * 5 <= STORE_BYTES
+        self.store_masks = store and p > 0 and g * n * m <= STORE_BYTES
         self.gen = torch.Generator().manual_seed(seed)
 
     def view(self, buf: Tensor, c: int) -> Tensor:
@@ -90,54 +132,72 @@ class _Chunks:
         """``softmax(qs[:, start:start+c] k^T)``, ``(G, c, M)``, in the reused scores buffer unless ``fresh``
         (a new tensor, to be stored); ``qs`` already scaled."""
         q_c = qs[:, start : start + self.rows]
-        s = torch.bmm(q_c, k_t) if fresh else torch.bmm(q_c, k_t, out=self.view(self.scores, q_c.shape[1]))
+        c = q_c.shape[1]
+        s = self.view(POOL.take(self.g * c * self.m, self.dtype) if fresh else self.scores, c)
+        torch.bmm(q_c, k_t, out=s)
         return torch._softmax(s, -1, False, out=s)
 
-    def mask(self, shape: torch.Size) -> Tensor | None:
-        """The next chunk's drop mask from the seeded generator (None without dropout)."""
+    def mask(self, shape: torch.Size, fresh: bool) -> Tensor | None:
+        """The next chunk's drop mask from the seeded generator (None without dropout); ``fresh``: in a pooled
+        buffer that the caller keeps (else in one reused by every chunk)."""
         if self.p == 0:
             return None
-        return drop_mask(shape[0] * shape[1], shape[2], self.p, self.gen).view(shape)
+        if fresh or not hasattr(self, "_mask_buf"):
+            buf = POOL.take(4 * ((shape.numel() + 3) // 4), torch.bool)
+            if not fresh:
+                self._mask_buf = buf
+        buf = buf if fresh else self._mask_buf
+        return drop_mask(shape[0] * shape[1], shape[2], self.p, self.gen, out=buf).view(shape)
+
+    def release(self) -> None:
+        POOL.give(self.scores, getattr(self, "_mask_buf", None))
 
 
 class DropoutAttention(torch.autograd.Function):
     """``dropout_p(softmax(q k^T / sqrt(d))) v`` over query chunks with a flash-style backward (see module).
 
     ``q (G, N, d)``, ``k (G, M, d)``, ``v (G, M, d_v)`` -> ``(G, N, d_v)``; ``out``: optional preallocated
-    output (any strides, e.g. token-major so that merging the heads afterwards is a view).
+    output (any strides, e.g. token-major so that merging the heads afterwards is a view); ``store``: keep
+    probabilities / masks for the backward pass when they fit (False when no backward pass will follow).
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, p: float, block_bytes: int, seed: int,
-                out: Tensor | None = None) -> Tensor:
+                out: Tensor | None = None, store: bool = True) -> Tensor:
         g, n, d = q.shape
         qs = q * d**-0.5  # the score scale on the (N, d) operand, not on the (N, M) matrix
-        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed)
+        chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed, store=store)
         out = torch.empty(g, n, v.shape[-1], dtype=q.dtype) if out is None else out
         k_t, zero = k.transpose(1, 2), torch.zeros((), dtype=q.dtype)
         stored: list[Tensor] = []
         for start in chunks.starts:
             probs = chunks.probs(qs, k_t, start, fresh=chunks.store_probs)
-            mask, dropped = chunks.mask(probs.shape), probs
+            mask, dropped = chunks.mask(probs.shape, fresh=chunks.store_masks), probs
             stored += [probs] if chunks.store_probs else []
             if mask is not None:  # into the reused buffer when the probabilities are stored, else in place
                 stored += [mask] if chunks.store_masks else []
                 dropped = chunks.view(chunks.scores, probs.shape[1]) if chunks.store_probs else probs
                 torch.where(mask, zero, probs, out=dropped)
             torch.bmm(dropped, v, out=out[:, start : start + probs.shape[1]])
+        chunks.release()
         if p > 0:
             out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q, k, v, out, *stored)
-        ctx.p, ctx.block_bytes, ctx.seed = p, block_bytes, seed
+        ctx.p, ctx.block_bytes, ctx.seed, ctx.spent = p, block_bytes, seed, False
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if ctx.spent:  # the stored buffers went back to the pool after the first backward
+            raise RuntimeError("methods/_fast_attention.py: DropoutAttention's backward runs once (retain_graph is "
+                               "not supported); use dropout_impl='torch'")
+        ctx.spent = True
         q, k, v, out, *stored = ctx.saved_tensors
         g, n, d = q.shape
         rescale = 1.0 / (1.0 - ctx.p)
         chunks = _Chunks(g, n, k.shape[1], ctx.block_bytes, q.dtype, ctx.p, ctx.seed)
-        grads = torch.empty_like(chunks.scores)
+        grads = POOL.take(chunks.scores.numel(), q.dtype)
+        drop_buf = POOL.take(chunks.scores.numel(), q.dtype) if ctx.p > 0 else None
         qs = q * d**-0.5
         # D_i = sum_j dP_ij P_ij = grad_out_i . out_i (flash attention), divided by the rescale (see below).
         row_dot = (grad_out * out).sum(-1, keepdim=True).div_(rescale)  # (G, N, 1)
@@ -146,20 +206,24 @@ class DropoutAttention(torch.autograd.Function):
         for start in chunks.starts:
             probs = stored.pop(0) if chunks.store_probs else chunks.probs(qs, k_t, start, fresh=False)
             c = probs.shape[1]
-            mask = stored.pop(0) if chunks.store_masks else chunks.mask(probs.shape)
+            mask = stored.pop(0) if chunks.store_masks else chunks.mask(probs.shape, fresh=False)
             rows = slice(start, start + c)
             dpd = torch.bmm(grad_out[:, rows], v_t, out=chunks.view(grads, c))  # d(dropped P) / rescale
-            # dS = P * (rescale * keep * dPd - D) = rescale * P * (keep * dPd - D / rescale)
-            if mask is not None:
-                torch.where(mask, zero, dpd, out=dpd)
-            dpd.sub_(row_dot[:, rows]).mul_(probs)  # dS / rescale
-            torch.bmm(dpd, k, out=dq[:, rows])
+            # dS = P * (rescale * keep * dPd - D) = rescale * (keep P * dPd - P * D / rescale): three passes
+            if mask is None:
+                dropped = probs
+                dpd.sub_(row_dot[:, rows]).mul_(probs)
+            else:
+                dropped = torch.where(mask, zero, probs, out=chunks.view(drop_buf, c))
+                dpd.mul_(dropped).addcmul_(probs, row_dot[:, rows], value=-1)
+            torch.bmm(dpd, k, out=dq[:, rows])  # dpd holds dS / rescale
             dk.baddbmm_(dpd.transpose(1, 2), qs[:, rows], alpha=rescale)
-            if mask is not None:  # dropped P, in the reused buffer (stored probabilities stay intact)
-                probs = torch.where(mask, zero, probs, out=chunks.view(chunks.scores, c))
-            dv.baddbmm_(probs.transpose(1, 2), grad_out[:, rows], alpha=rescale)
+            dv.baddbmm_(dropped.transpose(1, 2), grad_out[:, rows], alpha=rescale)
+            POOL.give(*((probs,) if chunks.store_probs else ()), *((mask,) if chunks.store_masks else ()))
+        chunks.release()
+        POOL.give(grads, drop_buf)
         dq.mul_(rescale * d**-0.5)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def dropout_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, block_bytes: int) -> Tensor:
@@ -175,8 +239,10 @@ def dropout_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float, block_b
     m, d_v = k.shape[-2], v.shape[-1]
     seed = int(torch.randint(_SEED_RANGE, (1,)).item()) if dropout_p > 0 else 0
     out = torch.empty(n, h, d_v, dtype=q.dtype).transpose(0, 1) if b == 1 else None
+    # Keep probabilities and masks only when a backward pass can follow (Function.forward runs without grad).
+    store = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out = DropoutAttention.apply(q.reshape(b * h, n, d), k.reshape(b * h, m, d), v.reshape(b * h, m, d_v),
-                                 float(dropout_p), int(block_bytes), seed, out)
+                                 float(dropout_p), int(block_bytes), seed, out, store)
     return out.reshape(b, h, n, d_v)
 
 

@@ -11,6 +11,7 @@ import math
 
 import torch
 from nystrom_attention import NystromAttention
+from nystrom_attention.nystrom_attention import moore_penrose_iter_pinv
 from torch import Tensor, nn
 
 from benchmark.data.bag import Bag, Needs
@@ -19,15 +20,52 @@ from benchmark.training.registry import register_method
 from methods._inputs import checked_features
 
 
+#: ``nystrom_impl`` values: "fast" (:func:`nystrom_forward`) or "package" (``NystromAttention.forward``).
+NYSTROM_IMPLS = ("fast", "package")
+
+
+def nystrom_forward(attn: NystromAttention, x: Tensor, return_attn_matrices: bool = False):
+    """``NystromAttention.forward(x)`` (no mask) with the same maths and random draws, less work on small bags.
+
+    ``x (B, n, dim)`` -> ``(B, n, dim)`` (and the three factors as the package returns them). A bag of at most
+    ``m`` tokens (one token per landmark: every demo bag) has two exact savings:
+
+    - the front padding up to ``m`` rows is applied to ``q, k, v`` instead of ``x``: ``to_qkv`` has no bias, so
+      padded rows are zero either way, and only the ``n`` real rows go through the projection (a 65-token demo
+      bag is padded to 256);
+    - the landmarks are the tokens themselves (a sum over one token divided by 1), so the three similarity
+      matrices ``q k_l^T``, ``q_l k_l^T``, ``q_l k^T`` are the same matrix: it is computed and softmaxed once.
+
+    Larger bags run the package's forward unchanged (their padding is under one row in ``l``; padding the
+    3x wider ``q, k, v`` instead of ``x`` would cost more than it saves). The output projection and its
+    dropout run on all padded rows before the crop, as in the package, so the dropout draws are the same.
+    """
+    b, n, _ = x.shape
+    h, m = attn.heads, attn.num_landmarks
+    if n > m:
+        return attn(x, return_attn_matrices=return_attn_matrices)
+    pad = m - n
+    qkv = nn.functional.pad(attn.to_qkv(x), (0, 0, pad, 0))  # (B, m, 3 h d), zeros in front
+    q, k, v = (t.reshape(b, m, h, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, m, d)
+    attn1 = attn2 = attn3 = torch.einsum("... i d, ... j d -> ... i j", q * attn.scale, k).softmax(dim=-1)
+    attn2_inv = moore_penrose_iter_pinv(attn2, attn.pinv_iterations)
+    out = (attn1 @ attn2_inv) @ (attn3 @ v)
+    if attn.residual:
+        out = out + attn.res_conv(v)
+    out = attn.to_out(out.transpose(1, 2).reshape(b, m, -1))[:, -n:]
+    return (out, (attn1, attn2_inv, attn3)) if return_attn_matrices else out
+
+
 class TransLayer(nn.Module):
     """Pre-LN Nystrom self-attention with a residual connection and no feed-forward block.
 
     ``x + NystromAttention(LayerNorm(x))``; ``dim_head = dim // 8``, 8 heads, ``dim // 2`` landmarks, 6
     pseudo-inverse iterations, depthwise value-residual convolution of kernel 33, dropout 0.1 after the output
     projection (an ``nn.Dropout``, so inactive in eval mode), as in the official ``TransLayer``.
+    ``nystrom_impl``: "fast" (:func:`nystrom_forward`) or "package" (the package's forward, the reference).
     """
 
-    def __init__(self, dim: int = 512, dropout: float = 0.1) -> None:
+    def __init__(self, dim: int = 512, dropout: float = 0.1, nystrom_impl: str = "fast") -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = NystromAttention(
@@ -40,14 +78,20 @@ class TransLayer(nn.Module):
             residual_conv_kernel=33,
             dropout=dropout,
         )
+        self.nystrom_impl = nystrom_impl
+
+    def _attention(self, x: Tensor, **kwargs):
+        if self.nystrom_impl == "fast":
+            return nystrom_forward(self.attn, x, **kwargs)
+        return self.attn(x, **kwargs)
 
     def forward(self, x: Tensor, return_attn_matrices: bool = False):
         """``x``: ``(1, n, dim)`` -> ``(1, n, dim)``; optionally also the three Nystrom factors of the layer
         (``attn1 (1, h, n_pad, m)``, ``pinv (1, h, m, m)``, ``attn3 (1, h, m, n_pad)``, front-padded)."""
         if return_attn_matrices:
-            out, factors = self.attn(self.norm(x), return_attn_matrices=True)
+            out, factors = self._attention(self.norm(x), return_attn_matrices=True)
             return x + out, factors
-        return x + self.attn(self.norm(x))
+        return x + self._attention(self.norm(x))
 
 
 class PPEG(nn.Module):
@@ -99,6 +143,11 @@ class TransMIL(nn.Module):
         Token width ``D`` (512 in the official code; heads stay 8, so ``dim`` must be a multiple of 8).
     dropout : float
         Dropout after each attention output projection (0.1 official); acts only in training.
+    nystrom_impl : {"fast", "package"}
+        "fast" (default): :func:`nystrom_forward`, the package's maths and dropout draws with less work on bags
+        of at most 256 tokens (the ``q, k, v`` projection on real rows only; one similarity matrix instead of
+        three); larger bags run the package's forward. "package": ``NystromAttention.forward``, the reference.
+        Outputs agree to about 1e-6.
 
     Notes
     -----
@@ -108,6 +157,8 @@ class TransMIL(nn.Module):
       after front padding. The official code pins 0.0.9, whose ``out[:, :n]`` misaligns every token by the pad
       length whenever ``n % 256 != 0``; published TransMIL numbers come from that shifted behaviour.
     - The class token follows the module's device (the official code calls ``.cuda()``).
+    - ``nystrom_impl="fast"`` computes the package's function with less work (see :func:`nystrom_forward`);
+      rounding may differ from the package's by about one ulp.
     - The classification head's ``n_classes`` becomes ``n_bins`` logits, trained with the shared NLL; no
       softmax / argmax.
 
@@ -119,8 +170,11 @@ class TransMIL(nn.Module):
     original position only).
     """
 
-    def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, dropout: float = 0.1,
+                 nystrom_impl: str = "fast") -> None:
         super().__init__()
+        if nystrom_impl not in NYSTROM_IMPLS:
+            raise ValueError(f"methods/transmil.py: nystrom_impl must be one of {NYSTROM_IMPLS}, got {nystrom_impl!r}")
         if in_dim < 1 or n_bins < 1:
             raise ValueError(f"methods/transmil.py: in_dim and n_bins must be positive, got {in_dim}, {n_bins}")
         if dim % 16 != 0:
@@ -130,9 +184,9 @@ class TransMIL(nn.Module):
         self.n_bins = n_bins
         self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1 = TransLayer(dim=dim, dropout=dropout)
+        self.layer1 = TransLayer(dim=dim, dropout=dropout, nystrom_impl=nystrom_impl)
         self.pos_layer = PPEG(dim=dim)
-        self.layer2 = TransLayer(dim=dim, dropout=dropout)
+        self.layer2 = TransLayer(dim=dim, dropout=dropout, nystrom_impl=nystrom_impl)
         self.norm = nn.LayerNorm(dim)
         self.fc2 = nn.Linear(dim, n_bins)
 

@@ -70,7 +70,7 @@ def test_square_padding_and_class_token():
 
 def test_attention_map_is_class_token_row_of_last_layer():
     torch.manual_seed(1)
-    model = create_method("transmil", in_dim=16, **SMALL).eval()
+    model = create_method("transmil", in_dim=16, nystrom_impl="package", **SMALL).eval()  # patches attn.forward
     captured = {}
     layer_forward = model.layer2.attn.forward
 
@@ -107,3 +107,28 @@ def test_bad_input_is_named():
         model(features_bag(5, 8))
     with pytest.raises(ValueError, match="transmil.py.*shape"):
         model(features_bag(0, 16))
+
+
+def _train_step(n: int, impl: str, dim: int, seed: int = 3):
+    torch.manual_seed(0)
+    model = create_method("transmil", in_dim=16, dim=dim, nystrom_impl=impl).train()
+    torch.manual_seed(seed)  # the same dropout draws in both implementations
+    out = model(features_bag(n, 16))
+    out.logits.sum().backward()
+    return out.logits.detach(), out.attention["attention"].scores, [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("n, dim", [(5, 64), (52, 64), (300, 64), (52, 512)])  # 1, 3 and 11 tokens per landmark
+def test_fast_nystrom_equals_the_package(n, dim):
+    """Same logits, map and gradients as ``NystromAttention.forward``, in training mode with the same dropout
+    draws (n = 52 at dim 512: a demo bag, 65 tokens padded to the 256 landmarks)."""
+    fast, package = _train_step(n, "fast", dim), _train_step(n, "package", dim)
+    for a, b in zip(fast[:2], package[:2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast[2], package[2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_nystrom_impl_is_named():
+    with pytest.raises(ValueError, match="nystrom_impl"):
+        create_method("transmil", in_dim=16, nystrom_impl="dense", **SMALL)

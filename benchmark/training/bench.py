@@ -5,13 +5,12 @@ eval mode under ``no_grad``), a child process (``python -m benchmark.training.be
 of the requested size (5x / 10x / 20x features, coordinates on a square grid, k-NN graphs through
 :func:`benchmark.data.graphs.build_graph` and tissue types when the method's ``Needs`` ask), then, in this order:
 
-1. measures the machine's float32 matmul rate (:func:`sgemm_rate`, a 4096 x 4096 ``mm``, best of 3): the
-   peak against which MFU is quoted, taken in the same process right before the step because the machine is
-   shared and its rate drifts with the load;
-2. counts the step's model FLOPs (:func:`count_flops`, ``torch.utils.flop_counter`` on meta tensors);
-3. times the step ``repeats`` times, alternating with the method's plain PyTorch reference path
-   (:data:`REFERENCE_OPTIONS`) when asked, and keeps the best of each;
-4. reports ``ru_maxrss`` after the method's first step (the peak resident memory of the whole process:
+1. counts the step's model FLOPs (:func:`count_flops`, ``torch.utils.flop_counter`` on meta tensors);
+2. times the step ``repeats`` times, alternating with the method's plain PyTorch reference path
+   (:data:`REFERENCE_OPTIONS`) when asked, and keeps the fastest of each; right before every step it
+   measures the machine's float32 matmul rate (:func:`sgemm_rate`, a 4096 x 4096 ``mm``, best of 2), the
+   peak against which that step's MFU is quoted (the machine is shared and its rate drifts with the load);
+3. reports ``ru_maxrss`` after the method's first step (the peak resident memory of the whole process:
    interpreter, torch, bag, model and the step; before any reference step).
 
 The training "loss" is the sum of the risk, the auxiliary heads' logits and ``aux_loss``: the backward pass
@@ -36,13 +35,14 @@ LARGEST_SLIDE = {"n20": 137_990, "n10": 34_500, "n5": 8_600, "in_dim": 1536}
 SGEMM_SIZE = 4096
 
 #: Options selecting each method's plain PyTorch reference path (``--reference`` times it in the same process).
-#: CrossFusion: PyTorch SDPA with the dropout as given (the math kernel on CPU in training, O(N^2) memory) and
-#: ``F.dropout`` wherever the chunked path would run.
+#: CrossFusion: PyTorch SDPA with the dropout as given (the math kernel on CPU in training, O(N^2) memory),
+#: ``F.dropout`` wherever the chunked path would run and in the FFNs, NCHW convolutions.
 _CROSSFUSION_REFERENCE = {"attention_backend": "sdpa", "dropout_impl": "torch", "channels_last": False}
 REFERENCE_OPTIONS = {
     "crossfusion": _CROSSFUSION_REFERENCE,
     "crossfusion_wo_cp": _CROSSFUSION_REFERENCE,
     "crossfusion_wo_fc": _CROSSFUSION_REFERENCE,
+    "transmil": {"nystrom_impl": "package"},  # NystromAttention.forward of the nystrom-attention package
 }
 
 
@@ -153,17 +153,19 @@ def _loss(out):
 def count_flops(method: str, options: dict, bag, phase: str) -> dict:
     """Matmul / convolution FLOPs of one ``phase`` step, counted by ``FlopCounterMode`` on the meta device.
 
-    Model FLOPs, not executed ones: counted with the reference options (and CrossFusion's activation
-    checkpointing off), so recomputation is not counted and every implementation of a method is measured
-    against the same number. Falls back to the real bag when the method cannot run on meta tensors (such as
-    data-dependent graph code). Returns ``{"forward": F, "backward": B}`` (B = 0 for ``eval``).
+    Model FLOPs, not executed ones: recomputation is not counted. On meta tensors CrossFusion's attention
+    takes the SDPA path (two matmuls forward, four backward; see :func:`_flash_cpu_backward_flops`), and its
+    activation checkpointing is switched off here. Work a fast path skips exactly (TransMIL's padding rows)
+    is not counted either: the count follows ``options``. Falls back to the real bag when the method cannot
+    run on meta tensors (data-dependent graph code). Returns ``{"forward": F, "backward": B, "counted_on":
+    device}`` (B = 0 for ``eval``), or ``{}`` when counting failed.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from benchmark.training.registry import create_method
 
-    opts = {**options, **REFERENCE_OPTIONS.get(method, {})}
+    opts = dict(options)
     if method.startswith("crossfusion"):
         opts["activation_checkpointing"] = False
     aten = torch.ops.aten
@@ -219,9 +221,11 @@ def _best(runs: list[dict]) -> dict:
 def run_case(case: BenchCase) -> dict:
     """Run one phase of one method in this process (called in the child).
 
-    Order: the sgemm rate, FLOP count, then ``case.repeats`` timed steps of the method, alternating with as
-    many of its reference path when ``case.reference`` (so both see the same machine load); the best of each
-    is kept. ``peak_rss_gb`` is taken after the method's first step, before any reference step.
+    Order: the FLOP count, then ``case.repeats`` timed steps of the method, alternating with as many of its
+    reference path when ``case.reference`` (so both see the same machine load). Each step is preceded by its
+    own sgemm measurement (``sgemm_gflops`` of that step: MFU pairs a step with the machine's rate right
+    before it). The fastest step of each variant is kept. ``peak_rss_gb`` is taken after the method's first
+    step, before any reference step.
     """
     import torch
 
@@ -230,7 +234,7 @@ def run_case(case: BenchCase) -> dict:
     torch.set_num_threads(case.threads)
     spec = get_method_spec(case.method)
     bag = make_bag(spec.needs, {20: case.n20, 10: case.n10, 5: case.n5}, case.in_dim, case.seed)
-    result = {"sgemm_gflops": sgemm_rate(), "flops": count_flops(case.method, case.options, bag, case.phase)}
+    result = {"flops": count_flops(case.method, case.options, bag, case.phase)}
     variants = {"ours": case.options}
     if case.reference and case.method in REFERENCE_OPTIONS:
         variants["reference"] = {**case.options, **REFERENCE_OPTIONS[case.method]}
@@ -240,7 +244,8 @@ def run_case(case: BenchCase) -> dict:
             torch.manual_seed(case.seed)  # same weights, same dropout draws in every step of a variant
             model = create_method(case.method, in_dim=case.in_dim, **opts)
             result.setdefault("params", count_parameters(model))
-            runs[name].append(time_phase(model, bag, case.phase))
+            rate = sgemm_rate(repeats=2)
+            runs[name].append({**time_phase(model, bag, case.phase), "sgemm_gflops": rate})
             del model
             if repeat == 0 and name == "ours":
                 result["peak_rss_gb"] = _rss_gb()
