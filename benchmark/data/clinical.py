@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from benchmark.data.paths import check_slide_ids
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship")
 #: Whole-slide-image file extensions stripped from ``slide_id`` to get the feature-file stem.
@@ -61,7 +64,8 @@ def read_clinical(
     ------
     FileNotFoundError, ValueError
         With the file and the problem: missing columns, missing or negative times, censorship not 0/1,
-        duplicate slide IDs, an empty table.
+        duplicate slide IDs, slide IDs that are not plain file names (path separators, ``..``, absolute
+        paths), an empty table.
     """
     path = Path(path)
     if not path.is_file():
@@ -70,7 +74,7 @@ def read_clinical(
     try:
         df = pd.read_csv(path, usecols=lambda c: c in columns or not str(c).endswith(_OMICS_SUFFIXES),
                          low_memory=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ValueError(f"{path}: could not be read as a CSV table: {exc}") from exc
     df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
     required = ("case_id", "slide_id", time_column, censorship_column)
@@ -87,6 +91,7 @@ def read_clinical(
             raise ValueError(f"{path}: column {col!r} is empty in {int(df[col].isna().sum())} row(s)")
     slide_file = df["slide_id"].astype(str).str.strip()
     stems = slide_file.map(slide_stem)
+    check_slide_ids(stems, path)  # a slide ID becomes a file name: no '..', separators or absolute paths
     dup = stems[stems.duplicated(keep=False)]
     if len(dup):
         raise ValueError(f"{path}: duplicate slide IDs ({dup.nunique()}), e.g. {sorted(set(dup))[:3]}")
