@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmark.analysis.statistics import pooled_predictions  # noqa: E402
+from benchmark.data.paths import path_under, safe_name  # noqa: E402
 from benchmark.store.query import Results, read_records, select_cell  # noqa: E402
 
 SPLIT_RULES = ("train-median", "pooled-median")
@@ -186,9 +187,16 @@ def draw_km(ax: plt.Axes, result: KMResult, at_risk: bool = True, subtitle: str 
         add_at_risk_counts(*fitters, ax=ax, rows_to_show=["At risk"], labels=[f.label.split(" (")[0] for f in fitters])
 
 
+def figure_stem(out: str | Path, *parts: object) -> Path:
+    """``out/<parts joined by _>`` as a sanitised file stem that stays inside ``out``: names (slide IDs, methods,
+    cohorts) can hold dots, separators or ``..`` and must not place a figure elsewhere."""
+    return path_under(out, safe_name("_".join(str(p) for p in parts)))
+
+
 def _save(fig: plt.Figure, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    # suffixes appended, not substituted: TCGA slide IDs hold dots (...-DX1.<uuid>)
+    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
     for p in paths:
         fig.savefig(p, dpi=150, bbox_inches="tight")
     plt.close(fig)
@@ -254,7 +262,7 @@ def plot_km(
         for km in kms:
             fig, ax = plt.subplots(figsize=(6, 5))
             draw_km(ax, km, subtitle=note)
-            km.files = _save(fig, out / f"km_{km.method}_{km.cohort}_{split}")
+            km.files = _save(fig, figure_stem(out, "km", km.method, km.cohort, split))
     else:
         ncols = min(3, len(kms))
         nrows = -(-len(kms) // ncols)
@@ -266,7 +274,7 @@ def plot_km(
         fig.suptitle(f"{kms[0].method}: Kaplan-Meier by predicted risk ({note})", fontsize=11)
         fig.tight_layout(h_pad=6.0)
         name = "all" if isinstance(dataset, str) and dataset.lower() == "all" else "-".join(cohorts)
-        files = _save(fig, out / f"km_{kms[0].method}_{name}_{split}")
+        files = _save(fig, figure_stem(out, "km", kms[0].method, name, split))
         for km in kms:
             km.files = files
     return kms
@@ -635,7 +643,8 @@ def attention_heatmaps(
         if pm.magnification in result.signal:
             result.overlap[pm.name] = attention_signal_overlap(pm.values, result.signal[pm.magnification].values > 0)
     out = Path(out) if out is not None else Path(results) / "figures"
-    result.files = _draw_heatmaps(result, out / f"heatmap_{result.method}_{result.cohort}_{slide_id}_fold{result.fold}")
+    result.files = _draw_heatmaps(
+        result, figure_stem(out, "heatmap", result.method, result.cohort, slide_id, f"fold{result.fold}"))
     return result
 
 

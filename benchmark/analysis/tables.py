@@ -201,6 +201,23 @@ def _method_rows(records: list[dict]) -> list[str]:
     return ordered + (["random"] if "random" in found else [])
 
 
+#: Note a record carries when its validation fold has no event (see ``benchmark.training.runner``).
+NO_EVENTS_NOTE = "no events: C-index undefined"
+
+
+def _no_event_notes(table: ResultTable) -> list[str]:
+    """One footer line per cell with validation folds without events (left out of its mean)."""
+    notes = []
+    for (row, col), cell in table.cells.items():
+        if cell is None:
+            continue
+        folds = sorted({int(r["fold"]) for r in cell.records if NO_EVENTS_NOTE in (r.get("notes") or [])})
+        if folds:
+            notes.append(f"{row} / {col}: fold(s) {', '.join(map(str, folds))} have no events in validation "
+                         f"({NO_EVENTS_NOTE}); the mean leaves them out.")
+    return notes
+
+
 def _finish(table: ResultTable, significance: SignificanceHook | None, marker: str) -> ResultTable:
     if table.selection == "paper-max":
         table.notes.append(
@@ -215,6 +232,7 @@ def _finish(table: ResultTable, significance: SignificanceHook | None, marker: s
                            "method options or data version); rerun `benchmark run` to make them consistent.")
     if any(c is not None and c.n_errors for c in table.cells.values()):
         table.notes.append("err: at least one fold of this cell failed (see the error records).")
+    table.notes += _no_event_notes(table)
     if significance is not None:
         for col in table.columns:
             rows = {r: table.cells[(r, col)].records for r in table.rows

@@ -8,6 +8,8 @@ SYNTHETIC_DEFAULT_RECIPE = "demo"
 #: ``benchmark.data.synth.SIGNALS`` names, spelled out so the CLI starts without importing numpy / pandas (tested equal).
 SIGNAL_CHOICES = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 REAL_DEFAULT_RECIPE = "paper"
+#: ``benchmark.data.labels.RULES``, spelled out for the same reason (tested equal).
+BIN_RULE_CHOICES = ("train", "cohort", "cohort-slides")
 
 
 def register(subparsers) -> None:
@@ -39,14 +41,14 @@ def register(subparsers) -> None:
     p.add_argument("--results", default=None, help="result store root (default results/synthetic or results/real)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (each uses one torch thread)")
-    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (it registers extra methods); repeatable")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override recipe fields, e.g. --set lr=3e-4 epochs=4")
-    p.add_argument("--method-option", nargs="+", default=[], metavar="[METHOD.]KEY=VALUE", dest="method_options",
-                   help="constructor options, for every selected method or one (amil.dropout=0.1)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override recipe fields, e.g. --set lr=3e-4 epochs=4; repeatable (values accumulate)")
+    p.add_argument("--method-option", nargs="+", action="extend", default=[], metavar="[METHOD.]KEY=VALUE",
+                   dest="method_options",
+                   help="constructor options, for every selected method or one (amil.dropout=0.1); repeatable")
     p.add_argument("--unit", default="patient", choices=("patient", "slide"))
-    p.add_argument("--bin-rule", default="train", help="bin edges from the training fold (train) or the cohort")
+    p.add_argument("--bin-rule", default="train", choices=BIN_RULE_CHOICES,
+                   help="bin edges from the training fold (train), the cohort (MCAT) or its slides (CrossFusion)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
     p.add_argument("--no-weights", action="store_true", help="do not save model weights beside the records")
@@ -86,7 +88,10 @@ def main(args: argparse.Namespace) -> int:
     backbones = resolve_backbones(args.backbone)
     if args.jobs < 1:
         raise ValueError("--jobs must be >= 1")
-    resolve_device(args.device)  # fail early on an unavailable device
+    try:  # fail early on an unknown or unavailable device
+        resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
     recipe_name = args.recipe or (SYNTHETIC_DEFAULT_RECIPE if args.data_root is None else REAL_DEFAULT_RECIPE)
     default_results = default_results_dir(args.data_root)
     if args.data_root is None and args.signal != "mixed":  # a control cohort: same generator, other signal
@@ -95,7 +100,8 @@ def main(args: argparse.Namespace) -> int:
         args.data_root = str(ensure_synthetic("demo", seed=0, signal=args.signal, cohorts=cohorts, backbones=backbones))
         default_results = default_results.with_name(f"synthetic-{args.signal}")
     overrides = parse_assignments(args.overrides)
-    recipe = get_recipe(recipe_name, overrides)
+    recipe_notes: list[str] = []
+    recipe = get_recipe(recipe_name, overrides, notes=recipe_notes)
     method_options = _method_options(args.method_options, methods)
     label = recipe_label(recipe.name, {
         "set": overrides, "method_options": sorted(args.method_options),
@@ -109,6 +115,7 @@ def main(args: argparse.Namespace) -> int:
     )
     results = Path(args.results) if args.results else default_results
     store = ResultStore(results)
+    store.prepare("--results" if args.results else "results folder")  # writable, stale temporary files removed
 
     # Load every cohort once here: validates names and paths, generates synthetic data before workers start.
     n_folds = None
@@ -127,6 +134,8 @@ def main(args: argparse.Namespace) -> int:
         if recipe.name == "demo" else ""
     console.print(f"[bold]recipe {label}[/bold]{demo_note}: " + ", ".join(
         f"{k}={v}" for k, v in recipe.to_dict().items() if k != "name"))
+    for note in recipe_notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     console.print(f"selection {args.selection}, seed {args.seed}, device {args.device}, {source}, results -> {results}")
     cells = expand_grid(methods, cohorts, backbones, folds, spec)
     console.print(f"{len(methods)} method(s) x {len(cohorts)} cohort(s) x {len(backbones)} backbone(s) x "

@@ -1,7 +1,8 @@
 """Leakage audit and report card of a cohort's clinical table and split files.
 
 Fatal problems (non-zero exit of ``python -m benchmark audit``): a patient in both train and val of a fold,
-split IDs missing from the table. Warnings: val folds that overlap, patients in no val fold, train/val that
+split IDs missing from the table, an empty train or validation split, a validation split without events
+(its C-index is undefined). Warnings: val folds that overlap, patients in no val fold, train/val that
 do not cover a fold's IDs.
 """
 from __future__ import annotations
@@ -47,6 +48,15 @@ def _to_patients(ids: list[str], slides: pd.DataFrame) -> tuple[set[str], list[s
     return found, missing
 
 
+def _fold_size_problems(k: int, train: set[str], val: set[str], val_events: int) -> list[str]:
+    """A fold that cannot be evaluated: an empty train or validation split, or no event in validation."""
+    if not train or not val:
+        return [f"fold {k}: empty {'train' if not train else 'validation'} split"]
+    if val_events == 0:
+        return [f"fold {k}: no events in the validation split ({len(val)} censored patients): C-index undefined"]
+    return []
+
+
 def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> AuditReport:
     """Audit a clinical table against its split folder (``None``: the harness's own generated splits)."""
     slides = read_clinical(clinical)
@@ -81,6 +91,7 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> Au
         for p in va:
             val_seen.setdefault(p, []).append(k)
         ev = patients.loc[sorted(va), "event"]
+        report.problems += _fold_size_problems(k, tr, va, int(ev.sum()))
         rows.append({"fold": k, "train IDs": len(train), "val IDs": len(val), "train pat.": len(tr),
                      "val pat.": len(va), "val events": int(ev.sum()),
                      "val cens.": round(float(1 - ev.mean()), 3) if len(ev) else None,

@@ -174,6 +174,10 @@ def run_cell(
             bin_edges=result.bin_edges, train_risk_median=result.train_risk_median, predictions=result.predictions,
             n_parameters=result.n_parameters, data_sizes=result.extra,
         )
+        if not any(p["event"] for p in result.predictions):  # every validation sample censored
+            from benchmark.analysis.tables import NO_EVENTS_NOTE
+
+            record["notes"] = [NO_EVENTS_NOTE]
         if spec.save_weights:
             state = result.model.state_dict()
     except Exception as exc:  # one crashed cell must not stop the grid
@@ -184,7 +188,8 @@ def run_cell(
     store.write(record, state_dict=state)
     c = (record.get("metrics") or {}).get("c_index")
     return {"cell": cell.label(), "status": record["status"], "c_index": c, "seconds": record["seconds"],
-            "error": (record["error"] or "").splitlines()[0] if record["error"] else None}
+            "error": (record["error"] or "").splitlines()[0] if record["error"] else None,
+            "notes": record.get("notes") or []}
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -216,12 +221,9 @@ class GridReport:
 
 
 def _finished_record(store: ResultStore, cell: Cell) -> dict | None:
-    """The ``ok`` record of ``cell`` (read once), or None when absent, failed or unreadable."""
-    try:
-        record = store.read(cell)
-    except ValueError:
-        return None
-    return record if record is not None and record.get("status") == "ok" else None
+    """The ``ok`` record of ``cell`` (read once), or None when absent, failed, or its record or weights are
+    unreadable (then the cell is redone)."""
+    return store.finished(cell)
 
 
 def _is_stale(record: dict, cell: Cell, spec: RunSpec) -> bool:
@@ -326,7 +328,7 @@ def _drain(progress_queue, progress, epoch_tasks: dict) -> None:
 def _report(console, summary: dict) -> None:
     if summary["status"] == "ok":
         c = summary["c_index"]
-        c_text = "nan" if c is None else f"{c:.3f}"
+        c_text = "; ".join(summary.get("notes") or []) or "nan" if c is None else f"{c:.3f}"
         console.print(f"  [green]ok[/green]    {summary['cell']}  C-index {c_text}  ({summary['seconds']:.1f} s)")
     else:
         console.print(f"  [red]error[/red] {summary['cell']}  {summary['error']}")
