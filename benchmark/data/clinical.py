@@ -69,7 +69,7 @@ def read_clinical(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"clinical table {path} does not exist")
+        raise FileNotFoundError(f"{path}: clinical table {'is not a file' if path.exists() else 'does not exist'}")
     columns = {"case_id", "slide_id", time_column, censorship_column}
     try:
         df = pd.read_csv(path, usecols=lambda c: c in columns or not str(c).endswith(_OMICS_SUFFIXES),

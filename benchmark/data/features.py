@@ -201,13 +201,24 @@ def _as_2d(array: np.ndarray, path: Path, what: str) -> np.ndarray:
     return array
 
 
+def _unpickling_problem(exc: pickle.UnpicklingError) -> str:
+    """One line for a ``torch.load(weights_only=True)`` refusal: pickled objects, or bytes that are no pickle."""
+    text = str(exc)
+    detail = next((line.strip() for line in text.split("WeightsUnpickler error:")[-1].splitlines() if line.strip()),
+                  text.splitlines()[0] if text else "")
+    if "Unsupported global" in text:
+        return (f"holds pickled Python objects, not a plain tensor (refused: unpickling can run code; {detail}); "
+                "save the features with torch.save(tensor)")
+    return (f"not a readable torch feature file (corrupt, or pickled objects torch refuses to load: {detail}); "
+            "save the features with torch.save(tensor)")
+
+
 def _load_tensor_file(path: Path) -> np.ndarray:
     """Features of a ``.pt`` file (a tensor, or a dict with a ``features`` tensor); unreadable -> ValueError."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{path}: holds pickled Python objects, not a plain tensor (refused: unpickling can run "
-                         "code); save the features with torch.save(tensor)") from None
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: {_unpickling_problem(exc)}") from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: not a readable torch feature file (truncated or corrupt: {reason})") from None
