@@ -1,2 +1,9 @@
 """Built-in methods, one module each. Every module registers itself with
-:func:`benchmark.training.registry.register_method`; :func:`benchmark.training.registry.load_builtin_methods` imports them all."""
+:func:`benchmark.training.registry.register_method`. The harness finds this package the way it finds any
+plugin: through the ``mil_benchmark.methods`` entry point declared in ``pyproject.toml``, which imports it."""
+import importlib
+import pkgutil
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")

@@ -4,7 +4,7 @@ A private module (leading underscore): it registers no method.
 """
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from benchmark.data.bag import Bag, Needs
 from benchmark.data.graphs import bag_graph
@@ -26,13 +26,12 @@ def checked_features(bag: Bag, magnification: int, in_dim: int, owner: str, need
     return feats
 
 
-def graph_inputs(method: nn.Module, bag: Bag, edge_kind: str) -> tuple[Tensor, Tensor, int]:
-    """Node features, their ``edge_kind`` edges and the magnification, as the method's registered Needs say.
+def graph_inputs(needs: Needs, bag: Bag, edge_kind: str) -> tuple[Tensor, Tensor, int]:
+    """Node features, their ``edge_kind`` edges and the magnification, as the method's ``needs`` say.
 
     The edges are the bag's own, or built when missing (:func:`benchmark.data.graphs.bag_graph`). An empty bag is
     refused.
     """
-    needs = getattr(method, "needs", Needs())
     magnification = needs.graph_magnification
     x = bag.features[magnification]
     if x.shape[0] == 0:

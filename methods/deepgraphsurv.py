@@ -24,9 +24,13 @@ def _gin_mlp(in_dim: int, hidden_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim))
 
 
+#: What a DeepGraphSurv bag holds: 20x features and their latent-space k-NN graph.
+NEEDS = Needs(magnifications=(20,), graph=("latent",))
+
+
 @register_method(
     "deepgraphsurv",
-    needs=Needs(magnifications=(20,), graph=("latent",)),
+    needs=NEEDS,
     source=(
         "Li et al. MICCAI 2018 (DeepGraphSurv), as re-implemented by Chen et al. MICCAI 2021; "
         "github.com/mahmoodlab/Patch-GCN (models/model_graph_mil.py, DeepGraphConv_Surv)"
@@ -104,7 +108,7 @@ class DeepGraphSurv(nn.Module):
 
         The attention map is ``"attention"``: softmax weights ``(N,)`` at 20x.
         """
-        x, edge_index, magnification = graph_inputs(self, bag, self.edge_agg)
+        x, edge_index, magnification = graph_inputs(NEEDS, bag, self.edge_agg)
         x = self.input_dropout(x)
         x = F.relu(self.conv1(x, edge_index))
         x = F.relu(self.conv2(x, edge_index))

@@ -24,9 +24,13 @@ from methods._attention import GatedAttention, attention_pool
 from methods._inputs import graph_inputs
 
 
+#: What a Patch-GCN bag holds: 20x features and their spatial k-NN graph.
+NEEDS = Needs(magnifications=(20,), coords=True, graph=("spatial",))
+
+
 @register_method(
     "patchgcn",
-    needs=Needs(magnifications=(20,), coords=True, graph=("spatial",)),
+    needs=NEEDS,
     source="Chen et al. MICCAI 2021; github.com/mahmoodlab/Patch-GCN (models/model_graph_mil.py, PatchGCN_Surv)",
 )
 class PatchGCN(nn.Module):
@@ -153,7 +157,7 @@ class PatchGCN(nn.Module):
 
         The attention map is ``"attention"``: softmax weights ``(N,)`` at 20x.
         """
-        h, edge_index, magnification = graph_inputs(self, bag, self.edge_agg)
+        h, edge_index, magnification = graph_inputs(NEEDS, bag, self.edge_agg)
         use_ckpt = self._use_checkpoint(h.shape[0])
 
         x0 = self.fc(h)
@@ -182,7 +186,7 @@ def time_training_step(
     import time
 
     from benchmark.data.graphs import build_graph
-    from benchmark.training.registry import create_method
+    from benchmark.training.registry import create_method, get_method_spec
 
     torch.manual_seed(seed)
     side = int((n_nodes * 1.3) ** 0.5) + 1
@@ -191,7 +195,7 @@ def time_training_step(
     feats = torch.randn(n_nodes, in_dim)
     slides = torch.zeros(n_nodes, dtype=torch.long)
     model = create_method(method, in_dim=in_dim)
-    kinds = model.needs.graph
+    kinds = get_method_spec(method).needs.graph
     t0 = time.perf_counter()
     graphs = {kind: build_graph(coords if kind == "spatial" else feats, slides, k=8) for kind in kinds}
     print(f"{method}: graph(s) {', '.join(kinds)} built in {time.perf_counter() - t0:.2f} s")

@@ -11,6 +11,8 @@ from lifelines.statistics import logrank_test
 from sklearn.metrics import roc_auc_score
 
 from benchmark.analysis import plots
+from benchmark.commands.plot import heatmap
+from benchmark.training.recipes import get_recipe
 from benchmark.cli import main
 from benchmark.analysis.statistics import pooled_predictions
 from benchmark.store.query import Results, select_cell
@@ -110,8 +112,9 @@ def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=Tr
     preds = [{"sample_id": s, "patient_id": cohort.samples.at[s, "patient_id"], "time": float(cohort.samples.at[s, "time"]),
               "event": int(cohort.samples.at[s, "event"]), "risk": 0.0} for s in val]
     record = {"status": "ok", "method": method, "cohort": cohort.name, "backbone": cohort.backbone.name, "fold": fold,
-              "seed": 0, "recipe": "demo", "selection": "last", "unit": "patient",
-              "config": {"in_dim": cohort.in_dim, "n_bins": 4, "method_options": {}, "data_root": str(data_root),
+              "seed": 0, "recipe": "demo", "selection": "last",
+              "config": {"recipe": get_recipe("demo").to_dict(), "in_dim": cohort.in_dim, "n_bins": 4,
+                         "method_options": {}, "data_root": str(data_root),
                          "unit": "patient", **(config_extra or {})},
               "provenance": {}, "metrics": {"c_index": 0.5}, "train_risk_median": 0.0, "predictions": preds}
     ResultStore(results).write(record, state_dict=model.state_dict() if weights else None)
@@ -125,7 +128,7 @@ def test_heatmap_maps_equal_model_attention(tiny_root, tmp_path):
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
     model, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, fold=2)
     slide = cohort.samples.at[val[0], "slide_ids"][0]
-    res = plots.attention_heatmaps(tmp_path / "store", "amil", "blca", slide, out=tmp_path / "fig", cohort_data=cohort)
+    res = heatmap(tmp_path / "store", "amil", "blca", slide, out=tmp_path / "fig", cohort_data=cohort)
     assert res.fold == 2 and res.sample_id == val[0] and [m.name for m in res.maps] == ["attention"]
     bag = cohort.bag(val[0], Needs(magnifications=(20,), coords=True))
     model.eval()
@@ -167,9 +170,9 @@ def test_heatmap_without_weights_says_how_to_retrain(tiny_root, tmp_path, capsys
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
     _, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, weights=False)
     with pytest.raises(FileNotFoundError, match="--overwrite"):
-        plots.attention_heatmaps(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)
+        heatmap(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)
     with pytest.raises(KeyError, match="no sample"):
-        plots.attention_heatmaps(tmp_path / "store", "amil", "blca", "NO-SUCH-SLIDE", cohort_data=cohort)
+        heatmap(tmp_path / "store", "amil", "blca", "NO-SUCH-SLIDE", cohort_data=cohort)
 
 
 
@@ -191,4 +194,4 @@ def test_heatmap_refuses_a_model_trained_on_other_synthetic_data(tiny_root, tmp_
     _, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root,
                                    config_extra={"data_root": None, "synthetic_version": SCHEMA - 1})
     with pytest.raises(ValueError, match=f"synthetic data version {SCHEMA - 1}.*--overwrite"):
-        plots.attention_heatmaps(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)
+        heatmap(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)

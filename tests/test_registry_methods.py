@@ -350,13 +350,15 @@ def tiny_cohort(request):
 def test_learns_planted_signal(name, tiny_cohort):
     train = pytest.importorskip("benchmark.training.trainer")
     from benchmark.training.metrics import c_index
-    from benchmark.training.recipes import Recipe
+    from benchmark.training.config import RunConfig
+    from benchmark.training.recipes import Recipe, register_recipe
+    from benchmark.training.registry import get_method_spec
 
-    recipe = Recipe("registry-learn", **{**LEARN_RECIPE, **LEARN_RECIPE_CHANGES.get(name, {})})
-    result = train.train_fold(tiny_cohort, 0, name, recipe, seed=0, device="cpu",
-                              method_options=LEARN_OPTIONS.get(name))
+    recipe = register_recipe(Recipe(f"registry-learn-{name}", **{**LEARN_RECIPE, **LEARN_RECIPE_CHANGES.get(name, {})}))
+    config = RunConfig(name, "blca", recipe=recipe.name, method_options=LEARN_OPTIONS.get(name) or {})
+    result = train.train_fold(tiny_cohort, config, device="cpu")
     train_ids = list(tiny_cohort.folds[0].train)
-    pred = train.predict(result.model, tiny_cohort, train_ids, torch.device("cpu"))
+    pred = train.predict(result.model, tiny_cohort, train_ids, torch.device("cpu"), get_method_spec(name).needs)
     samples = tiny_cohort.samples.loc[train_ids]
     score = c_index(samples["time"].to_numpy(), samples["event"].to_numpy(), pred.risk)
     assert score > 0.6, f"{name}: training C-index {score:.3f} after {LEARN_RECIPE['epochs']} epochs"

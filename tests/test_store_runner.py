@@ -8,14 +8,25 @@ from torch import nn
 
 from benchmark.training.recipes import Recipe
 from benchmark.training.registry import register_method
-from benchmark.training.runner import RunSpec, expand_grid, parse_folds, recipe_label, run_cell, run_grid, summary_table
+from benchmark.training.config import Experiment, RunConfig, hashed_config
+from benchmark.training.recipes import register_recipe
+from benchmark.training.runner import (
+    Execution, load_trained_model, parse_folds, run_cell, run_grid, summary_table,
+)
 from benchmark.store.records import Cell, ResultStore, config_hash
 from benchmark.training.trainer import predict
+from benchmark.data.bag import Needs
 from test_train import ToyCohort, scoped_registry
 
 torch.set_num_threads(1)
-TINY = Recipe("tiny", lr=1e-3, epochs=2, accumulation=4, warmup_epochs=0, max_samples_per_epoch=12)
-CONTRACT_FIELDS = {"schema", "status", "method", "cohort", "backbone", "fold", "seed", "recipe", "selection", "unit",
+TINY = register_recipe(Recipe("tiny", lr=1e-3, epochs=2, accumulation=4, warmup_epochs=0, max_samples_per_epoch=12))
+CPU = Execution(device="cpu")
+
+
+def grid(methods, folds, **settings):
+    """The RunConfigs of a toy grid on cohort blca (the toy loader ignores the name)."""
+    return Experiment(tuple(methods), ("blca",), folds=tuple(folds), recipe="tiny", **settings).configs(5)
+CONTRACT_FIELDS = {"schema", "status", "method", "cohort", "backbone", "fold", "seed", "recipe", "selection", "label",
                    "config", "config_hash", "provenance", "metrics", "selected_epoch", "history", "bin_edges",
                    "train_risk_median", "predictions", "error", "seconds", "weights"}
 
@@ -35,13 +46,13 @@ def toy_loader(name, data_root=None, backbone="resnet50", unit="patient"):
     return ToyCohort(n=30, seed=1)
 
 
-def test_parse_folds_and_recipe_label():
+def test_parse_folds_and_config_hash():
     assert parse_folds("0-4") == [0, 1, 2, 3, 4] and parse_folds("0,2,2") == [0, 2] and parse_folds("all", 3) == [0, 1, 2]
     with pytest.raises(ValueError, match="--folds"):
         parse_folds("a-b")
-    assert recipe_label("demo", {"set": {}, "unit": None}) == "demo"
-    changed = recipe_label("demo", {"set": {"lr": "3e-4"}})
-    assert changed.startswith("demo+") and changed != recipe_label("demo", {"set": {"lr": "1e-4"}})
+    assert RunConfig("amil", "blca", recipe="demo").store_key() == "demo"
+    changed = RunConfig("amil", "blca", recipe="demo", overrides={"lr": "3e-4"}).store_key()
+    assert changed.startswith("demo+") and changed != RunConfig("amil", "blca", overrides={"lr": "1e-4"}).store_key()
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
 
 
@@ -49,9 +60,9 @@ def test_grid_records_errors_skips_and_overwrites(tmp_path, monkeypatch):
     scoped_registry(monkeypatch)
     register_method("toy_broken", source="test only", in_all=False)(ToyBroken)
     store = ResultStore(tmp_path)
-    spec = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu")
-    cells = expand_grid(["amil", "toy_broken"], ["blca"], ["resnet50"], [0, 1], spec)
-    report = run_grid(cells, spec, store, loader=toy_loader, show_progress=False)
+    configs = grid(["amil", "toy_broken"], [0, 1])
+    cells = [c.cell for c in configs]
+    report = run_grid(configs, store, CPU, loader=toy_loader, show_progress=False)
     assert [r["status"] for r in report.ran] == ["ok", "ok", "error", "error"]
     ok = store.records(status="ok")
     assert len(ok) == 2 and {r["method"] for r in ok} == {"amil"}
@@ -64,34 +75,37 @@ def test_grid_records_errors_skips_and_overwrites(tmp_path, monkeypatch):
     assert rec["_path"].endswith("cells/amil/blca/resnet50/tiny-last-s0/fold0.json")
     assert json.loads(open(rec["_path"]).read())["status"] == "ok"
     assert not list(tmp_path.rglob("*.tmp"))
-    assert rec["config_hash"] == config_hash(rec["config"]) and rec["config"]["recipe"]["epochs"] == 2
+    assert rec["config_hash"] == hashed_config(rec["config"]) and rec["config"]["recipe"]["epochs"] == 2
     assert {"versions", "git_commit", "created"} <= set(rec["provenance"])
     assert len(rec["predictions"]) == 15 and {"sample_id", "patient_id", "time", "event", "risk"} <= set(rec["predictions"][0])
     assert set(rec["metrics"]) == {"c_index", "c_index_uno", "ibs", "mean_auc"} and len(rec["bin_edges"]) == 5
     # rerun: finished cells are skipped, failed ones retried
-    again = run_grid(cells, spec, store, loader=toy_loader, show_progress=False)
+    again = run_grid(configs, store, CPU, loader=toy_loader, show_progress=False)
     assert len(again.skipped) == 2 and [r["cell"] for r in again.ran] == [c.label() for c in cells[2:]]
     stamp = store.read(cells[0])["provenance"]["created"]
-    forced = run_grid(cells[:1], spec, store, overwrite=True, loader=toy_loader, show_progress=False)
+    forced = run_grid(configs[:1], store, CPU, overwrite=True, loader=toy_loader, show_progress=False)
     assert len(forced.ran) == 1 and store.has(cells[0]) and not store.has(cells[2])
     assert store.has(cells[2], include_errors=True) and store.read(cells[0])["provenance"]["created"] >= stamp
-    table = summary_table(store, cells)
+    table = summary_table(store, configs)
     assert table.row_count == 2
 
 
 def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monkeypatch):
     store = ResultStore(tmp_path)
-    spec = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu")
-    cells = expand_grid(["amil"], ["blca"], ["resnet50"], [0], spec)
-    run_grid(cells, spec, store, loader=toy_loader, show_progress=False)
-    assert len(run_grid(cells, spec, store, loader=toy_loader, show_progress=False).skipped) == 1
-    # same path, other method options (or another synthetic-data version): never reused silently
-    changed = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu", method_options={"amil": {"dropout": 0.1}})
-    redo = run_grid(cells, changed, store, loader=toy_loader, show_progress=False)
+    configs = grid(["amil"], [0])
+    cells = [c.cell for c in configs]
+    run_grid(configs, store, CPU, loader=toy_loader, show_progress=False)
+    assert len(run_grid(configs, store, CPU, loader=toy_loader, show_progress=False).skipped) == 1
+    # other method options are another configuration (its own folder), never the finished cell reused
+    changed = [c.with_(method_options={"dropout": 0.1}) for c in configs]
+    cells = [c.cell for c in changed]
+    assert cells[0].recipe != configs[0].cell.recipe
+    redo = run_grid(changed, store, CPU, loader=toy_loader, show_progress=False)
     assert len(redo.ran) == 1 and not redo.skipped
     assert store.read(cells[0])["config"]["method_options"] == {"dropout": 0.1}
-    monkeypatch.setattr("benchmark.data.synth.SCHEMA", 999)
-    assert len(run_grid(cells, changed, store, loader=toy_loader, show_progress=False).ran) == 1
+    # same folder, another synthetic-data version: the record's hash says it is stale
+    monkeypatch.setattr("benchmark.training.runner.SYNTHETIC_SCHEMA", 999)
+    assert len(run_grid(changed, store, CPU, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_version"] == 999
     # ... or a backbone whose generator parameters were edited in datasets/backbones.toml
     import dataclasses
@@ -99,33 +113,33 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     from benchmark.data.backbones import get_backbone
 
     edited = dataclasses.replace(get_backbone("resnet50"), synthetic_signal=0.123)
-    monkeypatch.setattr("benchmark.data.backbones.get_backbone", lambda name: edited)
-    assert len(run_grid(cells, changed, store, loader=toy_loader, show_progress=False).ran) == 1
+    monkeypatch.setattr("benchmark.training.runner.get_backbone", lambda name: edited)
+    assert len(run_grid(changed, store, CPU, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_backbone"] == {"noise": 1.0, "signal": 0.123}
 
 
 def test_load_model_reproduces_stored_risks(tmp_path):
     store = ResultStore(tmp_path)
-    spec = RunSpec(recipe=TINY, recipe_label="tiny", device="cpu", method_options={"amil": {"dropout": 0.1}})
-    summary = run_cell(Cell("amil", "blca", "resnet50", 1, 0, "tiny", "last"), spec, store, loader=toy_loader)
+    config = RunConfig("amil", "blca", fold=1, recipe="tiny", method_options={"dropout": 0.1})
+    summary = run_cell(config, store, CPU, loader=toy_loader)
     assert summary["status"] == "ok"
     rec = store.records(method="amil")[0]
     assert rec["weights"] == "fold1.pt" and rec["config"]["method_options"] == {"dropout": 0.1}
-    model = store.load_model(rec)
+    model = load_trained_model(store, rec)
     assert not model.training and model.embed[2].p == 0.1
     cohort = toy_loader("blca")
     ids = [p["sample_id"] for p in rec["predictions"]]
-    again = predict(model, cohort, ids, torch.device("cpu"))
+    again = predict(model, cohort, ids, torch.device("cpu"), Needs())
     np.testing.assert_allclose(again.risk, [p["risk"] for p in rec["predictions"]], rtol=0, atol=1e-6)
     # the KM split threshold is the training fold's median risk under the final model
-    train_risk = predict(model, cohort, cohort.folds[1].train, torch.device("cpu")).risk
+    train_risk = predict(model, cohort, cohort.folds[1].train, torch.device("cpu"), Needs()).risk
     assert rec["train_risk_median"] == pytest.approx(float(np.median(train_risk)), abs=1e-6)
 
 
 def test_run_cell_with_the_real_data_layer(tiny_root, tmp_path):
     store = ResultStore(tmp_path)
-    spec = RunSpec(recipe=TINY, recipe_label="tiny", data_root=str(tiny_root), device="cpu", save_weights=False)
-    summary = run_cell(Cell("amil", "blca", "resnet50", 0, 0, "tiny", "last"), spec, store)
+    config = RunConfig("amil", "blca", recipe="tiny", data_root=str(tiny_root))
+    summary = run_cell(config, store, Execution(device="cpu", save_weights=False))
     assert summary["status"] == "ok", summary["error"]
     rec = store.records()[0]
     assert rec["weights"] is None and rec["provenance"]["data"]["synthetic"]["preset"] == "tiny"

@@ -11,7 +11,8 @@ from torch import nn
 from benchmark.data.bag import Bag, Needs
 from benchmark.data.labels import assign_bins, quantile_edges
 from benchmark.training.output import SurvivalOutput
-from benchmark.training.recipes import Recipe, get_recipe, parse_assignments
+from benchmark.training.config import RunConfig
+from benchmark.training.recipes import Recipe, get_recipe, parse_assignments, register_recipe
 from benchmark.training.registry import register_method
 from benchmark.training.trainer import (
     balanced_weights, draw_epoch, inner_split, lr_factor, plan_windows, resolve_device, train_fold,
@@ -79,7 +80,12 @@ class ToyCoxMean(nn.Module):
 
 
 torch.set_num_threads(1)  # tiny models: one thread avoids oversubscription on the shared 2-core CI
-FAST = Recipe("test", lr=2e-3, weight_decay=0.0, epochs=6, accumulation=8, alpha=0.0, warmup_epochs=1)
+FAST = register_recipe(Recipe("test", lr=2e-3, weight_decay=0.0, epochs=6, accumulation=8, alpha=0.0, warmup_epochs=1))
+
+
+def fold_config(method, fold=0, seed=0, recipe="test", **settings):
+    """The RunConfig of one toy-cohort cell."""
+    return RunConfig(method, "toy", fold=fold, seed=seed, recipe=recipe, **settings)
 
 
 def test_windows_cover_every_draw_once():
@@ -132,12 +138,12 @@ def test_recipes_and_overrides():
 
 def test_same_seed_identical_and_amil_learns_the_signal():
     cohort = ToyCohort()
-    a = train_fold(cohort, 0, "amil", FAST, seed=5, device="cpu")
-    b = train_fold(ToyCohort(), 0, "amil", FAST, seed=5, device="cpu")
+    a = train_fold(cohort, fold_config("amil", 0, seed=5), device="cpu")
+    b = train_fold(ToyCohort(), fold_config("amil", 0, seed=5), device="cpu")
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(va, vb), k
     assert [p["risk"] for p in a.predictions] == [p["risk"] for p in b.predictions]
-    c = train_fold(ToyCohort(), 0, "amil", FAST, seed=6, device="cpu")
+    c = train_fold(ToyCohort(), fold_config("amil", 0, seed=6), device="cpu")
     assert [p["risk"] for p in a.predictions] != [p["risk"] for p in c.predictions]
     # every epoch ends with a step on its short last window: 30 draws / 8 -> 4 steps per epoch, none leaks
     assert a.extra["steps_per_epoch"] == 4 and a.extra["optimizer_steps"] == 6 * 4
@@ -150,7 +156,7 @@ def test_same_seed_identical_and_amil_learns_the_signal():
 
 
 def test_paper_max_selects_the_best_reported_epoch():
-    r = train_fold(ToyCohort(), 1, "amil", FAST, selection="paper-max", seed=0, device="cpu")
+    r = train_fold(ToyCohort(), fold_config("amil", 1, seed=0, selection="paper-max"), device="cpu")
     scores = [h["val_c_index"] for h in r.history]
     assert r.selected_epoch == int(np.argmax(scores)) + 1
     assert r.metrics["c_index"] == pytest.approx(max(scores), abs=1e-12)
@@ -158,7 +164,7 @@ def test_paper_max_selects_the_best_reported_epoch():
 
 def test_inner_selection_never_looks_at_the_reported_fold():
     cohort = ToyCohort()
-    r = train_fold(cohort, 0, "amil", FAST, selection="inner", seed=0, device="cpu")
+    r = train_fold(cohort, fold_config("amil", 0, seed=0, selection="inner"), device="cpu")
     val = set(cohort.folds[0].val)
     # the reported fold is read exactly once per sample: the final evaluation
     assert sum(s in val for s in cohort.bag_calls) == len(val)
@@ -170,16 +176,16 @@ def test_inner_selection_never_looks_at_the_reported_fold():
 def test_cox_head_trains_over_windows(monkeypatch):
     scoped_registry(monkeypatch)
     register_method("toy_cox_mean", needs=Needs(), source="test only", loss="cox", in_all=False)(ToyCoxMean)
-    r = train_fold(ToyCohort(), 0, "toy_cox_mean", FAST, seed=0, device="cpu")
+    r = train_fold(ToyCohort(), fold_config("toy_cox_mean", 0, seed=0), device="cpu")
     assert r.metrics["c_index"] > 0.7 and np.isnan(r.metrics["ibs"])
     with pytest.raises(ValueError, match=">= 2 bags"):
-        train_fold(ToyCohort(), 0, "toy_cox_mean", Recipe("one", accumulation=1, epochs=1, warmup_epochs=0), device="cpu")
+        train_fold(ToyCohort(), fold_config("toy_cox_mean", recipe=register_recipe(Recipe("one", accumulation=1, epochs=1, warmup_epochs=0)).name), device="cpu")
 
 
 def test_random_floor_has_no_training_and_is_seeded():
-    a = train_fold(ToyCohort(), 0, "random", FAST, seed=1, device="cpu")
-    b = train_fold(ToyCohort(), 0, "random", FAST, seed=1, device="cpu")
-    c = train_fold(ToyCohort(), 0, "random", FAST, seed=2, device="cpu")
+    a = train_fold(ToyCohort(), fold_config("random", 0, seed=1), device="cpu")
+    b = train_fold(ToyCohort(), fold_config("random", 0, seed=1), device="cpu")
+    c = train_fold(ToyCohort(), fold_config("random", 0, seed=2), device="cpu")
     assert a.n_parameters == 0 and a.extra["optimizer_steps"] == 0
     assert [p["risk"] for p in a.predictions] == [p["risk"] for p in b.predictions]
     assert [p["risk"] for p in a.predictions] != [p["risk"] for p in c.predictions]

@@ -40,6 +40,7 @@ import pandas as pd  # noqa: E402
 from benchmark.analysis.statistics import pooled_predictions  # noqa: E402
 from benchmark.data.paths import path_under, safe_name  # noqa: E402
 from benchmark.store.query import Results, read_records, select_cell  # noqa: E402
+from benchmark.training.registry import get_method_spec  # noqa: E402
 
 SPLIT_RULES = ("train-median", "pooled-median")
 SPLIT_DESCRIPTIONS = {
@@ -465,41 +466,6 @@ def fold_record_for(records: Sequence[Mapping], sample_id: str, fold: int | None
     return records[0]
 
 
-def retrain_command(record: Mapping, results: str | Path) -> str:
-    """The ``run`` command that recreates a cell with weights."""
-    config = record.get("config") or {}
-    cmd = (f"python -m benchmark run --methods {record['method']} --dataset {record['cohort']} "
-           f"--backbone {record['backbone']} --recipe {str(record['recipe']).split('+')[0]} "
-           f"--selection {record['selection']} --seed {record['seed']} --folds {record['fold']} "
-           f"--unit {record.get('unit') or 'patient'} --results {results} --overwrite")
-    if config.get("data_root"):
-        cmd += f" --data-root {config['data_root']}"
-    return cmd
-
-
-def retrain_cell(record: Mapping, results: str | Path) -> Mapping:
-    """Re-train one cell with the settings stored in its record (weights kept) and return the new record."""
-    from benchmark.training.recipes import Recipe
-    from benchmark.training.runner import RunSpec, run_cell
-    from benchmark.store.records import Cell, ResultStore
-
-    config = record.get("config") or {}
-    if "recipe" not in config:
-        raise ValueError(f"{record.get('_path', 'record')}: no stored config to re-train from")
-    spec = RunSpec(
-        recipe=Recipe(**config["recipe"]), recipe_label=str(record["recipe"]), selection=str(record["selection"]),
-        seed=int(record["seed"]), data_root=config.get("data_root"), unit=str(config.get("unit") or "patient"),
-        bin_rule=str(config.get("bin_rule") or "train"), n_bins=int(config.get("n_bins") or 4), device="cpu",
-        method_options={str(record["method"]): dict(config.get("method_options") or {})}, save_weights=True,
-    )
-    store = ResultStore(results)
-    cell = Cell.of(dict(record))
-    summary = run_cell(cell, spec, store)
-    if summary["status"] != "ok":
-        raise RuntimeError(f"re-training {cell.label()} failed: {summary['error']}")
-    return store.read(cell)
-
-
 def stale_data_reason(record: Mapping) -> str | None:
     """Why a record's model no longer matches the embedded synthetic data it would be re-run on (None if it does).
 
@@ -520,15 +486,6 @@ def stale_data_reason(record: Mapping) -> str | None:
     return None
 
 
-def load_record_cohort(record: Mapping):
-    """The cohort a record was trained on (same data root, backbone and unit)."""
-    from benchmark.data.loader import load_cohort
-
-    config = record.get("config") or {}
-    return load_cohort(str(record["cohort"]), data_root=config.get("data_root"), backbone=str(record["backbone"]),
-                       unit=str(record.get("unit") or config.get("unit") or "patient"))
-
-
 def _ordered(names: Sequence[str]) -> list[str]:
     known = [n for n in MAP_ORDER if n in names]
     return known + sorted(n for n in names if n not in MAP_ORDER)
@@ -542,89 +499,56 @@ def _slide_rows(bag, magnification: int, slide_id: str) -> np.ndarray:
     return index.cpu().numpy() == bag.slide_ids.index(slide_id)
 
 
-def attention_heatmaps(
-    results: str | Path,
-    method: str,
-    dataset: str,
-    slide: str,
-    *,
-    fold: int | None = None,
-    out: str | Path | None = None,
-    backbone: str | None = None,
-    recipe: str | None = None,
-    selection: str | None = None,
-    seed: int | None = None,
-    retrain: bool = False,
-    cohort_data=None,
-) -> HeatmapResult:
-    """Re-run a fold's trained model on one slide and draw its attention maps (PNG and PDF).
+def attention_heatmaps(model, record: Mapping, cohort, slide: str, out: str | Path) -> HeatmapResult:
+    """Run a fold's trained model on the bag holding one slide and draw its attention maps (PNG and PDF).
 
     Parameters
     ----------
-    results : path
-        Result-store root (the cell's weights ``fold<k>.pt`` must be there, or use ``retrain``).
-    method, dataset : str
-        Method and cohort of the cell.
+    model : nn.Module
+        The fold's trained model (``record``'s weights), in eval mode.
+    record : dict
+        The fold's record (method, cohort, fold).
+    cohort : CohortData
+        The cohort the model was trained on.
     slide : str
         Slide id (or sample id); the model runs on the whole bag holding it (all slides of the patient in a
         patient-level cell) and the maps are drawn for this slide's patches.
-    fold : int, optional
-        Fold whose model to use; default: the fold whose validation split holds the slide.
-    out : path, optional
-        Output folder (default ``<results>/figures``).
-    backbone, recipe, selection, seed : optional
-        Pick the cell when several match.
-    retrain : bool
-        Re-train the fold (settings from its record) when its weights were not saved.
-    cohort_data : CohortData, optional
-        Already loaded cohort (default: ``load_cohort`` with the record's data root, backbone and unit).
+    out : path
+        Output folder.
 
     Returns
     -------
     HeatmapResult
     """
+    sample_id = sample_of_slide(cohort.samples, slide)
+    slide_ids = tuple(cohort.samples.loc[sample_id, "slide_ids"])
+    slide_id = slide if slide in slide_ids else slide_ids[0]
+    maps, sample = _attention_maps(model, record, cohort, sample_id, slide_id)
+    result = HeatmapResult(str(record["method"]), str(record["cohort"]), int(record["fold"]), slide_id, sample, maps)
+    _add_tissue_and_signal(result, cohort, sample_id, slide_id)
+    for pm in maps:
+        if pm.magnification in result.signal:
+            result.overlap[pm.name] = attention_signal_overlap(pm.values, result.signal[pm.magnification].values > 0)
+    result.files = _draw_heatmaps(
+        result, figure_stem(out, "heatmap", result.method, result.cohort, slide_id, f"fold{result.fold}"))
+    return result
+
+
+def _attention_maps(model, record: Mapping, cohort, sample_id: str, slide_id: str) -> tuple[list[PatchMap], str]:
+    """Every attention map of the model on the sample's bag, restricted to the slide's patches."""
     import dataclasses
 
     import torch
 
-    from benchmark.training.registry import get_method_spec
-    from benchmark.store.records import ResultStore
-
-    records = select_cell(results, method, dataset, backbone=backbone, recipe=recipe, selection=selection, seed=seed)
-    cohort = cohort_data if cohort_data is not None else load_record_cohort(records[0])
-    sample_id = sample_of_slide(cohort.samples, slide)
-    slide_ids = tuple(cohort.samples.loc[sample_id, "slide_ids"])
-    slide_id = slide if slide in slide_ids else slide_ids[0]
-    record = fold_record_for(records, sample_id, fold)
-    store = ResultStore(results)
-    stale = stale_data_reason(record)
-    if stale and not retrain:
-        raise ValueError(f"{record.get('_path', 'record')}: {stale}. Re-train this cell: "
-                         f"`{retrain_command(record, results)}` (or add --retrain to this command)")
-    model = None
-    if not stale:
-        try:
-            model = store.load_model(dict(record))
-        except FileNotFoundError as exc:
-            if not retrain:
-                raise FileNotFoundError(
-                    f"{exc}. Re-train this cell with weights: `{retrain_command(record, results)}` "
-                    "(or add --retrain to this command)"
-                ) from None
-    if model is None:  # stale or without weights, and retrain was asked for
-        record = retrain_cell(record, results)
-        model = store.load_model(dict(record))
     if hasattr(model, "return_attention"):  # CrossFusion computes its maps on request only on huge bags
         model.return_attention = True
-    spec = get_method_spec(str(record["method"]))
-    needs = dataclasses.replace(spec.needs, coords=True)
+    needs = dataclasses.replace(get_method_spec(str(record["method"])).needs, coords=True)
     bag = cohort.bag(sample_id, needs)
     model.eval()
     with torch.no_grad():
         output = model(bag)
     if not output.attention:
-        raise ValueError(f"method {method!r} returns no attention maps; nothing to draw")
-
+        raise ValueError(f"method {record['method']!r} returns no attention maps; nothing to draw")
     maps: list[PatchMap] = []
     for name in _ordered(list(output.attention)):
         amap = output.attention[name]
@@ -636,16 +560,7 @@ def attention_heatmaps(
         if len(scores) != len(rows):
             raise ValueError(f"{name}: {len(scores)} scores for {len(rows)} patches at {m}x (contract: aligned rows)")
         maps.append(PatchMap(name, m, bag.coords[m].cpu().numpy()[rows], scores[rows]))
-
-    result = HeatmapResult(str(record["method"]), str(record["cohort"]), int(record["fold"]), slide_id, sample_id, maps)
-    _add_tissue_and_signal(result, cohort, sample_id, slide_id)
-    for pm in maps:
-        if pm.magnification in result.signal:
-            result.overlap[pm.name] = attention_signal_overlap(pm.values, result.signal[pm.magnification].values > 0)
-    out = Path(out) if out is not None else Path(results) / "figures"
-    result.files = _draw_heatmaps(
-        result, figure_stem(out, "heatmap", result.method, result.cohort, slide_id, f"fold{result.fold}"))
-    return result
+    return maps, sample_id
 
 
 def _add_tissue_and_signal(result: HeatmapResult, cohort, sample_id: str, slide_id: str) -> None:

@@ -174,13 +174,47 @@ def build_table(
     return out
 
 
+def _recipe_name(store_key: str) -> str:
+    """The named recipe of a configuration's store folder key (``demo+1a2b3c`` -> ``demo``)."""
+    return str(store_key).split("+", 1)[0]
+
+
 def _one_recipe_and_selection(recs: list[dict], recipe: str | None,
                               selection: str | None) -> tuple[list[dict], str, str]:
-    """Keep the records of one recipe and one selection rule (the given ones, or the only ones present)."""
-    recipe = _choose_one(recs, "recipe", recipe, "recipe")
-    recs = [r for r in recs if str(r["recipe"]) == recipe]
+    """Keep the records of one recipe and one selection rule (the given ones, or the only ones present).
+
+    ``recipe`` is a recipe name (every configuration of it: each method's own options, overrides) or one
+    configuration's store key (``demo+1a2b3c``).
+    """
+    if recipe is not None and "+" in recipe:
+        recs = [r for r in recs if str(r["recipe"]) == recipe]
+    else:
+        recipe = _choose_one([{"recipe": _recipe_name(r["recipe"])} for r in recs], "recipe", recipe, "recipe")
+        recs = [r for r in recs if _recipe_name(r["recipe"]) == recipe]
     selection = _choose_one(recs, "selection", selection, "selection")
     return [r for r in recs if str(r["selection"]) == selection], recipe, selection
+
+
+def _label(record: Mapping) -> str:
+    """A record's readable configuration label (older records: their folder key)."""
+    return str(record.get("label") or record["recipe"])
+
+
+def label_rows(records: list[dict], row_key: str) -> tuple[list[dict], list[str]]:
+    """Copies of ``records`` with a ``_row`` field: the ``row_key`` value, or ``value [label]`` when several
+    configurations share it (they are different rows, never averaged together); and footer notes naming the
+    configuration of every row whose label is not the plain recipe name."""
+    keys: dict[str, set[str]] = {}
+    for r in records:
+        keys.setdefault(str(r[row_key]), set()).add(str(r["recipe"]))
+    out, notes = [], {}
+    for r in records:
+        value, label = str(r[row_key]), _label(r)
+        row = value if len(keys[value]) == 1 else f"{value} [{label}]"
+        out.append({**r, "_row": row})
+        if label != _recipe_name(r["recipe"]):
+            notes[row] = f"{row}: configuration {label}."
+    return out, sorted(set(notes.values()))
 
 
 def _cohort_columns(records: list[dict]) -> list[str]:
@@ -195,10 +229,12 @@ def _cohort_columns(records: list[dict]) -> list[str]:
 
 
 def _method_rows(records: list[dict]) -> list[str]:
+    """Row names (``_row``) in the paper's method order, other methods by name, the ``random`` floor last."""
     found = {str(r["method"]) for r in records}
     ordered = [m for m in PAPER_METHOD_ORDER if m in found]
     ordered += sorted(m for m in found if m not in PAPER_METHOD_ORDER and m != "random")
-    return ordered + (["random"] if "random" in found else [])
+    ordered += ["random"] if "random" in found else []
+    return [row for m in ordered for row in sorted({r["_row"] for r in records if r["method"] == m})]
 
 
 #: Note a record carries when its validation fold has no event (see ``benchmark.training.runner``).
@@ -263,16 +299,17 @@ def table1(
     recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
     if not recs:
         raise ValueError(f"no records for backbone {backbone}, recipe {recipe}, selection {selection}")
+    recs, config_notes = label_rows(recs, "method")
     rows, columns = _method_rows(recs), _cohort_columns(recs)
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
         title=f"Table 1. {METRIC_NAMES[metric]}{mark} (mean ± population std over folds), backbone {backbone}, "
               f"recipe {recipe}, selection {selection}",
         row_header="Method" + mark, rows=rows, columns=columns,
-        cells=build_table(recs, "method", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
+        cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
         selection=selection,
     )
-    table.notes += [stale_note] if stale_note else []
+    table.notes += ([stale_note] if stale_note else []) + config_notes
     return _finish(table, significance, marker)
 
 
@@ -293,18 +330,20 @@ def table2(
         raise ValueError(f"no records for method {method!r}")
     recs, stale_note = newest_data_records(recs)
     recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
-    rows = list(backbones) + sorted({str(r["backbone"]) for r in recs} - set(backbones))
+    recs, config_notes = label_rows(recs, "backbone")
+    rows = [row for b in backbones for row in (sorted({r["_row"] for r in recs if r["backbone"] == b}) or [b])]
+    rows += sorted({r["_row"] for r in recs if r["backbone"] not in backbones})
     columns = _cohort_columns(recs)
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
         title=f"Table 2. {METRIC_NAMES[metric]}{mark} of {method} per backbone (mean ± population std over folds), "
               f"recipe {recipe}, selection {selection}",
         row_header="Backbone" + mark, rows=rows, columns=columns,
-        cells=build_table(recs, "backbone", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
+        cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
         selection=selection, mean_column=True,
     )
     table.notes.append("Mean: mean of the cohort means, shown only when every cohort is present.")
-    table.notes += [stale_note] if stale_note else []
+    table.notes += ([stale_note] if stale_note else []) + config_notes
     return _finish(table, significance, marker)
 
 

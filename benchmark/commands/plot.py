@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def _cell_options(p: argparse.ArgumentParser) -> None:
@@ -57,8 +58,6 @@ def register(subparsers) -> None:
 
 def _write_json(path: str | None, data) -> None:
     if path:
-        from pathlib import Path
-
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2, default=str))
 
@@ -81,10 +80,59 @@ def run_km(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_heatmap(args: argparse.Namespace) -> int:
-    from benchmark.analysis.plots import attention_heatmaps
+def _retrain_hint(record, results) -> str:
+    """The exact command that re-trains a record's cell with weights."""
+    from benchmark.training.config import RunConfig
 
-    res = attention_heatmaps(
+    try:
+        return f"`{RunConfig.from_record(record).to_cli(results)} --overwrite`"
+    except (ValueError, KeyError):
+        return "`python -m benchmark run ... --overwrite` with the cell's settings"
+
+
+def _fold_model(store, record, retrain: bool):
+    """The fold's trained model: its saved weights, or (``retrain``) the cell trained again through the runner."""
+    from benchmark.analysis.plots import stale_data_reason
+    from benchmark.training.config import RunConfig
+    from benchmark.training.runner import Execution, load_trained_model, run_cell
+
+    stale = stale_data_reason(record)
+    if stale and not retrain:
+        raise ValueError(f"{record.get('_path', 'record')}: {stale}. Re-train this cell: {_retrain_hint(record, store.root)} "
+                         "(or add --retrain to this command)")
+    if not stale:
+        try:
+            return load_trained_model(store, record), record
+        except FileNotFoundError as exc:
+            if not retrain:
+                raise FileNotFoundError(f"{exc}. Re-train this cell with weights: {_retrain_hint(record, store.root)} "
+                                        "(or add --retrain to this command)") from None
+    config = RunConfig.from_record(record)
+    summary = run_cell(config, store, Execution(device="cpu"))
+    if summary["status"] != "ok":
+        raise RuntimeError(f"re-training {summary['cell']} failed: {summary['error']}")
+    record = store.read(config.cell)
+    return load_trained_model(store, record), record
+
+
+def heatmap(results, method: str, dataset: str, slide: str, *, fold=None, out=None, retrain=False,
+            cohort_data=None, **filters):
+    """Attention heatmaps of one fold's model on one slide (the ``plot heatmap`` command without printing)."""
+    from benchmark.analysis.plots import attention_heatmaps, fold_record_for, sample_of_slide
+    from benchmark.store.query import Results
+    from benchmark.store.records import ResultStore
+    from benchmark.training.config import RunConfig
+    from benchmark.training.runner import get_cohort_data
+
+    records = Results.open(results).cell(method, dataset, **filters)
+    cohort = cohort_data if cohort_data is not None else get_cohort_data(RunConfig.from_record(records[0]))
+    record = fold_record_for(records, sample_of_slide(cohort.samples, slide), fold)
+    model, record = _fold_model(ResultStore(results), record, retrain)
+    return attention_heatmaps(model, record, cohort, slide, Path(out) if out is not None else Path(results) / "figures")
+
+
+def run_heatmap(args: argparse.Namespace) -> int:
+    res = heatmap(
         args.results, args.method, args.dataset, args.slide, fold=args.fold, out=args.out, backbone=args.backbone,
         recipe=args.recipe, selection=args.selection, seed=args.seed, retrain=args.retrain,
     )

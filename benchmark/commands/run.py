@@ -3,13 +3,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 SYNTHETIC_DEFAULT_RECIPE = "demo"
-#: ``benchmark.data.synth.SIGNALS`` names, spelled out so the CLI starts without importing numpy / pandas (tested equal).
+#: ``benchmark.data.synth.SIGNALS`` names, spelled out so ``--help`` starts without importing numpy / pandas
+#: (tested equal).
 SIGNAL_CHOICES = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 REAL_DEFAULT_RECIPE = "paper"
 #: ``benchmark.data.labels.RULES``, spelled out for the same reason (tested equal).
 BIN_RULE_CHOICES = ("train", "cohort", "cohort-slides")
+#: Defaults of the settings an experiment file may also give (the command line wins over the file).
+DEFAULTS: dict[str, Any] = {
+    "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "recipe": None,
+    "selection": "last", "unit": "patient", "bin_rule": "train", "n_bins": 4, "data_root": None, "signal": "mixed",
+    "results": None, "jobs": 1, "device": "auto", "save_weights": True, "plugins": [],
+    "clinical": None, "splits": None, "features": None, "layout": "auto", "missing_features": "error",
+    "registry": [],
+}
 
 
 def register(subparsers) -> None:
@@ -20,128 +30,223 @@ def register(subparsers) -> None:
             "Train and evaluate every cell of the grid. Finished cells are skipped (--overwrite redoes them); a "
             "crashed cell is recorded as an error and the grid goes on. Without --data-root the embedded synthetic "
             f"cohorts are used (generated on first use) and the default recipe is {SYNTHETIC_DEFAULT_RECIPE!r}; with "
-            f"--data-root the default recipe is {REAL_DEFAULT_RECIPE!r} (the paper's shared hyper-parameters)."
+            f"--data-root it is {REAL_DEFAULT_RECIPE!r} (the paper's shared hyper-parameters). Settings can also "
+            "come from an experiment file (--config FILE.toml); options given here override it."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--methods", default="amil", help="'all' or a comma list of registered methods")
-    p.add_argument("--dataset", default="blca", help="'all' or a comma list of cohorts")
-    p.add_argument("--backbone", default="resnet50", help="'all' (the five base backbones) or a comma list")
+    p.add_argument("--config", default=None, metavar="FILE", help="experiment file (TOML), see docs/CORE.md")
+    p.add_argument("--methods", default=None, help="'all' or a comma list of registered methods (default amil)")
+    p.add_argument("--dataset", dest="datasets", default=None, help="'all' or a comma list of cohorts (default blca)")
+    p.add_argument("--backbone", dest="backbones", default=None,
+                   help="'all' (the five base backbones) or a comma list (default resnet50)")
     p.add_argument("--data-root", default=None, help="real data root (default: embedded synthetic cohorts)")
-    p.add_argument("--signal", default="mixed", choices=SIGNAL_CHOICES,
-                   help="planted signal of the embedded synthetic cohorts (ignored with --data-root); "
+    _data_source_options(p)
+    p.add_argument("--signal", default=None, choices=SIGNAL_CHOICES,
+                   help="planted signal of the embedded synthetic cohorts (default mixed; ignored with --data-root); "
                         "results default to results/synthetic-<signal> when it is not 'mixed'")
     p.add_argument("--recipe", default=None,
                    help=f"paper | mahmood | demo (default: {SYNTHETIC_DEFAULT_RECIPE} on synthetic data, "
                         f"{REAL_DEFAULT_RECIPE} with --data-root)")
-    p.add_argument("--selection", default="last", choices=("last", "inner", "paper-max"),
-                   help="model selection; paper-max looks at the reported fold (optimistic, marked in tables)")
-    p.add_argument("--folds", default="0-4", help="e.g. 0-4, 0,2 or all")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--selection", default=None, choices=("last", "inner", "paper-max"),
+                   help="model selection (default last); paper-max looks at the reported fold (optimistic, marked "
+                        "in tables)")
+    p.add_argument("--folds", default=None, help="e.g. 0-4, 0,2 or all (default all)")
+    p.add_argument("--seed", dest="seeds", default=None, help="training seed(s), e.g. 0 or 0-2 (default 0)")
     p.add_argument("--results", default=None, help="result store root (default results/synthetic or results/real)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells")
-    p.add_argument("--jobs", type=int, default=1, help="worker processes (each uses one torch thread)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
-                   help="override recipe fields, e.g. --set lr=3e-4 epochs=4; repeatable (values accumulate)")
-    p.add_argument("--method-option", nargs="+", action="extend", default=[], metavar="[METHOD.]KEY=VALUE",
-                   dest="method_options",
-                   help="constructor options, for every selected method or one (amil.dropout=0.1); repeatable")
-    p.add_argument("--unit", default="patient", choices=("patient", "slide"))
-    p.add_argument("--bin-rule", default="train", choices=BIN_RULE_CHOICES,
-                   help="bin edges from the training fold (train), the cohort (MCAT) or its slides (CrossFusion)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--jobs", type=int, default=None, help="worker processes, each with one torch thread (default 1)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override recipe fields, e.g. --set lr=3e-4 epochs=4 (repeatable)")
+    p.add_argument("--method-option", action="extend", nargs="+", default=[], metavar="[METHOD.]KEY=VALUE",
+                   dest="method_options", help="constructor options, for every selected method or one "
+                                               "(amil.dropout=0.1); repeatable")
+    p.add_argument("--unit", default=None, choices=("patient", "slide"), help="bag unit (default patient)")
+    p.add_argument("--bin-rule", default=None, choices=BIN_RULE_CHOICES,
+                   help="bin edges from the training fold (train, default), the whole cohort (MCAT's rule) or its "
+                        "slides (CrossFusion's)")
+    p.add_argument("--n-bins", type=int, default=None, help="discrete-time bins (default 4)")
+    p.add_argument("--device", default=None, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
     p.add_argument("--no-weights", action="store_true", help="do not save model weights beside the records")
     p.set_defaults(func=main)
 
 
+def _data_source_options(p: argparse.ArgumentParser) -> None:
+    """Where real data are, as the extraction tools and the Mahmood-lab repositories write them (shared with
+    ``audit``)."""
+    from benchmark.training.config import LAYOUT_CHOICES, MISSING_FEATURES
+
+    p.add_argument("--clinical", default=None, metavar="FILE",
+                   help="clinical table, .csv or MCAT's .csv.zip as shipped (default <cohort dir>/clinical.csv)")
+    p.add_argument("--splits", default=None, metavar="DIR", help="folder of MCAT splits_{k}.csv files")
+    p.add_argument("--features", nargs="+", action="extend", default=None, metavar="[MAGx=]DIR",
+                   help="feature folder(s): one (CLAM FEAT_DIR, TRIDENT job folder, ...) or one per magnification, "
+                        "e.g. --features 20x=DIR 10x=DIR 5x=DIR (default: the cohort folder of --data-root)")
+    p.add_argument("--layout", default=None, choices=LAYOUT_CHOICES,
+                   help="feature layout (default auto: every slide of the table is checked)")
+    p.add_argument("--missing-features", default=None, choices=MISSING_FEATURES,
+                   help="slides of the table without a feature file: stop (error, default) or leave them out and "
+                        "report what each fold loses (drop)")
+
+
 def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
+    """``--method-option`` items -> ``{method or "*": {name: value}}`` (a name without a method reaches all)."""
     from benchmark.training.recipes import parse_assignments, parse_option_value
 
-    out: dict[str, dict] = {m: {} for m in methods}
+    out: dict[str, dict] = {}
     for key, value in parse_assignments(items, "--method-option").items():
         target, dot, name = key.rpartition(".")
-        if dot and target.lower() not in out:
+        target = target.lower() if dot else "*"
+        if dot and target not in methods:
             raise ValueError(f"--method-option {key}: method {target!r} is not among the selected methods {methods}")
-        for m in ([target.lower()] if dot else methods):
-            out[m][name] = parse_option_value(value)
+        out.setdefault(target, {})[name] = parse_option_value(value)
     return out
+
+
+def _as_text_list(value) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings: the defaults, then the experiment file, then the options given on the command line."""
+    from benchmark.training.config import read_experiment_file
+
+    merged = dict(DEFAULTS)
+    file = read_experiment_file(args.config) if args.config else {}
+    merged.update({k: v for k, v in file.items() if k not in ("set", "method_options")})
+    merged.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
+    if args.no_weights:
+        merged["save_weights"] = False
+    merged["plugins"] = list(file.get("plugins") or []) + list(getattr(args, "plugin", []) or [])
+    registry = file.get("registry") or []
+    merged["registry"] = [registry] if isinstance(registry, str) else list(registry)
+    merged["overrides"] = {**{k: str(v) for k, v in (file.get("set") or {}).items()}}
+    merged["file_method_options"] = file.get("method_options") or {}
+    return merged
+
+
+def build_experiment(args: argparse.Namespace):
+    """The :class:`~benchmark.training.config.Experiment` of a ``run`` command line (and its experiment file)."""
+    from benchmark.data.backbones import resolve_backbones
+    from benchmark.data.cohorts import resolve_cohorts
+    from benchmark.training.config import Experiment, feature_items
+    from benchmark.training.recipes import parse_assignments
+    from benchmark.training.registry import load_plugins, resolve_methods
+    from benchmark.training.runner import parse_folds
+
+    from benchmark.data.cohorts import add_registry_file, user_registry_files
+
+    s = settings(args)
+    for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
+        add_registry_file(path)
+    load_plugins(s["plugins"])
+    methods = resolve_methods(_as_text_list(s["methods"]))
+    options = {m: dict(o) for m, o in s["file_method_options"].items()}
+    for target, opts in _method_options(args.method_options, methods).items():
+        options.setdefault(target, {}).update(opts)
+    folds = None if str(s["folds"]).strip().lower() == "all" else tuple(parse_folds(_as_text_list(s["folds"])))
+    real = s["data_root"] is not None or s["clinical"] is not None
+    recipe = s["recipe"] or (REAL_DEFAULT_RECIPE if real else SYNTHETIC_DEFAULT_RECIPE)
+    experiment = Experiment(
+        methods=tuple(methods), cohorts=tuple(resolve_cohorts(_as_text_list(s["datasets"]))),
+        backbones=tuple(resolve_backbones(_as_text_list(s["backbones"]))), folds=folds,
+        seeds=tuple(parse_folds(_as_text_list(s["seeds"]))), recipe=recipe,
+        overrides={**s["overrides"], **parse_assignments(args.overrides)}, method_options=options,
+        selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
+        data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
+        device=s["device"], save_weights=bool(s["save_weights"]), plugins=tuple(s["plugins"]),
+        clinical=s["clinical"], splits=s["splits"], features=feature_items(s["features"]), layout=s["layout"],
+        missing_features=s["missing_features"], registry=tuple(str(p) for p in user_registry_files()),
+    )
+    experiment.check()
+    return experiment
+
+
+def _results_dir(experiment) -> Path:
+    from benchmark.training.runner import default_results_dir
+
+    if experiment.results:
+        return Path(experiment.results)
+    default = default_results_dir(experiment.data_root, experiment.clinical)
+    if experiment.data_root is None and experiment.clinical is None and experiment.signal != "mixed":  # a control
+        default = default.with_name(f"synthetic-{experiment.signal}")
+    return default
+
+
+def _cohorts(experiment) -> list:
+    """Load every cohort once (validates names and paths, generates synthetic data before workers start)."""
+    from benchmark.training.config import RunConfig
+    from benchmark.training.runner import get_cohort_data
+
+    return [get_cohort_data(RunConfig(experiment.methods[0], c, b, unit=experiment.unit, data_root=experiment.data_root,
+                                      signal=experiment.signal, **experiment.data_source()))
+            for c in experiment.cohorts for b in experiment.backbones]
+
+
+def print_data_notes(console, cohort) -> None:
+    """What the data layer decided about a cohort: the feature layout, split IDs missing from the table, and
+    (``--missing-features drop``) what each fold lost."""
+    source = cohort.provenance
+    name = f"{cohort.name}/{cohort.backbone.name}"
+    console.print(f"{name}: {len(cohort.samples)} samples, features: {source.get('layout_detection')}")
+    missing = source.get("missing_split_ids") or []
+    if missing:
+        console.print(f"[yellow]{name}: {len(missing)} split ID(s) are not in the table and are left out, e.g. "
+                      f"{', '.join(missing[:3])}[/yellow]")
+    dropped = source.get("missing_features")
+    if not dropped:
+        return
+    console.print(f"[yellow]{name}: {dropped['slides_dropped']} slide(s) without a feature file left out "
+                  f"(--missing-features drop), {dropped['samples_dropped']} sample(s) lost[/yellow]")
+    for row in dropped["folds"]:
+        console.print(f"  fold {row['fold']}: dropped {row['train_dropped']} train / {row['val_dropped']} val; "
+                      f"now {row['train']} train / {row['val']} val")
 
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from benchmark.data.backbones import resolve_backbones
-    from benchmark.data.cohorts import resolve_cohorts
-    from benchmark.training.recipes import get_recipe, parse_assignments
-    from benchmark.training.registry import load_plugins, resolve_methods
-    from benchmark.training.runner import (
-        RunSpec, default_results_dir, expand_grid, get_cohort_data, parse_folds, recipe_label, run_grid, summary_table,
-    )
-    from benchmark.store.records import Cell, ResultStore
+    from benchmark.store.records import ResultStore
+    from benchmark.training.runner import Execution, run_grid, summary_table
+    from benchmark.training.recipes import get_recipe
     from benchmark.training.trainer import resolve_device
 
     console = Console()
-    load_plugins(args.plugin)
-    methods = resolve_methods(args.methods)
-    cohorts = resolve_cohorts(args.dataset)
-    backbones = resolve_backbones(args.backbone)
-    if args.jobs < 1:
-        raise ValueError("--jobs must be >= 1")
+    experiment = build_experiment(args)
     try:  # fail early on an unknown or unavailable device
-        resolve_device(args.device)
+        resolve_device(experiment.device)
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"--device {args.device}: {str(exc).splitlines()[0]}") from None
-    recipe_name = args.recipe or (SYNTHETIC_DEFAULT_RECIPE if args.data_root is None else REAL_DEFAULT_RECIPE)
-    default_results = default_results_dir(args.data_root)
-    if args.data_root is None and args.signal != "mixed":  # a control cohort: same generator, other signal
-        from benchmark.data.synth import ensure_synthetic
-
-        args.data_root = str(ensure_synthetic("demo", seed=0, signal=args.signal, cohorts=cohorts, backbones=backbones))
-        default_results = default_results.with_name(f"synthetic-{args.signal}")
-    overrides = parse_assignments(args.overrides)
-    recipe_notes: list[str] = []
-    recipe = get_recipe(recipe_name, overrides, notes=recipe_notes)
-    method_options = _method_options(args.method_options, methods)
-    label = recipe_label(recipe.name, {
-        "set": overrides, "method_options": sorted(args.method_options),
-        "unit": args.unit if args.unit != "patient" else None,
-        "bin_rule": args.bin_rule if args.bin_rule != "train" else None,
-    })
-    spec = RunSpec(
-        recipe=recipe, recipe_label=label, selection=args.selection, seed=args.seed, data_root=args.data_root,
-        unit=args.unit, bin_rule=args.bin_rule, device=args.device, method_options=method_options,
-        save_weights=not args.no_weights, plugins=tuple(args.plugin),
-    )
-    results = Path(args.results) if args.results else default_results
+        raise ValueError(f"--device {experiment.device}: {str(exc).splitlines()[0]}") from None
+    results = _results_dir(experiment)
     store = ResultStore(results)
-    store.prepare("--results" if args.results else "results folder")  # writable, stale temporary files removed
-
-    # Load every cohort once here: validates names and paths, generates synthetic data before workers start.
-    n_folds = None
+    store.prepare("--results" if experiment.results else "results folder")  # writable; stale .tmp files removed
+    cohorts = _cohorts(experiment)
     for cohort in cohorts:
-        for backbone in backbones:
-            data = get_cohort_data(Cell(methods[0], cohort, backbone, 0), spec)
-            n_folds = len(data.folds) if n_folds is None else min(n_folds, len(data.folds))
-    folds = parse_folds(args.folds, n_folds)
-    if n_folds is not None and max(folds) >= n_folds:
-        raise ValueError(f"--folds {args.folds}: the cohorts have only {n_folds} folds (0-{n_folds - 1})")
-
-    source = "embedded synthetic cohorts" if args.data_root is None else f"data root {args.data_root}"
-    if args.signal != "mixed" and recipe_name == SYNTHETIC_DEFAULT_RECIPE:
-        source = f"embedded synthetic cohorts with a '{args.signal}' signal ({args.data_root})"
-    demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
-        if recipe.name == "demo" else ""
-    console.print(f"[bold]recipe {label}[/bold]{demo_note}: " + ", ".join(
-        f"{k}={v}" for k, v in recipe.to_dict().items() if k != "name"))
+        print_data_notes(console, cohort)
+    configs = experiment.configs(min(len(c.folds) for c in cohorts))
+    recipe_notes: list[str] = []
+    get_recipe(configs[0].recipe, dict(experiment.overrides), notes=recipe_notes)
     for note in recipe_notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"selection {args.selection}, seed {args.seed}, device {args.device}, {source}, results -> {results}")
-    cells = expand_grid(methods, cohorts, backbones, folds, spec)
-    console.print(f"{len(methods)} method(s) x {len(cohorts)} cohort(s) x {len(backbones)} backbone(s) x "
-                  f"{len(folds)} fold(s) = {len(cells)} cells, {args.jobs} job(s)")
-    report = run_grid(cells, spec, store, jobs=args.jobs, overwrite=args.overwrite, console=console)
-    console.print(summary_table(store, cells))
+    first = configs[0]
+    demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
+        if first.recipe == "demo" else ""
+    console.print(f"[bold]recipe {first.label()}[/bold]{demo_note}: " + ", ".join(
+        f"{k}={v}" for k, v in first.resolved_recipe().to_dict().items() if k != "name"))
+    source = "embedded synthetic cohorts" if experiment.data_root is None else f"data root {experiment.data_root}"
+    if experiment.clinical is not None:
+        source = f"clinical table {experiment.clinical}"
+    if experiment.data_root is None and experiment.signal != "mixed":
+        source += f" with a '{experiment.signal}' signal"
+    console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
+                  f"{source}, results -> {results}")
+    console.print(f"{len(experiment.methods)} method(s) x {len(experiment.cohorts)} cohort(s) x "
+                  f"{len(experiment.backbones)} backbone(s) x {len(configs) // max(1, len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones))} "
+                  f"fold-seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
+    execution = Execution(device=experiment.device, save_weights=experiment.save_weights, plugins=experiment.plugins)
+    report = run_grid(configs, store, execution, jobs=experiment.jobs, overwrite=args.overwrite,
+                      console=console)
+    console.print(summary_table(store, configs))
     n_err = sum(1 for r in report.ran if r["status"] != "ok")
     console.print(f"{len(report.ran)} cell(s) run in {report.seconds:.1f} s, {len(report.skipped)} skipped, "
                   f"{n_err} error(s); records under {results / 'cells'}")

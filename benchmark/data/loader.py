@@ -442,8 +442,8 @@ def load_cohort(
     Parameters
     ----------
     dataset : cohort name (``blca, brca, coad, gbmlgg, luad, ucec`` or one declared in a registry file)
-    data_root : root holding ``<cohort>/`` folders (or the cohort folder itself); None = synthetic ``demo``
-        (unless ``clinical`` and ``features`` say where everything is)
+    data_root : root holding ``<cohort>/`` folders (or the cohort folder itself); None = synthetic ``demo``,
+        unless ``clinical`` is given (then the table's folder is the cohort folder)
     backbone : backbone name (``resnet50``, ``resnet50-full``, ``conch``, ...)
     unit : ``"patient"`` (a patient's slides form one bag; default) or ``"slide"``
     clinical : clinical table, ``.csv`` or MCAT's ``.csv.zip`` (default ``<cohort dir>/clinical.csv``)
@@ -466,8 +466,8 @@ def load_cohort(
     _check_choice("--bin-rule", bin_rule, RULES)
     _check_choice("--missing-features", missing_features, MISSING_FEATURES)
     folders = parse_feature_folders(features)
-    if data_root is None and clinical is not None and folders is not None:
-        root, synthetic = Path(clinical).parent, None  # everything given explicitly: no synthetic data needed
+    if data_root is None and clinical is not None:
+        root, synthetic = Path(clinical).parent, None  # a real table given apart: no synthetic data involved
     else:
         root, synthetic = _resolve_root(data_root, cohort, bb)
     cdir = _cohort_dir(root, cohort)

@@ -8,8 +8,8 @@ Layout (``docs/ARCHITECTURE.md``, "Result store contract")::
 Records are written atomically (a temporary file ``.<name>.<pid>.<random>.tmp`` in the same folder, then
 ``os.replace``), so a crash or a parallel reader never sees half a record; temporary files left by a process
 that is gone are removed when a run starts (:meth:`ResultStore.prepare`). Reruns skip cells whose ``ok``
-record and weights are readable (:meth:`ResultStore.finished`); error records and cells whose record or
-weights are unreadable are redone.
+record and weights are readable (:meth:`ResultStore.weights_problem`); error records and cells whose record
+or weights are unreadable are redone.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from typing import Any, Iterator
 
 import torch
 
-#: Version of the record layout.
-SCHEMA = 1
+#: Version of the record layout (2: ``label`` added, ``unit`` only in ``config``; 1 is still read).
+SCHEMA = 2
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -279,6 +279,19 @@ class ResultStore:
         except ValueError:
             return False
 
+    def move(self, record: dict, to: Cell, **changes: Any) -> dict:
+        """File a finished record (and its weights) under another cell's folder, e.g. when the folder naming of
+        a configuration changed; the record is written first, then the old files go. Returns the new record."""
+        old_cell = Cell.of(record)
+        moved = {k: v for k, v in record.items() if k != "_path"}
+        moved.update(recipe=to.recipe, **changes)
+        old_weights = self.weights_path(old_cell)
+        state = torch.load(old_weights, weights_only=True) if record.get("weights") and old_weights.exists() else None
+        self.write(moved, state_dict=state)
+        for path in (old_weights, self.record_path(old_cell)):
+            path.unlink(missing_ok=True)
+        return self.read(to)
+
     def weights_problem(self, record: dict) -> str | None:
         """Why the weights a record names cannot be loaded (None when they can, or when none were saved)."""
         if not record.get("weights"):
@@ -294,17 +307,6 @@ class ResultStore:
         if not isinstance(state, dict):
             return f"{path}: weights file holds {type(state).__name__}, not a state dict"
         return None
-
-    def finished(self, cell: Cell) -> dict | None:
-        """The ``ok`` record of ``cell`` when it and its weights are readable, else None (absent, failed or
-        damaged: the cell must be redone)."""
-        try:
-            record = self.read(cell)
-        except ValueError:
-            return None
-        if record is None or record.get("status") != "ok" or self.weights_problem(record):
-            return None
-        return record
 
     def iter_paths(self) -> Iterator[Path]:
         cells = self.root / "cells"
@@ -352,38 +354,12 @@ class ResultStore:
                                 int(r["fold"])))
         return out
 
-    def load_model(self, record: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-        """Rebuild the record's method (``create_method(name, in_dim, n_bins, **method_options)``) and load its
-        ``fold<k>.pt`` weights; returned in eval mode."""
-        from benchmark.training.registry import create_method
-
-        if record.get("status") != "ok":
-            raise ValueError(f"{record.get('_path', 'record')}: status {record.get('status')!r}, no model to load")
-        config = record.get("config") or {}
-        if not record.get("weights"):
-            raise FileNotFoundError(f"{record.get('_path', 'record')}: no weights were saved for this cell")
-        path = self.weights_path(Cell.of(record))
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: weights file missing")
-        model = create_method(record["method"], in_dim=int(config["in_dim"]), n_bins=int(config["n_bins"]),
-                              **(config.get("method_options") or {}))
-        problem = self.weights_problem(record)
-        if problem:
-            raise ValueError(f"{problem}; rerun the cell with --overwrite")
-        state = torch.load(path, map_location=map_location, weights_only=True)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: weights do not fit the {record['method']} model of this record "
-                             f"({str(exc).splitlines()[0]}); rerun the cell with --overwrite") from None
-        return model.eval()
-
 
 def cell_record(cell: Cell, **fields: Any) -> dict:
     """A record skeleton with the cell's coordinates and the contract's fields (defaults None)."""
     base = asdict(cell)
     base.update(
-        schema=SCHEMA, status=None, unit=None, config=None, config_hash=None, provenance=None, metrics=None,
+        schema=SCHEMA, status=None, label=None, config=None, config_hash=None, provenance=None, metrics=None,
         selected_epoch=None, history=None, bin_edges=None, train_risk_median=None, predictions=None, error=None,
         seconds=None, weights=None,
     )

@@ -130,6 +130,14 @@ RECIPES: dict[str, Recipe] = {
                    schedule="cosine", max_samples_per_epoch=96),
 }
 
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a named recipe (a lab's own, or a test's); a run then refers to it by name like the built-in ones."""
+    RECIPES[recipe.name.lower()] = recipe
+    return recipe
+
+
 #: Selection rules (recorded in every result; ``paper-max`` is optimistic and every table marks it).
 SELECTIONS = ("last", "inner", "paper-max")
 

@@ -10,9 +10,10 @@ A method is an ``nn.Module`` whose ``forward(bag: Bag) -> SurvivalOutput``. It r
     class AMIL(nn.Module):
         def __init__(self, in_dim: int, n_bins: int = 4, dropout: float = 0.25): ...
 
-Built-in methods live one per module in ``methods/`` and are imported on first use. A module outside the
-project registers the same way and is loaded with ``--plugin my_module`` (or ``--plugin path/to/file.py``,
-a global option of every command) or through the
+Built-in methods live one per module in ``methods/``; that package is declared in the
+``mil_benchmark.methods`` entry-point group of ``pyproject.toml`` and imported on first use, like any plugin. A module outside the
+project registers the same way and is loaded with ``--plugin my_module`` or ``--plugin path/to/file.py`` (a
+global option of every command) or through the
 ``mil_benchmark.methods`` entry-point group, without touching the harness.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import pkgutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,16 +86,12 @@ def register_method(
 
 
 def load_builtin_methods() -> None:
-    """Import every module of the ``methods`` package (each registers itself), and entry-point plugins."""
+    """Import every method package declared in the ``mil_benchmark.methods`` entry-point group (the harness's own
+    ``methods`` package among them, see ``pyproject.toml``); each module registers itself on import."""
     global _builtins_loaded
     if _builtins_loaded:
         return
     _builtins_loaded = True
-    import methods
-
-    for info in pkgutil.iter_modules(methods.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"methods.{info.name}")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()
 
@@ -210,10 +206,7 @@ def create_method(name: str, in_dim: int, n_bins: int = 4, **options: Any) -> nn
         Method-specific keyword options (see each method's docstring).
     """
     spec = get_method_spec(name)
-    model = spec.builder(in_dim=in_dim, n_bins=n_bins, **options)
-    model.needs = spec.needs  # type: ignore[attr-defined]
-    model.method_name = spec.name  # type: ignore[attr-defined]
-    return model
+    return spec.builder(in_dim=in_dim, n_bins=n_bins, **options)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -14,39 +14,32 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
+from benchmark.analysis.tables import NO_EVENTS_NOTE
+from benchmark.data.backbones import get_backbone
+from benchmark.data.cohorts import add_registry_file
+from benchmark.data.loader import load_cohort
+from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, ensure_synthetic, synthetic_parameters
+from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
+from benchmark.training.config import RunConfig, hashed_config
 from benchmark.training.metrics import aggregate
-from benchmark.training.recipes import Recipe
-from benchmark.store.records import Cell, ResultStore, config_hash, now_iso, software_provenance
+from benchmark.training.registry import create_method, load_builtin_methods, load_plugins
+from benchmark.training.trainer import train_fold
 
 #: ``load_cohort(name, data_root=..., backbone=..., unit=...)``; injectable for tests.
 CohortLoader = Callable[..., Any]
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Settings shared by every cell of one ``run`` invocation."""
+class Execution:
+    """How cells are executed; none of it changes a cell's result, so none of it is in the configuration."""
 
-    recipe: Recipe
-    recipe_label: str
-    selection: str = "last"
-    seed: int = 0
-    data_root: str | None = None
-    unit: str = "patient"
-    bin_rule: str = "train"
-    n_bins: int = 4
     device: str = "auto"
-    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     save_weights: bool = True
     plugins: tuple[str, ...] = ()
-
-
-def recipe_label(recipe_name: str, variant: dict[str, Any]) -> str:
-    """Recipe name as stored in records and paths: the plain name, or ``name+<hash>`` when anything was
-    changed from the defaults (``--set``, method options, unit, bin rule), so variants never overwrite
-    each other's cells."""
-    changed = {k: v for k, v in variant.items() if v}
-    return recipe_name if not changed else f"{recipe_name}+{config_hash(changed)[:6]}"
 
 
 def parse_folds(text: str | None, n_folds: int | None = None) -> list[int]:
@@ -70,70 +63,61 @@ def parse_folds(text: str | None, n_folds: int | None = None) -> list[int]:
     return sorted(out)
 
 
-def expand_grid(methods: list[str], cohorts: list[str], backbones: list[str], folds: list[int], spec: RunSpec) -> list[Cell]:
-    """Every cell, ordered cohort -> backbone -> method -> fold (cohort data are reused by consecutive cells)."""
-    return [
-        Cell(m, c, b, k, spec.seed, spec.recipe_label, spec.selection)
-        for c in cohorts
-        for b in backbones
-        for m in methods
-        for k in folds
-    ]
-
-
 # -------------------------------------------------------------------------------------------------------
 # one cell
 # -------------------------------------------------------------------------------------------------------
 _COHORT_CACHE: dict[tuple, Any] = {}
 
 
-def default_loader(name: str, data_root: str | None, backbone: str, unit: str):
-    from benchmark.data.loader import load_cohort
+def resolved_data_root(config: RunConfig) -> str | None:
+    """The folder a cell reads: its real data root, the generated folder of a synthetic control signal, or
+    None for the default embedded synthetic cohorts."""
+    if config.data_root is not None or config.signal == "mixed" or config.clinical is not None:
+        return config.data_root
+    return str(ensure_synthetic("demo", seed=0, signal=config.signal, cohorts=[config.cohort],
+                                backbones=[config.backbone]))
 
-    return load_cohort(name, data_root=data_root, backbone=backbone, unit=unit)
+
+def synthetic_facts(config: RunConfig, data_root: str | None) -> dict[str, Any] | None:
+    """Generator version and backbone parameters of the embedded synthetic data (None for any data root)."""
+    if data_root is not None or config.clinical is not None:
+        return None
+    return {"version": SYNTHETIC_SCHEMA, "backbone": synthetic_parameters(get_backbone(config.backbone))}
 
 
-def get_cohort_data(cell: Cell, spec: RunSpec, loader: CohortLoader | None = None):
-    """The cohort of ``cell``, cached in this process."""
-    key = (cell.cohort, cell.backbone, spec.data_root, spec.unit, id(loader))
+def get_cohort_data(config: RunConfig, loader: CohortLoader | None = None):
+    """The cohort of a cell (its data root or explicit data source), cached in this process."""
+    for path in config.registry:  # the cell's cohort or backbone may be declared there
+        add_registry_file(path)
+    data_root = resolved_data_root(config)
+    source = config.loader_arguments()
+    key = (config.cohort, config.backbone, data_root, config.unit, repr(sorted(source.items())), id(loader))
     if key not in _COHORT_CACHE:
-        _COHORT_CACHE[key] = (loader or default_loader)(cell.cohort, data_root=spec.data_root, backbone=cell.backbone,
-                                                        unit=spec.unit)
+        _COHORT_CACHE[key] = (loader or load_cohort)(config.cohort, data_root=data_root, backbone=config.backbone,
+                                                     unit=config.unit, **source)
     return _COHORT_CACHE[key]
 
 
-def cell_config(cell: Cell, spec: RunSpec, in_dim: int | None = None) -> dict[str, Any]:
-    """What determines a cell's result besides its coordinates (hashed into ``config_hash``).
+def expected_config(config: RunConfig, in_dim: int | None = None) -> dict[str, Any]:
+    """The ``config`` a record of this cell gets (``in_dim`` defaults to the backbone's registered dim)."""
+    data_root = resolved_data_root(config)
+    dim = get_backbone(config.backbone).dim if in_dim is None else in_dim
+    return config.record_config(dim, data_root, synthetic_facts(config, data_root))
 
-    A rerun compares it with a finished record's to tell a finished cell from a stale one (other recipe
-    fields, method options or synthetic-data version); ``in_dim`` defaults to the backbone's registered dim.
-    """
-    from benchmark.data.backbones import get_backbone
-    from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, synthetic_parameters
 
-    backbone = get_backbone(cell.backbone)
-    if in_dim is None:
-        in_dim = backbone.dim
-    config = {
-        "recipe": spec.recipe.to_dict(),
-        "method_options": dict(spec.method_options.get(cell.method, {})),
-        "unit": spec.unit,
-        "bin_rule": spec.bin_rule,
-        "n_bins": spec.n_bins,
-        "in_dim": int(in_dim),
-        "data_root": spec.data_root,
-        # the embedded synthetic data changes with the generator's version; real data is named by its root
-        "synthetic_version": SYNTHETIC_SCHEMA if spec.data_root is None else None,
+def _new_record(config: RunConfig) -> dict[str, Any]:
+    return {
+        **asdict(config.cell), "schema": SCHEMA, "label": config.label(),
+        "provenance": {**software_provenance(), "created": now_iso()},
+        "config": None, "config_hash": None, "metrics": None, "selected_epoch": None, "history": None,
+        "bin_edges": None, "train_risk_median": None, "predictions": None, "error": None, "weights": None,
     }
-    if spec.data_root is None:  # and with the backbone's generator parameters (datasets/backbones.toml)
-        config["synthetic_backbone"] = synthetic_parameters(backbone)
-    return config
 
 
 def run_cell(
-    cell: Cell,
-    spec: RunSpec,
+    config: RunConfig,
     store: ResultStore,
+    execution: Execution = Execution(),
     on_epoch: Callable[[int, int, dict], None] | None = None,
     loader: CohortLoader | None = None,
 ) -> dict:
@@ -141,55 +125,46 @@ def run_cell(
 
     Returns a short summary: ``cell`` label, ``status``, ``c_index``, ``seconds``, ``error``.
     """
-    from benchmark.training.trainer import train_fold
-
     started = time.perf_counter()
-    record: dict[str, Any] = {
-        **asdict(cell),
-        "schema": 1,
-        "unit": spec.unit,
-        "provenance": {**software_provenance(), "created": now_iso()},
-        "metrics": None,
-        "selected_epoch": None,
-        "history": None,
-        "bin_edges": None,
-        "train_risk_median": None,
-        "predictions": None,
-        "error": None,
-        "weights": None,
-    }
-    state = None
+    record, state = _new_record(config), None
     try:
-        cohort = get_cohort_data(cell, spec, loader)
-        config = cell_config(cell, spec, cohort.in_dim)
-        record["config"], record["config_hash"] = config, config_hash(config)
+        cohort = get_cohort_data(config, loader)
+        record["config"] = expected_config(config, cohort.in_dim)
+        record["config_hash"] = hashed_config(record["config"])
         record["n_folds"] = len(cohort.folds)  # so tables know a cell is incomplete even when every row is
-        record["provenance"].update({"data": dict(getattr(cohort, "provenance", {}) or {}), "data_root": spec.data_root})
-        result = train_fold(
-            cohort, cell.fold, cell.method, spec.recipe, selection=spec.selection, seed=cell.seed, device=spec.device,
-            method_options=config["method_options"], bin_rule=spec.bin_rule, n_bins=spec.n_bins, on_epoch=on_epoch,
-        )
+        record["provenance"]["data"] = dict(getattr(cohort, "provenance", {}) or {})
+        result = train_fold(cohort, config, device=execution.device, on_epoch=on_epoch)
         record.update(
             status="ok", metrics=result.metrics, selected_epoch=result.selected_epoch, history=result.history,
             bin_edges=result.bin_edges, train_risk_median=result.train_risk_median, predictions=result.predictions,
             n_parameters=result.n_parameters, data_sizes=result.extra,
         )
-        if not any(p["event"] for p in result.predictions):  # every validation sample censored
-            from benchmark.analysis.tables import NO_EVENTS_NOTE
-
-            record["notes"] = [NO_EVENTS_NOTE]
-        if spec.save_weights:
+        if result.metric_errors:
+            record["metric_errors"] = result.metric_errors
+        record.update(_data_notes(cohort, config, result.predictions))
+        if execution.save_weights:
             state = result.model.state_dict()
     except Exception as exc:  # one crashed cell must not stop the grid
-        record.setdefault("config", None)
-        record.setdefault("config_hash", None)
         record.update(status="error", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
     record["seconds"] = time.perf_counter() - started
     store.write(record, state_dict=state)
     c = (record.get("metrics") or {}).get("c_index")
-    return {"cell": cell.label(), "status": record["status"], "c_index": c, "seconds": record["seconds"],
+    return {"cell": config.cell.label(), "status": record["status"], "c_index": c, "seconds": record["seconds"],
             "error": (record["error"] or "").splitlines()[0] if record["error"] else None,
             "notes": record.get("notes") or []}
+
+
+def _data_notes(cohort, config: RunConfig, predictions: list[dict]) -> dict[str, Any]:
+    """Record fields about the fold's data: ``notes`` (a validation fold without events has no C-index) and
+    ``missing_features`` (what this fold lost to slides without feature files, with ``--missing-features drop``)."""
+    out: dict[str, Any] = {}
+    if predictions and not any(p["event"] for p in predictions):
+        out["notes"] = [NO_EVENTS_NOTE]
+    dropped = (getattr(cohort, "provenance", None) or {}).get("missing_features")
+    if dropped:
+        fold_row = next((r for r in dropped["folds"] if r["fold"] == config.fold), None)
+        out["missing_features"] = {"slides_dropped": dropped["slides_dropped"], "fold": fold_row}
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -197,17 +172,15 @@ def run_cell(
 # -------------------------------------------------------------------------------------------------------
 def _worker_init(plugins: tuple[str, ...]) -> None:
     torch.set_num_threads(1)
-    from benchmark.training.registry import load_builtin_methods, load_plugins
-
     load_builtin_methods()
     load_plugins(plugins)
 
 
-def _worker_run(cell: Cell, spec: RunSpec, root: str, progress_queue) -> dict:
+def _worker_run(config: RunConfig, execution: Execution, root: str, progress_queue) -> dict:
     def on_epoch(epoch: int, epochs: int, info: dict) -> None:
-        progress_queue.put((cell.label(), epoch, epochs))
+        progress_queue.put((config.cell.label(), epoch, epochs))
 
-    return run_cell(cell, spec, ResultStore(root), on_epoch=on_epoch)
+    return run_cell(config, ResultStore(root), execution, on_epoch=on_epoch)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -216,29 +189,167 @@ def _worker_run(cell: Cell, spec: RunSpec, root: str, progress_queue) -> dict:
 @dataclass
 class GridReport:
     ran: list[dict]
-    skipped: list[Cell]
+    skipped: list[RunConfig]
     seconds: float
 
 
-def _finished_record(store: ResultStore, cell: Cell) -> dict | None:
-    """The ``ok`` record of ``cell`` (read once), or None when absent, failed, or its record or weights are
-    unreadable (then the cell is redone)."""
-    return store.finished(cell)
+@dataclass
+class GridPlan:
+    """Which cells of a grid run, and why the finished ones that run again do."""
+
+    todo: list[RunConfig] = field(default_factory=list)
+    skipped: list[RunConfig] = field(default_factory=list)
+    rerun_reasons: dict[str, str] = field(default_factory=dict)
 
 
-def _is_stale(record: dict, cell: Cell, spec: RunSpec) -> bool:
-    """Whether the finished ``record`` of ``cell`` was made under another configuration than ``spec``'s."""
+def _finished_record(store: ResultStore, cell: Cell) -> tuple[dict | None, str | None]:
+    """The ``ok`` record of ``cell`` and None, or None and why the cell must run (absent, failed, unreadable)."""
+    try:
+        record = store.read(cell)
+    except ValueError as exc:
+        return None, f"unreadable record ({exc})"
+    if record is None:
+        return None, None
+    if record.get("status") != "ok":
+        return None, None
+    problem = store.weights_problem(record)
+    if problem:  # a finished record whose weights cannot be loaded is redone, not kept
+        return None, problem
+    return record, None
+
+
+def stale_reason(record: dict, config: RunConfig) -> str | None:
+    """Why the finished ``record`` does not hold ``config``'s result (None when it does).
+
+    A configuration that cannot be evaluated (e.g. an unknown backbone) is a reason too: the cell reruns and
+    its error record says what is wrong, rather than a finished cell being kept on a guess.
+    """
     try:  # the input dim is the data's, not part of the run's settings
-        expected = config_hash(cell_config(cell, spec, (record.get("config") or {}).get("in_dim")))
-    except Exception:  # an unknown backbone fails later, inside the cell, with a clear error record
-        return False
-    return record.get("config_hash") != expected
+        expected = expected_config(config, (record.get("config") or {}).get("in_dim"))
+    except Exception as exc:  # noqa: BLE001 (any failure here means the record cannot be trusted)
+        return f"its configuration could not be checked ({type(exc).__name__}: {exc})"
+    if record.get("config_hash") != hashed_config(expected):
+        return "finished under another configuration or data version"
+    return None
+
+
+def _coordinates(record_or_cell) -> tuple:
+    get = record_or_cell.get if isinstance(record_or_cell, dict) else lambda k: getattr(record_or_cell, k)
+    return tuple(str(get(k)) for k in ("method", "cohort", "backbone", "fold", "seed", "selection"))
+
+
+class _RefiledRecords:
+    """Finished records filed under another folder name than their configuration has today (stores written
+    before folder names depended only on the options that reach the method); read once, on first need."""
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store, self._by_coordinates = store, None
+
+    def find(self, config: RunConfig) -> dict | None:
+        if self._by_coordinates is None:
+            self._by_coordinates = {}
+            for record in self.store.load_all()[0]:
+                if record.get("status") == "ok":
+                    self._by_coordinates.setdefault(_coordinates(record), []).append(record)
+        expected = None
+        for record in self._by_coordinates.get(_coordinates(config.cell), []):
+            if record["recipe"] == config.store_key():
+                continue
+            expected = expected or hashed_config(expected_config(config, (record.get("config") or {}).get("in_dim")))
+            if record.get("config_hash") == expected:
+                return self.store.move(record, config.cell, label=config.label(),
+                                       config={**record["config"], "overrides": dict(config.overrides),
+                                               "signal": config.signal})
+        return None
+
+
+def plan_grid(configs: list[RunConfig], store: ResultStore, overwrite: bool = False) -> GridPlan:
+    """Split ``configs`` into cells to run and finished cells to skip (every record is read once)."""
+    plan, refiled = GridPlan(), _RefiledRecords(store)
+    for config in configs:
+        record, why = (None, None) if overwrite else _finished_record(store, config.cell)
+        if record is None and why is None and not overwrite:
+            record = refiled.find(config)
+        if record is not None:
+            why = stale_reason(record, config)
+            if why is None:
+                plan.skipped.append(config)
+                continue
+        plan.todo.append(config)
+        if why:
+            plan.rerun_reasons[config.cell.label()] = why
+    return plan
+
+
+def _print_plan(console, plan: GridPlan) -> None:
+    if plan.skipped:
+        console.print(f"[dim]{len(plan.skipped)} finished cell(s) skipped (use --overwrite to redo them)[/dim]")
+    reasons: dict[str, list[str]] = {}
+    for label, why in plan.rerun_reasons.items():
+        reasons.setdefault(why, []).append(label)
+    for why, labels in reasons.items():
+        console.print(f"[yellow]{len(labels)} finished cell(s) rerun: {why} (first: {labels[0]})[/yellow]")
+
+
+def _progress(console, show: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=False, disable=not show)
+
+
+def _run_serial(todo: list[RunConfig], store: ResultStore, execution: Execution, progress: Progress, grid_task,
+                console, loader: CohortLoader | None) -> list[dict]:
+    ran = []
+    for config in todo:
+        epoch_task = progress.add_task(f"  {config.cell.label()}", total=config.resolved_recipe().epochs)
+
+        def on_epoch(epoch: int, epochs: int, info: dict, _task=epoch_task) -> None:
+            progress.update(_task, completed=epoch, total=epochs)
+
+        summary = run_cell(config, store, execution, on_epoch=on_epoch, loader=loader)
+        progress.remove_task(epoch_task)
+        ran.append(summary)
+        _report(console, summary)
+        progress.advance(grid_task)
+    return ran
+
+
+def _run_pool(todo: list[RunConfig], store: ResultStore, execution: Execution, jobs: int, progress: Progress,
+              grid_task, console) -> list[dict]:
+    ran: list[dict] = []
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        progress_queue = manager.Queue()
+        epoch_tasks: dict[str, Any] = {}
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                                 initargs=(execution.plugins,)) as pool:
+            futures = {pool.submit(_worker_run, c, execution, str(store.root), progress_queue): c for c in todo}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                _drain(progress_queue, progress, epoch_tasks)
+                for future in done:
+                    summary = _pool_summary(future, futures[future])
+                    task = epoch_tasks.pop(summary["cell"], None)
+                    if task is not None:
+                        progress.remove_task(task)
+                    ran.append(summary)
+                    _report(console, summary)
+                    progress.advance(grid_task)
+    return ran
+
+
+def _pool_summary(future, config: RunConfig) -> dict:
+    try:
+        return future.result()
+    except Exception as exc:  # a worker died (e.g. killed for memory)
+        return {"cell": config.cell.label(), "status": "error", "c_index": None, "seconds": None,
+                "error": f"worker failed: {type(exc).__name__}: {exc}"}
 
 
 def run_grid(
-    cells: list[Cell],
-    spec: RunSpec,
+    configs: list[RunConfig],
     store: ResultStore,
+    execution: Execution = Execution(),
     jobs: int = 1,
     overwrite: bool = False,
     console=None,
@@ -246,72 +357,19 @@ def run_grid(
     show_progress: bool = True,
 ) -> GridReport:
     """Run every unfinished cell (all of them with ``overwrite``); ``jobs > 1`` uses worker processes."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     console = console or Console()
-    todo, skipped, stale = [], [], 0
-    for c in cells:
-        record = None if overwrite else _finished_record(store, c)
-        if record is None:
-            todo.append(c)
-        elif _is_stale(record, c, spec):
-            todo.append(c)  # finished under another configuration or data version: redo, never mix
-            stale += 1
-        else:
-            skipped.append(c)
-    if skipped:
-        console.print(f"[dim]{len(skipped)} finished cell(s) skipped (use --overwrite to redo them)[/dim]")
-    if stale:
-        console.print(f"[yellow]{stale} cell(s) finished under another configuration or data version: rerunning[/yellow]")
+    plan = plan_grid(configs, store, overwrite)
+    _print_plan(console, plan)
+    if loader is not None and jobs > 1 and len(plan.todo) > 1:
+        raise ValueError("a custom cohort loader only works with jobs=1")
     started = time.perf_counter()
-    ran: list[dict] = []
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False, disable=not show_progress,
-    )
-    with progress:
-        grid_task = progress.add_task("cells", total=len(todo))
-        if jobs <= 1 or len(todo) <= 1:
-            for cell in todo:
-                epoch_task = progress.add_task(f"  {cell.label()}", total=spec.recipe.epochs)
-
-                def on_epoch(epoch: int, epochs: int, info: dict, _task=epoch_task) -> None:
-                    progress.update(_task, completed=epoch, total=epochs)
-
-                summary = run_cell(cell, spec, store, on_epoch=on_epoch, loader=loader)
-                progress.remove_task(epoch_task)
-                ran.append(summary)
-                _report(console, summary)
-                progress.advance(grid_task)
+    with _progress(console, show_progress) as progress:
+        grid_task = progress.add_task("cells", total=len(plan.todo))
+        if jobs <= 1 or len(plan.todo) <= 1:
+            ran = _run_serial(plan.todo, store, execution, progress, grid_task, console, loader)
         else:
-            if loader is not None:
-                raise ValueError("a custom cohort loader only works with jobs=1")
-            context = multiprocessing.get_context("spawn")
-            with context.Manager() as manager:
-                progress_queue = manager.Queue()
-                epoch_tasks: dict[str, Any] = {}
-                with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
-                                         initargs=(spec.plugins,)) as pool:
-                    futures = {pool.submit(_worker_run, c, spec, str(store.root), progress_queue): c for c in todo}
-                    pending = set(futures)
-                    while pending:
-                        done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                        _drain(progress_queue, progress, epoch_tasks)
-                        for future in done:
-                            cell = futures[future]
-                            try:
-                                summary = future.result()
-                            except Exception as exc:  # a worker died (e.g. killed for memory)
-                                summary = {"cell": cell.label(), "status": "error", "c_index": None, "seconds": None,
-                                           "error": f"worker failed: {type(exc).__name__}: {exc}"}
-                            task = epoch_tasks.pop(cell.label(), None)
-                            if task is not None:
-                                progress.remove_task(task)
-                            ran.append(summary)
-                            _report(console, summary)
-                            progress.advance(grid_task)
-    return GridReport(ran=ran, skipped=skipped, seconds=time.perf_counter() - started)
+            ran = _run_pool(plan.todo, store, execution, jobs, progress, grid_task, console)
+    return GridReport(ran=ran, skipped=plan.skipped, seconds=time.perf_counter() - started)
 
 
 def _drain(progress_queue, progress, epoch_tasks: dict) -> None:
@@ -328,24 +386,22 @@ def _drain(progress_queue, progress, epoch_tasks: dict) -> None:
 def _report(console, summary: dict) -> None:
     if summary["status"] == "ok":
         c = summary["c_index"]
-        c_text = "; ".join(summary.get("notes") or []) or "nan" if c is None else f"{c:.3f}"
+        c_text = ("; ".join(summary.get("notes") or []) or "nan") if c is None else f"{c:.3f}"
         console.print(f"  [green]ok[/green]    {summary['cell']}  C-index {c_text}  ({summary['seconds']:.1f} s)")
     else:
         console.print(f"  [red]error[/red] {summary['cell']}  {summary['error']}")
 
 
-def summary_table(store: ResultStore, cells: list[Cell]):
-    """A rich table: one row per (method, cohort, backbone) of ``cells``, mean ± population std of the C-index."""
-    from rich.table import Table
-
+def summary_table(store: ResultStore, configs: list[RunConfig]):
+    """A rich table: one row per (method, cohort, backbone) of the grid, mean ± population std of the C-index."""
     groups: dict[tuple, list[Cell]] = {}
-    for c in cells:
+    for c in (config.cell for config in configs):
         groups.setdefault((c.method, c.cohort, c.backbone), []).append(c)
     table = Table(title="C-index over folds (mean ± population std)")
     for col in ("method", "cohort", "backbone", "folds ok", "C-index", "errors", "s / cell"):
         table.add_column(col, justify="right" if col in ("folds ok", "C-index", "errors", "s / cell") else "left")
     for (m, co, b), group in groups.items():
-        records = [store.read(c) for c in group]
+        records = [_readable(store, c) for c in group]
         ok = [r for r in records if r and r.get("status") == "ok"]
         errors = [r for r in records if r and r.get("status") == "error"]
         mean, std = aggregate([(r.get("metrics") or {}).get("c_index") for r in ok])
@@ -356,6 +412,38 @@ def summary_table(store: ResultStore, cells: list[Cell]):
     return table
 
 
-def default_results_dir(data_root: str | None) -> Path:
-    """``results/synthetic`` for the embedded synthetic cohorts, ``results/real`` otherwise."""
-    return Path("results") / ("synthetic" if data_root is None else "real")
+def load_trained_model(store: ResultStore, record: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild a record's method (its stored in-dim, bins and options) with the cell's saved weights, in eval mode.
+
+    Raises FileNotFoundError when the cell's weights were not saved (``--no-weights``) or are missing.
+    """
+    where = record.get("_path", "record")
+    if record.get("status") != "ok":
+        raise ValueError(f"{where}: status {record.get('status')!r}, no model to load")
+    config = record.get("config") or {}
+    path = store.weights_path(Cell.of(record))
+    if not record.get("weights"):
+        raise FileNotFoundError(f"{where}: no weights were saved for this cell")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: weights file missing")
+    model = create_method(record["method"], in_dim=int(config["in_dim"]), n_bins=int(config["n_bins"]),
+                          **(config.get("method_options") or {}))
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 (corrupt, pickled or mismatched weights: one clear message)
+        raise ValueError(f"{path}: unreadable weights ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    return model.eval()
+
+
+def _readable(store: ResultStore, cell: Cell) -> dict | None:
+    try:
+        return store.read(cell)
+    except ValueError:
+        return None
+
+
+def default_results_dir(data_root: str | None, clinical: str | None = None) -> Path:
+    """``results/synthetic`` for the embedded synthetic cohorts, ``results/real`` for a data root or a clinical
+    table given apart."""
+    return Path("results") / ("synthetic" if data_root is None and clinical is None else "real")

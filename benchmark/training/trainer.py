@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmark.data.bag import Needs
+from benchmark.training.config import RunConfig
 from benchmark.training.losses import cox_partial_likelihood, survival_loss
 from benchmark.training.metrics import c_index, evaluate
-from benchmark.training.recipes import SELECTIONS, Recipe
+from benchmark.training.recipes import Recipe
 from benchmark.training.registry import count_parameters, create_method, get_method_spec
 
 #: ``on_epoch(epoch, epochs, info)`` progress callback (1-based epoch).
@@ -124,12 +126,12 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cohort, sample_ids: Sequence[str], device: torch.device) -> Predictions:
-    """Risk (and discrete survival) of each sample, in eval mode."""
+def predict(model: nn.Module, cohort, sample_ids: Sequence[str], device: torch.device, needs: Needs) -> Predictions:
+    """Risk (and discrete survival) of each sample, in eval mode; ``needs`` says what each bag must hold."""
     model.eval()
     risks, survs = [], []
     for sid in sample_ids:
-        out = model(cohort.bag(sid, model.needs).to(device))
+        out = model(cohort.bag(sid, needs).to(device))
         risks.append(float(out.risk.reshape(-1)[0]))
         if out.survival is not None:
             survs.append(out.survival.reshape(-1).float().cpu().numpy())
@@ -150,6 +152,8 @@ class CellResult:
     predictions: list[dict]
     n_parameters: int
     extra: dict = field(default_factory=dict)
+    #: metric name -> why it is undefined on this fold (the metric itself is NaN)
+    metric_errors: dict = field(default_factory=dict)
 
 
 def _fold(cohort, fold_index: int):
@@ -159,195 +163,230 @@ def _fold(cohort, fold_index: int):
         raise ValueError(f"fold {fold_index} does not exist: the cohort has {len(cohort.folds)} folds") from None
 
 
-def train_fold(
-    cohort,
-    fold_index: int,
-    method: str,
-    recipe: Recipe,
-    selection: str = "last",
-    seed: int = 0,
-    device: str | torch.device = "auto",
-    method_options: dict[str, Any] | None = None,
-    bin_rule: str = "train",
-    n_bins: int = 4,
-    on_epoch: EpochCallback | None = None,
-) -> CellResult:
-    """Train ``method`` on one fold of ``cohort`` and evaluate it on that fold's validation (reported) split.
+@dataclass
+class FoldData:
+    """The labels and sample lists of one fold, as the trainer uses them."""
+
+    train_ids: list[str]
+    val_ids: list[str]
+    fit_ids: list[str]  # what the model is fitted on (the training fold less the inner split)
+    inner_ids: list[str]  # inner validation split (selection ``inner``), else empty
+    edges: np.ndarray
+    bins: Any  # Series: bin of every sample
+    censorship: Any
+    time_of: Any
+    event_of: Any
+
+    def classes(self, ids: Sequence[str]) -> list[tuple[int, int]]:
+        """(bin, censorship) of each sample: the strata of the sampler and of the inner split."""
+        return [(int(self.bins[s]), int(self.censorship[s])) for s in ids]
+
+
+def patient_inner_split(samples, train_ids: list[str], strata: list, fraction: float, seed: int):
+    """:func:`inner_split` by patient: a patient's samples (slides, with ``unit=slide``) never straddle the
+    inner-fit and inner-validation parts. With one sample per patient it is :func:`inner_split` itself."""
+    if "patient_id" not in samples.columns:
+        return inner_split(train_ids, strata, fraction, seed)
+    patient_of = samples["patient_id"].astype(str)
+    patients = list(dict.fromkeys(patient_of[s] for s in train_ids))
+    if len(patients) == len(train_ids):
+        return inner_split(train_ids, strata, fraction, seed)
+    first = {}
+    for sid, stratum in zip(train_ids, strata):
+        first.setdefault(patient_of[sid], stratum)
+    _, held = inner_split(patients, [first[p] for p in patients], fraction, seed)
+    held = set(held)
+    return [s for s in train_ids if patient_of[s] not in held], [s for s in train_ids if patient_of[s] in held]
+
+
+def fold_data(cohort, config: RunConfig, recipe: Recipe) -> FoldData:
+    """Split, bins (fitted as ``config.bin_rule`` says) and the inner split of one fold."""
+    fold = _fold(cohort, config.fold)
+    train_ids, val_ids = list(fold.train), list(fold.val)
+    if not train_ids or not val_ids:
+        raise ValueError(f"fold {config.fold}: empty train ({len(train_ids)}) or val ({len(val_ids)}) split")
+    edges, bins = cohort.bins(fold, rule=config.bin_rule, n_bins=config.n_bins)
+    samples = cohort.samples
+    data = FoldData(train_ids, val_ids, train_ids, [], edges, bins, samples["censorship"].astype(int),
+                    samples["time"].astype(float), samples["event"].astype(int))
+    if config.selection == "inner":
+        data.fit_ids, data.inner_ids = patient_inner_split(samples, train_ids, data.classes(train_ids),
+                                                           recipe.inner_fraction, config.seed)
+        if not data.inner_ids:
+            raise ValueError(f"fold {config.fold}: the training fold is too small for an inner validation split")
+    return data
+
+
+@dataclass
+class Optimisation:
+    """Optimiser, schedule and sampling plan of one training run."""
+
+    optimizer: torch.optim.Optimizer | None
+    scheduler: Any
+    n_draws: int
+    min_last_window: int
+    windows_per_epoch: int
+    weights: np.ndarray | None
+    steps: int = 0
+
+
+def optimisation(model: nn.Module, recipe: Recipe, data: FoldData, is_cox: bool, method: str) -> Optimisation:
+    """Adam with coupled weight decay, warm-up + schedule stepped per optimiser step, the sampling plan."""
+    weights = balanced_weights(data.classes(data.fit_ids)) if recipe.balanced_sampler else None
+    n_fit = len(data.fit_ids)
+    n_draws = n_fit if recipe.max_samples_per_epoch is None else min(n_fit, recipe.max_samples_per_epoch)
+    if is_cox and (recipe.accumulation < 2 or n_draws < 2):
+        raise ValueError(f"method {method!r} uses a Cox loss, which needs accumulation windows of >= 2 bags")
+    min_last = 2 if is_cox else 1
+    windows_per_epoch = len(plan_windows(n_draws, recipe.accumulation, min_last=min_last))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        return Optimisation(None, None, n_draws, min_last, windows_per_epoch, weights)
+    optimizer = torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    total_steps = recipe.epochs * windows_per_epoch
+    warmup_steps = int(round(recipe.warmup_epochs * windows_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, recipe.schedule))
+    return Optimisation(optimizer, scheduler, n_draws, min_last, windows_per_epoch, weights)
+
+
+def train_epoch(model: nn.Module, cohort, needs, data: FoldData, opt: Optimisation, recipe: Recipe,
+                generator: torch.Generator, device: torch.device, is_cox: bool) -> list[float]:
+    """One epoch of batch-1 training with gradient accumulation; returns the loss of each window."""
+    losses: list[float] = []
+    model.train()
+    order = draw_epoch(len(data.fit_ids), opt.n_draws, generator, opt.weights)
+    for start, stop in plan_windows(opt.n_draws, recipe.accumulation, min_last=opt.min_last_window):
+        opt.optimizer.zero_grad(set_to_none=True)
+        window = [data.fit_ids[i] for i in order[start:stop]]
+        if is_cox:
+            loss = _cox_window_loss(model, cohort, needs, window, data.time_of, data.event_of, device)
+            if loss is not None:
+                loss.backward()
+                losses.append(float(loss.detach()))
+        else:
+            losses.append(_nll_window(model, cohort, needs, window, data, recipe.alpha, device))
+        opt.optimizer.step()
+        opt.scheduler.step()
+        opt.steps += 1
+    return losses
+
+
+def _nll_window(model: nn.Module, cohort, needs, window: list[str], data: FoldData, alpha: float, device) -> float:
+    """Back-propagate the mean NLL of one window, one bag at a time (graphs freed after each bag)."""
+    total = 0.0
+    for sid in window:
+        out = model(cohort.bag(sid, needs).to(device))
+        loss = survival_loss(out, int(data.bins[sid]), float(data.censorship[sid]), alpha) / len(window)
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def monitored_c_index(model: nn.Module, cohort, needs, ids: list[str], data: FoldData, device) -> float:
+    """C-index on ``ids`` (the selection split); NaN when it has no comparable pair."""
+    p = predict(model, cohort, ids, device, needs)
+    try:
+        return c_index(data.time_of[ids].to_numpy(), data.event_of[ids].to_numpy(), p.risk)
+    except ValueError:
+        return float("nan")  # a split without events cannot select; the last epoch is kept
+
+
+def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto",
+               on_epoch: EpochCallback | None = None) -> CellResult:
+    """Train ``config.method`` on fold ``config.fold`` of ``cohort`` and evaluate it on that fold's validation
+    (reported) split.
 
     Parameters
     ----------
     cohort : CohortData
         See the data contract in ``docs/ARCHITECTURE.md`` (``samples``, ``folds``, ``in_dim``, ``bag``, ``bins``).
-    fold_index : int
-        Which fold; its ``val`` list is the reported split.
-    method : str
-        Registered method name.
-    recipe : Recipe
-        Optimisation settings.
-    selection : str
-        ``last`` (last epoch), ``inner`` (best epoch on an inner split of the training fold, never looking at
-        the reported split) or ``paper-max`` (best epoch on the reported split, as the CrossFusion code; optimistic).
-    seed : int
-        Seeds model initialisation, dropout, the sampler and the inner split.
+    config : RunConfig
+        Method and its options, recipe, selection rule (``last``; ``inner``: best epoch on an inner split of the
+        training fold, by patient, never looking at the reported split; ``paper-max``: best epoch on the
+        reported split, as the CrossFusion code, optimistic), seed (model initialisation, dropout, sampler and
+        inner split), bin rule and bin count.
     device : str
         ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
-    method_options : dict
-        Keyword options of the method's constructor.
-    bin_rule : str
-        Passed to ``cohort.bins`` (``train``: edges from the training fold; ``cohort``: from the whole cohort).
-    n_bins : int
-        Number of discrete-time bins.
     on_epoch : callable, optional
-        Progress callback ``on_epoch(epoch, epochs, info)``.
+        Progress callback ``on_epoch(epoch, epochs, info)``; ``info`` holds the epoch's monitored C-index.
     """
-    if selection not in SELECTIONS:
-        raise ValueError(f"unknown selection {selection!r}; expected one of {', '.join(SELECTIONS)}")
-    spec = get_method_spec(method)
-    dev = resolve_device(device)
-    fold = _fold(cohort, fold_index)
-    train_ids, val_ids = list(fold.train), list(fold.val)
-    if not train_ids or not val_ids:
-        raise ValueError(f"fold {fold_index}: empty train ({len(train_ids)}) or val ({len(val_ids)}) split")
-    edges, bins = cohort.bins(fold, rule=bin_rule, n_bins=n_bins)
-    samples = cohort.samples
-    censorship = samples["censorship"].astype(int)
-    classes = [(int(bins[s]), int(censorship[s])) for s in train_ids]
-
-    fit_ids, inner_ids = train_ids, []
-    if selection == "inner":
-        fit_ids, inner_ids = inner_split(train_ids, classes, recipe.inner_fraction, seed)
-        if not inner_ids:
-            raise ValueError(f"fold {fold_index}: the training fold is too small for an inner validation split")
-    fit_classes = [(int(bins[s]), int(censorship[s])) for s in fit_ids]
-
-    seed_everything(seed)
-    model = create_method(method, in_dim=cohort.in_dim, n_bins=n_bins, **(method_options or {})).to(dev)
-    n_parameters = count_parameters(model)
-    generator = torch.Generator().manual_seed(seed)
-    weights = balanced_weights(fit_classes) if recipe.balanced_sampler else None
-    n_draws = len(fit_ids) if recipe.max_samples_per_epoch is None else min(len(fit_ids), recipe.max_samples_per_epoch)
+    recipe, spec, dev = config.resolved_recipe(), get_method_spec(config.method), resolve_device(device)
+    data = fold_data(cohort, config, recipe)
+    seed_everything(config.seed)
+    model = create_method(config.method, in_dim=cohort.in_dim, n_bins=config.n_bins, **config.options).to(dev)
+    generator = torch.Generator().manual_seed(config.seed)
     is_cox = spec.loss == "cox"
-    if is_cox and (recipe.accumulation < 2 or n_draws < 2):
-        raise ValueError(f"method {method!r} uses a Cox loss, which needs accumulation windows of >= 2 bags")
-    windows_per_epoch = len(plan_windows(n_draws, recipe.accumulation, min_last=2 if is_cox else 1))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay) if trainable else None
-    total_steps = recipe.epochs * windows_per_epoch
-    warmup_steps = int(round(recipe.warmup_epochs * windows_per_epoch))
-    scheduler = (
-        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, recipe.schedule))
-        if optimizer is not None
-        else None
-    )
-    time_of = samples["time"].astype(float)
-    event_of = samples["event"].astype(int)
-
+    opt = optimisation(model, recipe, data, is_cox, config.method)
+    monitor_ids = {"inner": data.inner_ids, "paper-max": data.val_ids}.get(config.selection)
     history: list[dict] = []
-    optimizer_steps = 0
     best_score, best_epoch, best_state = -math.inf, recipe.epochs, None
     for epoch in range(1, recipe.epochs + 1):
         started = _time.perf_counter()
-        losses: list[float] = []
-        if optimizer is not None:
-            model.train()
-            order = draw_epoch(len(fit_ids), n_draws, generator, weights)
-            for start, stop in plan_windows(n_draws, recipe.accumulation, min_last=2 if is_cox else 1):
-                optimizer.zero_grad(set_to_none=True)
-                window = [fit_ids[i] for i in order[start:stop]]
-                if is_cox:
-                    loss = _cox_window_loss(model, cohort, window, time_of, event_of, dev)
-                    if loss is not None:
-                        loss.backward()
-                        losses.append(float(loss.detach()))
-                else:
-                    total = 0.0
-                    for sid in window:
-                        out = model(cohort.bag(sid, model.needs).to(dev))
-                        loss = survival_loss(out, int(bins[sid]), float(censorship[sid]), recipe.alpha) / len(window)
-                        loss.backward()
-                        total += float(loss.detach())
-                    losses.append(total)
-                optimizer.step()
-                scheduler.step()
-                optimizer_steps += 1
-        info: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)) if losses else None,
-            "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else None,
-        }
-        monitor_ids = inner_ids if selection == "inner" else val_ids if selection == "paper-max" else None
+        losses = [] if opt.optimizer is None else train_epoch(
+            model, cohort, spec.needs, data, opt, recipe, generator, dev, is_cox)
+        info: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                                "lr": opt.optimizer.param_groups[0]["lr"] if opt.optimizer is not None else None}
         if monitor_ids is not None:
-            p = predict(model, cohort, monitor_ids, dev)
-            try:
-                score = c_index(time_of[monitor_ids].to_numpy(), event_of[monitor_ids].to_numpy(), p.risk)
-            except ValueError:
-                score = float("nan")  # an inner split without events cannot select; the last epoch is kept
-            info["inner_c_index" if selection == "inner" else "val_c_index"] = score
+            score = monitored_c_index(model, cohort, spec.needs, monitor_ids, data, dev)
+            info["inner_c_index" if config.selection == "inner" else "val_c_index"] = score
             if math.isfinite(score) and score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = copy.deepcopy(model.state_dict())
+                best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
         info["seconds"] = _time.perf_counter() - started
         history.append(info)
         if on_epoch is not None:
             on_epoch(epoch, recipe.epochs, info)
-        if (
-            selection == "inner"
-            and recipe.patience is not None
-            and math.isfinite(best_score)
-            and epoch - best_epoch >= recipe.patience
-        ):
+        if _patience_exhausted(config.selection, recipe.patience, best_score, epoch - best_epoch):
             break
-
     selected_epoch = history[-1]["epoch"]
     if best_state is not None:
         model.load_state_dict(best_state)
         selected_epoch = best_epoch
+    return _evaluate_fold(model, cohort, spec.needs, data, dev, selected_epoch, history, opt)
 
-    val = predict(model, cohort, val_ids, dev)
-    train_pred = predict(model, cohort, train_ids, dev)
+
+def _patience_exhausted(selection: str, patience: int | None, best_score: float, epochs_since_best: int) -> bool:
+    return (selection == "inner" and patience is not None and math.isfinite(best_score)
+            and epochs_since_best >= patience)
+
+
+def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, device, selected_epoch: int,
+                   history: list[dict], opt: Optimisation) -> CellResult:
+    """Evaluate the selected model on the reported split once; everything the store records."""
+    val = predict(model, cohort, data.val_ids, device, needs)
+    train_pred = predict(model, cohort, data.train_ids, device, needs)
     metrics = evaluate(
-        time_of[val_ids].to_numpy(),
-        event_of[val_ids].to_numpy(),
-        val.risk,
-        time_of[train_ids].to_numpy(),
-        event_of[train_ids].to_numpy(),
-        survival=val.survival,
-        bin_edges=edges,
+        data.time_of[data.val_ids].to_numpy(), data.event_of[data.val_ids].to_numpy(), val.risk,
+        data.time_of[data.train_ids].to_numpy(), data.event_of[data.train_ids].to_numpy(),
+        survival=val.survival, bin_edges=data.edges,
     )
+    samples = cohort.samples
     patient_of = samples["patient_id"] if "patient_id" in samples.columns else None
     predictions = [
-        {
-            "sample_id": sid,
-            "patient_id": str(patient_of[sid]) if patient_of is not None else sid,
-            "time": float(time_of[sid]),
-            "event": int(event_of[sid]),
-            "risk": float(r),
-        }
-        for sid, r in zip(val_ids, val.risk)
+        {"sample_id": sid, "patient_id": str(patient_of[sid]) if patient_of is not None else sid,
+         "time": float(data.time_of[sid]), "event": int(data.event_of[sid]), "risk": float(r)}
+        for sid, r in zip(data.val_ids, val.risk)
     ]
     return CellResult(
-        model=model.cpu(),
-        metrics=metrics,
-        selected_epoch=int(selected_epoch),
-        history=history,
-        bin_edges=[float(e) for e in np.asarray(edges)],
-        train_risk_median=float(np.median(train_pred.risk)),
-        predictions=predictions,
-        n_parameters=n_parameters,
-        extra={"n_train": len(train_ids), "n_fit": len(fit_ids), "n_inner": len(inner_ids), "n_val": len(val_ids),
-               "draws_per_epoch": n_draws, "steps_per_epoch": windows_per_epoch, "optimizer_steps": optimizer_steps,
-               "device": str(dev)},
+        model=model.cpu(), metrics=metrics, selected_epoch=int(selected_epoch), history=history,
+        bin_edges=[float(e) for e in np.asarray(data.edges)], train_risk_median=float(np.median(train_pred.risk)),
+        predictions=predictions, n_parameters=count_parameters(model),
+        extra={"n_train": len(data.train_ids), "n_fit": len(data.fit_ids), "n_inner": len(data.inner_ids),
+               "n_val": len(data.val_ids), "draws_per_epoch": opt.n_draws,
+               "steps_per_epoch": opt.windows_per_epoch,
+               "optimizer_steps": opt.steps, "device": str(device)},
     )
 
 
-def _cox_window_loss(model: nn.Module, cohort, window: list[str], time_of, event_of, device) -> torch.Tensor | None:
+def _cox_window_loss(model: nn.Module, cohort, needs, window: list[str], time_of, event_of,
+                     device) -> torch.Tensor | None:
     """Cox partial likelihood over one accumulation window (graphs kept until its backward), plus aux losses.
 
     A window without an event contributes no Cox loss; it returns None when there is nothing to back-propagate.
     """
     risks, aux = [], []
     for sid in window:
-        out = model(cohort.bag(sid, model.needs).to(device))
+        out = model(cohort.bag(sid, needs).to(device))
         risks.append(out.risk.reshape(()))
         if out.aux_loss is not None:
             aux.append(out.aux_loss.reshape(()))

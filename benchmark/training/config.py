@@ -1,0 +1,464 @@
+"""One run configuration, from the command line (or an experiment file) through the runner into every record
+and back.
+
+:class:`RunConfig` is everything that determines one cell's result: the cell's coordinates (method, cohort,
+backbone, fold, seed) and its settings (recipe and overrides, the method's options, selection rule, unit, bin
+rule, data source). It is frozen and serialisable: the runner and trainer consume it, each record stores it once
+(``record["config"]``), :meth:`RunConfig.from_record` rebuilds it and :meth:`RunConfig.to_cli` prints the exact
+``run`` command that recreates the cell (same ``config_hash``).
+
+:class:`Experiment` is a grid of them (methods x cohorts x backbones x folds x seeds under shared settings) plus
+how to execute it (results folder, jobs, device, weights); it loads from an experiment file (TOML) and the
+command line overrides the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from benchmark.naming import did_you_mean
+from benchmark.store.records import Cell, config_hash
+from benchmark.training.recipes import SELECTIONS, Recipe, get_recipe, parse_option_value
+
+UNITS = ("patient", "slide")
+BIN_RULES = ("train", "cohort", "cohort-slides")
+DEFAULT_N_BINS = 4
+#: Record keys of ``config`` that describe how the settings were spelled, not what they resolve to: they are
+#: left out of ``config_hash``, so the same resolved configuration always has the same hash.
+UNHASHED_KEYS = ("overrides", "signal", "registry")
+SYNTHETIC_SIGNALS = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
+#: ``--layout`` values (``benchmark.data.features.LAYOUTS`` and ``auto``) and ``--missing-features`` values
+#: (``benchmark.data.loader.MISSING_FEATURES``), spelled out so the CLI needs no data modules (tested equal).
+LAYOUT_CHOICES = ("auto", "default", "trident", "clam", "crossfusion")
+MISSING_FEATURES = ("error", "drop")
+DATA_SOURCE_DEFAULTS = {"layout": "auto", "missing_features": "error"}
+FEATURE_KEYS = ("any", "20x", "10x", "5x")
+
+
+def feature_items(spec: Any) -> tuple[tuple[str, str], ...]:
+    """``--features`` in any spelling -> sorted ``((magnification or "any", absolute folder), ...)``.
+
+    Accepts ``"DIR"``, ``["20x=DIR", "10x=DIR"]``, ``{"20x": DIR}`` (experiment files, records) or pairs.
+    """
+    if not spec:
+        return ()
+    if isinstance(spec, (str, os.PathLike)):
+        spec = [spec]
+    if isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        pairs = [tuple(x) if isinstance(x, (list, tuple)) else _feature_pair(str(x)) for x in spec]
+    out: dict[str, str] = {}
+    for key, folder in pairs:
+        key = "any" if key in (None, "", "any") else str(key).strip().lower()
+        key = key if key.endswith("x") or key == "any" else f"{key}x"
+        if key not in FEATURE_KEYS:
+            raise ValueError(f"--features {key}=...: magnification must be one of 20x, 10x, 5x")
+        if key in out:
+            raise ValueError(f"--features: {key} is given twice")
+        out[key] = os.path.abspath(str(folder))
+    if "any" in out and len(out) > 1:
+        raise ValueError("--features: give either one folder or one folder per magnification (20x=DIR 10x=DIR ...)")
+    return tuple(sorted(out.items()))
+
+
+def _feature_pair(text: str) -> tuple[str | None, str]:
+    key, sep, folder = text.partition("=")
+    if sep and key.strip().lower().rstrip("x").isdigit():
+        return key.strip(), folder
+    return None, text
+
+
+def _data_source_cli(config: "RunConfig") -> list[str]:
+    """The ``run`` options of a configuration's data source (nothing for the defaults)."""
+    args: list[str] = []
+    for name in ("clinical", "splits"):
+        if getattr(config, name) is not None:
+            args += [f"--{name}", getattr(config, name)]
+    if config.features:
+        args += ["--features"] + [v if k == "any" else f"{k}={v}" for k, v in config.features]
+    for name, default in DATA_SOURCE_DEFAULTS.items():
+        if getattr(config, name) != default:
+            args.append(f"--{name.replace('_', '-')}={getattr(config, name)}")
+    return args + [f"--registry={path}" for path in config.registry]
+
+
+def _frozen_items(mapping: Mapping[str, Any] | tuple | None) -> tuple[tuple[str, Any], ...]:
+    """A mapping as a sorted tuple of (key, value) pairs (hashable, order-independent)."""
+    items = dict(mapping or ())
+    return tuple(sorted((str(k), v) for k, v in items.items()))
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value) if not math.isfinite(value) else f"{value:g}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{option}: {value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one cell's result.
+
+    Attributes
+    ----------
+    method, cohort, backbone : str
+        Registered names (lower case).
+    fold, seed : int
+        Outer fold index and training seed.
+    recipe : str
+        Named recipe (``benchmark.training.recipes``).
+    overrides : tuple of (field, value)
+        Recipe fields changed from the named recipe (``--set``), parsed to the field's type; fields equal to the
+        recipe's own value are dropped, so two spellings of one recipe are one configuration.
+    method_options : tuple of (name, value)
+        Constructor options of this method only (``--method-option``).
+    selection : {"last", "inner", "paper-max"}
+    unit : {"patient", "slide"}
+    bin_rule : {"train", "cohort"}
+    n_bins : int
+    data_root : str or None
+        Real data root; None = the embedded synthetic cohorts with ``signal``.
+    signal : str
+        Planted signal of the embedded synthetic cohorts (``mixed`` is the default data).
+    clinical, splits : str or None
+        The data source's clinical table (csv or MCAT's ``.csv.zip``) and split folder, when given apart from a
+        data root (``--clinical``, ``--splits``); absolute paths.
+    features : tuple of (magnification, folder)
+        Feature folders (``--features DIR`` -> ``(("any", DIR),)``, ``--features 20x=A 10x=B`` ->
+        ``(("10x", B), ("20x", A))``); absolute paths.
+    layout : {"auto", "default", "trident", "clam", "crossfusion"}
+    missing_features : {"error", "drop"}
+        Slides of the table without a feature file stop the run, or are left out (reported per fold).
+    registry : tuple of str
+        Registry files (cohorts, backbones) the cell's names come from (``--registry``,
+        ``$MIL_BENCHMARK_REGISTRY``); read again when the cell is rebuilt from its record.
+    """
+
+    method: str
+    cohort: str
+    backbone: str = "resnet50"
+    fold: int = 0
+    seed: int = 0
+    recipe: str = "demo"
+    overrides: tuple[tuple[str, Any], ...] = ()
+    method_options: tuple[tuple[str, Any], ...] = ()
+    selection: str = "last"
+    unit: str = "patient"
+    bin_rule: str = "train"
+    n_bins: int = DEFAULT_N_BINS
+    data_root: str | None = None
+    signal: str = "mixed"
+    clinical: str | None = None
+    splits: str | None = None
+    features: tuple[tuple[str, str], ...] = ()
+    layout: str = "auto"
+    missing_features: str = "error"
+    registry: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        for name in ("method", "cohort", "backbone", "recipe"):
+            setattr_(name, str(getattr(self, name)).lower())
+        setattr_("fold", int(self.fold))
+        setattr_("seed", int(self.seed))
+        setattr_("n_bins", int(self.n_bins))
+        _check_choice(self.selection, SELECTIONS, "--selection")
+        _check_choice(self.unit, UNITS, "--unit")
+        _check_choice(self.bin_rule, BIN_RULES, "--bin-rule")
+        _check_choice(self.signal, SYNTHETIC_SIGNALS, "--signal")
+        if self.n_bins < 2:
+            raise ValueError(f"--n-bins: needs at least 2 bins, got {self.n_bins}")
+        options = {k: parse_option_value(v) if isinstance(v, str) else v for k, v in dict(self.method_options).items()}
+        setattr_("method_options", _frozen_items(options))
+        setattr_("overrides", _frozen_items(self._effective_overrides(dict(self.overrides))))
+        if self.data_root is not None:
+            setattr_("data_root", str(self.data_root))
+        self._normalise_data_source(setattr_)
+
+    def _normalise_data_source(self, setattr_) -> None:
+        """Absolute paths, features as sorted (magnification, folder) pairs, checked choices."""
+        for name in ("clinical", "splits"):
+            if getattr(self, name) is not None:
+                setattr_(name, os.path.abspath(str(getattr(self, name))))
+        setattr_("features", feature_items(self.features))
+        setattr_("registry", tuple(os.path.abspath(str(p)) for p in self.registry))
+        _check_choice(self.layout, LAYOUT_CHOICES, "--layout")
+        _check_choice(self.missing_features, MISSING_FEATURES, "--missing-features")
+
+    def data_source(self) -> dict[str, Any]:
+        """The data-source settings that differ from the defaults (what a record stores and the loader takes)."""
+        given = {"clinical": self.clinical, "splits": self.splits, "features": dict(self.features) or None,
+                 "layout": self.layout, "missing_features": self.missing_features}
+        return {k: v for k, v in given.items() if v is not None and v != DATA_SOURCE_DEFAULTS.get(k)}
+
+    def loader_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of ``load_cohort`` for the data source (see :meth:`data_source`)."""
+        source = self.data_source()
+        if "features" in source:
+            source["features"] = {(None if k == "any" else k): v for k, v in source["features"].items()}
+        return source
+
+    def _effective_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Overrides parsed to their recipe field types, without those equal to the named recipe's value."""
+        if not overrides:
+            return {}
+        base, changed = get_recipe(self.recipe), get_recipe(self.recipe, overrides)
+        return {k: getattr(changed, k) for k in overrides if getattr(changed, k) != getattr(base, k)}
+
+    # ---- what the runner and trainer use ------------------------------------------------------------------
+    def resolved_recipe(self) -> Recipe:
+        """The named recipe with the overrides applied."""
+        return get_recipe(self.recipe, dict(self.overrides))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The method's constructor options as a dict."""
+        return dict(self.method_options)
+
+    def variant(self) -> dict[str, Any]:
+        """What differs from the named recipe's defaults for this method (empty for a default cell)."""
+        out: dict[str, Any] = dict(self.overrides)
+        out.update(self.method_options)
+        defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS}
+        out.update({k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v})
+        return out
+
+    def label(self) -> str:
+        """Readable configuration label for tables, e.g. ``demo`` or ``demo, lr=0.001, dropout=0.1``."""
+        parts = [self.recipe] + [f"{k}={_format_value(v)}" for k, v in self.variant().items()]
+        return ", ".join(parts)
+
+    def store_key(self) -> str:
+        """The configuration's folder name in the store: the recipe name, plus a short hash of :meth:`variant`
+        when anything differs from the defaults (so variants never overwrite each other's cells)."""
+        variant = self.variant()
+        return self.recipe if not variant else f"{self.recipe}+{config_hash(variant)[:6]}"
+
+    @property
+    def cell(self) -> Cell:
+        """The cell's coordinates in the result store."""
+        return Cell(self.method, self.cohort, self.backbone, self.fold, self.seed, self.store_key(), self.selection)
+
+    def with_(self, **changes: Any) -> "RunConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- records ------------------------------------------------------------------------------------------
+    def record_config(self, in_dim: int, data_root: str | None, synthetic: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The ``config`` stored in a record: the resolved settings, how they were spelled, and the data facts.
+
+        ``data_root`` is the folder the cohort was read from (a control signal's generated folder too);
+        ``synthetic`` holds ``version`` and ``backbone`` parameters of the embedded generator (None for real data).
+        """
+        config: dict[str, Any] = {
+            "recipe": self.resolved_recipe().to_dict(),
+            "overrides": dict(self.overrides),
+            "method_options": self.options,
+            "unit": self.unit,
+            "bin_rule": self.bin_rule,
+            "n_bins": self.n_bins,
+            "in_dim": int(in_dim),
+            "data_root": data_root,
+            "signal": self.signal,
+            "synthetic_version": None if synthetic is None else synthetic["version"],
+        }
+        if synthetic is not None:
+            config["synthetic_backbone"] = dict(synthetic["backbone"])
+        config.update(self.data_source())  # only what differs from the defaults: older hashes stay valid
+        if self.registry:
+            config["registry"] = list(self.registry)
+        return config
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "RunConfig":
+        """Rebuild the configuration of a stored record (any record schema)."""
+        config = record.get("config") or {}
+        if "recipe" not in config:
+            raise ValueError(f"{record.get('_path', 'record')}: no stored configuration to rebuild the run from")
+        recipe = dict(config["recipe"])
+        name = str(recipe.pop("name"))
+        overrides = config.get("overrides")
+        if overrides is None:  # records written before overrides were stored: the difference to the named recipe
+            base = get_recipe(name).to_dict()
+            overrides = {k: v for k, v in recipe.items() if base.get(k) != v}
+        signal = config.get("signal") or "mixed"
+        data_root = None if signal != "mixed" else config.get("data_root")
+        return cls(
+            method=record["method"], cohort=record["cohort"], backbone=record["backbone"], fold=int(record["fold"]),
+            seed=int(record["seed"]), recipe=name, overrides=overrides, method_options=config.get("method_options") or {},
+            selection=record["selection"], unit=config.get("unit") or record.get("unit") or "patient",
+            bin_rule=config.get("bin_rule") or "train", n_bins=config.get("n_bins") or DEFAULT_N_BINS,
+            data_root=data_root, signal=signal, clinical=config.get("clinical"), splits=config.get("splits"),
+            features=config.get("features") or (), layout=config.get("layout") or "auto",
+            missing_features=config.get("missing_features") or "error", registry=config.get("registry") or (),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (``RunConfig(**d)`` rebuilds it)."""
+        out = dataclasses.asdict(self)
+        out["overrides"], out["method_options"] = dict(self.overrides), dict(self.method_options)
+        out["features"], out["registry"] = dict(self.features), list(self.registry)
+        return out
+
+    def to_cli(self, results: str | Path | None = None) -> str:
+        """The ``python -m benchmark run`` command that recreates exactly this cell."""
+        args = ["python", "-m", "benchmark", "run", "--methods", self.method, "--dataset", self.cohort,
+                "--backbone", self.backbone, "--folds", str(self.fold), "--seed", str(self.seed),
+                "--recipe", self.recipe, "--selection", self.selection]
+        args += [f"--set={k}={_format_value(v)}" for k, v in self.overrides]
+        args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in self.method_options]
+        defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed"}
+        args += [f"--{k.replace('_', '-')}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
+        if self.data_root is not None:
+            args += ["--data-root", self.data_root]
+        args += _data_source_cli(self)
+        if results is not None:
+            args += ["--results", str(results)]
+        return shlex.join(args)
+
+
+def hashed_config(config: Mapping[str, Any]) -> str:
+    """``config_hash`` of a record's ``config``: the resolved settings only (see ``UNHASHED_KEYS``)."""
+    return config_hash({k: v for k, v in config.items() if k not in UNHASHED_KEYS})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the grid
+# ---------------------------------------------------------------------------------------------------------
+#: Experiment-file keys and the type each must have.
+EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "methods": (str, list), "datasets": (str, list), "backbones": (str, list), "folds": (str, list, int),
+    "seeds": (list, int), "recipe": str, "set": dict, "method_options": dict, "selection": str, "unit": str,
+    "bin_rule": str, "n_bins": int, "data_root": str, "signal": str, "results": str, "jobs": int,
+    "device": str, "save_weights": bool, "plugins": list,
+    "clinical": str, "splits": str, "features": (str, list, dict), "layout": str, "missing_features": str,
+    "registry": (str, list),
+}
+#: Experiment-file settings that are paths: relative ones are taken from the experiment file's folder.
+EXPERIMENT_PATHS = ("clinical", "splits", "features", "registry")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A grid of :class:`RunConfig` under shared settings, and how to execute it.
+
+    ``method_options`` maps a method name (or ``"*"`` for every method) to its options; each cell receives only
+    its own method's options. ``folds`` None means every fold of the cohort.
+    """
+
+    methods: tuple[str, ...]
+    cohorts: tuple[str, ...]
+    backbones: tuple[str, ...] = ("resnet50",)
+    folds: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] = (0,)
+    recipe: str = "demo"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    selection: str = "last"
+    unit: str = "patient"
+    bin_rule: str = "train"
+    n_bins: int = DEFAULT_N_BINS
+    data_root: str | None = None
+    signal: str = "mixed"
+    # execution (not part of any cell's result)
+    results: str | None = None
+    jobs: int = 1
+    device: str = "auto"
+    save_weights: bool = True
+    plugins: tuple[str, ...] = ()
+    # the data source (part of every cell's configuration)
+    clinical: str | None = None
+    splits: str | None = None
+    features: tuple[tuple[str, str], ...] = ()
+    layout: str = "auto"
+    missing_features: str = "error"
+    registry: tuple[str, ...] = ()
+
+    def data_source(self) -> dict[str, Any]:
+        """The data-source fields every cell of the grid gets."""
+        return {"clinical": self.clinical, "splits": self.splits, "features": self.features, "layout": self.layout,
+                "missing_features": self.missing_features, "registry": self.registry}
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        """The options that reach ``method``: the ``"*"`` ones, then its own (which win)."""
+        return {**dict(self.method_options.get("*", {})), **dict(self.method_options.get(method, {}))}
+
+    def configs(self, n_folds: int) -> list[RunConfig]:
+        """Every cell, ordered cohort -> backbone -> method -> seed -> fold (consecutive cells share a cohort)."""
+        folds = self.folds if self.folds is not None else tuple(range(n_folds))
+        bad = [k for k in folds if k >= n_folds]
+        if bad:
+            raise ValueError(f"--folds: the cohorts have only {n_folds} folds (0-{n_folds - 1}); got {bad}")
+        return [
+            RunConfig(m, c, b, k, s, self.recipe, dict(self.overrides), self.options_for(m), self.selection,
+                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal, **self.data_source())
+            for c in self.cohorts for b in self.backbones for m in self.methods for s in self.seeds for k in folds
+        ]
+
+    def check(self) -> None:
+        """Validate the shared settings once, before any cell (a bad value is one clear error)."""
+        RunConfig(self.methods[0] if self.methods else "x", self.cohorts[0] if self.cohorts else "x",
+                  recipe=self.recipe, overrides=dict(self.overrides), selection=self.selection, unit=self.unit,
+                  bin_rule=self.bin_rule, n_bins=self.n_bins, signal=self.signal, **self.data_source())
+        unknown = [m for m in self.method_options if m != "*" and m not in self.methods]
+        if unknown:
+            raise ValueError(f"--method-option: method(s) {unknown} are not among the selected methods "
+                             f"{list(self.methods)}")
+        if self.jobs < 1:
+            raise ValueError("--jobs must be >= 1")
+
+
+def read_experiment_file(path: str | Path) -> dict[str, Any]:
+    """An experiment file (TOML) as a dict of settings, checked against ``EXPERIMENT_KEYS``.
+
+    Example::
+
+        methods = ["amil", "dsmil"]
+        datasets = "blca,ucec"
+        folds = "0-4"
+        recipe = "demo"
+        [set]
+        lr = 3e-4
+        [method_options.amil]
+        dropout = 0.1
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read the experiment file ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
+    for key, value in data.items():
+        if key not in EXPERIMENT_KEYS:
+            raise ValueError(f"--config {path}: {did_you_mean(key, list(EXPERIMENT_KEYS), 'setting')}")
+        if not isinstance(value, EXPERIMENT_KEYS[key]):
+            raise ValueError(f"--config {path}: {key} has the wrong type ({type(value).__name__})")
+    for key in EXPERIMENT_PATHS:
+        if key in data:
+            data[key] = _from_folder(path.parent, data[key])
+    return data
+
+
+def _from_folder(base: Path, value: Any) -> Any:
+    """Paths of an experiment file, relative ones taken from the file's folder (``20x=DIR`` items too)."""
+    if isinstance(value, dict):
+        return {k: str(base / str(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_folder(base, v) for v in value]
+    key, folder = _feature_pair(str(value))
+    joined = str(base / folder)
+    return joined if key is None else f"{key}={joined}"

@@ -1,0 +1,118 @@
+"""The run configuration: one object from the command line (or an experiment file) through the runner into
+every record and back (``from_record``, ``to_cli``), with readable labels."""
+import argparse
+import shlex
+
+import pytest
+import torch
+
+from benchmark.commands import run as run_command
+from benchmark.store.records import ResultStore
+from benchmark.training.config import Experiment, RunConfig, hashed_config
+from benchmark.training.recipes import Recipe, register_recipe
+from benchmark.training.runner import Execution, expected_config, run_cell
+from test_train import ToyCohort
+
+torch.set_num_threads(1)
+register_recipe(Recipe("cfgtest", lr=1e-3, epochs=1, accumulation=4, warmup_epochs=0, max_samples_per_epoch=8))
+
+
+def toy_loader(name, data_root=None, backbone="resnet50", unit="patient"):
+    return ToyCohort(n=30, seed=1)
+
+
+def parse_run(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    run_command.register(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+def configs_of(argv: list[str]) -> list[RunConfig]:
+    return run_command.build_experiment(parse_run(argv)).configs(5)
+
+
+VARIANT = RunConfig("amil", "blca", "resnet50", fold=3, seed=2, recipe="cfgtest",
+                    overrides={"lr": "3e-4", "epochs": "2"}, method_options={"dropout": 0.1},
+                    selection="inner", unit="slide", bin_rule="cohort", n_bins=5)
+
+
+def test_config_round_trips_through_a_record(tmp_path):
+    store = ResultStore(tmp_path)
+    config = VARIANT.with_(unit="patient", selection="last", fold=1)  # the toy cohort: 2 folds, 1 sample per patient
+    assert run_cell(config, store, Execution(device="cpu", save_weights=False), loader=toy_loader)["status"] == "ok"
+    record = store.read(config.cell)
+    assert RunConfig.from_record(record) == config
+    assert record["config_hash"] == hashed_config(record["config"]) == hashed_config(expected_config(config, record["config"]["in_dim"]))
+    assert record["label"] == "cfgtest, epochs=2, lr=0.0003, dropout=0.1, bin_rule=cohort, n_bins=5"
+    assert "unit" not in record and record["config"]["unit"] == "patient"
+    assert RunConfig(**config.to_dict()) == config
+
+
+def test_to_cli_reruns_the_same_cell():
+    command = shlex.split(VARIANT.to_cli(results="out"))
+    assert command[:4] == ["python", "-m", "benchmark", "run"]
+    args = parse_run(command[3:])
+    assert args.results == "out"
+    (again,) = configs_of(command[3:])
+    assert again == VARIANT and again.cell == VARIANT.cell
+    assert hashed_config(expected_config(again, 8)) == hashed_config(expected_config(VARIANT, 8))
+    real = VARIANT.with_(data_root="/data/tcga", signal="mixed")
+    assert configs_of(shlex.split(real.to_cli())[3:]) == [real]
+    control = VARIANT.with_(signal="fine")
+    assert configs_of(shlex.split(control.to_cli())[3:]) == [control]
+
+
+def test_label_and_folder_depend_only_on_what_reaches_the_method():
+    both = {c.method: c for c in configs_of(["run", "--methods", "amil,dsmil", "--folds", "0",
+                                              "--method-option", "amil.dropout=0.1"])}
+    assert both["dsmil"].label() == "demo" and both["dsmil"].cell.recipe == "demo"
+    assert both["amil"].label() == "demo, dropout=0.1" and both["amil"].cell.recipe.startswith("demo+")
+    (spelled,) = configs_of(["run", "--methods", "amil", "--folds", "0", "--method-option", "dropout=0.1"])
+    assert spelled == both["amil"]
+    # a recipe field set to its own default value is no variant; two spellings of a number are one
+    (same,) = configs_of(["run", "--folds", "0", "--set", "lr=2e-4"])
+    assert same.label() == "demo" and same.cell.recipe == "demo"
+    a = RunConfig("amil", "blca", overrides={"lr": "1e-3"})
+    assert a == RunConfig("amil", "blca", overrides={"lr": "0.001"}) and a.label() == "demo, lr=0.001"
+
+
+def test_repeated_options_accumulate():
+    (config,) = configs_of(["run", "--folds", "0", "--set", "epochs=1", "--set", "lr=1e-3",
+                            "--method-option", "dropout=0.1", "--method-option", "gate=false"])
+    assert dict(config.overrides) == {"epochs": 1, "lr": 1e-3}
+    assert config.options == {"dropout": 0.1, "gate": False}
+
+
+def test_experiment_file_and_command_line_override(tmp_path):
+    path = tmp_path / "experiment.toml"
+    path.write_text('methods = ["amil", "dsmil"]\ndatasets = "blca,ucec"\nfolds = "0-1"\nseeds = [0, 1]\n'
+                    'selection = "inner"\n[set]\nlr = 3e-4\n[method_options.amil]\ndropout = 0.1\n')
+    configs = configs_of(["run", "--config", str(path)])
+    assert len(configs) == 2 * 2 * 2 * 2
+    assert {c.selection for c in configs} == {"inner"} and {dict(c.overrides)["lr"] for c in configs} == {3e-4}
+    assert {c.method: c.options for c in configs} == {"amil": {"dropout": 0.1}, "dsmil": {}}
+    overridden = configs_of(["run", "--config", str(path), "--selection", "last", "--dataset", "blca",
+                             "--set", "lr=1e-3"])
+    assert {(c.selection, c.cohort, dict(c.overrides)["lr"]) for c in overridden} == {("last", "blca", 1e-3)}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("methdos = ['amil']", "Did you mean 'methods'"),
+    ("folds = 3.5", "folds has the wrong type"),
+    ("methods = [", "not valid TOML"),
+])
+def test_bad_experiment_file_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        configs_of(["run", "--config", str(path)])
+    assert str(path) in str(info.value)
+
+
+def test_bad_settings_fail_before_any_cell():
+    with pytest.raises(ValueError, match="--method-option"):
+        configs_of(["run", "--methods", "amil", "--method-option", "dsmil.dropout=0.1"])
+    with pytest.raises(ValueError, match="--n-bins"):
+        configs_of(["run", "--n-bins", "1"])
+    with pytest.raises(ValueError, match="--folds"):
+        Experiment(("amil",), ("blca",), folds=(7,)).configs(5)
