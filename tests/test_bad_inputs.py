@@ -217,6 +217,41 @@ def test_run_options_are_refused_in_one_line(confined, capsys, argv, message):
     confined.check()
 
 
+DATA_SOURCE_CASES = [
+    ("clinical missing", ["--clinical", "{tmp}/none.csv.zip"], r"--clinical .*none\.csv\.zip: clinical table does not exist"),
+    ("splits missing", ["--clinical", "{table}", "--splits", "{tmp}/nosplits"], r"--splits .*nosplits: does not exist"),
+    ("features missing", ["--clinical", "{table}", "--features", "{tmp}/nofeatures"],
+     r"--features .*nofeatures: does not exist"),
+    ("features magnification", ["--clinical", "{table}", "--features", "40x={tmp}"],
+     r"--features 40x=\.\.\.: magnification must be one of 20x, 10x, 5x"),
+    ("features twice", ["--clinical", "{table}", "--features", "20x={tmp}", "20x={tmp}"], r"--features: 20x is given twice"),
+    ("no features anywhere", ["--clinical", "{table}", "--splits", "{splits}"],
+     r"no resnet50 features at 20x for any of the 10 slides in any known layout"),
+    ("data root missing", ["--data-root", "{tmp}/noroot"], r"--data-root .*noroot: does not exist"),
+]
+
+
+@pytest.mark.parametrize("argv,message", [c[1:] for c in DATA_SOURCE_CASES], ids=[c[0] for c in DATA_SOURCE_CASES])
+def test_run_data_source_errors_are_one_line(confined, capsys, tmp_path, argv, message):
+    table = _table(tmp_path / "data")
+    splits = _splits(tmp_path / "data" / "splits", [([f"P{i}" for i in range(5)], [f"P{i}" for i in range(5, 10)])])
+    filled = [a.format(tmp=tmp_path, table=table, splits=splits) for a in argv]
+    code, err = run_cli(capsys, "run", "--results", tmp_path / "r", *filled)
+    assert code == 2
+    assert_one_line_error(err, message)
+    assert not list((tmp_path / "r").rglob("*.json"))  # no cell ran
+    confined.check()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layout", "clamm"], r"argument --layout: invalid choice: 'clamm'"),
+    (["--missing-features", "skip"], r"argument --missing-features: invalid choice: 'skip'"),
+], ids=["layout", "missing-features"])
+def test_data_source_choices_fail_at_parse_time(confined, capsys, argv, message):
+    code, err = run_cli(capsys, "run", *argv)
+    assert code == 2 and pytest.importorskip("re").search(message, err)
+
+
 def test_results_that_is_a_file_or_under_a_file(confined, capsys, tmp_path):
     plain = tmp_path / "results.txt"
     plain.write_text("not a folder")
@@ -715,3 +750,29 @@ def test_cli_module_runs_as_a_subprocess(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: --plugin no_such_plugin_module: cannot import it")
+
+
+def test_validation_fold_without_events_is_recorded_and_footnoted(confined, cohort_root):
+    from benchmark.analysis.tables import table1
+    from benchmark.data.splits import write_splits
+    from benchmark.store.records import ResultStore
+    from benchmark.training.config import RunConfig
+    from benchmark.training.recipes import register_recipe
+    from benchmark.training.runner import Execution, run_cell
+
+    patients = load_cohort("blca", data_root=cohort_root).samples
+    censored = patients.index[patients["event"] == 0][:6].tolist()
+    shutil.rmtree(cohort_root / "blca" / "splits")
+    write_splits(cohort_root / "blca" / "splits", [([p for p in patients.index if p not in censored], censored)])
+    register_recipe(Recipe("bad-inputs-tiny", lr=1e-3, epochs=1, accumulation=4, warmup_epochs=0,
+                           max_samples_per_epoch=8))
+    store = ResultStore(cohort_root / "store")
+    config = RunConfig("amil", "blca", recipe="bad-inputs-tiny", data_root=str(cohort_root))
+    summary = run_cell(config, store, Execution(device="cpu"))
+    record = store.read(config.cell)
+    assert summary["status"] == "ok" and record["notes"] == ["no events: C-index undefined"]
+    assert record["metrics"]["c_index"] is None
+    notes = table1(store.records()).notes
+    assert "amil / blca: fold(s) 0 have no events in validation (no events: C-index undefined); the mean leaves " \
+           "them out." in notes
+    confined.check(cohort_root)

@@ -28,6 +28,8 @@ class AuditReport:
     folds: pd.DataFrame
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: per fold after leaving out slides without features (``audit --features ... --missing-features drop``)
+    feature_folds: pd.DataFrame | None = None
 
     @property
     def ok(self) -> bool:
@@ -110,6 +112,37 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> Au
     return report
 
 
+def audit_features(report: AuditReport, dataset: str, clinical, splits, *, features, backbone: str = "resnet50",
+                   layout: str = "auto", missing_features: str = "error") -> AuditReport:
+    """Add the feature files to ``report``: how the layout was found, the slides without a file (a problem with
+    ``missing_features="error"``), and with ``"drop"`` each fold's sizes and events once they are left out."""
+    from benchmark.data.loader import load_cohort
+
+    cohort = load_cohort(dataset, clinical=clinical, splits=splits, features=features, backbone=backbone,
+                         layout=layout, missing_features="drop")
+    report.facts["features"] = cohort.provenance["layout_detection"]
+    dropped = cohort.provenance["missing_features"]
+    if not dropped:
+        report.facts["slides without features"] = 0
+        return report
+    report.facts["slides without features"] = dropped["slides_dropped"]
+    if missing_features == "error":
+        report.problems.append(f"{dropped['slides_dropped']} slide(s) have no {backbone} feature file, e.g. "
+                               f"{dropped['examples'][:3]}; pass --missing-features drop to leave them out")
+        return report
+    report.warnings.append(f"{dropped['slides_dropped']} slide(s) without a feature file are left out "
+                           f"({dropped['samples_dropped']} sample(s))")
+    events = cohort.samples["event"]
+    rows = []
+    for fold, row in zip(cohort.folds, dropped["folds"]):
+        val_events = int(events.loc[fold.val].sum()) if fold.val else 0
+        rows.append({**row, "val events": val_events})
+        report.problems += [f"after dropping slides without features, {p}"
+                            for p in _fold_size_problems(fold.k, set(fold.train), set(fold.val), val_events)]
+    report.feature_folds = pd.DataFrame(rows)
+    return report
+
+
 def print_report(report: AuditReport) -> None:
     """Print the report card with rich."""
     from rich.console import Console
@@ -129,9 +162,17 @@ def print_report(report: AuditReport) -> None:
     for r in report.folds.astype(object).itertuples(index=False):
         folds.add_row(*["" if v is None else str(v) for v in r])
     console.print(folds)
+    if report.feature_folds is not None:
+        kept = Table(title="folds without the slides that have no feature file")
+        for c in report.feature_folds.columns:
+            kept.add_column(str(c), justify="right")
+        for r in report.feature_folds.itertuples(index=False):
+            kept.add_row(*[str(v) for v in r])
+        console.print(kept)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     for p in report.problems:
         console.print(f"[red]FAIL:[/red] {p}")
-    console.print("[green]OK[/green]: no leakage, every split ID is in the table" if report.ok
+    console.print("[green]OK[/green]: no leakage, every split ID is in the table, every validation split has events"
+                  if report.ok
                   else f"[red]{len(report.problems)} problem(s)[/red]")
