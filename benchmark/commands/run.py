@@ -14,7 +14,8 @@ REAL_DEFAULT_RECIPE = "paper"
 BIN_RULE_CHOICES = ("train", "cohort", "cohort-slides")
 #: Defaults of the settings an experiment file may also give (the command line wins over the file).
 DEFAULTS: dict[str, Any] = {
-    "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "recipe": None,
+    "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "repeats": 1,
+    "repeat": None, "recipe": None,
     "selection": "last", "unit": "patient", "bin_rule": "train", "n_bins": 4, "data_root": None, "signal": "mixed",
     "results": None, "jobs": 1, "device": "auto", "save_weights": True, "plugins": [],
     "clinical": None, "splits": None, "features": None, "layout": "auto", "missing_features": "error",
@@ -52,6 +53,10 @@ def register(subparsers) -> None:
                         "in tables)")
     p.add_argument("--folds", default=None, help="e.g. 0-4, 0,2 or all (default all)")
     p.add_argument("--seed", dest="seeds", default=None, help="training seed(s), e.g. 0 or 0-2 (default 0)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="repeated cross-validation: R split sets (repeat 0 = the cohort's split files, 1..R-1 "
+                        "stratified patient-level folds drawn with seed r; default 1)")
+    p.add_argument("--repeat", default=None, help="only these repeats, e.g. 2 or 1-3 (instead of --repeats)")
     p.add_argument("--results", default=None, help="result store root (default results/synthetic or results/real)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells")
     p.add_argument("--jobs", type=int, default=None, help="worker processes, each with one torch thread (default 1)")
@@ -125,16 +130,24 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return merged
 
 
+def _repeats(s: dict[str, Any]) -> tuple[int, ...]:
+    from benchmark.training.runner import parse_folds
+
+    if s["repeat"] is not None:
+        return tuple(parse_folds(_as_text_list(s["repeat"])))
+    if int(s["repeats"]) < 1:
+        raise ValueError(f"--repeats: needs at least 1 repeat, got {s['repeats']}")
+    return tuple(range(int(s["repeats"])))
+
+
 def build_experiment(args: argparse.Namespace):
     """The :class:`~benchmark.training.config.Experiment` of a ``run`` command line (and its experiment file)."""
     from benchmark.data.backbones import resolve_backbones
-    from benchmark.data.cohorts import resolve_cohorts
+    from benchmark.data.cohorts import add_registry_file, resolve_cohorts, user_registry_files
     from benchmark.training.config import Experiment, feature_items
     from benchmark.training.recipes import parse_assignments
     from benchmark.training.registry import load_plugins, resolve_methods
     from benchmark.training.runner import parse_folds
-
-    from benchmark.data.cohorts import add_registry_file, user_registry_files
 
     s = settings(args)
     for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
@@ -150,7 +163,7 @@ def build_experiment(args: argparse.Namespace):
     experiment = Experiment(
         methods=tuple(methods), cohorts=tuple(resolve_cohorts(_as_text_list(s["datasets"]))),
         backbones=tuple(resolve_backbones(_as_text_list(s["backbones"]))), folds=folds,
-        seeds=tuple(parse_folds(_as_text_list(s["seeds"]))), recipe=recipe,
+        seeds=tuple(parse_folds(_as_text_list(s["seeds"]))), repeats=_repeats(s), recipe=recipe,
         overrides={**s["overrides"], **parse_assignments(args.overrides)}, method_options=options,
         selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
         data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
@@ -179,13 +192,13 @@ def _cohorts(experiment) -> list:
     from benchmark.training.runner import get_cohort_data
 
     return [get_cohort_data(RunConfig(experiment.methods[0], c, b, unit=experiment.unit, data_root=experiment.data_root,
-                                      signal=experiment.signal, **experiment.data_source()))
-            for c in experiment.cohorts for b in experiment.backbones]
+                                      signal=experiment.signal, repeat=r, **experiment.data_source()))
+            for c in experiment.cohorts for b in experiment.backbones for r in experiment.repeats]
 
 
 def print_data_notes(console, cohort) -> None:
     """What the data layer decided about a cohort: the feature layout, split IDs missing from the table, and
-    (``--missing-features drop``) what each fold lost."""
+    (``--missing-features drop``) what each fold of the split files lost."""
     source = cohort.provenance
     name = f"{cohort.name}/{cohort.backbone.name}"
     console.print(f"{name}: {len(cohort.samples)} samples, features: {source.get('layout_detection')}")
@@ -221,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
     store = ResultStore(results)
     store.prepare("--results" if experiment.results else "results folder")  # writable; stale .tmp files removed
     cohorts = _cohorts(experiment)
-    for cohort in cohorts:
+    for cohort in cohorts[::len(experiment.repeats)]:  # once per cohort x backbone (repeats share the data)
         print_data_notes(console, cohort)
     configs = experiment.configs(min(len(c.folds) for c in cohorts))
     recipe_notes: list[str] = []
@@ -240,9 +253,11 @@ def main(args: argparse.Namespace) -> int:
         source += f" with a '{experiment.signal}' signal"
     console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
                   f"{source}, results -> {results}")
+    n_folds = len(configs) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
+                                * len(experiment.seeds) * len(experiment.repeats))
     console.print(f"{len(experiment.methods)} method(s) x {len(experiment.cohorts)} cohort(s) x "
-                  f"{len(experiment.backbones)} backbone(s) x {len(configs) // max(1, len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones))} "
-                  f"fold-seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
+                  f"{len(experiment.backbones)} backbone(s) x {len(experiment.repeats)} repeat(s) x {n_folds} fold(s) x "
+                  f"{len(experiment.seeds)} seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
     execution = Execution(device=experiment.device, save_weights=experiment.save_weights, plugins=experiment.plugins)
     report = run_grid(configs, store, execution, jobs=experiment.jobs, overwrite=args.overwrite,
                       console=console)

@@ -43,23 +43,29 @@ class Cell:
     seed: int = 0
     recipe: str = "paper"
     selection: str = "last"
+    repeat: int = 0
+
+    @property
+    def run_name(self) -> str:
+        """``<recipe>-<selection>-s<seed>``, with ``-r<repeat>`` for repeats of repeated cross-validation."""
+        return f"{self.recipe}-{self.selection}-s{self.seed}" + (f"-r{self.repeat}" if self.repeat else "")
 
     @property
     def run_dir(self) -> Path:
         """Path of the cell's folder relative to the store root."""
-        return Path("cells", self.method, self.cohort, self.backbone, f"{self.recipe}-{self.selection}-s{self.seed}")
+        return Path("cells", self.method, self.cohort, self.backbone, self.run_name)
 
     @property
     def stem(self) -> str:
         return f"fold{self.fold}"
 
     def label(self) -> str:
-        return f"{self.method}/{self.cohort}/{self.backbone}/{self.recipe}-{self.selection}-s{self.seed}/fold{self.fold}"
+        return f"{self.method}/{self.cohort}/{self.backbone}/{self.run_name}/fold{self.fold}"
 
     @classmethod
     def of(cls, record: dict) -> "Cell":
         return cls(record["method"], record["cohort"], record["backbone"], int(record["fold"]), int(record["seed"]),
-                   record["recipe"], record["selection"])
+                   record["recipe"], record["selection"], int(record.get("repeat") or 0))
 
 
 def config_hash(config: dict) -> str:
@@ -351,7 +357,7 @@ class ResultStore:
             if ok:
                 out.append(record)
         out.sort(key=lambda r: (r["method"], r["cohort"], r["backbone"], r["recipe"], r["selection"], int(r["seed"]),
-                                int(r["fold"])))
+                                int(r.get("repeat") or 0), int(r["fold"])))
         return out
 
 

@@ -374,7 +374,8 @@ def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, device, sele
         extra={"n_train": len(data.train_ids), "n_fit": len(data.fit_ids), "n_inner": len(data.inner_ids),
                "n_val": len(data.val_ids), "draws_per_epoch": opt.n_draws,
                "steps_per_epoch": opt.windows_per_epoch,
-               "optimizer_steps": opt.steps, "device": str(device)},
+               "optimizer_steps": opt.steps, "device": str(device),
+               **({"tissue_types": sorted(model.tissue_types_used)} if getattr(model, "tissue_types_used", None) else {})},
     )
 
 
