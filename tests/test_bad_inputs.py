@@ -776,3 +776,14 @@ def test_validation_fold_without_events_is_recorded_and_footnoted(confined, coho
     assert "amil / blca: fold(s) 0 have no events in validation (no events: C-index undefined); the mean leaves " \
            "them out." in notes
     confined.check(cohort_root)
+
+
+def test_store_refuses_a_cell_folder_outside_its_root(confined, tmp_path):
+    from benchmark.store.records import ResultStore
+
+    record = {"method": "amil", "cohort": "blca", "backbone": "resnet50", "fold": 0, "seed": 0,
+              "recipe": "../../../../../escaped", "selection": "last", "status": "ok"}
+    with pytest.raises(ValueError, match="resolves outside"):
+        ResultStore(tmp_path / "store").write(record)
+    assert not list(tmp_path.rglob("fold0.json"))
+    confined.check()

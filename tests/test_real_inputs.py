@@ -236,3 +236,16 @@ def test_audit_with_features_reports_the_folds_after_dropping(real_tables, real_
     cli.main(argv + ["--missing-features", "drop"])
     out = " ".join(capsys.readouterr().out.split())
     assert "folds without the slides that have no feature file" in out and "slides without features" in out
+
+
+def test_registry_files_travel_with_the_configuration(tmp_path):
+    registry = tmp_path / "mine.toml"
+    registry.write_text('[backbones.virchow2]\ndim = 2560\n')
+    config = RunConfig("amil", "blca", "resnet50", registry=(str(registry),), missing_features="drop",
+                       features=[f"20x={tmp_path}"])
+    command = config.to_cli(tmp_path / "r")
+    args = cli.build_parser().parse_args(shlex.split(command)[3:])
+    assert args.command_registry == [str(registry)] and args.missing_features == "drop"
+    assert args.features == [f"20x={tmp_path}"]
+    record_config = config.record_config(1024, None, None)
+    assert record_config["registry"] == [str(registry)] and record_config["features"] == {"20x": str(tmp_path)}

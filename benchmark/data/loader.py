@@ -364,7 +364,11 @@ def _read_folds(split_dir: Path, samples: pd.DataFrame, slides: pd.DataFrame, un
             raise ValueError(f"{split_dir}/splits_{k}.csv: {len(both)} sample(s) in both train and val "
                              f"(patient leak), e.g. {sorted(both)[:3]}")
         folds.append(Fold(k, train, val))
-    return folds, sorted(set(missing_ids))
+    missing_ids = sorted(set(missing_ids))
+    if missing_ids:
+        warnings.warn(f"{split_dir}: {len(missing_ids)} split ID(s) are not in the clinical table and are dropped, "
+                      f"e.g. {missing_ids[:3]} (run `python -m benchmark audit`)", stacklevel=3)
+    return folds, missing_ids
 
 
 def _choose_layout(folders: FeatureFolders, layout: str, bb: Backbone, slide_list: list[str]) -> tuple[str, str]:
@@ -461,39 +465,30 @@ def load_cohort(
     ------
     FileNotFoundError, ValueError, KeyError (unknown names, with a did-you-mean hint)
     """
-    cohort = get_cohort(dataset)
-    bb = get_backbone(backbone)
-    _check_choice("--unit", unit, UNITS)
-    _check_choice("--bin-rule", bin_rule, RULES)
-    _check_choice("--missing-features", missing_features, MISSING_FEATURES)
+    cohort, bb = get_cohort(dataset), get_backbone(backbone)
+    for option, value, choices in (("--unit", unit, UNITS), ("--bin-rule", bin_rule, RULES),
+                                   ("--missing-features", missing_features, MISSING_FEATURES)):
+        _check_choice(option, value, choices)
     folders = parse_feature_folders(features)
     if data_root is None and clinical is not None:
         root, synthetic = Path(clinical).parent, None  # a real table given apart: no synthetic data involved
     else:
         root, synthetic = _resolve_root(data_root, cohort, bb)
     cdir = _cohort_dir(root, cohort)
-    clinical_path = Path(clinical) if clinical else cdir / "clinical.csv"
-    if not clinical_path.is_file():
-        raise FileNotFoundError(f"{'--clinical ' if clinical else ''}{clinical_path}: clinical table does not exist "
-                                f"(cohort {cohort.name!r}); pass --clinical FILE or put clinical.csv in {cdir}")
+    clinical_path = _clinical_path(clinical, cdir, cohort)
     slides = read_clinical(clinical_path)
     patients, samples = _samples_of(slides, unit, clinical_path)
     split_dir, generated = _split_folder(splits, cdir, clinical_path, patients, n_folds, split_seed)
     folds, missing_ids = _read_folds(split_dir, samples, slides, unit)
-    if missing_ids:
-        warnings.warn(f"{split_dir}: {len(missing_ids)} split ID(s) are not in {clinical_path} and are dropped, "
-                      f"e.g. {missing_ids[:3]} (run `python -m benchmark audit`)", stacklevel=2)
 
     folders = folders or {ANY_MAGNIFICATION: cdir}
-    slide_list = slides["slide_id"].tolist()
-    layout, layout_note = _choose_layout(folders, layout, bb, slide_list)
-    dropped = None
-    absent = _slides_without_features(folders, layout, bb, slide_list) if check_features else {}
+    layout, layout_note = _choose_layout(folders, layout, bb, slides["slide_id"].tolist())
+    absent = _slides_without_features(folders, layout, bb, slides["slide_id"].tolist()) if check_features else {}
     if absent and missing_features == "error":
-        raise _missing_features_error(absent, len(slide_list), folders, layout, bb, clinical_path)
+        raise _missing_features_error(absent, len(slides), folders, layout, bb, clinical_path)
+    dropped = None
     if absent:
         slides, samples, folds, dropped = _drop_missing(slides, samples, folds, absent, unit, clinical_path)
-
     provenance = {
         "dataset": cohort.name, "backbone": bb.name, "unit": unit,
         "data_root": str(Path(root).resolve()), "cohort_dir": str(cdir.resolve()),
@@ -501,13 +496,20 @@ def load_cohort(
         "features": {("any" if m is None else f"{m}x"): str(Path(f).resolve()) for m, f in folders.items()},
         "layout": layout, "layout_detection": layout_note,
         "synthetic": None if synthetic is None else {k: synthetic.get(k) for k in ("preset", "seed", "signal", "schema")},
-        "missing_split_ids": missing_ids,
-        "missing_features": dropped,
-        "magnifications": list(MAGNIFICATIONS),
+        "missing_split_ids": missing_ids, "missing_features": dropped, "magnifications": list(MAGNIFICATIONS),
     }
     return CohortData(cohort=cohort, backbone=bb, unit=unit, slides=slides, samples=samples, folds=folds,
                       feature_root=cdir, layout=layout, feature_folders=folders, provenance=provenance,
                       truth=_truth_of(cdir, samples), bin_rule=bin_rule)
+
+
+def _clinical_path(clinical, cdir: Path, cohort: Cohort) -> Path:
+    """The clinical table: ``clinical`` when given, else ``<cohort dir>/clinical.csv``; it must exist."""
+    path = Path(clinical) if clinical else cdir / "clinical.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{'--clinical ' if clinical else ''}{path}: clinical table does not exist "
+                                f"(cohort {cohort.name!r}); pass --clinical FILE or put clinical.csv in {cdir}")
+    return path
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

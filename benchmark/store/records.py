@@ -27,6 +27,8 @@ from typing import Any, Iterator
 
 import torch
 
+from benchmark.data.paths import path_under
+
 #: Version of the record layout (2: ``label`` added, ``unit`` only in ``config``; 1 is still read).
 SCHEMA = 2
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -241,6 +243,7 @@ class ResultStore:
         if missing:
             raise ValueError(f"result record lacks field(s) {missing}")
         cell = Cell.of(record)
+        path_under(self.root, str(cell.run_dir))  # names from plugins or recipes must not leave the store
         record = dict(record)
         record.setdefault("schema", SCHEMA)
         if state_dict is not None:
