@@ -787,3 +787,15 @@ def test_store_refuses_a_cell_folder_outside_its_root(confined, tmp_path):
         ResultStore(tmp_path / "store").write(record)
     assert not list(tmp_path.rglob("fold0.json"))
     confined.check()
+
+
+def test_short_paper_run_prints_the_warmup_note(confined, capsys, tiny_root, tmp_path):
+    code = cli.main(["run", "--methods", "random", "--dataset", "blca", "--data-root", str(tiny_root),
+                     "--recipe", "paper", "--set", "epochs=1", "--folds", "0", "--device", "cpu",
+                     "--results", str(tmp_path / "r")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0
+    assert ("note: recipe paper: warm-up 5 epochs is not shorter than the 1-epoch run; using 0.25 (the recipe's "
+            "fraction 25% of the epochs)") in out
+    assert "warmup_epochs=0.25" in out  # the recipe line shows what ran
+    confined.check(tiny_root)

@@ -171,6 +171,12 @@ def test_data_source_round_trip_through_record_cli_and_experiment_file(folders, 
     assert cli.main(["run", "--config", str(moved), "--device", "cpu", "--results", str(results)]) == 0
     assert "1 finished cell(s) skipped" in capsys.readouterr().out
 
+    # the heatmap rebuilds the cohort from the record's data source (a real table: never "stale synthetic data")
+    slide = sorted(folders["bags"])[0]
+    assert cli.main(["plot", "heatmap", "--results", str(results), "--method", "amil", "--dataset", "blca",
+                     "--slide", slide, "--fold", "0"]) == 0
+    assert (results / "figures" / f"heatmap_amil_blca_{slide}_fold0.png").is_file()
+
 
 def test_layout_and_missing_feature_choices_match_the_data_layer():
     from benchmark.data.features import LAYOUTS

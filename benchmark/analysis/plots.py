@@ -470,13 +470,15 @@ def stale_data_reason(record: Mapping) -> str | None:
     """Why a record's model no longer matches the embedded synthetic data it would be re-run on (None if it does).
 
     Its weights were trained on another generator version or other backbone parameters, so its maps on today's
-    features would mean nothing. Real-data records (a ``data_root``) are never judged stale here.
+    features would mean nothing. Real-data records (a ``data_root`` or a ``clinical`` table) are never judged
+    stale here.
     """
     from benchmark.data.backbones import get_backbone
     from benchmark.data.synth import SCHEMA, synthetic_parameters
 
     config = record.get("config") or {}
-    if config.get("data_root") is not None or "synthetic_version" not in config:
+    real = config.get("data_root") is not None or config.get("clinical") is not None
+    if real or config.get("synthetic_version") is None:
         return None
     if config["synthetic_version"] != SCHEMA:
         return f"trained on synthetic data version {config['synthetic_version']}, the generator is now at {SCHEMA}"

@@ -113,6 +113,17 @@ def find_feature_file(folders: FeatureFolders, layout: str, backbone: Backbone, 
     return next((p for p in candidates if p.is_file()), candidates[0])
 
 
+def expected_feature_file(folders: FeatureFolders, layout: str, backbone: Backbone, slide: str, mag: int) -> Path:
+    """Where ``slide``'s missing ``mag`` file was looked for, for messages: in the first candidate folder that holds
+    feature files (the one the other slides use), else the first candidate."""
+    found = _folder_for(folders, mag)
+    if found is not None:
+        for directory, suffix in _candidate_dirs(found[0], layout, backbone, mag, found[1]):
+            if _stems_with_files(directory, suffix):
+                return directory / f"{slide}{suffix}"
+    return find_feature_file(folders, layout, backbone, slide, mag)
+
+
 def feature_path(root: Path, layout: str, backbone: Backbone, slide: str, mag: int) -> Path:
     """Path of the feature file of ``slide`` at ``mag`` under ``layout`` in cohort folder ``root`` (it may not
     exist)."""

@@ -30,7 +30,7 @@ from benchmark.data.bag import MAGNIFICATIONS, Bag, Needs
 from benchmark.data.clinical import patient_table, read_clinical
 from benchmark.data.cohorts import Cohort, get_cohort
 from benchmark.data.features import (
-    ANY_MAGNIFICATION, LAYOUTS, FeatureFolders, count_feature_files, detect_layout, find_feature_file, read_slide,
+    ANY_MAGNIFICATION, LAYOUTS, FeatureFolders, count_feature_files, detect_layout, expected_feature_file, read_slide,
     read_tissue_types,
 )
 from benchmark.data.graphs import build_graph
@@ -398,7 +398,7 @@ def _slides_without_features(folders: FeatureFolders, layout: str, bb: Backbone,
 def _missing_features_error(absent: dict[str, int], n_slides: int, folders, layout, bb, clinical_path) -> FileNotFoundError:
     names = list(absent)
     first = names[0]
-    expected = find_feature_file(folders, layout, bb, first, absent[first])
+    expected = expected_feature_file(folders, layout, bb, first, absent[first])
     shown = ", ".join(repr(s) for s in names[:3]) + (", ..." if len(names) > 3 else "")
     return FileNotFoundError(
         f"{clinical_path}: {len(names)} slide(s) of the table's {n_slides} have no {bb.name} feature file "
