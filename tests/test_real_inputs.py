@@ -255,3 +255,26 @@ def test_registry_files_travel_with_the_configuration(tmp_path):
     assert args.features == [f"20x={tmp_path}"]
     record_config = config.record_config(1024, None, None)
     assert record_config["registry"] == [str(registry)] and record_config["features"] == {"20x": str(tmp_path)}
+
+
+def test_experiment_file_data_source_and_registry(tmp_path, monkeypatch):
+    from benchmark.commands.run import build_experiment
+    from benchmark.data.cohorts import clear_registry_caches
+
+    monkeypatch.setenv("MIL_BENCHMARK_REGISTRY", "")  # restored afterwards
+    (tmp_path / "clam").mkdir()
+    (tmp_path / "mine.toml").write_text('[cohorts.tcga_kirc]\ntitle = "KIRC"\n')
+    experiment_file = tmp_path / "experiment.toml"
+    experiment_file.write_text('methods = "amil"\ndatasets = "tcga_kirc"\nclinical = "t.csv.zip"\n'
+                               'features = "20x=clam"\nmissing_features = "drop"\nregistry = "mine.toml"\n')
+    try:
+        experiment = build_experiment(cli.build_parser().parse_args(["run", "--config", str(experiment_file)]))
+        assert experiment.cohorts == ("tcga_kirc",) and experiment.missing_features == "drop"
+        assert experiment.clinical == str(tmp_path / "t.csv.zip") and experiment.recipe == "paper"
+        assert experiment.features == (("20x", str(tmp_path / "clam")),)
+        assert experiment.registry == (str((tmp_path / "mine.toml").resolve()),)
+        config = experiment.configs(5)[0]
+        assert config.registry == experiment.registry and config.missing_features == "drop"
+    finally:
+        monkeypatch.undo()
+        clear_registry_caches()
