@@ -19,8 +19,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from benchmark.data.cohorts import cohort_names
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
-from benchmark.training.metrics import aggregate
+from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
 
 #: Higher-is-better per metric.
 METRICS = {"c_index": True, "c_index_uno": True, "mean_auc": True, "ibs": False}
@@ -220,12 +221,7 @@ def label_rows(records: list[dict], row_key: str) -> tuple[list[dict], list[str]
 
 
 def _cohort_columns(records: list[dict]) -> list[str]:
-    try:
-        from benchmark.data.cohorts import cohort_names
-
-        registered = list(cohort_names())
-    except Exception:  # the cohort registry is optional for rendering a store
-        registered = []
+    registered = list(cohort_names())
     seen = sorted({str(r["cohort"]) for r in records})
     return registered + [c for c in seen if c not in registered]
 
@@ -237,10 +233,6 @@ def _method_rows(records: list[dict]) -> list[str]:
     ordered += sorted(m for m in found if m not in PAPER_METHOD_ORDER and m != "random")
     ordered += ["random"] if "random" in found else []
     return [row for m in ordered for row in sorted({r["_row"] for r in records if r["method"] == m})]
-
-
-#: Note a record carries when its validation fold has no event (see ``benchmark.training.runner``).
-NO_EVENTS_NOTE = "no events: C-index undefined"
 
 
 def _no_event_notes(table: ResultTable) -> list[str]:

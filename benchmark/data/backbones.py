@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from benchmark.data.cohorts import load_definitions
-from benchmark.data.paths import check_registry_name
-from benchmark.naming import did_you_mean
+from benchmark.naming import check_registry_name, did_you_mean
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from benchmark.data.paths import check_registry_name
-from benchmark.naming import did_you_mean
+from benchmark.naming import check_registry_name, did_you_mean
 
 #: Folder of the cohort / backbone definition files (data, not code).
 DATASETS_DIR = Path(__file__).resolve().parents[2] / "datasets"

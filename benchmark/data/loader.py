@@ -301,8 +301,11 @@ def _magnification_key(key) -> int | None:
     return int(text)
 
 
-def _resolve_root(data_root, cohort: Cohort, bb: Backbone) -> tuple[Path, dict | None]:
-    """The data root (the embedded synthetic one when None) and its synthetic marker, if any."""
+def _resolve_root(data_root, cohort: Cohort, bb: Backbone, clinical=None) -> tuple[Path, dict | None]:
+    """The data root and the facts of its synthetic marker (None for real data). Without a data root it is the
+    embedded synthetic one, unless a clinical table is given apart (then the table's folder)."""
+    if data_root is None and clinical is not None:
+        return Path(clinical).parent, None
     if data_root is None:
         from benchmark.data.synth import ensure_synthetic
 
@@ -317,7 +320,8 @@ def _resolve_root(data_root, cohort: Cohort, bb: Backbone) -> tuple[Path, dict |
         return root, None
     import json
 
-    return root, json.loads(meta.read_text())
+    marker = json.loads(meta.read_text())
+    return root, {k: marker.get(k) for k in ("preset", "seed", "signal", "schema")}
 
 
 def _samples_of(slides: pd.DataFrame, unit: str, source: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -427,20 +431,10 @@ def _drop_missing(slides, samples, folds, absent: dict[str, int], unit: str, sou
 
 
 def load_cohort(
-    dataset: str,
-    *,
-    data_root: str | os.PathLike | None = None,
-    backbone: str = "resnet50",
-    unit: str = "patient",
-    clinical: str | os.PathLike | None = None,
-    splits: str | os.PathLike | None = None,
-    features: str | os.PathLike | dict | list | None = None,
-    layout: str = "auto",
-    missing_features: str = "error",
-    bin_rule: str = "train",
-    check_features: bool = True,
-    n_folds: int = 5,
-    split_seed: int = 0,
+    dataset: str, *, data_root: str | os.PathLike | None = None, backbone: str = "resnet50", unit: str = "patient",
+    clinical: str | os.PathLike | None = None, splits: str | os.PathLike | None = None,
+    features: str | os.PathLike | dict | list | None = None, layout: str = "auto", missing_features: str = "error",
+    bin_rule: str = "train", check_features: bool = True, n_folds: int = 5, split_seed: int = 0,
 ) -> CohortData:
     """Load one cohort: clinical table, folds, feature source (see the module docstring).
 
@@ -452,14 +446,15 @@ def load_cohort(
     backbone : backbone name (``resnet50``, ``resnet50-full``, ``conch``, ...)
     unit : ``"patient"`` (a patient's slides form one bag; default) or ``"slide"``
     clinical : clinical table, ``.csv`` or MCAT's ``.csv.zip`` (default ``<cohort dir>/clinical.csv``)
-    splits : folder of ``splits_{k}.csv`` (default ``<cohort dir>/splits``; generated there, or under the data
-        cache when that is read-only, stratified by event and time bin with ``split_seed``, when it holds none)
+    splits : folder of ``splits_{k}.csv`` (default ``<cohort dir>/splits``; when it holds none, stratified splits
+        are generated into it, or into ``$MIL_BENCHMARK_DATA/splits`` when it cannot be written)
     features : feature folders, see :func:`parse_feature_folders` (default: the cohort folder)
     layout : feature layout, ``"auto"`` (every slide checked) or one of ``default, trident, clam, crossfusion``
     missing_features : ``"error"`` (default) or ``"drop"`` slides without a feature file (reported per fold in
         ``provenance["missing_features"]``)
     bin_rule : default rule of :meth:`CohortData.bins`
     check_features : verify that every slide of the table has a feature file
+    n_folds, split_seed : of the generated splits
 
     Raises
     ------
@@ -470,33 +465,27 @@ def load_cohort(
                                    ("--missing-features", missing_features, MISSING_FEATURES)):
         _check_choice(option, value, choices)
     folders = parse_feature_folders(features)
-    if data_root is None and clinical is not None:
-        root, synthetic = Path(clinical).parent, None  # a real table given apart: no synthetic data involved
-    else:
-        root, synthetic = _resolve_root(data_root, cohort, bb)
+    root, synthetic = _resolve_root(data_root, cohort, bb, clinical)
     cdir = _cohort_dir(root, cohort)
     clinical_path = _clinical_path(clinical, cdir, cohort)
     slides = read_clinical(clinical_path)
     patients, samples = _samples_of(slides, unit, clinical_path)
     split_dir, generated = _split_folder(splits, cdir, clinical_path, patients, n_folds, split_seed)
     folds, missing_ids = _read_folds(split_dir, samples, slides, unit)
-
     folders = folders or {ANY_MAGNIFICATION: cdir}
     layout, layout_note = _choose_layout(folders, layout, bb, slides["slide_id"].tolist())
     absent = _slides_without_features(folders, layout, bb, slides["slide_id"].tolist()) if check_features else {}
     if absent and missing_features == "error":
         raise _missing_features_error(absent, len(slides), folders, layout, bb, clinical_path)
-    dropped = None
-    if absent:
-        slides, samples, folds, dropped = _drop_missing(slides, samples, folds, absent, unit, clinical_path)
+    slides, samples, folds, dropped = _drop_missing(slides, samples, folds, absent, unit, clinical_path) if absent \
+        else (slides, samples, folds, None)
     provenance = {
-        "dataset": cohort.name, "backbone": bb.name, "unit": unit,
-        "data_root": str(Path(root).resolve()), "cohort_dir": str(cdir.resolve()),
-        "clinical": str(clinical_path.resolve()), "splits": str(split_dir.resolve()), "splits_generated": generated,
+        "dataset": cohort.name, "backbone": bb.name, "unit": unit, "data_root": str(Path(root).resolve()),
+        "cohort_dir": str(cdir.resolve()), "clinical": str(clinical_path.resolve()), "splits": str(split_dir.resolve()),
+        "splits_generated": generated, "layout": layout, "layout_detection": layout_note,
         "features": {("any" if m is None else f"{m}x"): str(Path(f).resolve()) for m, f in folders.items()},
-        "layout": layout, "layout_detection": layout_note,
-        "synthetic": None if synthetic is None else {k: synthetic.get(k) for k in ("preset", "seed", "signal", "schema")},
-        "missing_split_ids": missing_ids, "missing_features": dropped, "magnifications": list(MAGNIFICATIONS),
+        "synthetic": synthetic, "missing_split_ids": missing_ids, "missing_features": dropped,
+        "magnifications": list(MAGNIFICATIONS),
     }
     return CohortData(cohort=cohort, backbone=bb, unit=unit, slides=slides, samples=samples, folds=folds,
                       feature_root=cdir, layout=layout, feature_folders=folders, provenance=provenance,

@@ -1,10 +1,9 @@
-"""Names that become paths: slide-ID validation, sanitised file names, containment under a root, and the
-data cache folder.
+"""Slide IDs that become paths, and the data cache folder.
 
-Slide IDs come from a user's clinical table and become file names (``<features>/<slide>.h5``); registry names
-and slide IDs become output file names (heatmaps, result folders). None of them may lead outside the folder
-they are joined to, so every such name is checked where it enters (the table reader, the registries) and every
-output path is built with :func:`safe_name` and checked with :func:`path_under`.
+Slide IDs come from a user's clinical table and become file names (``<features>/<slide>.h5``), so they are
+checked where they enter (the table reader) and may not lead outside the folder they are joined to. Registry
+names and output file names are checked in :mod:`benchmark.naming` (``check_registry_name``, ``safe_name``,
+``path_under``), which every layer may import.
 """
 from __future__ import annotations
 
@@ -14,9 +13,6 @@ from pathlib import Path
 
 #: Environment variable naming the base folder of every cache the harness writes (synthetic data, splits).
 DATA_ENV = "MIL_BENCHMARK_DATA"
-_UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+-]+")
-#: Registry names (cohorts, backbones, methods) become folder names of the result store.
-_REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 def slide_id_problem(slide_id: str) -> str | None:
@@ -44,29 +40,6 @@ def check_slide_ids(slide_ids, source: object) -> None:
         if problem:
             raise ValueError(f"{source}: slide ID {str(slide_id)!r} {problem}; a slide ID must be a plain file "
                              "name (no path separators, no '..', not absolute)")
-
-
-def check_registry_name(name: str, kind: str, source: object) -> None:
-    """Raise ValueError when a registry name could not be a folder name of the result store."""
-    if not _REGISTRY_NAME.match(name) or ".." in name:
-        raise ValueError(f"{source}: {kind} name {name!r} must be letters, digits and . _ + - "
-                         "(it names folders of the result store)")
-
-
-def safe_name(text: str) -> str:
-    """``text`` as one file-name component: runs of other characters than letters, digits and ``. _ + -``
-    become ``_``, and leading dots are dropped (no hidden files, no ``..``)."""
-    cleaned = _UNSAFE_CHARACTERS.sub("_", str(text)).lstrip(".")
-    return cleaned or "_"
-
-
-def path_under(root: str | os.PathLike, *parts: str) -> Path:
-    """``root / parts`` after checking that it resolves inside ``root`` (raises ValueError otherwise)."""
-    base = Path(root).resolve()
-    path = base.joinpath(*parts).resolve()
-    if path != base and base not in path.parents:
-        raise ValueError(f"{Path(root).joinpath(*parts)}: resolves outside {root}")
-    return path
 
 
 def data_cache_dir(*parts: str) -> Path:

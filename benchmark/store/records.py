@@ -14,6 +14,7 @@ or weights are unreadable are redone.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -25,9 +26,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy
+import pandas
+import sklearn
+import sksurv
 import torch
 
-from benchmark.data.paths import path_under
+from benchmark import __version__
+from benchmark.naming import path_under
 
 #: Version of the record layout (2: ``label`` added, ``unit`` only in ``config``; 1 is still read).
 SCHEMA = 2
@@ -91,13 +97,6 @@ _PROVENANCE_CACHE: dict[str, Any] = {}
 def software_provenance() -> dict[str, Any]:
     """Package versions and git commit (cached per process)."""
     if not _PROVENANCE_CACHE:
-        import numpy
-        import pandas
-        import sklearn
-        import sksurv
-
-        from benchmark import __version__
-
         _PROVENANCE_CACHE.update(
             {
                 "versions": {
@@ -247,8 +246,6 @@ class ResultStore:
         record = dict(record)
         record.setdefault("schema", SCHEMA)
         if state_dict is not None:
-            import io
-
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
             _atomic_write_bytes(self.weights_path(cell), buffer.getvalue())

@@ -30,8 +30,7 @@ from typing import Any, Callable
 from torch import nn
 
 from benchmark.data.bag import Needs
-from benchmark.data.paths import check_registry_name
-from benchmark.naming import did_you_mean
+from benchmark.naming import check_registry_name, did_you_mean
 
 ENTRY_POINT_GROUP = "mil_benchmark.methods"
 

@@ -19,7 +19,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from benchmark.analysis.tables import NO_EVENTS_NOTE
 from benchmark.data.backbones import get_backbone
 from benchmark.data.cohorts import add_registry_file
 from benchmark.data.loader import Fold, load_cohort
@@ -27,7 +26,7 @@ from benchmark.data.splits import repeated_folds, straddling_patients
 from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, ensure_synthetic, synthetic_parameters
 from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
 from benchmark.training.config import RunConfig, hashed_config
-from benchmark.training.metrics import aggregate
+from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
 from benchmark.training.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
 from benchmark.training.trainer import train_fold
 

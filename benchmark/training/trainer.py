@@ -2,7 +2,7 @@
 decay, linear warm-up then cosine decay stepped per optimiser step, a class-balanced sampler, seeds, and
 the three model-selection rules (``last``, ``inner``, ``paper-max``).
 
-Differences from the official loops (``baselines.md`` §1.8, ``crossfusion.md`` §3), on purpose:
+Differences from the official loops (Mahmood-lab ``train_loop_survival`` and CrossFusion's ``train.py``), on purpose:
 
 - every epoch ends with an optimiser step on its last, possibly shorter, accumulation window, so no
   gradient leaks into the next epoch;
