@@ -183,7 +183,10 @@ def test_layout_and_missing_feature_choices_match_the_data_layer():
     from benchmark.data.loader import MISSING_FEATURES
     from benchmark.training import config
 
-    assert config.LAYOUT_CHOICES == ("auto", *LAYOUTS) and config.MISSING_FEATURES == MISSING_FEATURES
+    from benchmark.commands import run
+
+    assert config.LAYOUT_CHOICES == run.LAYOUT_CHOICES == ("auto", *LAYOUTS)
+    assert config.MISSING_FEATURES == run.MISSING_FEATURES_CHOICES == MISSING_FEATURES
 
 
 # ----------------------------------------------------------------------------- the real TCGA-BLCA table

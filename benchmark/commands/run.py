@@ -10,8 +10,11 @@ SYNTHETIC_DEFAULT_RECIPE = "demo"
 #: (tested equal).
 SIGNAL_CHOICES = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 REAL_DEFAULT_RECIPE = "paper"
-#: ``benchmark.data.labels.RULES``, spelled out for the same reason (tested equal).
+#: ``benchmark.data.labels.RULES``, ``"auto"`` + ``benchmark.data.features.LAYOUTS`` and
+#: ``benchmark.data.loader.MISSING_FEATURES``, spelled out for the same reason (tested equal).
 BIN_RULE_CHOICES = ("train", "cohort", "cohort-slides")
+LAYOUT_CHOICES = ("auto", "default", "trident", "clam", "crossfusion")
+MISSING_FEATURES_CHOICES = ("error", "drop")
 #: Defaults of the settings an experiment file may also give (the command line wins over the file).
 DEFAULTS: dict[str, Any] = {
     "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "repeats": 1,
@@ -79,8 +82,6 @@ def register(subparsers) -> None:
 def _data_source_options(p: argparse.ArgumentParser) -> None:
     """Where real data are, as the extraction tools and the Mahmood-lab repositories write them (shared with
     ``audit``)."""
-    from benchmark.training.config import LAYOUT_CHOICES, MISSING_FEATURES
-
     p.add_argument("--clinical", default=None, metavar="FILE",
                    help="clinical table, .csv or MCAT's .csv.zip as shipped (default <cohort dir>/clinical.csv)")
     p.add_argument("--splits", default=None, metavar="DIR", help="folder of MCAT splits_{k}.csv files")
@@ -89,7 +90,7 @@ def _data_source_options(p: argparse.ArgumentParser) -> None:
                         "e.g. --features 20x=DIR 10x=DIR 5x=DIR (default: the cohort folder of --data-root)")
     p.add_argument("--layout", default=None, choices=LAYOUT_CHOICES,
                    help="feature layout (default auto: every slide of the table is checked)")
-    p.add_argument("--missing-features", default=None, choices=MISSING_FEATURES,
+    p.add_argument("--missing-features", default=None, choices=MISSING_FEATURES_CHOICES,
                    help="slides of the table without a feature file: stop (error, default) or leave them out and "
                         "report what each fold loses (drop)")
 
