@@ -202,6 +202,10 @@ RUN_CASES = [
     ("jobs", ["--jobs", "0"], r"--jobs must be >= 1"),
     ("warm-up not shorter than the run", ["--set", "epochs=2", "--set", "warmup_epochs=3"],
      r"warmup_epochs=3\.0 is not shorter than epochs=2"),
+    ("unknown method option", ["--method-option", "amil.bogus=1"],
+     r"--method-option amil\.bogus: method 'amil' takes no option 'bogus'; its options: dropout, hidden, attention_dim"),
+    ("option no selected method takes", ["--methods", "amil,random", "--method-option", "dropout=0.1"],
+     r"--method-option random\.dropout: method 'random' takes no option 'dropout'; its options: none"),
     ("method option of another method", ["--method-option", "dsmil.k=1"],
      r"--method-option dsmil\.k: method 'dsmil' is not among the selected methods"),
 ]
@@ -276,9 +280,9 @@ def test_results_without_write_permission(confined, capsys, tmp_path):
 
 def test_repeated_set_and_method_option_accumulate():
     args = cli.build_parser().parse_args(["run", "--set", "epochs=1", "--set", "lr=1e-3", "--method-option",
-                                          "dropout=0.1", "--method-option", "amil.gate=true"])
+                                          "dropout=0.1", "--method-option", "amil.hidden=64"])
     assert args.overrides == ["epochs=1", "lr=1e-3"]
-    assert args.method_options == ["dropout=0.1", "amil.gate=true"]
+    assert args.method_options == ["dropout=0.1", "amil.hidden=64"]
 
 
 def test_short_run_keeps_the_warmup_fraction_with_a_note():

@@ -147,7 +147,7 @@ def build_experiment(args: argparse.Namespace):
     from benchmark.data.cohorts import add_registry_file, resolve_cohorts, user_registry_files
     from benchmark.training.config import Experiment, feature_items
     from benchmark.training.recipes import parse_assignments
-    from benchmark.training.registry import load_plugins, resolve_methods
+    from benchmark.training.registry import check_method_options, load_plugins, resolve_methods
     from benchmark.training.runner import parse_folds
 
     s = settings(args)
@@ -158,6 +158,8 @@ def build_experiment(args: argparse.Namespace):
     options = {m: dict(o) for m, o in s["file_method_options"].items()}
     for target, opts in _method_options(args.method_options, methods).items():
         options.setdefault(target, {}).update(opts)
+    for method in methods:  # an option no constructor takes fails here, not in every cell
+        check_method_options(method, {**options.get("*", {}), **options.get(method, {})})
     folds = None if str(s["folds"]).strip().lower() == "all" else tuple(parse_folds(_as_text_list(s["folds"])))
     real = s["data_root"] is not None or s["clinical"] is not None
     recipe = s["recipe"] or (REAL_DEFAULT_RECIPE if real else SYNTHETIC_DEFAULT_RECIPE)

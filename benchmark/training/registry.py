@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from dataclasses import dataclass
@@ -188,6 +189,21 @@ def resolve_methods(selection: str) -> list[str]:
     for n in names:
         get_method_spec(n)
     return names
+
+
+def check_method_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options the method's constructor does not take (before any cell runs, not as a failed cell).
+
+    A builder that accepts ``**kwargs`` takes anything; its own code judges the values.
+    """
+    parameters = inspect.signature(get_method_spec(name).builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = [p for p in parameters if p not in ("self", "in_dim", "n_bins")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"--method-option {name}.{unknown[0]}: method {name!r} takes no option {unknown[0]!r}; "
+                         f"its options: {', '.join(known) or 'none'}")
 
 
 def create_method(name: str, in_dim: int, n_bins: int = 4, **options: Any) -> nn.Module:
