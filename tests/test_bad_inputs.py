@@ -7,6 +7,7 @@ temporary folder (the repository's ``data_cache/`` and ``results/`` included).
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -803,3 +804,58 @@ def test_short_paper_run_prints_the_warmup_note(confined, capsys, tiny_root, tmp
             "fraction 25% of the epochs)") in out
     assert "warmup_epochs=0.25" in out  # the recipe line shows what ran
     confined.check(tiny_root)
+
+
+TABLE_VALUE_CASES = [
+    ("missing time", dict(times=[1.0, None] + [2.0] * 8), r"missing or non-numeric 'survival_months' in 1 row\(s\), "
+                                                           r"e\.g\. slide 'P1-a\.svs'"),
+    ("infinite time", dict(times=[float("inf")] + [2.0] * 9), r"missing or non-numeric 'survival_months' in 1 row"),
+    ("duplicate slide", dict(slide_ids=["P0-a.svs", "P0-a.svs"] + [f"P{i}-a.svs" for i in range(2, 10)]),
+     r"duplicate slide IDs \(1\), e\.g\. \['P0-a'\]"),
+]
+
+
+@pytest.mark.parametrize("changes,message", [c[1:] for c in TABLE_VALUE_CASES], ids=[c[0] for c in TABLE_VALUE_CASES])
+def test_bad_table_values(confined, capsys, tmp_path, changes, message):
+    table = _table(tmp_path, **changes)
+    splits = _splits(tmp_path / "splits", [(["P0"], ["P1"])])
+    code, err = run_cli(capsys, "audit", "--dataset", "blca", "--clinical", table, "--splits", splits)
+    assert code == 2
+    assert_one_line_error(err, rf"table\.csv: {message}")
+    confined.check()
+
+
+def _poison(value):
+    def change(x):
+        x = x.copy()
+        x[1, 3] = value
+        return x
+    return change
+
+
+BAG_CASES = [
+    ("empty bag", lambda x: x[:0], r"\[20x\]: empty bag \(0 patches\)"),
+    ("NaN features", _poison(np.nan), r"\[20x\]: features contain NaN or inf values \(1 of"),
+    ("inf features", _poison(np.inf), r"\[20x\]: features contain NaN or inf values \(1 of"),
+    ("wrong dim", lambda x: x[:, :512], r"\[20x\]: features have dim 512, but backbone 'resnet50' declares dim 1024"),
+]
+
+
+@pytest.mark.parametrize("damage,message", [c[1:] for c in BAG_CASES], ids=[c[0] for c in BAG_CASES])
+def test_bad_bags_fail_their_cell_naming_the_file(confined, capsys, cohort_root, damage, message):
+    slide = _first_slide(cohort_root)
+    path = cohort_root / "blca" / "features" / "resnet50" / f"{slide}.h5"
+    with h5py.File(path, "r") as f:
+        new = damage(f["20x"]["features"][()])
+    _edit_h5(path, "20x", "features", new)
+    _edit_h5(path, "20x", "coords", np.zeros((len(new), 2), dtype=np.int64))
+    results = confined.tmp_path / "r"
+    argv = ["run", "--methods", "amil", "--dataset", "blca", "--data-root", cohort_root, "--folds", "0-4",
+            "--set", "epochs=1", "--set", "max_samples_per_epoch=200", "--device", "cpu", "--results", results]
+    code, _ = run_cli(capsys, *argv, "--strict")
+    errors = [json.loads(p.read_text()) for p in results.rglob("fold*.json")]
+    errors = [r for r in errors if r["status"] == "error"]
+    assert code == 1 and errors  # the fold that reads the slide failed, the grid went on
+    first_line = errors[0]["error"].splitlines()[0]
+    assert pytest.importorskip("re").search(rf"ValueError: .*{path.name}{message}", first_line), first_line
+    confined.check(cohort_root)
