@@ -97,7 +97,9 @@ def is_expected_failure(exc: BaseException) -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line."""
+    """The message of ``exc`` on one line; an operating-system error as ``<file>: <problem>``."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" + (f" ({exc.filename2})" if exc.filename2 else "")
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return " ".join(lines) or type(exc).__name__

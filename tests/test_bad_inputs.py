@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -108,7 +109,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 def assert_one_line_error(err: str, pattern: str) -> None:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert pytest.importorskip("re").search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
+    assert re.search(pattern, lines[0]), f"{pattern!r} not in {lines[0]!r}"
 
 
 @pytest.fixture()
@@ -182,7 +183,7 @@ OPTION_CASES = [
 @pytest.mark.parametrize("argv,message", [c[1:] for c in OPTION_CASES], ids=[c[0] for c in OPTION_CASES])
 def test_enumerated_options_fail_at_parse_time(confined, capsys, argv, message):
     code, err = run_cli(capsys, *argv)
-    assert code == 2 and pytest.importorskip("re").search(message, err)
+    assert code == 2 and re.search(message, err)
     confined.check()
 
 
@@ -254,7 +255,14 @@ def test_run_data_source_errors_are_one_line(confined, capsys, tmp_path, argv, m
 ], ids=["layout", "missing-features"])
 def test_data_source_choices_fail_at_parse_time(confined, capsys, argv, message):
     code, err = run_cli(capsys, "run", *argv)
-    assert code == 2 and pytest.importorskip("re").search(message, err)
+    assert code == 2 and re.search(message, err)
+
+
+def test_operating_system_errors_name_the_file(confined, capsys, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(capsys, "synth", "--out", tmp_path / "afile" / "x", "--preset", "tiny", "--cohorts", "blca")
+    assert code == 2
+    assert_one_line_error(err, r"^error: .*afile/x: Not a directory$")
 
 
 def test_results_that_is_a_file_or_under_a_file(confined, capsys, tmp_path):
@@ -857,5 +865,5 @@ def test_bad_bags_fail_their_cell_naming_the_file(confined, capsys, cohort_root,
     errors = [r for r in errors if r["status"] == "error"]
     assert code == 1 and errors  # the fold that reads the slide failed, the grid went on
     first_line = errors[0]["error"].splitlines()[0]
-    assert pytest.importorskip("re").search(rf"ValueError: .*{path.name}{message}", first_line), first_line
+    assert re.search(rf"ValueError: .*{path.name}{message}", first_line), first_line
     confined.check(cohort_root)
