@@ -109,7 +109,7 @@ def find_feature_file(folders: FeatureFolders, layout: str, backbone: Backbone, 
         given = ", ".join(f"{m}x" for m in folders if m is not None)
         raise FileNotFoundError(f"--features: no folder for {mag}x features (given: {given}); pass "
                                 f"--features {mag}x=DIR as well")
-    candidates = [d / f"{slide}{suffix}" for d, suffix in _candidate_dirs(*found[:1], layout, backbone, mag, found[1])]
+    candidates = [d / f"{slide}{suffix}" for d, suffix in _candidate_dirs(found[0], layout, backbone, mag, found[1])]
     return next((p for p in candidates if p.is_file()), candidates[0])
 
 
