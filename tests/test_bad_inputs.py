@@ -867,3 +867,16 @@ def test_bad_bags_fail_their_cell_naming_the_file(confined, capsys, cohort_root,
     first_line = errors[0]["error"].splitlines()[0]
     assert re.search(rf"ValueError: .*{path.name}{message}", first_line), first_line
     confined.check(cohort_root)
+
+
+def test_degenerate_labels_stop_the_run_before_any_cell(confined, capsys, cohort_root):
+    table = cohort_root / "blca" / "clinical.csv"
+    df = pd.read_csv(table)
+    df["survival_months"] = 5.0  # every time equal: the bin edges collapse
+    df.to_csv(table, index=False)
+    code, err = run_cli(capsys, "run", "--dataset", "blca", "--data-root", cohort_root, "--device", "cpu",
+                        "--results", confined.tmp_path / "r")
+    assert code == 2
+    assert_one_line_error(err, r"cohort 'blca' fold 0 \(training samples\): the 4 time bins have repeated edges")
+    assert not list((confined.tmp_path / "r").rglob("*.json"))
+    confined.check(cohort_root)

@@ -199,6 +199,15 @@ def _cohorts(experiment) -> list:
             for c in experiment.cohorts for b in experiment.backbones for r in experiment.repeats]
 
 
+def check_bins(experiment, cohorts) -> None:
+    """Fit every fold's time bins once before any cell: degenerate labels (repeated bin edges, no event to fit
+    on) are one error naming the cohort and the fold, not a failed cell per method."""
+    for cohort in cohorts:
+        folds = experiment.folds if experiment.folds is not None else range(len(cohort.folds))
+        for k in folds:
+            cohort.bins(k, rule=experiment.bin_rule, n_bins=experiment.n_bins)
+
+
 def print_data_notes(console, cohort) -> None:
     """What the data layer decided about a cohort: the feature layout, split IDs missing from the table, and
     (``--missing-features drop``) what each fold of the split files lost."""
@@ -240,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
     for cohort in cohorts[::len(experiment.repeats)]:  # once per cohort x backbone (repeats share the data)
         print_data_notes(console, cohort)
     configs = experiment.configs(min(len(c.folds) for c in cohorts))
+    check_bins(experiment, cohorts)
     recipe_notes: list[str] = []
     get_recipe(configs[0].recipe, dict(experiment.overrides), notes=recipe_notes)
     for note in recipe_notes:
