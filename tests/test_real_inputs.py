@@ -281,3 +281,12 @@ def test_experiment_file_data_source_and_registry(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         clear_registry_caches()
+
+
+def test_a_trident_folder_of_another_magnification_is_refused(folders):
+    ten = folders["trident"] / "10x_256px_0px_overlap" / "features_resnet50"
+    cohort = _load(folders, [f"20x={ten}"])
+    sample = cohort.samples.index[0]
+    with pytest.raises(ValueError, match=r"features extracted at 10x \(target_magnification\), read as 20x; "
+                                         r"give this folder as --features 10x=DIR"):
+        cohort.bag(sample, Needs(magnifications=(20,)))

@@ -240,7 +240,18 @@ def _load_tensor_file(path: Path) -> np.ndarray:
     return obj.detach().float().numpy()
 
 
-def _read_h5(path: Path, group: str | None, want_coords: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _check_magnification(node, path: Path, magnification: int | None) -> None:
+    """A TRIDENT file records the magnification it was extracted at (``target_magnification`` on ``coords``):
+    a folder of 10x features given as 20x is an error, not a silent mix of scales."""
+    coords = node.get("coords") if hasattr(node, "get") else None
+    found = coords.attrs.get("target_magnification") if coords is not None else None
+    if magnification is not None and found is not None and int(found) != int(magnification):
+        raise ValueError(f"{path}: features extracted at {int(found)}x (target_magnification), read as "
+                         f"{magnification}x; give this folder as --features {int(found)}x=DIR")
+
+
+def _read_h5(path: Path, group: str | None, want_coords: bool,
+             magnification: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``features`` (and ``coords`` when asked) of an h5 feature file, or of one group of it."""
     try:
         with h5py.File(path, "r") as f5:
@@ -249,6 +260,7 @@ def _read_h5(path: Path, group: str | None, want_coords: bool) -> tuple[np.ndarr
             f = f5[group] if group is not None else f5
             if "features" not in f:
                 raise ValueError(f"{path}: h5 file has no 'features' dataset (keys: {list(f.keys())})")
+            _check_magnification(f, path, magnification)
             feats = f["features"][()]
             if not want_coords:
                 return feats, None
@@ -278,7 +290,8 @@ def validate_coords(coords: np.ndarray, n_patches: int, where: str) -> np.ndarra
 
 
 def read_features(
-    path: Path, backbone: Backbone, *, with_coords: bool, coords_file: Path | None = None, group: str | None = None
+    path: Path, backbone: Backbone, *, with_coords: bool, coords_file: Path | None = None, group: str | None = None,
+    magnification: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and validate one slide's features (and coordinates).
 
@@ -293,7 +306,8 @@ def read_features(
         No feature file (or no coordinate file when coords are requested).
     ValueError
         Unreadable file (truncated, corrupt, pickled objects), empty bag, NaN / inf values, dim different from
-        the backbone's, coords of the wrong shape or with NaN / negative values; each names the file.
+        the backbone's, coords of the wrong shape or with NaN / negative values, a TRIDENT file extracted at
+        another magnification than ``magnification``; each names the file.
     """
     path = Path(path)
     if not path.exists():
@@ -303,7 +317,7 @@ def read_features(
     if path.suffix == ".pt":
         feats = _load_tensor_file(path)
     else:
-        feats, coords = _read_h5(path, group, with_coords and coords_file is None)
+        feats, coords = _read_h5(path, group, with_coords and coords_file is None, magnification)
     feats = _as_2d(np.asarray(feats), where, "features")
     if feats.shape[0] == 0:
         raise ValueError(f"{where}: empty bag (0 patches)")
@@ -463,6 +477,6 @@ def read_slide(
             path, backbone, with_coords=with_coords,
             coords_file=find_coords_file(path, Path(root), slide, m) or find_coords_file(path, folder, slide, m)
             if path.suffix == ".pt" else None,
-            group=f"{m}x" if layout == "default" else None,
+            group=f"{m}x" if layout == "default" else None, magnification=m,
         )
     return out
