@@ -30,43 +30,53 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
-def _snapshot(*folders: Path, skip: Path | None = None) -> dict[str, float]:
-    """``{file: mtime}`` of every file under ``folders`` (``skip`` and what lies under it left out)."""
+def _snapshot(*folders: Path, skip: Path | None = None, recursive: bool = True) -> dict[str, float]:
+    """``{file: mtime}`` of the files under ``folders`` (or only in them), ``skip`` and what lies under it left out."""
     seen = {}
     for folder in folders:
         if not folder.is_dir():
             continue
-        for path in folder.rglob("*"):
+        for path in (folder.rglob("*") if recursive else folder.iterdir()):
             if skip is not None and (path == skip or skip in path.parents):
                 continue
-            if path.is_file():
+            if path.is_symlink():  # pytest's "<name>current" links follow the newest folder
+                continue
+            if path.is_file() or not recursive:
                 seen[str(path)] = path.stat().st_mtime
     return seen
 
 
 class Confinement:
-    """What a case opened and changed; :meth:`check` asserts it all stayed inside the given roots."""
+    """What a case opened and changed; :meth:`check` asserts it all stayed inside the given roots.
 
-    def __init__(self, tmp_path: Path):
+    Watched for writes: the shared synthetic cohort and the repository's caches (every file), and the entries of
+    the folders above the case's temporary folder (where an escaping path would land).
+    """
+
+    def __init__(self, tmp_path: Path, shared: Path):
         self.tmp_path = tmp_path
         self.opened: list[Path] = []
-        self.watched = (tmp_path.parent, REPO / "data_cache", REPO / "results")
-        self.before = _snapshot(*self.watched, skip=tmp_path)
+        self.deep = (shared, REPO / "data_cache", REPO / "results")
+        self.shallow = (tmp_path.parent,)  # further up, other sessions of the shared machine come and go
+        self.before = self._state()
+
+    def _state(self) -> dict[str, float]:
+        return {**_snapshot(*self.deep), **_snapshot(*self.shallow, skip=self.tmp_path, recursive=False)}
 
     def check(self, *roots: Path) -> None:
         allowed = [Path(r).resolve() for r in (self.tmp_path, *roots)]
         for path in self.opened:
             resolved = path.resolve()
             assert any(resolved == r or r in resolved.parents for r in allowed), f"read outside the roots: {path}"
-        after = _snapshot(*self.watched, skip=self.tmp_path)
+        after = self._state()
         changed = {p for p, t in after.items() if self.before.get(p) != t}
         assert not changed, f"written outside the roots: {sorted(changed)[:5]}"
 
 
 @pytest.fixture()
-def confined(tmp_path, monkeypatch):
+def confined(tmp_path, monkeypatch, tiny_root):
     """Records the files the harness opens (h5, torch, CSV); caches go to ``tmp_path/cache``; cwd = tmp_path."""
-    guard = Confinement(tmp_path)
+    guard = Confinement(tmp_path, tiny_root)
     real_h5, real_load, real_csv = h5py.File, torch.load, pd.read_csv
 
     class SpyFile(real_h5):
@@ -95,6 +105,22 @@ def confined(tmp_path, monkeypatch):
     clear_registry_caches()
     yield guard
     clear_registry_caches()
+
+
+def test_the_confinement_check_notices_reads_and_writes_outside(tmp_path, tiny_root):
+    guard = Confinement(tmp_path, tiny_root)
+    guard.check()
+    guard.opened.append(tiny_root / "blca" / "clinical.csv")
+    with pytest.raises(AssertionError, match="read outside the roots"):
+        guard.check()
+    guard.check(tiny_root)
+    escaped = tmp_path.parent / f"escaped-{os.getpid()}.h5"
+    escaped.write_bytes(b"x")
+    try:
+        with pytest.raises(AssertionError, match="written outside the roots"):
+            guard.check(tiny_root)
+    finally:
+        escaped.unlink()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
