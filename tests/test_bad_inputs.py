@@ -906,3 +906,13 @@ def test_degenerate_labels_stop_the_run_before_any_cell(confined, capsys, cohort
     assert_one_line_error(err, r"cohort 'blca' fold 0 \(training samples\): the 4 time bins have repeated edges")
     assert not list((confined.tmp_path / "r").rglob("*.json"))
     confined.check(cohort_root)
+
+
+def test_a_user_cohort_without_facts_has_no_synthetic_data(confined, capsys, tmp_path):
+    registry_file = _plugin_file(tmp_path, "kirc.toml", '[cohorts.tcga_kirc]\ntitle = "KIRC"\n')
+    code, err = run_cli(capsys, "run", "--registry", registry_file, "--dataset", "tcga_kirc", "--device", "cpu",
+                        "--results", tmp_path / "r")
+    assert code == 2
+    assert_one_line_error(err, r"kirc\.toml: cohort 'tcga_kirc' declares no table facts .* give its real data "
+                               r"\(--clinical, --features\)")
+    confined.check()
