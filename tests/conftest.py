@@ -4,7 +4,8 @@
   mixed; seed 0), generated once per test session into a temporary folder. Load it with
   ``load_cohort("blca", data_root=tiny_root, backbone="resnet50")``.
 - ``real_tables``: the real TCGA label tables and splits in ``../shared/data/tcga_clinical`` (located relative
-  to the repository); tests using it are skipped when that folder is absent.
+  to the repository; ``$MIL_BENCHMARK_TCGA_TABLES`` when that folder is elsewhere); tests using it are skipped
+  when neither exists.
 - ``one_torch_thread``: one intra-op thread for a test module (``pytestmark =
   pytest.mark.usefixtures("one_torch_thread")``), restored afterwards.
 
@@ -12,6 +13,7 @@ Fake bags and shared output checks are in ``tests/helpers.py``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,8 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TABLES = REPO.parent / "shared" / "data" / "tcga_clinical"
+if not SHARED_TABLES.is_dir() and os.environ.get("MIL_BENCHMARK_TCGA_TABLES"):
+    SHARED_TABLES = Path(os.environ["MIL_BENCHMARK_TCGA_TABLES"])
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,9 @@ def test_label_and_folder_depend_only_on_what_reaches_the_method():
 
 def test_repeated_options_accumulate():
     (config,) = configs_of(["run", "--folds", "0", "--set", "epochs=1", "--set", "lr=1e-3",
-                            "--method-option", "dropout=0.1", "--method-option", "gate=false"])
+                            "--method-option", "dropout=0.1", "--method-option", "hidden=64"])
     assert dict(config.overrides) == {"epochs": 1, "lr": 1e-3}
-    assert config.options == {"dropout": 0.1, "gate": False}
+    assert config.options == {"dropout": 0.1, "hidden": 64}
 
 
 def test_experiment_file_and_command_line_override(tmp_path):

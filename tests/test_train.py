@@ -179,7 +179,7 @@ def test_cox_head_trains_over_windows(monkeypatch):
     r = train_fold(ToyCohort(), fold_config("toy_cox_mean", 0, seed=0), device="cpu")
     assert r.metrics["c_index"] > 0.7 and np.isnan(r.metrics["ibs"])
     with pytest.raises(ValueError, match=">= 2 bags"):
-        train_fold(ToyCohort(), fold_config("toy_cox_mean", recipe=register_recipe(Recipe("one", accumulation=1, epochs=1)).name), device="cpu")
+        train_fold(ToyCohort(), fold_config("toy_cox_mean", recipe=register_recipe(Recipe("one", accumulation=1, epochs=1, warmup_epochs=0)).name), device="cpu")
 
 
 def test_random_floor_has_no_training_and_is_seeded():

@@ -50,6 +50,7 @@ from benchmark.data.backbones import get_backbone  # noqa: E402
 from benchmark.data.bag import Needs  # noqa: E402
 from benchmark.data.features import level0_patch_size  # noqa: E402
 from benchmark.data.synth import SCHEMA, synthetic_parameters  # noqa: E402
+from benchmark.naming import path_under, safe_name  # noqa: E402
 from benchmark.store.query import Results, read_records, select_cell  # noqa: E402
 from benchmark.training.registry import get_method_spec  # noqa: E402
 
@@ -195,9 +196,16 @@ def draw_km(ax: plt.Axes, result: KMResult, at_risk: bool = True, subtitle: str 
         add_at_risk_counts(*fitters, ax=ax, rows_to_show=["At risk"], labels=[f.label.split(" (")[0] for f in fitters])
 
 
+def figure_stem(out: str | Path, *parts: object) -> Path:
+    """``out/<parts joined by _>`` as a sanitised file stem that stays inside ``out``: names (slide IDs, methods,
+    cohorts) can hold dots, separators or ``..`` and must not place a figure elsewhere."""
+    return path_under(out, safe_name("_".join(str(p) for p in parts)))
+
+
 def _save(fig: plt.Figure, stem: Path) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    # suffixes appended, not substituted: TCGA slide IDs hold dots (...-DX1.<uuid>)
+    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
     for p in paths:
         fig.savefig(p, dpi=150, bbox_inches="tight")
     plt.close(fig)
@@ -263,7 +271,7 @@ def plot_km(
         for km in kms:
             fig, ax = plt.subplots(figsize=(6, 5))
             draw_km(ax, km, subtitle=note)
-            km.files = _save(fig, out / f"km_{km.method}_{km.cohort}_{split}")
+            km.files = _save(fig, figure_stem(out, "km", km.method, km.cohort, split))
     else:
         ncols = min(3, len(kms))
         nrows = -(-len(kms) // ncols)
@@ -275,7 +283,7 @@ def plot_km(
         fig.suptitle(f"{kms[0].method}: Kaplan-Meier by predicted risk ({note})", fontsize=11)
         fig.tight_layout(h_pad=6.0)
         name = "all" if isinstance(dataset, str) and dataset.lower() == "all" else "-".join(cohorts)
-        files = _save(fig, out / f"km_{kms[0].method}_{name}_{split}")
+        files = _save(fig, figure_stem(out, "km", kms[0].method, name, split))
         for km in kms:
             km.files = files
     return kms
@@ -467,11 +475,13 @@ def stale_data_reason(record: Mapping) -> str | None:
     """Why a record's model no longer matches the embedded synthetic data it would be re-run on (None if it does).
 
     Its weights were trained on another generator version or other backbone parameters, so its maps on today's
-    features would mean nothing. Real-data records (a ``data_root``) are never judged stale here.
+    features would mean nothing. Real-data records (a ``data_root`` or a ``clinical`` table) are never judged
+    stale here.
     """
 
     config = record.get("config") or {}
-    if config.get("data_root") is not None or "synthetic_version" not in config:
+    real = config.get("data_root") is not None or config.get("clinical") is not None
+    if real or config.get("synthetic_version") is None:
         return None
     if config["synthetic_version"] != SCHEMA:
         return f"trained on synthetic data version {config['synthetic_version']}, the generator is now at {SCHEMA}"
@@ -524,7 +534,8 @@ def attention_heatmaps(model, record: Mapping, cohort, slide: str, out: str | Pa
     for pm in maps:
         if pm.magnification in result.signal:
             result.overlap[pm.name] = attention_signal_overlap(pm.values, result.signal[pm.magnification].values > 0)
-    result.files = _draw_heatmaps(result, Path(out) / f"heatmap_{result.method}_{result.cohort}_{slide_id}_fold{result.fold}")
+    result.files = _draw_heatmaps(
+        result, figure_stem(out, "heatmap", result.method, result.cohort, slide_id, f"fold{result.fold}"))
     return result
 
 

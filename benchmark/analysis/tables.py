@@ -23,7 +23,7 @@ from benchmark.analysis.significance import corrected_t_interval
 from benchmark.analysis.statistics import folds_per_repeat
 from benchmark.data.cohorts import cohort_names
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
-from benchmark.training.metrics import aggregate
+from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
 
 #: Higher-is-better per metric.
 METRICS = {"c_index": True, "c_index_uno": True, "mean_auc": True, "ibs": False}
@@ -250,6 +250,19 @@ def _method_rows(records: list[dict]) -> list[str]:
     return [row for m in ordered for row in sorted({r["_row"] for r in records if r["method"] == m})]
 
 
+def _no_event_notes(table: ResultTable) -> list[str]:
+    """One footer line per cell with validation folds without events (left out of its mean)."""
+    notes = []
+    for (row, col), cell in table.cells.items():
+        if cell is None:
+            continue
+        folds = sorted({int(r["fold"]) for r in cell.records if NO_EVENTS_NOTE in (r.get("notes") or [])})
+        if folds:
+            notes.append(f"{row} / {col}: fold(s) {', '.join(map(str, folds))} have no events in validation "
+                         f"({NO_EVENTS_NOTE}); the mean leaves them out.")
+    return notes
+
+
 def _finish(table: ResultTable, significance: SignificanceHook | None, marker: str) -> ResultTable:
     if table.selection == "paper-max":
         table.notes.append(
@@ -267,6 +280,7 @@ def _finish(table: ResultTable, significance: SignificanceHook | None, marker: s
     if table.ci is not None:
         table.notes.append(f"[low, high]: {table.ci:.0%} confidence interval of the fold mean, t-interval over the "
                            "repeat x fold values with the Nadeau-Bengio variance correction (1/J + 1/(K-1)).")
+    table.notes += _no_event_notes(table)
     if significance is not None:
         _apply_significance(table, significance, marker)
     return table

@@ -10,8 +10,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "audit", help="check a cohort's clinical table and splits for leakage and missing IDs",
         description="Report card (patients, slides, events, censoring, follow-up, events per fold) and checks. "
-                    "Exits 1 when a patient is in train and val of a fold or when split IDs are missing "
-                    "from the table.",
+                    "Exits 1 when a patient is in train and val of a fold, when split IDs are missing from the "
+                    "table, when a validation split is empty or has no events, or (with --features) when slides "
+                    "have no feature file and --missing-features is error.",
     )
     p.add_argument("--dataset", required=True, help="cohort name (blca, brca, coad, gbmlgg, luad, ucec)")
     p.add_argument("--clinical", type=Path, help="clinical table (MCAT format, .csv or .csv.zip)")
@@ -21,6 +22,15 @@ def register(subparsers) -> None:
     p.add_argument("--real-tables", type=Path,
                    help="folder laid out like shared/data/tcga_clinical: use the cohort's real table and splits "
                         "(default $MIL_BENCHMARK_TCGA_TABLES when --real-tables is given without --clinical)")
+    from benchmark.commands.run import LAYOUT_CHOICES, MISSING_FEATURES_CHOICES
+
+    p.add_argument("--features", nargs="+", action="extend", default=None, metavar="[MAGx=]DIR",
+                   help="also check the feature files (as in run): one folder or 20x=DIR 10x=DIR 5x=DIR")
+    p.add_argument("--backbone", default="resnet50", help="backbone of the feature files (default resnet50)")
+    p.add_argument("--layout", default="auto", choices=LAYOUT_CHOICES, help="feature layout (default auto)")
+    p.add_argument("--missing-features", default="error", choices=MISSING_FEATURES_CHOICES,
+                   help="slides without a feature file are a problem (error) or are left out, with the folds "
+                        "checked again without them (drop)")
     p.set_defaults(func=run)
 
 
@@ -44,5 +54,10 @@ def run(args: argparse.Namespace) -> int:
         clinical = cdir / "clinical.csv"
         splits = splits or cdir / "splits"
     report = audit(clinical, splits, name=cohort.name)
+    if args.features:
+        from benchmark.data.audit import audit_features
+
+        audit_features(report, cohort.name, clinical, splits, features=args.features, backbone=args.backbone,
+                       layout=args.layout, missing_features=args.missing_features)
     print_report(report)
     return 0 if report.ok else 1

@@ -24,8 +24,10 @@ def run(args: argparse.Namespace) -> int:
             t.add_column(c)
         for n in cohort_names():
             c = get_cohort(n)
-            t.add_row(n, ", ".join(c.projects), str(c.patients), str(c.slides), str(c.events),
-                      f"{c.censoring:.1%}", f"{c.time_median:g}", f"{c.time_max:g}")
+            facts = [str(c.patients), str(c.slides), str(c.events), f"{c.censoring:.1%}", f"{c.time_median:g}",
+                     f"{c.time_max:g}"]
+            # a cohort declared by a user without table facts: dashes, not zeros
+            t.add_row(n, ", ".join(c.projects), *(facts if c.patients else ["-"] * len(facts)))
         console.print(t)
     if args.what in ("all", "backbones"):
         from benchmark.data.backbones import backbone_names, get_backbone

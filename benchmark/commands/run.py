@@ -10,12 +10,19 @@ SYNTHETIC_DEFAULT_RECIPE = "demo"
 #: (tested equal).
 SIGNAL_CHOICES = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 REAL_DEFAULT_RECIPE = "paper"
+#: ``benchmark.data.labels.RULES``, ``"auto"`` + ``benchmark.data.features.LAYOUTS`` and
+#: ``benchmark.data.loader.MISSING_FEATURES``, spelled out for the same reason (tested equal).
+BIN_RULE_CHOICES = ("train", "cohort", "cohort-slides")
+LAYOUT_CHOICES = ("auto", "default", "trident", "clam", "crossfusion")
+MISSING_FEATURES_CHOICES = ("error", "drop")
 #: Defaults of the settings an experiment file may also give (the command line wins over the file).
 DEFAULTS: dict[str, Any] = {
     "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "repeats": 1,
     "repeat": None, "recipe": None,
     "selection": "last", "unit": "patient", "bin_rule": "train", "n_bins": 4, "data_root": None, "signal": "mixed",
     "results": None, "jobs": 1, "device": "auto", "save_weights": True, "plugins": [],
+    "clinical": None, "splits": None, "features": None, "layout": "auto", "missing_features": "error",
+    "registry": [],
 }
 
 
@@ -37,6 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--backbone", dest="backbones", default=None,
                    help="'all' (the five base backbones) or a comma list (default resnet50)")
     p.add_argument("--data-root", default=None, help="real data root (default: embedded synthetic cohorts)")
+    _data_source_options(p)
     p.add_argument("--signal", default=None, choices=SIGNAL_CHOICES,
                    help="planted signal of the embedded synthetic cohorts (default mixed; ignored with --data-root); "
                         "results default to results/synthetic-<signal> when it is not 'mixed'")
@@ -55,21 +63,36 @@ def register(subparsers) -> None:
     p.add_argument("--results", default=None, help="result store root (default results/synthetic or results/real)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cells")
     p.add_argument("--jobs", type=int, default=None, help="worker processes, each with one torch thread (default 1)")
-    p.add_argument("--plugin", dest="plugins", action="append", default=None, metavar="MODULE",
-                   help="import MODULE first (it registers extra methods); repeatable")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override recipe fields, e.g. --set lr=3e-4 epochs=4 (repeatable)")
     p.add_argument("--method-option", action="extend", nargs="+", default=[], metavar="[METHOD.]KEY=VALUE",
                    dest="method_options", help="constructor options, for every selected method or one "
                                                "(amil.dropout=0.1); repeatable")
     p.add_argument("--unit", default=None, choices=("patient", "slide"), help="bag unit (default patient)")
-    p.add_argument("--bin-rule", default=None, choices=("train", "cohort"),
-                   help="bin edges from the training fold (train, default) or the whole cohort (MCAT's rule)")
+    p.add_argument("--bin-rule", default=None, choices=BIN_RULE_CHOICES,
+                   help="bin edges from the training fold (train, default), the whole cohort (MCAT's rule) or its "
+                        "slides (CrossFusion's)")
     p.add_argument("--n-bins", type=int, default=None, help="discrete-time bins (default 4)")
     p.add_argument("--device", default=None, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
     p.add_argument("--no-weights", action="store_true", help="do not save model weights beside the records")
     p.set_defaults(func=main)
+
+
+def _data_source_options(p: argparse.ArgumentParser) -> None:
+    """Where real data are, as the extraction tools and the Mahmood-lab repositories write them (shared with
+    ``audit``)."""
+    p.add_argument("--clinical", default=None, metavar="FILE",
+                   help="clinical table, .csv or MCAT's .csv.zip as shipped (default <cohort dir>/clinical.csv)")
+    p.add_argument("--splits", default=None, metavar="DIR", help="folder of MCAT splits_{k}.csv files")
+    p.add_argument("--features", nargs="+", action="extend", default=None, metavar="[MAGx=]DIR",
+                   help="feature folder(s): one (CLAM FEAT_DIR, TRIDENT job folder, ...) or one per magnification, "
+                        "e.g. --features 20x=DIR 10x=DIR 5x=DIR (default: the cohort folder of --data-root)")
+    p.add_argument("--layout", default=None, choices=LAYOUT_CHOICES,
+                   help="feature layout (default auto: every slide of the table is checked)")
+    p.add_argument("--missing-features", default=None, choices=MISSING_FEATURES_CHOICES,
+                   help="slides of the table without a feature file: stop (error, default) or leave them out and "
+                        "report what each fold loses (drop)")
 
 
 def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
@@ -100,6 +123,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     merged.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
     if args.no_weights:
         merged["save_weights"] = False
+    merged["plugins"] = list(file.get("plugins") or []) + list(getattr(args, "plugin", []) or [])
+    registry = file.get("registry") or []
+    merged["registry"] = [registry] if isinstance(registry, str) else list(registry)
     merged["overrides"] = {**{k: str(v) for k, v in (file.get("set") or {}).items()}}
     merged["file_method_options"] = file.get("method_options") or {}
     return merged
@@ -118,20 +144,25 @@ def _repeats(s: dict[str, Any]) -> tuple[int, ...]:
 def build_experiment(args: argparse.Namespace):
     """The :class:`~benchmark.training.config.Experiment` of a ``run`` command line (and its experiment file)."""
     from benchmark.data.backbones import resolve_backbones
-    from benchmark.data.cohorts import resolve_cohorts
-    from benchmark.training.config import Experiment
+    from benchmark.data.cohorts import add_registry_file, resolve_cohorts, user_registry_files
+    from benchmark.training.config import Experiment, feature_items
     from benchmark.training.recipes import parse_assignments
-    from benchmark.training.registry import load_plugins, resolve_methods
+    from benchmark.training.registry import check_method_options, load_plugins, resolve_methods
     from benchmark.training.runner import parse_folds
 
     s = settings(args)
+    for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
+        add_registry_file(path)
     load_plugins(s["plugins"])
     methods = resolve_methods(_as_text_list(s["methods"]))
     options = {m: dict(o) for m, o in s["file_method_options"].items()}
     for target, opts in _method_options(args.method_options, methods).items():
         options.setdefault(target, {}).update(opts)
+    for method in methods:  # an option no constructor takes fails here, not in every cell
+        check_method_options(method, {**options.get("*", {}), **options.get(method, {})})
     folds = None if str(s["folds"]).strip().lower() == "all" else tuple(parse_folds(_as_text_list(s["folds"])))
-    recipe = s["recipe"] or (SYNTHETIC_DEFAULT_RECIPE if s["data_root"] is None else REAL_DEFAULT_RECIPE)
+    real = s["data_root"] is not None or s["clinical"] is not None
+    recipe = s["recipe"] or (REAL_DEFAULT_RECIPE if real else SYNTHETIC_DEFAULT_RECIPE)
     experiment = Experiment(
         methods=tuple(methods), cohorts=tuple(resolve_cohorts(_as_text_list(s["datasets"]))),
         backbones=tuple(resolve_backbones(_as_text_list(s["backbones"]))), folds=folds,
@@ -140,6 +171,8 @@ def build_experiment(args: argparse.Namespace):
         selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
         data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
         device=s["device"], save_weights=bool(s["save_weights"]), plugins=tuple(s["plugins"]),
+        clinical=s["clinical"], splits=s["splits"], features=feature_items(s["features"]), layout=s["layout"],
+        missing_features=s["missing_features"], registry=tuple(str(p) for p in user_registry_files()),
     )
     experiment.check()
     return experiment
@@ -150,22 +183,49 @@ def _results_dir(experiment) -> Path:
 
     if experiment.results:
         return Path(experiment.results)
-    default = default_results_dir(experiment.data_root)
-    if experiment.data_root is None and experiment.signal != "mixed":  # a control cohort: other signal
+    default = default_results_dir(experiment.data_root, experiment.clinical)
+    if experiment.data_root is None and experiment.clinical is None and experiment.signal != "mixed":  # a control
         default = default.with_name(f"synthetic-{experiment.signal}")
     return default
 
 
-def _n_folds(experiment) -> int:
+def _cohorts(experiment) -> list:
     """Load every cohort once (validates names and paths, generates synthetic data before workers start)."""
     from benchmark.training.config import RunConfig
     from benchmark.training.runner import get_cohort_data
 
-    counts = [len(get_cohort_data(RunConfig(experiment.methods[0], c, b, unit=experiment.unit,
-                                            data_root=experiment.data_root, signal=experiment.signal,
-                                            repeat=r)).folds)
-              for c in experiment.cohorts for b in experiment.backbones for r in experiment.repeats]
-    return min(counts)
+    return [get_cohort_data(RunConfig(experiment.methods[0], c, b, unit=experiment.unit, data_root=experiment.data_root,
+                                      signal=experiment.signal, repeat=r, **experiment.data_source()))
+            for c in experiment.cohorts for b in experiment.backbones for r in experiment.repeats]
+
+
+def check_bins(experiment, cohorts) -> None:
+    """Fit every fold's time bins once before any cell: degenerate labels (repeated bin edges, no event to fit
+    on) are one error naming the cohort and the fold, not a failed cell per method."""
+    for cohort in cohorts:
+        folds = experiment.folds if experiment.folds is not None else range(len(cohort.folds))
+        for k in folds:
+            cohort.bins(k, rule=experiment.bin_rule, n_bins=experiment.n_bins)
+
+
+def print_data_notes(console, cohort) -> None:
+    """What the data layer decided about a cohort: the feature layout, split IDs missing from the table, and
+    (``--missing-features drop``) what each fold of the split files lost."""
+    source = cohort.provenance
+    name = f"{cohort.name}/{cohort.backbone.name}"
+    console.print(f"{name}: {len(cohort.samples)} samples, features: {source.get('layout_detection')}")
+    missing = source.get("missing_split_ids") or []
+    if missing:
+        console.print(f"[yellow]{name}: {len(missing)} split ID(s) are not in the table and are left out, e.g. "
+                      f"{', '.join(missing[:3])}[/yellow]")
+    dropped = source.get("missing_features")
+    if not dropped:
+        return
+    console.print(f"[yellow]{name}: {dropped['slides_dropped']} slide(s) without a feature file left out "
+                  f"(--missing-features drop), {dropped['samples_dropped']} sample(s) lost[/yellow]")
+    for row in dropped["folds"]:
+        console.print(f"  fold {row['fold']}: dropped {row['train_dropped']} train / {row['val_dropped']} val; "
+                      f"now {row['train']} train / {row['val']} val")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -173,19 +233,35 @@ def main(args: argparse.Namespace) -> int:
 
     from benchmark.store.records import ResultStore
     from benchmark.training.runner import Execution, run_grid, summary_table
+    from benchmark.training.recipes import get_recipe
     from benchmark.training.trainer import resolve_device
 
     console = Console()
     experiment = build_experiment(args)
-    resolve_device(experiment.device)  # fail early on an unavailable device
+    try:  # fail early on an unknown or unavailable device
+        resolve_device(experiment.device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {experiment.device}: {str(exc).splitlines()[0]}") from None
     results = _results_dir(experiment)
-    configs = experiment.configs(_n_folds(experiment))
+    store = ResultStore(results)
+    store.prepare("--results" if experiment.results else "results folder")  # writable; stale .tmp files removed
+    cohorts = _cohorts(experiment)
+    for cohort in cohorts[::len(experiment.repeats)]:  # once per cohort x backbone (repeats share the data)
+        print_data_notes(console, cohort)
+    configs = experiment.configs(min(len(c.folds) for c in cohorts))
+    check_bins(experiment, cohorts)
+    recipe_notes: list[str] = []
+    get_recipe(configs[0].recipe, dict(experiment.overrides), notes=recipe_notes)
+    for note in recipe_notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     first = configs[0]
     demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
         if first.recipe == "demo" else ""
     console.print(f"[bold]recipe {first.label()}[/bold]{demo_note}: " + ", ".join(
         f"{k}={v}" for k, v in first.resolved_recipe().to_dict().items() if k != "name"))
     source = "embedded synthetic cohorts" if experiment.data_root is None else f"data root {experiment.data_root}"
+    if experiment.clinical is not None:
+        source = f"clinical table {experiment.clinical}"
     if experiment.data_root is None and experiment.signal != "mixed":
         source += f" with a '{experiment.signal}' signal"
     console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
@@ -196,9 +272,9 @@ def main(args: argparse.Namespace) -> int:
                   f"{len(experiment.backbones)} backbone(s) x {len(experiment.repeats)} repeat(s) x {n_folds} fold(s) x "
                   f"{len(experiment.seeds)} seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
     execution = Execution(device=experiment.device, save_weights=experiment.save_weights, plugins=experiment.plugins)
-    report = run_grid(configs, ResultStore(results), execution, jobs=experiment.jobs, overwrite=args.overwrite,
+    report = run_grid(configs, store, execution, jobs=experiment.jobs, overwrite=args.overwrite,
                       console=console)
-    console.print(summary_table(ResultStore(results), configs))
+    console.print(summary_table(store, configs))
     n_err = sum(1 for r in report.ran if r["status"] != "ok")
     console.print(f"{len(report.ran)} cell(s) run in {report.seconds:.1f} s, {len(report.skipped)} skipped, "
                   f"{n_err} error(s); records under {results / 'cells'}")

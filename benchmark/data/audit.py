@@ -1,7 +1,8 @@
 """Leakage audit and report card of a cohort's clinical table and split files.
 
 Fatal problems (non-zero exit of ``python -m benchmark audit``): a patient in both train and val of a fold,
-split IDs missing from the table. Warnings: val folds that overlap, patients in no val fold, train/val that
+split IDs missing from the table, an empty train or validation split, a validation split without events
+(its C-index is undefined). Warnings: val folds that overlap, patients in no val fold, train/val that
 do not cover a fold's IDs.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ class AuditReport:
     folds: pd.DataFrame
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    #: per fold after leaving out slides without features (``audit --features ... --missing-features drop``)
+    feature_folds: pd.DataFrame | None = None
 
     @property
     def ok(self) -> bool:
@@ -45,6 +48,15 @@ def _to_patients(ids: list[str], slides: pd.DataFrame) -> tuple[set[str], list[s
         else:
             found.add(p)
     return found, missing
+
+
+def _fold_size_problems(k: int, train: set[str], val: set[str], val_events: int) -> list[str]:
+    """A fold that cannot be evaluated: an empty train or validation split, or no event in validation."""
+    if not train or not val:
+        return [f"fold {k}: empty {'train' if not train else 'validation'} split"]
+    if val_events == 0:
+        return [f"fold {k}: no events in the validation split ({len(val)} censored patients): C-index undefined"]
+    return []
 
 
 def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> AuditReport:
@@ -81,6 +93,7 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> Au
         for p in va:
             val_seen.setdefault(p, []).append(k)
         ev = patients.loc[sorted(va), "event"]
+        report.problems += _fold_size_problems(k, tr, va, int(ev.sum()))
         rows.append({"fold": k, "train IDs": len(train), "val IDs": len(val), "train pat.": len(tr),
                      "val pat.": len(va), "val events": int(ev.sum()),
                      "val cens.": round(float(1 - ev.mean()), 3) if len(ev) else None,
@@ -96,6 +109,37 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> Au
     never = sorted(set(patients.index) - set(val_seen))
     if never:
         report.warnings.append(f"{len(never)} patient(s) of the table are in no val fold, e.g. {never[:3]}")
+    return report
+
+
+def audit_features(report: AuditReport, dataset: str, clinical, splits, *, features, backbone: str = "resnet50",
+                   layout: str = "auto", missing_features: str = "error") -> AuditReport:
+    """Add the feature files to ``report``: how the layout was found, the slides without a file (a problem with
+    ``missing_features="error"``), and with ``"drop"`` each fold's sizes and events once they are left out."""
+    from benchmark.data.loader import load_cohort
+
+    cohort = load_cohort(dataset, clinical=clinical, splits=splits, features=features, backbone=backbone,
+                         layout=layout, missing_features="drop")
+    report.facts["features"] = cohort.provenance["layout_detection"]
+    dropped = cohort.provenance["missing_features"]
+    if not dropped:
+        report.facts["slides without features"] = 0
+        return report
+    report.facts["slides without features"] = dropped["slides_dropped"]
+    if missing_features == "error":
+        report.problems.append(f"{dropped['slides_dropped']} slide(s) have no {backbone} feature file, e.g. "
+                               f"{dropped['examples'][:3]}; pass --missing-features drop to leave them out")
+        return report
+    report.warnings.append(f"{dropped['slides_dropped']} slide(s) without a feature file are left out "
+                           f"({dropped['samples_dropped']} sample(s))")
+    events = cohort.samples["event"]
+    rows = []
+    for fold, row in zip(cohort.folds, dropped["folds"]):
+        val_events = int(events.loc[fold.val].sum()) if fold.val else 0
+        rows.append({**row, "val events": val_events})
+        report.problems += [f"after dropping slides without features, {p}"
+                            for p in _fold_size_problems(fold.k, set(fold.train), set(fold.val), val_events)]
+    report.feature_folds = pd.DataFrame(rows)
     return report
 
 
@@ -118,9 +162,17 @@ def print_report(report: AuditReport) -> None:
     for r in report.folds.astype(object).itertuples(index=False):
         folds.add_row(*["" if v is None else str(v) for v in r])
     console.print(folds)
+    if report.feature_folds is not None:
+        kept = Table(title="folds without the slides that have no feature file")
+        for c in report.feature_folds.columns:
+            kept.add_column(str(c), justify="right")
+        for r in report.feature_folds.itertuples(index=False):
+            kept.add_row(*[str(v) for v in r])
+        console.print(kept)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
     for p in report.problems:
         console.print(f"[red]FAIL:[/red] {p}")
-    console.print("[green]OK[/green]: no leakage, every split ID is in the table" if report.ok
+    console.print("[green]OK[/green]: no leakage, every split ID is in the table, every validation split has events"
+                  if report.ok
                   else f"[red]{len(report.problems)} problem(s)[/red]")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from benchmark.data.cohorts import load_definitions
-from benchmark.naming import did_you_mean
+from benchmark.naming import check_registry_name, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,32 @@ def _backbones() -> dict[str, Backbone]:
     out: dict[str, Backbone] = {}
     for name, body in load_definitions("backbones").items():
         try:
-            dim = int(body["dim"])
-        except KeyError:
-            raise ValueError(f"{body['_file']}: backbone {name!r} lacks field 'dim'") from None
-        noise = float(body.get("synthetic_noise", 1.0))
-        signal = float(body.get("synthetic_signal", 1.0))
-        if noise < 0 or signal < 0:
-            raise ValueError(f"{body['_file']}: backbone {name!r}: synthetic_noise and synthetic_signal must be >= 0")
-        trident = body.get("trident")
-        out[name] = Backbone(name, dim, body.get("description", ""), name, None, trident, noise, signal)
-        for vname, vbody in body.get("variants", {}).items():
-            full = f"{name}-{vname}"
-            out[full] = Backbone(
-                full, int(vbody["dim"]), vbody.get("description", ""), name, vname,
-                vbody.get("trident", f"{trident}_{vname}" if trident else None), noise, signal,
-            )
+            out.update(_backbone_entries(name, body))
+        except KeyError as exc:
+            raise ValueError(f"{body['_file']}: backbone {name!r} lacks field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{body['_file']}: backbone {name!r}: {exc}") from None
+    return out
+
+
+def _backbone_entries(name: str, body: dict) -> dict[str, Backbone]:
+    """The backbone ``name`` of one registry table and its variants."""
+    dim = int(body["dim"])
+    noise = float(body.get("synthetic_noise", 1.0))
+    signal = float(body.get("synthetic_signal", 1.0))
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if not (noise >= 0 and signal >= 0):  # also refuses NaN
+        raise ValueError("synthetic_noise and synthetic_signal must be >= 0")
+    trident = body.get("trident")
+    out = {name: Backbone(name, dim, body.get("description", ""), name, None, trident, noise, signal)}
+    for vname, vbody in body.get("variants", {}).items():
+        full = f"{name}-{vname}"
+        check_registry_name(full, "backbone", body["_file"])
+        out[full] = Backbone(
+            full, int(vbody["dim"]), vbody.get("description", ""), name, vname,
+            vbody.get("trident", f"{trident}_{vname}" if trident else None), noise, signal,
+        )
     return out
 
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from benchmark.data.paths import check_slide_ids
 
 REQUIRED_COLUMNS = ("case_id", "slide_id", "survival_months", "censorship")
 #: Whole-slide-image file extensions stripped from ``slide_id`` to get the feature-file stem.
@@ -61,19 +64,41 @@ def read_clinical(
     ------
     FileNotFoundError, ValueError
         With the file and the problem: missing columns, missing or negative times, censorship not 0/1,
-        duplicate slide IDs, an empty table.
+        duplicate slide IDs, slide IDs that are not plain file names (path separators, ``..``, absolute
+        paths), an empty table.
     """
     path = Path(path)
+    df = _read_table(path, ("case_id", "slide_id", time_column, censorship_column))
+    slide_file, stems = _slide_ids(df, path)
+    time, cens = _labels(df, path, time_column, censorship_column, slide_file)
+    case = df["case_id"].astype(str).str.strip()
+    out = pd.DataFrame(
+        {
+            "patient_id": case.map(patient_of),
+            "case_id": case,
+            "slide_id": stems,
+            "slide_file": slide_file,
+            "time": time.astype(float),
+            "event": (1 - cens).astype(int),
+            "censorship": cens.astype(int),
+        }
+    ).reset_index(drop=True)
+    if primary_only:
+        out = out[~out["slide_id"].str.contains(r"^TCGA-\w\w-\w{4}-0[2-9]", regex=True)].reset_index(drop=True)
+    return out
+
+
+def _read_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """The table's rows with the ``required`` columns (index and omics columns left out); each problem names
+    the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"clinical table {path} does not exist")
-    columns = {"case_id", "slide_id", time_column, censorship_column}
+        raise FileNotFoundError(f"{path}: clinical table {'is not a file' if path.exists() else 'does not exist'}")
     try:
-        df = pd.read_csv(path, usecols=lambda c: c in columns or not str(c).endswith(_OMICS_SUFFIXES),
+        df = pd.read_csv(path, usecols=lambda c: c in required or not str(c).endswith(_OMICS_SUFFIXES),
                          low_memory=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise ValueError(f"{path}: could not be read as a CSV table: {exc}") from exc
     df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
-    required = ("case_id", "slide_id", time_column, censorship_column)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(
@@ -85,12 +110,24 @@ def read_clinical(
     for col in ("case_id", "slide_id"):
         if df[col].isna().any():
             raise ValueError(f"{path}: column {col!r} is empty in {int(df[col].isna().sum())} row(s)")
+    return df
+
+
+def _slide_ids(df: pd.DataFrame, path: Path) -> tuple[pd.Series, pd.Series]:
+    """``(slide file names, slide IDs)``; unsafe or duplicate slide IDs are errors."""
     slide_file = df["slide_id"].astype(str).str.strip()
     stems = slide_file.map(slide_stem)
+    check_slide_ids(stems, path)  # a slide ID becomes a file name: no '..', separators or absolute paths
     dup = stems[stems.duplicated(keep=False)]
     if len(dup):
         raise ValueError(f"{path}: duplicate slide IDs ({dup.nunique()}), e.g. {sorted(set(dup))[:3]}")
+    return slide_file, stems
 
+
+def _labels(df: pd.DataFrame, path: Path, time_column: str, censorship_column: str,
+            slide_file: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """``(time, censorship)`` as numbers; missing, non-finite or negative times and censorship other than 0/1
+    are errors naming a slide."""
     time = pd.to_numeric(df[time_column], errors="coerce")
     bad_time = time.isna() | ~np.isfinite(time.fillna(0).to_numpy(dtype=float))
     if bad_time.any():
@@ -111,21 +148,7 @@ def read_clinical(
             f"{path}: {censorship_column!r} must be 0 (event) or 1 (censored); {int(bad_c.sum())} row(s) "
             f"hold other values, e.g. {df[censorship_column][bad_c].iloc[0]!r}"
         )
-    case = df["case_id"].astype(str).str.strip()
-    out = pd.DataFrame(
-        {
-            "patient_id": case.map(patient_of),
-            "case_id": case,
-            "slide_id": stems,
-            "slide_file": slide_file,
-            "time": time.astype(float),
-            "event": (1 - cens).astype(int),
-            "censorship": cens.astype(int),
-        }
-    ).reset_index(drop=True)
-    if primary_only:
-        out = out[~out["slide_id"].str.contains(r"^TCGA-\w\w-\w{4}-0[2-9]", regex=True)].reset_index(drop=True)
-    return out
+    return time, cens
 
 
 def patient_table(slides: pd.DataFrame, *, source: object = "") -> pd.DataFrame:

@@ -1,22 +1,30 @@
-"""Per-slide feature files: layouts, reader (with validation) and writers.
+"""Per-slide feature files: layouts, folder search, layout detection, reader (with validation) and writers.
 
-A *cohort feature root* ``R`` holds one cohort's features. Supported layouts (``{m}`` = 5, 10 or 20,
-``{b}`` = canonical backbone name, ``{slide}`` = slide file name minus its extension):
+Features are found in *folders*, one per magnification or one for all (``--features DIR`` or
+``--features 20x=DIR 10x=DIR 5x=DIR``; without ``--features``, the cohort folder ``R`` of the data root).
+Inside a folder each layout looks, in this order, at (``{m}`` = 5, 10 or 20, ``{b}`` = canonical backbone
+name, ``{enc}`` = the backbone's TRIDENT encoder name, ``{slide}`` = slide file name minus its extension):
 
 ===============  =====================================================================================
-``default``      ``R/features/{b}/{slide}.h5`` — one h5 per slide with a group per magnification
-                 (``20x``, ``10x``, ``5x``), each a TRIDENT-style bag: ``features`` (N, D) float32 and
-                 ``coords`` (N, 2) int64 level-0 top-left pixels; file attributes ``patch_size`` (256) and
-                 ``level0_magnification`` (40). One file per slide: 3x fewer files than one per magnification.
-``trident``      ``R/{m}x_{ps}px_{ov}px_overlap/features_{trident name}/{slide}.h5`` (TRIDENT's own tree),
-                 attributes ``patch_size``, ``patch_size_level0``, ``level0_magnification``,
-                 ``target_magnification`` on ``coords``
-``clam``         ``R/{b}/{m}x/h5_files/{slide}.h5`` (``features`` + ``coords``), or, when absent,
-                 ``R/{b}/{m}x/pt_files/{slide}.pt`` (features only) with coordinates from CLAM's patch file
-                 ``R/patches/{m}x/patches/{slide}.h5`` (``coords``)
-``crossfusion``  ``R/{b}/x{m}/pt_files/{slide}.pt`` (the CrossFusion code), coordinates (optional) from
-                 ``R/x{m}/patches/{slide}.h5``
+``default``      ``features/{b}/{slide}.h5`` — one h5 per slide with a group per magnification (``20x``,
+                 ``10x``, ``5x``), each with ``features`` (N, D) float32 and ``coords`` (N, 2) int64 level-0
+                 top-left pixels (the synthetic cohorts)
+``trident``      a TRIDENT job folder: ``{m}x_{ps}px_{ov}px_overlap/features_{enc}/{slide}.h5``; a folder given
+                 for one magnification may also be the ``features_{enc}`` folder itself or hold it
+``clam``         ``{b}/{m}x/{h5_files,pt_files}/`` or ``{m}x/{h5_files,pt_files}/``; a folder given for one
+                 magnification is CLAM's ``FEAT_DIR`` itself: ``h5_files/{slide}.h5`` (``features`` +
+                 ``coords``), else ``pt_files/{slide}.pt`` (features only)
+``crossfusion``  ``{b}/x{m}/pt_files/{slide}.pt`` (the CrossFusion code); a folder given for one magnification
+                 may also be a ``pt_files`` parent or hold the ``.pt`` files
 ===============  =====================================================================================
+
+A folder given without a magnification serves every magnification through the entries that name one
+(``{m}x_...``, ``{b}/{m}x``, ``x{m}``, the ``default`` groups) and 20x through the others (CLAM and TRIDENT
+extract at 20x by default), so 10x features are never read from a 20x folder by accident.
+
+Coordinates of ``.pt`` files (which hold features only) come from the first existing of: CLAM's
+``h5_files/{slide}.h5`` beside ``pt_files``, ``R/patches/{m}x/patches/{slide}.h5`` (CLAM's patch output),
+``R/x{m}/patches/{slide}.h5`` (CrossFusion), ``<folder>/patches/{slide}.h5``.
 
 Per-patch tissue types (optional, any layout): ``R/tissue_types/{slide}.csv`` with columns
 ``magnification, x, y, tissue_type`` (0 tumour, 1 stroma, 2 lymphocytes, 3 necrosis, 4 other); for each
@@ -25,6 +33,9 @@ magnification, one row per patch in the order of the feature file.
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -38,6 +49,10 @@ LAYOUTS = ("default", "trident", "clam", "crossfusion")
 #: Level-0 pixel size of a 256-px patch at each magnification on a 40x scan.
 PATCH_SIZE = 256
 LEVEL0_MAGNIFICATION = 40
+#: Key of :data:`FeatureFolders` for a folder given without a magnification.
+ANY_MAGNIFICATION = None
+#: ``{magnification or None: folder}``: where a cohort's features are (see the module docstring).
+FeatureFolders = dict
 
 
 def level0_patch_size(magnification: int) -> int:
@@ -49,30 +64,74 @@ def _trident_dirs(root: Path, mag: int) -> list[Path]:
     return sorted(root.glob(f"{mag}x_*px_*px_overlap"))
 
 
-def feature_path(root: Path, layout: str, backbone: Backbone, slide: str, mag: int) -> Path:
-    """Path of the feature file of ``slide`` at ``mag`` under ``layout`` (it may not exist)."""
-    root = Path(root)
+def _candidate_dirs(folder: Path, layout: str, backbone: Backbone, mag: int, named_only: bool) -> list[tuple[Path, str]]:
+    """``(directory, file suffix)`` pairs where ``layout`` keeps ``mag`` features inside ``folder``, in search
+    order; ``named_only`` keeps the entries whose path names the magnification."""
+    folder, b = Path(folder), backbone.name
     if layout == "default":
-        return root / "features" / backbone.name / f"{slide}.h5"
+        return [(folder / "features" / b, ".h5")]
     if layout == "trident":
-        dirs = _trident_dirs(root, mag) or [root / f"{mag}x_{PATCH_SIZE}px_0px_overlap"]
-        name = backbone.trident or backbone.name
-        for d in dirs:
-            p = d / f"features_{name}" / f"{slide}.h5"
-            if p.exists():
-                return p
-        return dirs[0] / f"features_{name}" / f"{slide}.h5"
-    if layout == "clam":
-        h5 = root / backbone.name / f"{mag}x" / "h5_files" / f"{slide}.h5"
-        pt = root / backbone.name / f"{mag}x" / "pt_files" / f"{slide}.pt"
-        return pt if (not h5.exists() and pt.exists()) else h5
-    if layout == "crossfusion":
-        return root / backbone.name / f"x{mag}" / "pt_files" / f"{slide}.pt"
-    raise ValueError(f"unknown feature layout {layout!r}; known: {', '.join(LAYOUTS)} (or 'auto')")
+        enc = backbone.trident or b
+        trident = _trident_dirs(folder, mag) or [folder / f"{mag}x_{PATCH_SIZE}px_0px_overlap"]
+        named = [(d / f"features_{enc}", ".h5") for d in trident]
+        unnamed = [(folder / f"features_{enc}", ".h5"), (folder, ".h5")]
+    elif layout == "clam":
+        named = [(base / sub, suffix) for base in (folder / b / f"{mag}x", folder / f"{mag}x")
+                 for sub, suffix in (("h5_files", ".h5"), ("pt_files", ".pt"))]
+        unnamed = [(folder / "h5_files", ".h5"), (folder / "pt_files", ".pt")]
+    elif layout == "crossfusion":
+        named = [(folder / b / f"x{mag}" / "pt_files", ".pt")]
+        unnamed = [(folder / "pt_files", ".pt"), (folder, ".pt")]
+    else:
+        raise ValueError(f"--layout {layout}: unknown feature layout; known: auto, {', '.join(LAYOUTS)}")
+    return named if named_only else named + unnamed
+
+
+def _folder_for(folders: FeatureFolders, mag: int) -> tuple[Path, bool] | None:
+    """The folder serving ``mag`` and whether only magnification-named entries count there."""
+    if mag in folders:
+        return Path(folders[mag]), False
+    if ANY_MAGNIFICATION in folders:
+        return Path(folders[ANY_MAGNIFICATION]), mag != 20
+    return None
+
+
+def find_feature_file(folders: FeatureFolders, layout: str, backbone: Backbone, slide: str, mag: int) -> Path:
+    """Feature file of ``slide`` at ``mag``: the first existing candidate, else the first one (for messages).
+
+    Raises
+    ------
+    FileNotFoundError
+        No folder serves ``mag`` (``--features`` named other magnifications only).
+    """
+    found = _folder_for(folders, mag)
+    if found is None:
+        given = ", ".join(f"{m}x" for m in folders if m is not None)
+        raise FileNotFoundError(f"--features: no folder for {mag}x features (given: {given}); pass "
+                                f"--features {mag}x=DIR as well")
+    candidates = [d / f"{slide}{suffix}" for d, suffix in _candidate_dirs(found[0], layout, backbone, mag, found[1])]
+    return next((p for p in candidates if p.is_file()), candidates[0])
+
+
+def expected_feature_file(folders: FeatureFolders, layout: str, backbone: Backbone, slide: str, mag: int) -> Path:
+    """Where ``slide``'s missing ``mag`` file was looked for, for messages: in the first candidate folder that holds
+    feature files (the one the other slides use), else the first candidate."""
+    found = _folder_for(folders, mag)
+    if found is not None:
+        for directory, suffix in _candidate_dirs(found[0], layout, backbone, mag, found[1]):
+            if _stems_with_files(directory, suffix):
+                return directory / f"{slide}{suffix}"
+    return find_feature_file(folders, layout, backbone, slide, mag)
+
+
+def feature_path(root: Path, layout: str, backbone: Backbone, slide: str, mag: int) -> Path:
+    """Path of the feature file of ``slide`` at ``mag`` under ``layout`` in cohort folder ``root`` (it may not
+    exist)."""
+    return find_feature_file({ANY_MAGNIFICATION: Path(root)}, layout, backbone, slide, mag)
 
 
 def coords_path(root: Path, layout: str, slide: str, mag: int) -> Path | None:
-    """Separate coordinate file of the ``.pt`` layouts (None for h5 layouts, which hold coords)."""
+    """Coordinate file the writers put beside ``.pt`` features (None for h5 layouts, which hold coords)."""
     if layout == "clam":
         return Path(root) / "patches" / f"{mag}x" / "patches" / f"{slide}.h5"
     if layout == "crossfusion":
@@ -80,20 +139,69 @@ def coords_path(root: Path, layout: str, slide: str, mag: int) -> Path | None:
     return None
 
 
+def find_coords_file(pt_file: Path, folder: Path, slide: str, mag: int) -> Path | None:
+    """Coordinates of a ``.pt`` feature file (see the module docstring), or None when there are none."""
+    pt_file, folder = Path(pt_file), Path(folder)
+    candidates = [pt_file.parent.parent / "h5_files" / f"{slide}.h5", coords_path(folder, "clam", slide, mag),
+                  coords_path(folder, "crossfusion", slide, mag), folder / "patches" / f"{slide}.h5"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
 def tissue_type_path(root: Path, slide: str) -> Path:
     return Path(root) / "tissue_types" / f"{slide}.csv"
 
 
-def detect_layout(root: Path, backbone: Backbone, slides: list[str], mag: int) -> str:
-    """First layout under which some of ``slides`` has a feature file at ``mag``."""
-    probe = slides[: min(len(slides), 20)]
-    for layout in LAYOUTS:
-        if any(feature_path(root, layout, backbone, s, mag).exists() for s in probe):
-            return layout
-    tried = "\n  ".join(str(feature_path(root, lay, backbone, probe[0], mag)) for lay in LAYOUTS) if probe else ""
-    raise FileNotFoundError(
-        f"no {backbone.name} features at {mag}x found under {root} in any known layout; looked for e.g.\n  {tried}"
-    )
+@dataclass(frozen=True)
+class LayoutDetection:
+    """What :func:`detect_layout` found: the layout, and how many of the slides have a file under it."""
+
+    layout: str
+    found: int
+    checked: int
+
+    def describe(self) -> str:
+        return (f"{self.layout} layout (auto-detected; {self.found} of {self.checked} slides have a feature file, "
+                f"every slide checked)")
+
+
+def _stems_with_files(directory: Path, suffix: str) -> set[str]:
+    try:
+        return {name[: -len(suffix)] for name in os.listdir(directory) if name.endswith(suffix)}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def count_feature_files(folders: FeatureFolders, layout: str, backbone: Backbone, slides: list[str], mag: int) -> set[str]:
+    """The slides of ``slides`` that have a ``mag`` feature file under ``layout`` (one directory listing per
+    candidate folder, so every slide is checked even in cohorts of thousands)."""
+    found = _folder_for(folders, mag)
+    if found is None:
+        return set()
+    present: set[str] = set()
+    for directory, suffix in _candidate_dirs(found[0], layout, backbone, mag, found[1]):
+        present |= _stems_with_files(directory, suffix)
+    return present & set(slides)
+
+
+def detect_layout(folders: FeatureFolders | Path, backbone: Backbone, slides: list[str], mag: int = 20) -> LayoutDetection:
+    """The layout under which most of ``slides`` have a feature file at ``mag`` (ties: :data:`LAYOUTS` order).
+
+    Raises
+    ------
+    FileNotFoundError
+        No slide has a file in any layout; the message lists where it looked for the first slide.
+    """
+    if not isinstance(folders, dict):
+        folders = {ANY_MAGNIFICATION: Path(folders)}
+    counts = {layout: len(count_feature_files(folders, layout, backbone, slides, mag)) for layout in LAYOUTS}
+    best = max(LAYOUTS, key=lambda layout: counts[layout])  # max keeps the first of equal counts
+    if counts[best] == 0:
+        where = "; ".join(str(find_feature_file(folders, lay, backbone, slides[0], mag)) for lay in LAYOUTS) \
+            if slides else "(the table has no slides)"
+        shown = ", ".join(str(f) for f in folders.values())
+        raise FileNotFoundError(f"{shown}: no {backbone.name} features at {mag}x for any of the {len(slides)} slides "
+                                f"in any known layout; looked for e.g. {where}")
+    return LayoutDetection(best, counts[best], len(slides))
 
 
 def _as_2d(array: np.ndarray, path: Path, what: str) -> np.ndarray:
@@ -104,8 +212,86 @@ def _as_2d(array: np.ndarray, path: Path, what: str) -> np.ndarray:
     return array
 
 
+def _unpickling_problem(exc: pickle.UnpicklingError) -> str:
+    """One line for a ``torch.load(weights_only=True)`` refusal: pickled objects, or bytes that are no pickle."""
+    text = str(exc)
+    detail = next((line.strip() for line in text.split("WeightsUnpickler error:")[-1].splitlines() if line.strip()),
+                  text.splitlines()[0] if text else "")
+    if "Unsupported global" in text:
+        return (f"holds pickled Python objects, not a plain tensor (refused: unpickling can run code; {detail}); "
+                "save the features with torch.save(tensor)")
+    return (f"not a readable torch feature file (corrupt, or pickled objects torch refuses to load: {detail}); "
+            "save the features with torch.save(tensor)")
+
+
+def _load_tensor_file(path: Path) -> np.ndarray:
+    """Features of a ``.pt`` file (a tensor, or a dict with a ``features`` tensor); unreadable -> ValueError."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: {_unpickling_problem(exc)}") from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable torch feature file (truncated or corrupt: {reason})") from None
+    if isinstance(obj, dict) and "features" in obj:
+        obj = obj["features"]
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor of features, got {type(obj).__name__}")
+    return obj.detach().float().numpy()
+
+
+def _check_magnification(node, path: Path, magnification: int | None) -> None:
+    """A TRIDENT file records the magnification it was extracted at (``target_magnification`` on ``coords``):
+    a folder of 10x features given as 20x is an error, not a silent mix of scales."""
+    coords = node.get("coords") if hasattr(node, "get") else None
+    found = coords.attrs.get("target_magnification") if coords is not None else None
+    if magnification is not None and found is not None and int(found) != int(magnification):
+        raise ValueError(f"{path}: features extracted at {int(found)}x (target_magnification), read as "
+                         f"{magnification}x; give this folder as --features {int(found)}x=DIR")
+
+
+def _read_h5(path: Path, group: str | None, want_coords: bool,
+             magnification: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``features`` (and ``coords`` when asked) of an h5 feature file, or of one group of it."""
+    try:
+        with h5py.File(path, "r") as f5:
+            if group is not None and group not in f5:
+                raise ValueError(f"{path}: no group {group!r} (magnification) in this file (has {list(f5.keys())})")
+            f = f5[group] if group is not None else f5
+            if "features" not in f:
+                raise ValueError(f"{path}: h5 file has no 'features' dataset (keys: {list(f.keys())})")
+            _check_magnification(f, path, magnification)
+            feats = f["features"][()]
+            if not want_coords:
+                return feats, None
+            if "coords" not in f:
+                raise ValueError(f"{path}: coordinates requested but the file has no 'coords' dataset")
+            return feats, f["coords"][()]
+    except OSError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not a readable h5 file ({reason})") from None
+
+
+def validate_coords(coords: np.ndarray, n_patches: int, where: str) -> np.ndarray:
+    """Level-0 coordinates as (N, 2) int64; NaN / inf / negative values or a wrong shape -> ValueError."""
+    coords = _as_2d(np.asarray(coords), where, "coords")
+    if coords.shape != (n_patches, 2):
+        raise ValueError(f"{where}: coords have shape {tuple(coords.shape)}, expected ({n_patches}, 2)")
+    if coords.dtype.kind == "f":
+        bad = ~np.isfinite(coords).all(axis=1)
+        if bad.any():  # a cast would turn NaN into INT64_MIN without an error
+            raise ValueError(f"{where}: coords contain NaN or inf values ({int(bad.sum())} of {n_patches} patches)")
+        coords = np.rint(coords)
+    elif coords.dtype.kind not in "iu":
+        raise ValueError(f"{where}: coords must be numbers, got dtype {coords.dtype}")
+    if (coords < 0).any():
+        raise ValueError(f"{where}: coords hold negative values (level-0 pixel positions are >= 0)")
+    return coords.astype(np.int64)
+
+
 def read_features(
-    path: Path, backbone: Backbone, *, with_coords: bool, coords_file: Path | None = None, group: str | None = None
+    path: Path, backbone: Backbone, *, with_coords: bool, coords_file: Path | None = None, group: str | None = None,
+    magnification: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read and validate one slide's features (and coordinates).
 
@@ -119,7 +305,9 @@ def read_features(
     FileNotFoundError
         No feature file (or no coordinate file when coords are requested).
     ValueError
-        Empty bag, NaN / inf values, dim different from the backbone's, coords of the wrong shape.
+        Unreadable file (truncated, corrupt, pickled objects), empty bag, NaN / inf values, dim different from
+        the backbone's, coords of the wrong shape or with NaN / negative values, a TRIDENT file extracted at
+        another magnification than ``magnification``; each names the file.
     """
     path = Path(path)
     if not path.exists():
@@ -127,27 +315,9 @@ def read_features(
     where = f"{path}[{group}]" if group else str(path)
     coords = None
     if path.suffix == ".pt":
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, dict) and "features" in obj:
-            obj = obj["features"]
-        if not isinstance(obj, torch.Tensor):
-            raise ValueError(f"{path}: expected a tensor of features, got {type(obj).__name__}")
-        feats = obj.detach().float().numpy()
+        feats = _load_tensor_file(path)
     else:
-        try:
-            with h5py.File(path, "r") as f5:
-                if group is not None and group not in f5:
-                    raise ValueError(f"{path}: no group {group!r} (magnification) in this file (has {list(f5.keys())})")
-                f = f5[group] if group is not None else f5
-                if "features" not in f:
-                    raise ValueError(f"{path}: h5 file has no 'features' dataset (keys: {list(f.keys())})")
-                feats = f["features"][()]
-                if with_coords and coords_file is None:
-                    if "coords" not in f:
-                        raise ValueError(f"{path}: coordinates requested but the file has no 'coords' dataset")
-                    coords = f["coords"][()]
-        except OSError as exc:
-            raise ValueError(f"{path}: not a readable h5 file: {exc}") from exc
+        feats, coords = _read_h5(path, group, with_coords and coords_file is None, magnification)
     feats = _as_2d(np.asarray(feats), where, "features")
     if feats.shape[0] == 0:
         raise ValueError(f"{where}: empty bag (0 patches)")
@@ -158,17 +328,23 @@ def read_features(
         raise ValueError(f"{where}: features contain NaN or inf values ({bad} of {feats.shape[0]} patches)")
     if with_coords and coords is None:
         if coords_file is None or not Path(coords_file).exists():
-            raise FileNotFoundError(f"coordinates requested for {path}, but coordinate file {coords_file} does not exist")
-        with h5py.File(coords_file, "r") as f:
-            if "coords" not in f:
-                raise ValueError(f"{coords_file}: h5 file has no 'coords' dataset")
-            coords = f["coords"][()]
+            raise FileNotFoundError(f"{path}: coordinates requested, but no coordinate file was found"
+                                    + (f" ({coords_file} does not exist)" if coords_file else ""))
+        where = str(coords_file)
+        _, coords = _read_coords_file(Path(coords_file))
     if coords is not None:
-        coords = _as_2d(np.asarray(coords), where, "coords")
-        if coords.shape != (feats.shape[0], 2):
-            raise ValueError(f"{where}: coords have shape {tuple(coords.shape)}, expected ({feats.shape[0]}, 2)")
-        coords = coords.astype(np.int64)
+        coords = validate_coords(coords, feats.shape[0], where)
     return feats, coords
+
+
+def _read_coords_file(path: Path) -> tuple[None, np.ndarray]:
+    try:
+        with h5py.File(path, "r") as f:
+            if "coords" not in f:
+                raise ValueError(f"{path}: h5 file has no 'coords' dataset")
+            return None, f["coords"][()]
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable h5 file ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
 
 
 def read_tissue_types(root: Path, slide: str) -> dict[int, np.ndarray] | None:
@@ -281,19 +457,26 @@ def write_tissue_types(root: Path, slide: str, bags: dict[int, tuple[np.ndarray,
 
 
 def read_slide(
-    root: Path, layout: str, backbone: Backbone, slide: str, mags: tuple[int, ...], with_coords: bool
+    root: Path, layout: str, backbone: Backbone, slide: str, mags: tuple[int, ...], with_coords: bool,
+    folders: FeatureFolders | None = None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray | None]]:
-    """Read the bags of one slide at ``mags``: ``{mag: (features (N, D) float32, coords (N, 2) int64 or None)}``."""
+    """Read the bags of one slide at ``mags``: ``{mag: (features (N, D) float32, coords (N, 2) int64 or None)}``.
+
+    ``folders`` are the feature folders (default: the cohort folder ``root`` for every magnification).
+    """
+    folders = folders or {ANY_MAGNIFICATION: Path(root)}
     out = {}
     for m in mags:
-        path = feature_path(root, layout, backbone, slide, m)
+        path = find_feature_file(folders, layout, backbone, slide, m)
         if not path.exists():
             raise FileNotFoundError(
-                f"slide {slide!r}: no {backbone.name} feature file at {m}x; expected {path} ({layout} layout)"
+                f"{path}: slide {slide!r} has no {backbone.name} feature file at {m}x ({layout} layout)"
             )
+        folder = _folder_for(folders, m)[0]
         out[m] = read_features(
             path, backbone, with_coords=with_coords,
-            coords_file=coords_path(root, layout, slide, m) if path.suffix == ".pt" else None,
-            group=f"{m}x" if layout == "default" else None,
+            coords_file=find_coords_file(path, Path(root), slide, m) or find_coords_file(path, folder, slide, m)
+            if path.suffix == ".pt" else None,
+            group=f"{m}x" if layout == "default" else None, magnification=m,
         )
     return out

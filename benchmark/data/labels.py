@@ -30,7 +30,13 @@ def quantile_edges(times: np.ndarray, events: np.ndarray, n_bins: int = 4, *, so
 
     Returns
     -------
-    ndarray, shape (n_bins + 1,), non-decreasing.
+    ndarray, shape (n_bins + 1,), strictly increasing.
+
+    Raises
+    ------
+    ValueError
+        No uncensored sample, or repeated edges (too few distinct event times); the message starts with
+        ``source`` (cohort and fold).
     """
     times = np.asarray(times, dtype=float)
     events = np.asarray(events).astype(bool)
@@ -42,6 +48,14 @@ def quantile_edges(times: np.ndarray, events: np.ndarray, n_bins: int = 4, *, so
     edges = qs.copy()
     edges[0] = times.min() - EPS
     edges[-1] = times.max() + EPS
+    if np.any(np.diff(edges) <= 0):
+        # equal edges make empty bins whose NLL terms are meaningless, and the C-index then rests on ties
+        distinct = np.unique(times[events]).size
+        raise ValueError(
+            f"{source}: the {n_bins} time bins have repeated edges {np.round(edges, 4).tolist()} (the "
+            f"{int(events.sum())} uncensored times hold {distinct} distinct value(s)); use fewer bins or check the "
+            "survival times"
+        )
     return edges
 
 

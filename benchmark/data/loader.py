@@ -29,12 +29,18 @@ from benchmark.data.backbones import Backbone, get_backbone
 from benchmark.data.bag import MAGNIFICATIONS, Bag, Needs
 from benchmark.data.clinical import patient_table, read_clinical
 from benchmark.data.cohorts import Cohort, get_cohort
-from benchmark.data.features import LAYOUTS, detect_layout, feature_path, read_slide, read_tissue_types
+from benchmark.data.features import (
+    ANY_MAGNIFICATION, LAYOUTS, FeatureFolders, count_feature_files, detect_layout, expected_feature_file, read_slide,
+    read_tissue_types,
+)
 from benchmark.data.graphs import build_graph
 from benchmark.data.labels import RULES, assign_bins, quantile_edges
+from benchmark.data.paths import data_cache_dir
 from benchmark.data.splits import read_splits, split_files, stratified_patient_folds, write_splits
 
 UNITS = ("patient", "slide")
+#: What to do with slides of the table that have no feature file (``--missing-features``).
+MISSING_FEATURES = ("error", "drop")
 #: In-process bag cache budget (GiB), overridable with $MIL_BENCHMARK_CACHE_GB.
 DEFAULT_CACHE_GB = 16.0
 
@@ -88,6 +94,7 @@ class CohortData:
         folds: list[Fold],
         feature_root: Path,
         layout: str,
+        feature_folders: FeatureFolders | None = None,
         provenance: dict,
         truth: pd.DataFrame | None,
         bin_rule: str,
@@ -102,6 +109,7 @@ class CohortData:
         self.in_dim = backbone.dim
         self.feature_root = feature_root
         self.layout = layout
+        self.feature_folders = feature_folders or {ANY_MAGNIFICATION: Path(feature_root)}
         self.provenance = provenance
         self.truth = truth
         self.bin_rule = bin_rule
@@ -134,14 +142,15 @@ class CohortData:
             raise ValueError(f"unknown bin rule {rule!r}; known: {', '.join(RULES)}")
         if isinstance(fold, int):
             fold = self.folds[fold]
+        source = f"cohort {self.name!r} fold {fold.k}" + (" (training samples)" if rule == "train" else f" ({rule} rule)")
         if rule == "train":
             fit = self.samples.loc[fold.train].drop_duplicates("patient_id")
-            edges = quantile_edges(fit["time"], fit["event"], n_bins, source=f"{self.name} fold {fold.k} train")
+            edges = quantile_edges(fit["time"], fit["event"], n_bins, source=source)
         elif rule == "cohort":
             fit = self.samples.drop_duplicates("patient_id")
-            edges = quantile_edges(fit["time"], fit["event"], n_bins, source=self.name)
+            edges = quantile_edges(fit["time"], fit["event"], n_bins, source=source)
         else:
-            edges = quantile_edges(self.slides["time"], self.slides["event"], n_bins, source=self.name)
+            edges = quantile_edges(self.slides["time"], self.slides["event"], n_bins, source=source)
         return edges, pd.Series(assign_bins(self.samples["time"], edges), index=self.samples.index, name="bin")
 
     @property
@@ -179,7 +188,8 @@ class CohortData:
         gmag = needs.graph_magnification
         mags = tuple(sorted(set(needs.magnifications) | ({gmag} if (needs.graph or needs.tissue_types) else set())))
         want_coords = needs.coords or "spatial" in needs.graph
-        per_slide = [read_slide(self.feature_root, self.layout, self.backbone, s, mags, want_coords) for s in slide_ids]
+        per_slide = [read_slide(self.feature_root, self.layout, self.backbone, s, mags, want_coords, self.feature_folders)
+                     for s in slide_ids]
         features, coords, slide_index = {}, {}, {}
         for m in mags:
             features[m] = torch.from_numpy(np.concatenate([p[m][0] for p in per_slide]) if len(per_slide) > 1
@@ -245,90 +255,111 @@ def _writable_splits_dir(preferred: Path, clinical: Path) -> Path:
         return preferred
     except OSError:
         digest = hashlib.sha1(str(clinical.resolve()).encode()).hexdigest()[:10]
-        return Path(__file__).resolve().parents[2] / "data_cache" / "splits" / f"{clinical.stem}-{digest}"
+        return data_cache_dir("splits", f"{clinical.stem}-{digest}")
 
 
-def load_cohort(
-    dataset: str,
-    *,
-    data_root: str | os.PathLike | None = None,
-    backbone: str = "resnet50",
-    unit: str = "patient",
-    clinical: str | os.PathLike | None = None,
-    splits: str | os.PathLike | None = None,
-    layout: str = "auto",
-    bin_rule: str = "train",
-    check_features: bool = True,
-    n_folds: int = 5,
-    split_seed: int = 0,
-) -> CohortData:
-    """Load one cohort: clinical table, folds, feature source (see the module docstring).
+def parse_feature_folders(spec: str | os.PathLike | dict | list | tuple | None) -> FeatureFolders | None:
+    """``--features`` values -> ``{magnification or None: folder}``.
 
-    Parameters
-    ----------
-    dataset : cohort name (``blca, brca, coad, gbmlgg, luad, ucec`` or one added in ``datasets/*.toml``)
-    data_root : root holding ``<cohort>/`` folders (or the cohort folder itself); None = synthetic ``demo``
-    backbone : backbone name (``resnet50``, ``resnet50-full``, ``conch``, ...)
-    unit : ``"patient"`` (a patient's slides form one bag; default) or ``"slide"``
-    clinical : clinical table (default ``<cohort dir>/clinical.csv``)
-    splits : folder of ``splits_{k}.csv`` (default ``<cohort dir>/splits``; generated there, stratified
-        by event and time bin with ``split_seed``, when it holds none)
-    layout : feature layout, ``"auto"`` or one of ``default, trident, clam, crossfusion``
-    bin_rule : default rule of :meth:`CohortData.bins`
-    check_features : verify that every slide of the table has a feature file (fails naming the first)
-
-    Raises
-    ------
-    FileNotFoundError, ValueError, KeyError (unknown names, with a did-you-mean hint)
+    Accepts ``"DIR"`` (one folder, see :mod:`benchmark.data.features`), ``["20x=DIR", "10x=DIR"]``, a dict
+    ``{"20x": DIR}`` / ``{20: DIR}`` (experiment files) or None (the cohort folder of the data root).
     """
-    cohort = get_cohort(dataset)
-    bb = get_backbone(backbone)
-    if unit not in UNITS:
-        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
-    if bin_rule not in RULES:
-        raise ValueError(f"unknown bin rule {bin_rule!r}; known: {', '.join(RULES)}")
-    synthetic = None
+    if spec is None or spec == [] or spec == ():
+        return None
+    if isinstance(spec, (str, os.PathLike)):
+        spec = [spec]
+    items = list(spec.items()) if isinstance(spec, dict) else [_split_feature_item(str(x)) for x in spec]
+    folders: FeatureFolders = {}
+    for key, folder in items:
+        mag = _magnification_key(key)
+        if mag in folders:
+            raise ValueError(f"--features: {key or 'a folder without magnification'} is given twice")
+        folders[mag] = Path(folder)
+    if ANY_MAGNIFICATION in folders and len(folders) > 1:
+        raise ValueError("--features: give either one folder or one folder per magnification (20x=DIR 10x=DIR ...)")
+    for mag, folder in folders.items():
+        if not folder.is_dir():
+            what = "does not exist" if not folder.exists() else "is not a directory"
+            raise FileNotFoundError(f"--features {folder}: {what}")
+    return folders
+
+
+def _split_feature_item(text: str) -> tuple[str | None, str]:
+    key, sep, folder = text.partition("=")
+    if sep and key.strip().lower().rstrip("x").isdigit():
+        return key.strip(), folder
+    return None, text
+
+
+def _magnification_key(key) -> int | None:
+    if key is None:
+        return ANY_MAGNIFICATION
+    text = str(key).strip().lower().rstrip("x")
+    if not text.isdigit() or int(text) not in MAGNIFICATIONS:
+        raise ValueError(f"--features {key}=...: magnification must be one of "
+                         f"{', '.join(f'{m}x' for m in MAGNIFICATIONS)}")
+    return int(text)
+
+
+def _resolve_root(data_root, cohort: Cohort, bb: Backbone, clinical=None) -> tuple[Path, dict | None]:
+    """The data root and the facts of its synthetic marker (None for real data). Without a data root it is the
+    embedded synthetic one, unless a clinical table is given apart (then the table's folder)."""
+    if data_root is None and clinical is not None:
+        return Path(clinical).parent, None
     if data_root is None:
         from benchmark.data.synth import ensure_synthetic
 
         root = ensure_synthetic("demo", seed=0, signal="mixed", cohorts=(cohort.name,), backbones=(bb.name,))
     else:
         root = Path(data_root)
-        if not root.exists():
-            raise FileNotFoundError(f"data root {root} does not exist")
-    cdir = _cohort_dir(root, cohort)
+        if not root.is_dir():
+            what = "does not exist" if not root.exists() else "is not a directory"
+            raise FileNotFoundError(f"--data-root {root}: {what}")
     meta = root / "SYNTHETIC.json"
-    if meta.exists():
-        import json
+    if not meta.exists():
+        return root, None
+    import json
 
-        synthetic = json.loads(meta.read_text())
+    marker = json.loads(meta.read_text())
+    return root, {k: marker.get(k) for k in ("preset", "seed", "signal", "schema")}
 
-    clinical_path = Path(clinical) if clinical else cdir / "clinical.csv"
-    if not clinical_path.exists():
-        raise FileNotFoundError(f"clinical table {clinical_path} does not exist (cohort {cohort.name!r}, "
-                                f"data root {root}); pass clinical=... or put clinical.csv in {cdir}")
-    slides = read_clinical(clinical_path)
-    patients = patient_table(slides, source=clinical_path)
+
+def _samples_of(slides: pd.DataFrame, unit: str, source: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(patients, samples)`` of a slide table for ``unit``."""
+    patients = patient_table(slides, source=source)
     if unit == "patient":
         samples = patients.rename_axis("sample_id").assign(patient_id=patients.index)
     else:
         samples = slides.set_index("slide_id", drop=False).rename_axis("sample_id")
         samples = samples.assign(slide_ids=[(s,) for s in samples["slide_id"]])
-    samples = samples[["patient_id", "slide_ids", "time", "event", "censorship"]]
+    return patients, samples[["patient_id", "slide_ids", "time", "event", "censorship"]]
 
-    # folds
-    split_dir = Path(splits) if splits else cdir / "splits"
-    generated = False
-    if splits and not split_files(split_dir):
-        raise FileNotFoundError(f"no splits_{{k}}.csv files in {split_dir}")
-    if not split_files(split_dir):
-        split_dir = _writable_splits_dir(split_dir, clinical_path)
+
+def _split_folder(splits, cdir: Path, clinical_path: Path, patients: pd.DataFrame, n_folds: int,
+                  split_seed: int) -> tuple[Path, bool]:
+    """The folder of split files to use, generating stratified patient splits when there are none."""
+    if splits:
+        split_dir = Path(splits)
+        if not split_dir.is_dir():
+            what = "does not exist" if not split_dir.exists() else "is not a directory"
+            raise FileNotFoundError(f"--splits {split_dir}: {what}")
         if not split_files(split_dir):
-            write_splits(split_dir, stratified_patient_folds(patients[["time", "event"]], n_folds, split_seed))
-            generated = True
-    raw = read_splits(split_dir)
+            raise FileNotFoundError(f"--splits {split_dir}: no splits_{{k}}.csv files in this folder")
+        return split_dir, False
+    split_dir = cdir / "splits"
+    if split_files(split_dir):
+        return split_dir, False
+    split_dir = _writable_splits_dir(split_dir, clinical_path)
+    if split_files(split_dir):
+        return split_dir, False
+    write_splits(split_dir, stratified_patient_folds(patients[["time", "event"]], n_folds, split_seed))
+    return split_dir, True
+
+
+def _read_folds(split_dir: Path, samples: pd.DataFrame, slides: pd.DataFrame, unit: str) -> tuple[list[Fold], list[str]]:
+    """Folds of the split files mapped to sample IDs, and the split IDs the table lacks; a leak is an error."""
     folds, missing_ids = [], []
-    for k, (tr, va) in enumerate(raw):
+    for k, (tr, va) in enumerate(read_splits(split_dir)):
         train, miss_t = map_split_ids(tr, samples, slides, unit)
         val, miss_v = map_split_ids(va, samples, slides, unit)
         missing_ids += miss_t + miss_v
@@ -339,46 +370,152 @@ def load_cohort(
         folds.append(Fold(k, train, val))
     missing_ids = sorted(set(missing_ids))
     if missing_ids:
-        warnings.warn(f"{split_dir}: {len(missing_ids)} split ID(s) are not in {clinical_path} and are dropped, "
-                      f"e.g. {missing_ids[:3]} (run `python -m benchmark audit`)", stacklevel=2)
+        warnings.warn(f"{split_dir}: {len(missing_ids)} split ID(s) are not in the clinical table and are dropped, "
+                      f"e.g. {missing_ids[:3]} (run `python -m benchmark audit`)", stacklevel=3)
+    return folds, missing_ids
 
-    # features
-    slide_list = slides["slide_id"].tolist()
+
+def _choose_layout(folders: FeatureFolders, layout: str, bb: Backbone, slide_list: list[str]) -> tuple[str, str]:
+    """``(layout, how it was chosen)``; ``auto`` checks every slide of the table under every layout."""
     if layout == "auto":
-        layout = detect_layout(cdir, bb, slide_list, 20)
-    elif layout not in LAYOUTS:
-        raise ValueError(f"unknown feature layout {layout!r}; known: auto, {', '.join(LAYOUTS)}")
-    if check_features:
-        absent = [s for s in slide_list if not feature_path(cdir, layout, bb, s, 20).exists()]
-        if absent:
-            raise FileNotFoundError(
-                f"{clinical_path}: {len(absent)} slide(s) in the table have no {bb.name} feature file, e.g. slide "
-                f"{absent[0]!r}: expected {feature_path(cdir, layout, bb, absent[0], 20)} ({layout} layout)"
-            )
+        detection = detect_layout(folders, bb, slide_list, 20 if _serves(folders, 20) else min(k for k in folders))
+        return detection.layout, detection.describe()
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout {layout}: unknown feature layout; known: auto, {', '.join(LAYOUTS)}")
+    return layout, f"{layout} layout (given)"
 
-    truth = None
-    from benchmark.data.synth import read_truth
 
-    found = read_truth(cdir)
-    if found is not None:
-        tp, summary = found
-        cols = ["risk", "risk_fine", "risk_coarse", "risk_cross"]
-        truth = tp.loc[samples["patient_id"], cols].set_axis(samples.index)
-        truth.attrs.update(oracle_c_index=summary["oracle_c_index"],
-                           oracle_c_index_per_fold=summary["oracle_c_index_per_fold"], summary=summary)
+def _serves(folders: FeatureFolders, mag: int) -> bool:
+    return mag in folders or ANY_MAGNIFICATION in folders
+
+
+def _slides_without_features(folders: FeatureFolders, layout: str, bb: Backbone, slide_list: list[str]) -> dict[str, int]:
+    """``{slide: first magnification without a file}`` over 20x and every magnification given a folder."""
+    mags = sorted({m for m in folders if m is not None} | ({20} if ANY_MAGNIFICATION in folders else set()))
+    absent: dict[str, int] = {}
+    for m in mags:
+        present = count_feature_files(folders, layout, bb, slide_list, m)
+        absent.update({s: m for s in slide_list if s not in present and s not in absent})
+    return absent
+
+
+def _missing_features_error(absent: dict[str, int], n_slides: int, folders, layout, bb, clinical_path) -> FileNotFoundError:
+    names = list(absent)
+    first = names[0]
+    expected = expected_feature_file(folders, layout, bb, first, absent[first])
+    shown = ", ".join(repr(s) for s in names[:3]) + (", ..." if len(names) > 3 else "")
+    return FileNotFoundError(
+        f"{clinical_path}: {len(names)} slide(s) of the table's {n_slides} have no {bb.name} feature file "
+        f"({layout} layout), e.g. slide {shown}; expected e.g. {expected}. Pass --missing-features drop to "
+        "leave them out (the run reports what each fold loses)"
+    )
+
+
+def drop_report(folds_before: list[Fold], folds_after: list[Fold]) -> list[dict]:
+    """Per fold: samples dropped from train and val for missing features, and the final sizes."""
+    return [{"fold": a.k, "train_dropped": len(b.train) - len(a.train), "val_dropped": len(b.val) - len(a.val),
+             "train": len(a.train), "val": len(a.val)} for b, a in zip(folds_before, folds_after)]
+
+
+def _drop_missing(slides, samples, folds, absent: dict[str, int], unit: str, source: Path):
+    """The table, samples and folds without the slides of ``absent`` (a patient goes when no slide is left)."""
+    kept_slides = slides[~slides["slide_id"].isin(list(absent))].reset_index(drop=True)
+    if kept_slides.empty:
+        raise FileNotFoundError(f"{source}: no slide of the table has a feature file; nothing left to train on")
+    _, kept = _samples_of(kept_slides, unit, source)
+    keep = set(kept.index)
+    new_folds = [Fold(f.k, [s for s in f.train if s in keep], [s for s in f.val if s in keep]) for f in folds]
+    report = {"policy": "drop", "slides_dropped": len(absent), "examples": list(absent)[:5],
+              "samples_dropped": len(samples) - len(kept), "folds": drop_report(folds, new_folds)}
+    return kept_slides, kept, new_folds, report
+
+
+def load_cohort(
+    dataset: str, *, data_root: str | os.PathLike | None = None, backbone: str = "resnet50", unit: str = "patient",
+    clinical: str | os.PathLike | None = None, splits: str | os.PathLike | None = None,
+    features: str | os.PathLike | dict | list | None = None, layout: str = "auto", missing_features: str = "error",
+    bin_rule: str = "train", check_features: bool = True, n_folds: int = 5, split_seed: int = 0,
+) -> CohortData:
+    """Load one cohort: clinical table, folds, feature source (see the module docstring).
+
+    Parameters
+    ----------
+    dataset : cohort name (``blca, brca, coad, gbmlgg, luad, ucec`` or one declared in a registry file)
+    data_root : root holding ``<cohort>/`` folders (or the cohort folder itself); None = synthetic ``demo``,
+        unless ``clinical`` is given (then the table's folder is the cohort folder)
+    backbone : backbone name (``resnet50``, ``resnet50-full``, ``conch``, ...)
+    unit : ``"patient"`` (a patient's slides form one bag; default) or ``"slide"``
+    clinical : clinical table, ``.csv`` or MCAT's ``.csv.zip`` (default ``<cohort dir>/clinical.csv``)
+    splits : folder of ``splits_{k}.csv`` (default ``<cohort dir>/splits``; when it holds none, stratified splits
+        are generated into it, or into ``$MIL_BENCHMARK_DATA/splits`` when it cannot be written)
+    features : feature folders, see :func:`parse_feature_folders` (default: the cohort folder)
+    layout : feature layout, ``"auto"`` (every slide checked) or one of ``default, trident, clam, crossfusion``
+    missing_features : ``"error"`` (default) or ``"drop"`` slides without a feature file (reported per fold in
+        ``provenance["missing_features"]``)
+    bin_rule : default rule of :meth:`CohortData.bins`
+    check_features : verify that every slide of the table has a feature file
+    n_folds, split_seed : of the generated splits
+
+    Raises
+    ------
+    FileNotFoundError, ValueError, KeyError (unknown names, with a did-you-mean hint)
+    """
+    cohort, bb = get_cohort(dataset), get_backbone(backbone)
+    for option, value, choices in (("--unit", unit, UNITS), ("--bin-rule", bin_rule, RULES),
+                                   ("--missing-features", missing_features, MISSING_FEATURES)):
+        _check_choice(option, value, choices)
+    folders = parse_feature_folders(features)
+    root, synthetic = _resolve_root(data_root, cohort, bb, clinical)
+    cdir = _cohort_dir(root, cohort)
+    clinical_path = _clinical_path(clinical, cdir, cohort)
+    slides = read_clinical(clinical_path)
+    patients, samples = _samples_of(slides, unit, clinical_path)
+    split_dir, generated = _split_folder(splits, cdir, clinical_path, patients, n_folds, split_seed)
+    folds, missing_ids = _read_folds(split_dir, samples, slides, unit)
+    folders = folders or {ANY_MAGNIFICATION: cdir}
+    layout, layout_note = _choose_layout(folders, layout, bb, slides["slide_id"].tolist())
+    absent = _slides_without_features(folders, layout, bb, slides["slide_id"].tolist()) if check_features else {}
+    if absent and missing_features == "error":
+        raise _missing_features_error(absent, len(slides), folders, layout, bb, clinical_path)
+    slides, samples, folds, dropped = _drop_missing(slides, samples, folds, absent, unit, clinical_path) if absent \
+        else (slides, samples, folds, None)
     provenance = {
-        "dataset": cohort.name,
-        "backbone": bb.name,
-        "unit": unit,
-        "data_root": str(Path(root).resolve()),
-        "cohort_dir": str(cdir.resolve()),
-        "clinical": str(clinical_path.resolve()),
-        "splits": str(split_dir.resolve()),
-        "splits_generated": generated,
-        "layout": layout,
-        "synthetic": None if synthetic is None else {k: synthetic.get(k) for k in ("preset", "seed", "signal", "schema")},
-        "missing_split_ids": missing_ids,
+        "dataset": cohort.name, "backbone": bb.name, "unit": unit, "data_root": str(Path(root).resolve()),
+        "cohort_dir": str(cdir.resolve()), "clinical": str(clinical_path.resolve()), "splits": str(split_dir.resolve()),
+        "splits_generated": generated, "layout": layout, "layout_detection": layout_note,
+        "features": {("any" if m is None else f"{m}x"): str(Path(f).resolve()) for m, f in folders.items()},
+        "synthetic": synthetic, "missing_split_ids": missing_ids, "missing_features": dropped,
         "magnifications": list(MAGNIFICATIONS),
     }
     return CohortData(cohort=cohort, backbone=bb, unit=unit, slides=slides, samples=samples, folds=folds,
-                      feature_root=cdir, layout=layout, provenance=provenance, truth=truth, bin_rule=bin_rule)
+                      feature_root=cdir, layout=layout, feature_folders=folders, provenance=provenance,
+                      truth=_truth_of(cdir, samples), bin_rule=bin_rule)
+
+
+def _clinical_path(clinical, cdir: Path, cohort: Cohort) -> Path:
+    """The clinical table: ``clinical`` when given, else ``<cohort dir>/clinical.csv``; it must exist."""
+    path = Path(clinical) if clinical else cdir / "clinical.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{'--clinical ' if clinical else ''}{path}: clinical table does not exist "
+                                f"(cohort {cohort.name!r}); pass --clinical FILE or put clinical.csv in {cdir}")
+    return path
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} {value}: must be one of {', '.join(choices)}")
+
+
+def _truth_of(cdir: Path, samples: pd.DataFrame) -> pd.DataFrame | None:
+    """The synthetic truth of the samples (None for real data)."""
+    from benchmark.data.synth import read_truth
+
+    found = read_truth(cdir)
+    if found is None:
+        return None
+    tp, summary = found
+    cols = ["risk", "risk_fine", "risk_coarse", "risk_cross"]
+    truth = tp.loc[samples["patient_id"], cols].set_axis(samples.index)
+    truth.attrs.update(oracle_c_index=summary["oracle_c_index"],
+                       oracle_c_index_per_fold=summary["oracle_c_index_per_fold"], summary=summary)
+    return truth

@@ -33,8 +33,8 @@ def read_split_file(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ValueError(f"{path}: not a split CSV: {exc}") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a split CSV: {str(exc).splitlines()[0]}") from None
     missing = [c for c in ("train", "val") if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: split file lacks column(s) {missing} (found {list(df.columns)})")
@@ -46,7 +46,7 @@ def read_splits(directory: str | os.PathLike) -> list[tuple[list[str], list[str]
     """Every fold of a split folder, as ``(train_ids, val_ids)``."""
     files = split_files(directory)
     if not files:
-        raise FileNotFoundError(f"no splits_{{k}}.csv files in {directory}")
+        raise FileNotFoundError(f"{directory}: no splits_{{k}}.csv files in this folder")
     return [read_split_file(f) for f in files]
 
 

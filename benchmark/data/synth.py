@@ -180,6 +180,10 @@ def plan_cohort(cohort: Cohort, preset: Preset, seed: int, signal="mixed") -> Co
     """Patients, slides, latent states, risk and survival of one synthetic cohort (deterministic)."""
     name, w = signal_weights(signal)
     rng = np.random.default_rng([seed, _h(cohort.name), 1])
+    if cohort.patients < 1 or cohort.slides < cohort.patients or cohort.time_median <= 0:
+        raise ValueError(f"{cohort.source_file or 'registry'}: cohort {cohort.name!r} declares no table facts "
+                         "(patients, slides, events, censoring, time_median, time_max), so synthetic data cannot mirror "
+                         "it; give its real data (--clinical, --features) or declare the facts")
     n = preset.n_patients or cohort.patients
     extra_ratio = cohort.slides / cohort.patients - 1
     n_slides = n + int(round(n * extra_ratio))

@@ -5,9 +5,11 @@ Layout (``docs/ARCHITECTURE.md``, "Result store contract")::
     <results>/cells/<method>/<cohort>/<backbone>/<recipe>-<selection>-s<seed>/fold<k>.json
     <results>/cells/<method>/<cohort>/<backbone>/<recipe>-<selection>-s<seed>/fold<k>.pt   (model weights)
 
-Records are written atomically (a temporary file in the same folder, then ``os.replace``), so a crash or
-a parallel reader never sees half a record. Reruns skip cells whose ``ok`` record exists; error records
-are retried.
+Records are written atomically (a temporary file ``.<name>.<pid>.<random>.tmp`` in the same folder, then
+``os.replace``), so a crash or a parallel reader never sees half a record; temporary files left by a process
+that is gone are removed when a run starts (:meth:`ResultStore.prepare`). Reruns skip cells whose ``ok``
+record and weights are readable (:meth:`ResultStore.weights_problem`); error records and cells whose record
+or weights are unreadable are redone.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import sksurv
 import torch
 
 from benchmark import __version__
+from benchmark.naming import path_under
 
 #: Version of the record layout (2: ``label`` added, ``unit`` only in ``config``; 1 is still read).
 SCHEMA = 2
@@ -133,7 +136,8 @@ def _json_safe(value: Any) -> Any:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the pid in the name tells a stale temporary file (its writer is gone) from one being written now
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -144,6 +148,44 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+#: A temporary file whose writer cannot be identified is stale after this many seconds.
+STALE_TMP_SECONDS = 3600
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale_tmp(path: Path, now: float | None = None) -> bool:
+    """Whether ``path`` is a temporary file of an interrupted write: its writer's pid (the second-to-last dotted
+    part before the random suffix) is not running, or it cannot be told and the file is over an hour old."""
+    parts = path.name.split(".")
+    pid = next((int(p) for p in reversed(parts[:-2]) if p.isdigit()), None)
+    if pid is not None and pid != os.getpid() and not _process_alive(pid):
+        return True
+    try:
+        age = (now or datetime.now().timestamp()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return pid is None and age > STALE_TMP_SECONDS
+
+
+def clean_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Remove the stale temporary files (see :func:`is_stale_tmp`) under ``folder``; returns them."""
+    removed = []
+    for path in Path(folder).rglob(".*.tmp"):
+        if path.is_file() and is_stale_tmp(path):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class ResultStore:
@@ -157,6 +199,33 @@ class ResultStore:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+
+    def prepare(self, option: str = "--results") -> list[Path]:
+        """Make sure the store can be written (its root is, or can be made, a writable folder) and remove the
+        temporary files that interrupted writes left; returns the removed files.
+
+        Raises
+        ------
+        NotADirectoryError, PermissionError
+            With ``option``, the folder and the problem.
+        """
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"{option} {root}: exists and is not a directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-probe.{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except FileExistsError:  # a parent is a file
+            raise NotADirectoryError(f"{option} {root}: a parent folder is a file") from None
+        except NotADirectoryError:
+            raise NotADirectoryError(f"{option} {root}: a parent folder is a file") from None
+        except PermissionError:
+            raise PermissionError(f"{option} {root}: permission denied (cannot write there)") from None
+        except OSError as exc:
+            raise OSError(f"{option} {root}: cannot write there ({exc.strerror or exc})") from None
+        return clean_stale_tmp(root)
 
     # paths -------------------------------------------------------------------------------------------
     def record_path(self, cell: Cell) -> Path:
@@ -173,6 +242,7 @@ class ResultStore:
         if missing:
             raise ValueError(f"result record lacks field(s) {missing}")
         cell = Cell.of(record)
+        path_under(self.root, str(cell.run_dir))  # names from plugins or recipes must not leave the store
         record = dict(record)
         record.setdefault("schema", SCHEMA)
         if state_dict is not None:
@@ -227,6 +297,22 @@ class ResultStore:
         for path in (old_weights, self.record_path(old_cell)):
             path.unlink(missing_ok=True)
         return self.read(to)
+
+    def weights_problem(self, record: dict) -> str | None:
+        """Why the weights a record names cannot be loaded (None when they can, or when none were saved)."""
+        if not record.get("weights"):
+            return None
+        path = self.weights_path(Cell.of(record))
+        if not path.is_file():
+            return f"{path}: weights file missing"
+        try:  # mmap: checks the archive and its tensors without reading them all
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # any failure to load means the cell must be redone
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"{path}: unreadable weights ({reason})"
+        if not isinstance(state, dict):
+            return f"{path}: weights file holds {type(state).__name__}, not a state dict"
+        return None
 
     def iter_paths(self) -> Iterator[Path]:
         cells = self.root / "cells"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shlex
 import tomllib
 from dataclasses import dataclass, field
@@ -26,12 +27,66 @@ from benchmark.store.records import Cell, config_hash
 from benchmark.training.recipes import SELECTIONS, Recipe, get_recipe, parse_option_value
 
 UNITS = ("patient", "slide")
-BIN_RULES = ("train", "cohort")
+BIN_RULES = ("train", "cohort", "cohort-slides")
 DEFAULT_N_BINS = 4
 #: Record keys of ``config`` that describe how the settings were spelled, not what they resolve to: they are
 #: left out of ``config_hash``, so the same resolved configuration always has the same hash.
-UNHASHED_KEYS = ("overrides", "signal")
+UNHASHED_KEYS = ("overrides", "signal", "registry")
 SYNTHETIC_SIGNALS = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
+#: ``--layout`` values (``benchmark.data.features.LAYOUTS`` and ``auto``) and ``--missing-features`` values
+#: (``benchmark.data.loader.MISSING_FEATURES``), spelled out so the CLI needs no data modules (tested equal).
+LAYOUT_CHOICES = ("auto", "default", "trident", "clam", "crossfusion")
+MISSING_FEATURES = ("error", "drop")
+DATA_SOURCE_DEFAULTS = {"layout": "auto", "missing_features": "error"}
+FEATURE_KEYS = ("any", "20x", "10x", "5x")
+
+
+def feature_items(spec: Any) -> tuple[tuple[str, str], ...]:
+    """``--features`` in any spelling -> sorted ``((magnification or "any", absolute folder), ...)``.
+
+    Accepts ``"DIR"``, ``["20x=DIR", "10x=DIR"]``, ``{"20x": DIR}`` (experiment files, records) or pairs.
+    """
+    if not spec:
+        return ()
+    if isinstance(spec, (str, os.PathLike)):
+        spec = [spec]
+    if isinstance(spec, Mapping):
+        pairs = list(spec.items())
+    else:
+        pairs = [tuple(x) if isinstance(x, (list, tuple)) else _feature_pair(str(x)) for x in spec]
+    out: dict[str, str] = {}
+    for key, folder in pairs:
+        key = "any" if key in (None, "", "any") else str(key).strip().lower()
+        key = key if key.endswith("x") or key == "any" else f"{key}x"
+        if key not in FEATURE_KEYS:
+            raise ValueError(f"--features {key}=...: magnification must be one of 20x, 10x, 5x")
+        if key in out:
+            raise ValueError(f"--features: {key} is given twice")
+        out[key] = os.path.abspath(str(folder))
+    if "any" in out and len(out) > 1:
+        raise ValueError("--features: give either one folder or one folder per magnification (20x=DIR 10x=DIR ...)")
+    return tuple(sorted(out.items()))
+
+
+def _feature_pair(text: str) -> tuple[str | None, str]:
+    key, sep, folder = text.partition("=")
+    if sep and key.strip().lower().rstrip("x").isdigit():
+        return key.strip(), folder
+    return None, text
+
+
+def _data_source_cli(config: "RunConfig") -> list[str]:
+    """The ``run`` options of a configuration's data source (nothing for the defaults)."""
+    args: list[str] = []
+    for name in ("clinical", "splits"):
+        if getattr(config, name) is not None:
+            args += [f"--{name}", getattr(config, name)]
+    if config.features:
+        args += ["--features"] + [v if k == "any" else f"{k}={v}" for k, v in config.features]
+    for name, default in DATA_SOURCE_DEFAULTS.items():
+        if getattr(config, name) != default:
+            args.append(f"--{name.replace('_', '-')}={getattr(config, name)}")
+    return args + [f"--registry={path}" for path in config.registry]
 
 
 def _frozen_items(mapping: Mapping[str, Any] | tuple | None) -> tuple[tuple[str, Any], ...]:
@@ -81,6 +136,18 @@ class RunConfig:
         Real data root; None = the embedded synthetic cohorts with ``signal``.
     signal : str
         Planted signal of the embedded synthetic cohorts (``mixed`` is the default data).
+    clinical, splits : str or None
+        The data source's clinical table (csv or MCAT's ``.csv.zip``) and split folder, when given apart from a
+        data root (``--clinical``, ``--splits``); absolute paths.
+    features : tuple of (magnification, folder)
+        Feature folders (``--features DIR`` -> ``(("any", DIR),)``, ``--features 20x=A 10x=B`` ->
+        ``(("10x", B), ("20x", A))``); absolute paths.
+    layout : {"auto", "default", "trident", "clam", "crossfusion"}
+    missing_features : {"error", "drop"}
+        Slides of the table without a feature file stop the run, or are left out (reported per fold).
+    registry : tuple of str
+        Registry files (cohorts, backbones) the cell's names come from (``--registry``,
+        ``$MIL_BENCHMARK_REGISTRY``); read again when the cell is rebuilt from its record.
     """
 
     method: str
@@ -98,6 +165,12 @@ class RunConfig:
     data_root: str | None = None
     signal: str = "mixed"
     repeat: int = 0
+    clinical: str | None = None
+    splits: str | None = None
+    features: tuple[tuple[str, str], ...] = ()
+    layout: str = "auto"
+    missing_features: str = "error"
+    registry: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -120,6 +193,30 @@ class RunConfig:
         setattr_("overrides", _frozen_items(self._effective_overrides(dict(self.overrides))))
         if self.data_root is not None:
             setattr_("data_root", str(self.data_root))
+        self._normalise_data_source(setattr_)
+
+    def _normalise_data_source(self, setattr_) -> None:
+        """Absolute paths, features as sorted (magnification, folder) pairs, checked choices."""
+        for name in ("clinical", "splits"):
+            if getattr(self, name) is not None:
+                setattr_(name, os.path.abspath(str(getattr(self, name))))
+        setattr_("features", feature_items(self.features))
+        setattr_("registry", tuple(os.path.abspath(str(p)) for p in self.registry))
+        _check_choice(self.layout, LAYOUT_CHOICES, "--layout")
+        _check_choice(self.missing_features, MISSING_FEATURES, "--missing-features")
+
+    def data_source(self) -> dict[str, Any]:
+        """The data-source settings that differ from the defaults (what a record stores and the loader takes)."""
+        given = {"clinical": self.clinical, "splits": self.splits, "features": dict(self.features) or None,
+                 "layout": self.layout, "missing_features": self.missing_features}
+        return {k: v for k, v in given.items() if v is not None and v != DATA_SOURCE_DEFAULTS.get(k)}
+
+    def loader_arguments(self) -> dict[str, Any]:
+        """Keyword arguments of ``load_cohort`` for the data source (see :meth:`data_source`)."""
+        source = self.data_source()
+        if "features" in source:
+            source["features"] = {(None if k == "any" else k): v for k, v in source["features"].items()}
+        return source
 
     def _effective_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Overrides parsed to their recipe field types, without those equal to the named recipe's value."""
@@ -188,6 +285,9 @@ class RunConfig:
         }
         if synthetic is not None:
             config["synthetic_backbone"] = dict(synthetic["backbone"])
+        config.update(self.data_source())  # only what differs from the defaults: older hashes stay valid
+        if self.registry:
+            config["registry"] = list(self.registry)
         return config
 
     @classmethod
@@ -209,13 +309,16 @@ class RunConfig:
             seed=int(record["seed"]), recipe=name, overrides=overrides, method_options=config.get("method_options") or {},
             selection=record["selection"], unit=config.get("unit") or record.get("unit") or "patient",
             bin_rule=config.get("bin_rule") or "train", n_bins=config.get("n_bins") or DEFAULT_N_BINS,
-            data_root=data_root, signal=signal, repeat=int(record.get("repeat") or 0),
+            data_root=data_root, signal=signal, repeat=int(record.get("repeat") or 0), clinical=config.get("clinical"),
+            splits=config.get("splits"), features=config.get("features") or (), layout=config.get("layout") or "auto",
+            missing_features=config.get("missing_features") or "error", registry=config.get("registry") or (),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``RunConfig(**d)`` rebuilds it)."""
         out = dataclasses.asdict(self)
         out["overrides"], out["method_options"] = dict(self.overrides), dict(self.method_options)
+        out["features"], out["registry"] = dict(self.features), list(self.registry)
         return out
 
     def to_cli(self, results: str | Path | None = None) -> str:
@@ -230,6 +333,7 @@ class RunConfig:
         args += [f"--{k.replace('_', '-')}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
         if self.data_root is not None:
             args += ["--data-root", self.data_root]
+        args += _data_source_cli(self)
         if results is not None:
             args += ["--results", str(results)]
         return shlex.join(args)
@@ -249,7 +353,11 @@ EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "seeds": (str, list, int), "repeats": int, "repeat": (str, list, int), "recipe": str, "set": dict, "method_options": dict, "selection": str, "unit": str,
     "bin_rule": str, "n_bins": int, "data_root": str, "signal": str, "results": str, "jobs": int,
     "device": str, "save_weights": bool, "plugins": list,
+    "clinical": str, "splits": str, "features": (str, list, dict), "layout": str, "missing_features": str,
+    "registry": (str, list),
 }
+#: Experiment-file settings that are paths: relative ones are taken from the experiment file's folder.
+EXPERIMENT_PATHS = ("clinical", "splits", "features", "registry")
 
 
 @dataclass(frozen=True)
@@ -281,6 +389,18 @@ class Experiment:
     device: str = "auto"
     save_weights: bool = True
     plugins: tuple[str, ...] = ()
+    # the data source (part of every cell's configuration)
+    clinical: str | None = None
+    splits: str | None = None
+    features: tuple[tuple[str, str], ...] = ()
+    layout: str = "auto"
+    missing_features: str = "error"
+    registry: tuple[str, ...] = ()
+
+    def data_source(self) -> dict[str, Any]:
+        """The data-source fields every cell of the grid gets."""
+        return {"clinical": self.clinical, "splits": self.splits, "features": self.features, "layout": self.layout,
+                "missing_features": self.missing_features, "registry": self.registry}
 
     def options_for(self, method: str) -> dict[str, Any]:
         """The options that reach ``method``: the ``"*"`` ones, then its own (which win)."""
@@ -295,7 +415,7 @@ class Experiment:
             raise ValueError(f"--folds: the cohorts have only {n_folds} folds (0-{n_folds - 1}); got {bad}")
         return [
             RunConfig(m, c, b, k, s, self.recipe, dict(self.overrides), self.options_for(m), self.selection,
-                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal, r)
+                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal, r, **self.data_source())
             for c in self.cohorts for b in self.backbones for m in self.methods for r in self.repeats
             for s in self.seeds for k in folds
         ]
@@ -304,7 +424,7 @@ class Experiment:
         """Validate the shared settings once, before any cell (a bad value is one clear error)."""
         RunConfig(self.methods[0] if self.methods else "x", self.cohorts[0] if self.cohorts else "x",
                   recipe=self.recipe, overrides=dict(self.overrides), selection=self.selection, unit=self.unit,
-                  bin_rule=self.bin_rule, n_bins=self.n_bins, signal=self.signal)
+                  bin_rule=self.bin_rule, n_bins=self.n_bins, signal=self.signal, **self.data_source())
         unknown = [m for m in self.method_options if m != "*" and m not in self.methods]
         if unknown:
             raise ValueError(f"--method-option: method(s) {unknown} are not among the selected methods "
@@ -339,4 +459,18 @@ def read_experiment_file(path: str | Path) -> dict[str, Any]:
             raise ValueError(f"--config {path}: {did_you_mean(key, list(EXPERIMENT_KEYS), 'setting')}")
         if not isinstance(value, EXPERIMENT_KEYS[key]):
             raise ValueError(f"--config {path}: {key} has the wrong type ({type(value).__name__})")
+    for key in EXPERIMENT_PATHS:
+        if key in data:
+            data[key] = _from_folder(path.parent, data[key])
     return data
+
+
+def _from_folder(base: Path, value: Any) -> Any:
+    """Paths of an experiment file, relative ones taken from the file's folder (``20x=DIR`` items too)."""
+    if isinstance(value, dict):
+        return {k: str(base / str(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_folder(base, v) for v in value]
+    key, folder = _feature_pair(str(value))
+    joined = str(base / folder)
+    return joined if key is None else f"{key}={joined}"

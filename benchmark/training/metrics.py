@@ -30,6 +30,10 @@ TIED_TOL = 1e-8
 TINY = np.finfo(float).tiny
 
 
+#: Note a record carries when its validation fold has no event: Harrell's C-index has no comparable pair.
+NO_EVENTS_NOTE = "no events: C-index undefined"
+
+
 def _as_arrays(time, event, risk=None):
     t = np.asarray(time, dtype=float).reshape(-1)
     e = np.asarray(event).reshape(-1).astype(bool)

@@ -18,6 +18,7 @@ overridden from the command line (``--set lr=3e-4 epochs=4``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -72,21 +73,52 @@ class Recipe:
     patience: int | None = None
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"recipe {self.name!r}: schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        if self.epochs < 1 or self.accumulation < 1:
-            raise ValueError(f"recipe {self.name!r}: epochs and accumulation must be >= 1")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"recipe {self.name!r}: lr must be > 0 and weight_decay >= 0")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"recipe {self.name!r}: alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 < self.inner_fraction < 1.0:
-            raise ValueError(f"recipe {self.name!r}: inner_fraction must be in (0, 1)")
-        if self.max_samples_per_epoch is not None and self.max_samples_per_epoch < 1:
-            raise ValueError(f"recipe {self.name!r}: max_samples_per_epoch must be >= 1 or None")
+        problems = [p for p in (_problem(self, f.name) for f in fields(self) if f.name != "name") if p]
+        if self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs:
+            problems.append(f"warmup_epochs={self.warmup_epochs} is not shorter than epochs={self.epochs} (the "
+                            "learning rate would never reach its peak and never decay)")
+        if problems:
+            raise ValueError(f"recipe {self.name!r}: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: Accepted range of each numeric field: (lowest, highest, whether the lowest value itself is allowed).
+FIELD_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lr": (0.0, math.inf, False),
+    "weight_decay": (0.0, math.inf, True),
+    "epochs": (1, math.inf, True),
+    "accumulation": (1, math.inf, True),
+    "alpha": (0.0, 1.0, True),
+    "warmup_epochs": (0.0, math.inf, True),
+    "max_samples_per_epoch": (1, math.inf, True),
+    "inner_fraction": (0.0, 1.0, False),
+    "patience": (1, math.inf, True),
+}
+SCHEDULES = ("cosine", "constant")
+
+
+def _problem(recipe: "Recipe", name: str) -> str | None:
+    """Why field ``name`` of ``recipe`` is invalid (None when it is fine): non-finite numbers, values out of
+    range, an unknown schedule, a wrong type."""
+    value = getattr(recipe, name)
+    if name == "schedule":
+        return None if value in SCHEDULES else f"schedule must be one of {', '.join(SCHEDULES)}, got {value!r}"
+    if name == "balanced_sampler":
+        return None if isinstance(value, bool) else f"balanced_sampler must be true or false, got {value!r}"
+    if value is None and name in ("max_samples_per_epoch", "patience"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"{name} must be a finite number, got {value}"
+    low, high, low_ok = FIELD_RANGES[name]
+    if value < low or (value == low and not low_ok) or value > high or (name == "inner_fraction" and value >= high):
+        bounds = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if name == "inner_fraction" else
+                                                        f" and <= {high}" if math.isfinite(high) else "")
+        return f"{name} must be {bounds}, got {value}"
+    return None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -129,18 +161,22 @@ def _parse_value(field_name: str, raw: Any, current: Any, annotation: str) -> An
             return float(text)
         return text
     except ValueError:
-        raise ValueError(f"recipe field {field_name!r}: cannot parse {raw!r} as {annotation}") from None
+        raise ValueError(f"--set {field_name}={raw}: cannot parse the value as {annotation}") from None
 
 
-def get_recipe(name: str, overrides: Mapping[str, Any] | None = None) -> Recipe:
+def get_recipe(name: str, overrides: Mapping[str, Any] | None = None, notes: list[str] | None = None) -> Recipe:
     """A named recipe with ``overrides`` applied (string values are parsed to the field's type).
+
+    A run made shorter than the recipe's warm-up (``--set epochs=1`` on ``paper``, whose warm-up is 5 epochs)
+    keeps the recipe's warm-up *fraction* instead; the change is appended to ``notes``. A warm-up given
+    explicitly and not shorter than the run is refused.
 
     Raises
     ------
     KeyError
         Unknown recipe name (with a "did you mean" hint).
     ValueError
-        Unknown field or unparsable value.
+        Unknown field, unparsable, non-finite or out-of-range value.
     """
     try:
         base = RECIPES[name.lower()]
@@ -152,9 +188,20 @@ def get_recipe(name: str, overrides: Mapping[str, Any] | None = None) -> Recipe:
     changes = {}
     for key, raw in overrides.items():
         if key == "name" or key not in known:
-            raise ValueError(f"unknown recipe field {key!r}; known fields: {', '.join(k for k in known if k != 'name')}")
+            raise ValueError(f"--set {key}: unknown recipe field; known fields: "
+                             f"{', '.join(k for k in known if k != 'name')}")
         changes[key] = _parse_value(key, raw, getattr(base, key), str(known[key].type))
-    return dataclasses.replace(base, **changes)
+    epochs = changes.get("epochs", base.epochs)
+    if "warmup_epochs" not in changes and isinstance(epochs, int) and 0 < epochs <= base.warmup_epochs:
+        changes["warmup_epochs"] = round(base.warmup_epochs / base.epochs * epochs, 6)
+        if notes is not None:
+            notes.append(f"recipe {base.name}: warm-up {base.warmup_epochs:g} epochs is not shorter than the "
+                         f"{epochs}-epoch run; using {changes['warmup_epochs']:g} (the recipe's fraction "
+                         f"{base.warmup_epochs / base.epochs:.0%} of the epochs)")
+    try:
+        return dataclasses.replace(base, **changes)
+    except ValueError as exc:
+        raise ValueError(f"--set {' '.join(f'{k}={v}' for k, v in overrides.items())}: {exc}") from None
 
 
 def parse_assignments(items: list[str] | None, what: str = "--set") -> dict[str, str]:

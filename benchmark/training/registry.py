@@ -12,20 +12,26 @@ A method is an ``nn.Module`` whose ``forward(bag: Bag) -> SurvivalOutput``. It r
 
 Built-in methods live one per module in ``methods/``; that package is declared in the
 ``mil_benchmark.methods`` entry-point group of ``pyproject.toml`` and imported on first use, like any plugin. A module outside the
-project registers the same way and is loaded with ``--plugin my_module`` or through the
+project registers the same way and is loaded with ``--plugin my_module`` or ``--plugin path/to/file.py`` (a
+global option of every command) or through the
 ``mil_benchmark.methods`` entry-point group, without touching the harness.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import inspect
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
 from torch import nn
 
 from benchmark.data.bag import Needs
-from benchmark.naming import did_you_mean
+from benchmark.naming import check_registry_name, did_you_mean
 
 ENTRY_POINT_GROUP = "mil_benchmark.methods"
 
@@ -64,6 +70,8 @@ def register_method(
     if loss not in ("nll", "cox"):
         raise ValueError(f"loss must be 'nll' or 'cox', got {loss!r}")
 
+    check_registry_name(name, "method", "register_method")
+
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         key = name.lower()
         existing = _REGISTRY.get(key)
@@ -88,13 +96,76 @@ def load_builtin_methods() -> None:
         ep.load()
 
 
+class PluginError(ImportError):
+    """A ``--plugin`` that could not be loaded; the message is one line naming the plugin and the problem."""
+
+
+_loaded_plugin_files: dict[str, str] = {}
+
+
+def load_plugin(plugin: str) -> None:
+    """Import one plugin: an importable module name (``my_methods``, ``pkg.methods``) or a ``.py`` file path.
+
+    A file is imported under a module name derived from its path (``mil_benchmark_plugin_<stem>``) and only
+    once per process, so it can be given again (worker processes load the same list).
+
+    Raises
+    ------
+    PluginError
+        The module is not found, the file does not exist, or importing it raised; one line naming the plugin.
+    """
+    text = str(plugin).strip()
+    is_file = text.endswith(".py") or "/" in text or os.sep in text
+    try:
+        if is_file:
+            _import_file(Path(text))
+        else:
+            importlib.import_module(text)
+    except PluginError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise PluginError(f"--plugin {text}: cannot import it ({exc}); give an importable module name (on "
+                          "PYTHONPATH) or the path of a .py file") from None
+    except Exception as exc:  # the plugin's own code failed: report it, not a traceback of the harness
+        where = _plugin_location(exc)
+        raise PluginError(f"--plugin {text}: importing it raised {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}{where}") from exc
+
+
+def _import_file(path: Path) -> None:
+    if not path.is_file():
+        raise PluginError(f"--plugin {path}: {'is not a file' if path.exists() else 'does not exist'}")
+    key = str(path.resolve())
+    if key in _loaded_plugin_files:
+        return
+    name = "mil_benchmark_plugin_" + "".join(c if c.isalnum() else "_" for c in path.stem)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"--plugin {path}: not an importable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    _loaded_plugin_files[key] = name
+
+
+def _plugin_location(exc: BaseException) -> str:
+    """`` (file:line)`` of the innermost frame of a plugin's exception, when known."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" ({exc.filename}:{exc.lineno})"
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" ({tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})" if tb is not None else ""
+
+
 def load_plugins(modules: list[str] | tuple[str, ...]) -> None:
-    """Import external modules that register methods (the ``--plugin`` option)."""
+    """Import external modules or ``.py`` files that register methods (the global ``--plugin`` option)."""
     for mod in modules:
-        try:
-            importlib.import_module(mod)
-        except ImportError as exc:
-            raise ImportError(f"could not import plugin module {mod!r}: {exc}") from exc
+        load_plugin(mod)
 
 
 def method_names(only_in_all: bool = False) -> list[str]:
@@ -118,6 +189,21 @@ def resolve_methods(selection: str) -> list[str]:
     for n in names:
         get_method_spec(n)
     return names
+
+
+def check_method_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options the method's constructor does not take (before any cell runs, not as a failed cell).
+
+    A builder that accepts ``**kwargs`` takes anything; its own code judges the values.
+    """
+    parameters = inspect.signature(get_method_spec(name).builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = [p for p in parameters if p not in ("self", "in_dim", "n_bins")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"--method-option {name}.{unknown[0]}: method {name!r} takes no option {unknown[0]!r}; "
+                         f"its options: {', '.join(known) or 'none'}")
 
 
 def create_method(name: str, in_dim: int, n_bins: int = 4, **options: Any) -> nn.Module:

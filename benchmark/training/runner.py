@@ -20,12 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from benchmark.data.backbones import get_backbone
+from benchmark.data.cohorts import add_registry_file
 from benchmark.data.loader import Fold, load_cohort
 from benchmark.data.splits import repeated_folds, straddling_patients
 from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, ensure_synthetic, synthetic_parameters
 from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
 from benchmark.training.config import RunConfig, hashed_config
-from benchmark.training.metrics import aggregate
+from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
 from benchmark.training.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
 from benchmark.training.trainer import train_fold
 
@@ -72,7 +73,7 @@ _COHORT_CACHE: dict[tuple, Any] = {}
 def resolved_data_root(config: RunConfig) -> str | None:
     """The folder a cell reads: its real data root, the generated folder of a synthetic control signal, or
     None for the default embedded synthetic cohorts."""
-    if config.data_root is not None or config.signal == "mixed":
+    if config.data_root is not None or config.signal == "mixed" or config.clinical is not None:
         return config.data_root
     return str(ensure_synthetic("demo", seed=0, signal=config.signal, cohorts=[config.cohort],
                                 backbones=[config.backbone]))
@@ -80,24 +81,29 @@ def resolved_data_root(config: RunConfig) -> str | None:
 
 def synthetic_facts(config: RunConfig, data_root: str | None) -> dict[str, Any] | None:
     """Generator version and backbone parameters of the embedded synthetic data (None for any data root)."""
-    if data_root is not None:
+    if data_root is not None or config.clinical is not None:
         return None
     return {"version": SYNTHETIC_SCHEMA, "backbone": synthetic_parameters(get_backbone(config.backbone))}
 
 
 def get_cohort_data(config: RunConfig, loader: CohortLoader | None = None):
-    """The cohort of a cell with the folds of its repeat, cached in this process.
+    """The cohort of a cell (its data root or explicit data source) with the folds of its repeat, cached in this
+    process.
 
     Raises ValueError when a fold puts one patient's samples on both sides (slide-level units), whatever the
     split files say: such a split leaks.
     """
+    for path in config.registry:  # the cell's cohort or backbone may be declared there
+        add_registry_file(path)
     data_root = resolved_data_root(config)
-    key = (config.cohort, config.backbone, data_root, config.unit, id(loader), config.repeat)
+    source = config.loader_arguments()
+    key = (config.cohort, config.backbone, data_root, config.unit, repr(sorted(source.items())), id(loader),
+           config.repeat)
     if key not in _COHORT_CACHE:
         base_key = key[:-1] + (0,)
         if base_key not in _COHORT_CACHE:
             _COHORT_CACHE[base_key] = (loader or load_cohort)(config.cohort, data_root=data_root,
-                                                              backbone=config.backbone, unit=config.unit)
+                                                              backbone=config.backbone, unit=config.unit, **source)
         data = _COHORT_CACHE[base_key]
         if config.repeat:
             data = with_folds(data, repeated_folds(data.samples, len(data.folds), config.repeat))
@@ -167,6 +173,7 @@ def run_cell(
         )
         if result.metric_errors:
             record["metric_errors"] = result.metric_errors
+        record.update(_data_notes(cohort, config, result.predictions))
         if execution.save_weights:
             state = result.model.state_dict()
     except Exception as exc:  # one crashed cell must not stop the grid
@@ -175,7 +182,21 @@ def run_cell(
     store.write(record, state_dict=state)
     c = (record.get("metrics") or {}).get("c_index")
     return {"cell": config.cell.label(), "status": record["status"], "c_index": c, "seconds": record["seconds"],
-            "error": (record["error"] or "").splitlines()[0] if record["error"] else None}
+            "error": (record["error"] or "").splitlines()[0] if record["error"] else None,
+            "notes": record.get("notes") or []}
+
+
+def _data_notes(cohort, config: RunConfig, predictions: list[dict]) -> dict[str, Any]:
+    """Record fields about the fold's data: ``notes`` (a validation fold without events has no C-index) and
+    ``missing_features`` (what this fold lost to slides without feature files, with ``--missing-features drop``)."""
+    out: dict[str, Any] = {}
+    if predictions and not any(p["event"] for p in predictions):
+        out["notes"] = [NO_EVENTS_NOTE]
+    dropped = (getattr(cohort, "provenance", None) or {}).get("missing_features")
+    if dropped:  # the per-fold counts are those of the split files' folds (repeat 0)
+        fold_row = next((r for r in dropped["folds"] if r["fold"] == config.fold), None) if not config.repeat else None
+        out["missing_features"] = {"slides_dropped": dropped["slides_dropped"], "fold": fold_row}
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -223,6 +244,9 @@ def _finished_record(store: ResultStore, cell: Cell) -> tuple[dict | None, str |
         return None, None
     if record.get("status") != "ok":
         return None, None
+    problem = store.weights_problem(record)
+    if problem:  # a finished record whose weights cannot be loaded is redone, not kept
+        return None, problem
     return record, None
 
 
@@ -396,7 +420,7 @@ def _drain(progress_queue, progress, epoch_tasks: dict) -> None:
 def _report(console, summary: dict) -> None:
     if summary["status"] == "ok":
         c = summary["c_index"]
-        c_text = "nan" if c is None else f"{c:.3f}"
+        c_text = ("; ".join(summary.get("notes") or []) or "nan") if c is None else f"{c:.3f}"
         console.print(f"  [green]ok[/green]    {summary['cell']}  C-index {c_text}  ({summary['seconds']:.1f} s)")
     else:
         console.print(f"  [red]error[/red] {summary['cell']}  {summary['error']}")
@@ -453,6 +477,7 @@ def _readable(store: ResultStore, cell: Cell) -> dict | None:
         return None
 
 
-def default_results_dir(data_root: str | None) -> Path:
-    """``results/synthetic`` for the embedded synthetic cohorts, ``results/real`` otherwise."""
-    return Path("results") / ("synthetic" if data_root is None else "real")
+def default_results_dir(data_root: str | None, clinical: str | None = None) -> Path:
+    """``results/synthetic`` for the embedded synthetic cohorts, ``results/real`` for a data root or a clinical
+    table given apart."""
+    return Path("results") / ("synthetic" if data_root is None and clinical is None else "real")
