@@ -131,10 +131,27 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux, where setting it to read it would race other threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; records and weights get the mode any new file gets (0666 less the umask),
+        # so the other members of a lab's group can read a shared store
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -164,6 +181,20 @@ class ResultStore:
 
     def weights_path(self, cell: Cell) -> Path:
         return self.root / cell.run_dir / f"{cell.stem}.pt"
+
+    def lock_path(self, cell: Cell) -> Path:
+        """The cell's lock file (``benchmark.store.lock``): present while a process computes the cell."""
+        return self.root / cell.run_dir / f"{cell.stem}.lock"
+
+    def check_writable(self) -> None:
+        """Create the root and write a probe file in it; raises ValueError naming ``--results`` when it fails."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ValueError(f"--results {self.root}: the store is not writable ({exc.strerror or exc})") from None
 
     # writing -----------------------------------------------------------------------------------------
     def write(self, record: dict, state_dict: dict | None = None) -> Path:
