@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a grid started (a running grid reports its own progress)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ DEFAULTS: dict[str, Any] = {
     "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "repeats": 1,
     "repeat": None, "recipe": None,
     "selection": "last", "unit": "patient", "bin_rule": "train", "n_bins": 4, "data_root": None, "signal": "mixed",
-    "results": None, "jobs": 1, "device": "auto", "save_weights": True, "plugins": [],
+    "results": None, "jobs": 1, "device": "auto", "save_weights": "none", "plugins": [], "precision": "fp32",
+    "executor": "local", "address": None, "cpus_per_cell": 1.0, "gpus_per_cell": 0.0, "shard": None,
 }
 
 
@@ -67,8 +68,24 @@ def register(subparsers) -> None:
                    help="bin edges from the training fold (train, default) or the whole cohort (MCAT's rule)")
     p.add_argument("--n-bins", type=int, default=None, help="discrete-time bins (default 4)")
     p.add_argument("--device", default=None, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision of training (default fp32; fp16 with a gradient scaler, CUDA only)")
     p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
-    p.add_argument("--no-weights", action="store_true", help="do not save model weights beside the records")
+    p.add_argument("--save-weights", default=None, choices=("none", "last"),
+                   help="none (default: records only; `plot heatmap` retrains a cell on request) or last (the "
+                        "selected model's weights beside each record)")
+    p.add_argument("--no-weights", action="store_true", help="same as --save-weights none")
+    p.add_argument("--executor", default=None, choices=("local", "ray"),
+                   help="local (default: this machine, --jobs processes) or ray (a Ray cluster, see --address)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster: auto, host:port or ray://host:port (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--cpus-per-cell", type=float, default=None, help="CPUs (torch threads) per cell (default 1)")
+    p.add_argument("--gpus-per-cell", type=float, default=None,
+                   help="GPUs per cell with --executor ray, e.g. 0.5 packs two cells on a GPU (default 0)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N of the grid (0-based; e.g. a Slurm array task, docs/CORE.md)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells to run and to skip with an estimated time per method; train nothing")
     p.set_defaults(func=main)
 
 
@@ -98,8 +115,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     file = read_experiment_file(args.config) if args.config else {}
     merged.update({k: v for k, v in file.items() if k not in ("set", "method_options")})
     merged.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
+    if isinstance(merged["save_weights"], bool):  # an experiment file may say true / false
+        merged["save_weights"] = "last" if merged["save_weights"] else "none"
     if args.no_weights:
-        merged["save_weights"] = False
+        merged["save_weights"] = "none"
     merged["overrides"] = {**{k: str(v) for k, v in (file.get("set") or {}).items()}}
     merged["file_method_options"] = file.get("method_options") or {}
     return merged
@@ -123,6 +142,7 @@ def build_experiment(args: argparse.Namespace):
     from benchmark.training.recipes import parse_assignments
     from benchmark.training.registry import load_plugins, resolve_methods
     from benchmark.training.runner import parse_folds
+    from benchmark.training.shard import parse_shard
 
     s = settings(args)
     load_plugins(s["plugins"])
@@ -139,7 +159,10 @@ def build_experiment(args: argparse.Namespace):
         overrides={**s["overrides"], **parse_assignments(args.overrides)}, method_options=options,
         selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
         data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
-        device=s["device"], save_weights=bool(s["save_weights"]), plugins=tuple(s["plugins"]),
+        device=s["device"], save_weights=str(s["save_weights"]), plugins=tuple(s["plugins"]),
+        precision=s["precision"], executor=s["executor"], address=s["address"],
+        cpus_per_cell=float(s["cpus_per_cell"]), gpus_per_cell=float(s["gpus_per_cell"]),
+        shard=parse_shard(s["shard"]),
     )
     experiment.check()
     return experiment
@@ -168,18 +191,91 @@ def _n_folds(experiment) -> int:
     return min(counts)
 
 
+def check_execution(experiment) -> None:
+    """Device, precision and resources that cannot work here: one line naming the option, before any cell."""
+    import torch
+
+    from benchmark.training.precision import check_precision, resolve_device
+
+    if experiment.executor == "ray":  # the workers' devices are checked against the cluster's resources
+        check_precision(experiment.precision, "cuda" if experiment.gpus_per_cell > 0 else None)
+        return
+    device = resolve_device(experiment.device)
+    check_precision(experiment.precision, device)
+    if experiment.gpus_per_cell > 0 and not torch.cuda.is_available():
+        raise ValueError(f"--gpus-per-cell {experiment.gpus_per_cell:g}: this machine has no CUDA GPU")
+
+
+def start_executor(experiment, store):
+    """The grid's executor, connected and validated (Ray: reachable, resources present, store writable)."""
+    from benchmark.training.runner import Execution, make_executor
+
+    execution = Execution(device=experiment.device, save_weights=experiment.save_weights == "last",
+                          plugins=experiment.plugins)
+    executor = make_executor(experiment.executor, experiment.jobs, execution, address=experiment.address,
+                             cpus_per_cell=experiment.cpus_per_cell, gpus_per_cell=experiment.gpus_per_cell,
+                             store_root=str(store.root.resolve()))
+    executor.start()
+    return executor, execution
+
+
+def print_dry_run(console, configs, store, overwrite: bool, parallelism: float) -> None:
+    """Cells to run and to skip per method, with the cost model's estimate."""
+    from rich.table import Table
+
+    from benchmark.training.cost import CostModel, format_seconds
+    from benchmark.training.runner import estimate_cells, plan_grid
+
+    plan = plan_grid(configs, store, overwrite)
+    model = CostModel.from_records(store.load_all()[0])
+    estimates = estimate_cells(plan.todo, store, model=model)
+    table = Table(title="dry run: nothing is trained")
+    for col in ("method", "to run", "to skip", "est. s / cell", "est. total", "cost source"):
+        table.add_column(col, justify="left" if col in ("method", "cost source") else "right")
+    for method in dict.fromkeys(c.method for c in configs):
+        todo = [c for c in plan.todo if c.method == method]
+        seconds = [estimates[c.cell.label()] for c in todo]
+        skipped = sum(1 for c in plan.skipped if c.method == method)
+        table.add_row(method, str(len(todo)), str(skipped), f"{sum(seconds) / len(seconds):.1f}" if seconds else "-",
+                      format_seconds(sum(seconds)) if seconds else "-", model.seconds_per_draw(method)[1])
+    console.print(table)
+    for config in plan.todo:
+        console.print(f"  run   {config.cell.label()}  ~{format_seconds(estimates[config.cell.label()])}")
+    for config in plan.skipped:
+        console.print(f"  skip  {config.cell.label()}  (finished)")
+    total = sum(estimates.values())
+    console.print(f"{len(plan.todo)} cell(s) to run, {len(plan.skipped)} to skip; estimated "
+                  f"{format_seconds(total / max(1.0, parallelism))} with {parallelism:g} cell(s) at a time")
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job) stops the grid the way Ctrl-C does."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from benchmark.store.records import ResultStore
-    from benchmark.training.runner import Execution, run_grid, summary_table
-    from benchmark.training.trainer import resolve_device
+    from benchmark.training.runner import GridInterrupted, run_grid, summary_table
+    from benchmark.training.shard import shard_of
 
     console = Console()
     experiment = build_experiment(args)
-    resolve_device(experiment.device)  # fail early on an unavailable device
+    check_execution(experiment)
     results = _results_dir(experiment)
-    configs = experiment.configs(_n_folds(experiment))
+    store = ResultStore(results)
+    executor = execution = None
+    if not args.dry_run:
+        store.check_writable()
+        executor, execution = start_executor(experiment, store)
+    grid = experiment.configs(_n_folds(experiment))
+    configs = shard_of(grid, experiment.shard)
     first = configs[0]
     demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
         if first.recipe == "demo" else ""
@@ -190,14 +286,23 @@ def main(args: argparse.Namespace) -> int:
         source += f" with a '{experiment.signal}' signal"
     console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
                   f"{source}, results -> {results}")
-    n_folds = len(configs) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
+    n_folds = len(grid) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
                                 * len(experiment.seeds) * len(experiment.repeats))
+    shard = "" if experiment.shard is None else f", shard {experiment.shard[0]}/{experiment.shard[1]}: {len(configs)}"
     console.print(f"{len(experiment.methods)} method(s) x {len(experiment.cohorts)} cohort(s) x "
                   f"{len(experiment.backbones)} backbone(s) x {len(experiment.repeats)} repeat(s) x {n_folds} fold(s) x "
-                  f"{len(experiment.seeds)} seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
-    execution = Execution(device=experiment.device, save_weights=experiment.save_weights, plugins=experiment.plugins)
-    report = run_grid(configs, ResultStore(results), execution, jobs=experiment.jobs, overwrite=args.overwrite,
-                      console=console)
+                  f"{len(experiment.seeds)} seed(s) = {len(grid)} cells{shard}, executor {experiment.executor}"
+                  + (f", {experiment.jobs} job(s)" if experiment.executor == "local" else ""))
+    if args.dry_run:
+        print_dry_run(console, configs, store, args.overwrite, experiment.jobs if experiment.executor == "local" else 1)
+        return 0
+    _interrupt_on_sigterm()
+    try:
+        report = run_grid(configs, store, execution, jobs=experiment.jobs, overwrite=args.overwrite,
+                          console=console, executor=executor)
+    except GridInterrupted as stop:
+        console.print(f"[yellow]interrupted: {stop}[/yellow]")
+        return 130
     console.print(summary_table(ResultStore(results), configs))
     n_err = sum(1 for r in report.ran if r["status"] != "ok")
     console.print(f"{len(report.ran)} cell(s) run in {report.seconds:.1f} s, {len(report.skipped)} skipped, "
