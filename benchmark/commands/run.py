@@ -198,6 +198,10 @@ def check_execution(experiment) -> None:
     from benchmark.training.precision import check_precision, resolve_device
 
     if experiment.executor == "ray":  # the workers' devices are checked against the cluster's resources
+        from benchmark.training.executors import check_reachable, import_ray
+
+        import_ray()
+        check_reachable(experiment.address)
         check_precision(experiment.precision, "cuda" if experiment.gpus_per_cell > 0 else None)
         return
     device = resolve_device(experiment.device)
