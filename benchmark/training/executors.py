@@ -397,8 +397,8 @@ class RayExecutor(Executor):
             return
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        probe = self.ray.remote(_ray_probe_store).options(num_cpus=0)
-        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+        probe = self.ray.remote(_ray_probe_store)
+        refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
                 .remote(self.store_root) for node in self.ray.nodes() if node.get("Alive")]
         problems = [p for p in self.ray.get(refs, timeout=60) if p]
         if problems:
