@@ -241,7 +241,8 @@ def print_dry_run(console, configs, store, overwrite: bool, parallelism: float) 
         seconds = [estimates[c.cell.label()] for c in todo]
         skipped = sum(1 for c in plan.skipped if c.method == method)
         table.add_row(method, str(len(todo)), str(skipped), f"{sum(seconds) / len(seconds):.1f}" if seconds else "-",
-                      format_seconds(sum(seconds)) if seconds else "-", model.seconds_per_draw(method)[1])
+                      format_seconds(sum(seconds)) if seconds else "-",
+                      model.seconds_per_draw(method, *((todo[0].cohort, todo[0].backbone) if todo else ()))[1])
     console.print(table)
     for config in plan.todo:
         console.print(f"  run   {config.cell.label()}  ~{format_seconds(estimates[config.cell.label()])}")

@@ -4,7 +4,7 @@ A cell's work is counted in **draws**: every training draw (one bag through forw
 evaluation forward (the reported fold and the training fold, once each at the end; the monitored split every
 epoch for ``inner`` / ``paper-max``) counts ``EVAL_WEIGHT``. Its cost is
 
-    seconds = draws x seconds_per_draw(method) x (mean patches per bag / reference patches)
+    seconds = CELL_OVERHEAD_S + draws x seconds_per_draw(method) x (mean patches per bag / reference patches)
 
 ``seconds_per_draw`` starts from :data:`PRIOR_SECONDS_PER_DRAW` (measured on a 2-core CPU, demo BLCA, one torch
 thread; docs/CORE.md "Grid cost") and is replaced by what the store has measured: the median over the method's
@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 
 #: An evaluation forward costs about a third of a training draw (no backward, no optimiser step).
 EVAL_WEIGHT = 0.35
-#: Bag size (mean 20x patches) the priors were measured at (demo BLCA).
-REFERENCE_PATCHES = 60.0
+#: Bag size (mean 20x patches of a patient bag) the priors were measured at (demo BLCA).
+REFERENCE_PATCHES = 61.0
+#: Seconds of a cell that do not scale with its draws (loading the cohort in a fresh worker, writing the record).
+CELL_OVERHEAD_S = 1.0
 #: Seconds per draw on a 2-core CPU (one torch thread), from the measured s/cell of docs/CORE.md "Grid cost"
-#: divided by a demo BLCA cell's ~480 draws (384 training draws + 0.35 x ~270 evaluation forwards).
+#: divided by a demo BLCA cell's 515 draws (4 x 96 training draws + 0.35 x 373 evaluation forwards).
 PRIOR_SECONDS_PER_DRAW = {
-    "random": 0.0002, "dsmil": 0.0075, "amil": 0.019, "deepgraphsurv": 0.024, "patchgcn": 0.042,
-    "scmil": 0.059, "crossfusion_wo_fc": 0.27, "crossfusion": 0.32, "crossfusion_wo_cp": 0.33,
-    "protosurv": 0.69, "transmil": 1.7,
+    "random": 0.0002, "dsmil": 0.0070, "amil": 0.018, "deepgraphsurv": 0.0225, "patchgcn": 0.039,
+    "scmil": 0.055, "crossfusion_wo_fc": 0.25, "crossfusion": 0.30, "crossfusion_wo_cp": 0.30,
+    "protosurv": 0.64, "transmil": 1.6,
 }
 #: A method without a prior or a measurement (e.g. a plugin) is assumed to cost this much.
 UNKNOWN_SECONDS_PER_DRAW = 0.1
@@ -75,15 +77,16 @@ class CostModel:
             return
         patches = (record.get("data_sizes") or {}).get("mean_patches") or REFERENCE_PATCHES
         self.patches[(record["cohort"], record["backbone"])] = patches
-        per_draw = seconds / draws * (REFERENCE_PATCHES / patches)
+        per_draw = max(0.0, seconds - CELL_OVERHEAD_S) / draws * (REFERENCE_PATCHES / patches)
         for key in ((record["method"],), (record["method"], record["cohort"], record["backbone"])):
             self.measured.setdefault(key, []).append(per_draw)
 
     def seconds_per_draw(self, method: str, cohort: str | None = None, backbone: str | None = None) -> tuple[float, str]:
         """Seconds per draw at the reference bag size, and where the number comes from."""
-        for key, source in (((method, cohort, backbone), "this cohort's cells"), ((method,), "the method's cells")):
+        for key, source in (((method, cohort, backbone), "of this cohort and backbone"), ((method,), "")):
             if key in self.measured:
-                return statistics.median(self.measured[key]), f"measured ({len(self.measured[key])} {source})"
+                n = len(self.measured[key])
+                return statistics.median(self.measured[key]), f"measured ({n} cell{'s' * (n != 1)} {source})".replace(" )", ")")
         if method in PRIOR_SECONDS_PER_DRAW:
             return PRIOR_SECONDS_PER_DRAW[method], "prior (2-core CPU)"
         return UNKNOWN_SECONDS_PER_DRAW, "guess (no prior)"
@@ -93,7 +96,7 @@ class CostModel:
         """Seconds of a cell of ``draws`` draws on bags of ``patches`` mean patches."""
         per_draw, _ = self.seconds_per_draw(method, cohort, backbone)
         patches = patches or self.patches.get((cohort, backbone)) or REFERENCE_PATCHES
-        return draws * per_draw * (patches / REFERENCE_PATCHES)
+        return CELL_OVERHEAD_S + draws * per_draw * (patches / REFERENCE_PATCHES)
 
 
 class Eta:
