@@ -44,6 +44,7 @@ def register(subparsers) -> None:
                    help="also run the crossfusion* methods with the official kernel choice "
                         "(official_eval_dropout=True, attention_backend=sdpa)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in each child (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ... (peak GB is then the GPU's)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per child before it is killed")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=run)
@@ -74,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
         if args.official and method.startswith("crossfusion"):
             variants.append((method, {**options, **OFFICIAL_OPTIONS}, f"{method} (official kernels)"))
 
+    from benchmark.training.precision import resolve_device
+
+    resolve_device(args.device)  # one line when CUDA is asked for and absent, before any child starts
     console = Console()
     console.print(f"bag: N20={n20:,}  N10={n10:,}  N5={n5:,}  in_dim={in_dim}  threads={args.threads}  "
                   f"(one fresh process per method and phase)")
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         row = {"method": method, "label": label, "options": opts, "n20": n20, "n10": n10, "n5": n5, "in_dim": in_dim}
         for phase in phases:
             case = BenchCase(method=method, phase=phase, n20=n20, n10=n10, n5=n5, in_dim=in_dim,
-                             threads=args.threads, options=opts, label=label)
+                             threads=args.threads, options=opts, label=label, device=args.device)
             console.print(f"  running {label} ({phase}) ...", markup=False)
             row[phase] = run_in_child(case, args.timeout)
         rows.append(row)
@@ -95,9 +99,10 @@ def run(args: argparse.Namespace) -> int:
         errors = "; ".join(f"{ph}: {r['error']}" for ph, r in zip(("train", "eval"), res) if "error" in r)
         params = next((r["params"] for r in res if "params" in r), None)
         fmt = lambda r, k, f: f.format(r[k]) if k in r else "-"  # noqa: E731
+        peak = "peak_gpu_gb" if args.device != "cpu" else "peak_rss_gb"
         table.add_row(label, f"{params:,}" if params else "-", fmt(res[0], "seconds", "{:.1f}"),
-                      fmt(res[0], "peak_rss_gb", "{:.2f}"), fmt(res[1], "seconds", "{:.1f}"),
-                      fmt(res[1], "peak_rss_gb", "{:.2f}"), errors)
+                      fmt(res[0], peak, "{:.2f}"), fmt(res[1], "seconds", "{:.1f}"),
+                      fmt(res[1], peak, "{:.2f}"), errors)
     console.print(table)
     if args.json:
         with open(args.json, "w") as fh:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 #: The largest real slide of the cohorts (patches at 20x / 10x / 5x) and its backbone width (UNI2-h).
 LARGEST_SLIDE = {"n20": 137_990, "n10": 34_500, "n5": 8_600, "in_dim": 1536}
@@ -40,6 +41,7 @@ class BenchCase:
     seed: int = 0
     options: dict = field(default_factory=dict)
     label: str = ""
+    device: str = "cpu"
 
 
 def bag_sizes(n20: int, n10: int | None = None, n5: int | None = None) -> tuple[int, int, int]:
@@ -89,17 +91,23 @@ def run_case(case: BenchCase) -> dict:
 
     from benchmark.training.registry import count_parameters, create_method, get_method_spec
 
+    from benchmark.training.precision import resolve_device
+
     torch.set_num_threads(case.threads)
     torch.manual_seed(case.seed)
+    device = resolve_device(case.device)
     spec = get_method_spec(case.method)
-    bag = make_bag(spec.needs, {20: case.n20, 10: case.n10, 5: case.n5}, case.in_dim, case.seed)
-    model = create_method(case.method, in_dim=case.in_dim, **case.options)
-    result = {"params": count_parameters(model), "rss_before_gb": _rss_gb()}
+    bag = make_bag(spec.needs, {20: case.n20, 10: case.n10, 5: case.n5}, case.in_dim, case.seed).to(device)
+    model = create_method(case.method, in_dim=case.in_dim, **case.options).to(device)
+    result = {"params": count_parameters(model), "rss_before_gb": _rss_gb(), "device": str(device)}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
     if case.phase == "train":
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        sync()
         start = time.perf_counter()
         out = model(bag)
+        sync()
         forward_s = time.perf_counter() - start
         loss = out.risk.sum() + sum(a.sum() for a in out.aux_logits)
         if out.aux_loss is not None:
@@ -107,14 +115,18 @@ def run_case(case: BenchCase) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         result.update(seconds=time.perf_counter() - start, forward_s=forward_s)
     else:
         model.eval()
         start = time.perf_counter()
         with torch.no_grad():
             model(bag)
+        sync()
         result.update(seconds=time.perf_counter() - start)
     result["peak_rss_gb"] = _rss_gb()
+    if device.type == "cuda":  # the device's peak matters there, not the host's
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return result
 
 
@@ -124,7 +136,7 @@ def run_in_child(case: BenchCase, timeout_s: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "benchmark.training.bench", "--child", json.dumps(asdict(case))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                              cwd=Path(__file__).resolve().parents[2])  # the repository root: this checkout's package
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
