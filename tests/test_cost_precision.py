@@ -120,3 +120,15 @@ def test_device_bags_move_once_and_cache_within_budget():
     assert cohort.bag_calls == ["P000", "P001", "P002", "P002"]  # the cached two were loaded once
     assert bags.patch_counts == {"P000": 6, "P001": 6, "P002": 6}
     assert DeviceBags(lambda s: None, torch.device("cpu")).budget == 0  # on CPU bags are already in place
+
+
+def test_gpu_check_runs_its_steps_on_the_cpu_and_skips_without_cuda(capsys):
+    from benchmark.training import gpu_check
+
+    if not torch.cuda.is_available():
+        assert gpu_check.main([]) == 0 and "CUDA is not available" in capsys.readouterr().out
+    assert gpu_check.main(["--device", "cpu", "--methods", "amil,random", "--n20", "64", "--in-dim", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "amil" in out and "bf16" in out and "FAILED" not in out
+    row = gpu_check.check_method("dsmil", torch.device("cpu"), 64, 32, ("fp32", "bf16"))
+    assert row["max_abs_diff"] == 0 and row["fp32_s"] > 0 and row["bf16_s"] > 0
