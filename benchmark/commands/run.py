@@ -16,7 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "repeat": None, "recipe": None,
     "selection": "last", "unit": "patient", "bin_rule": "train", "n_bins": 4, "data_root": None, "signal": "mixed",
     "results": None, "jobs": 1, "device": "auto", "save_weights": "none", "plugins": [], "precision": "fp32",
-    "executor": "local", "address": None, "cpus_per_cell": 1.0, "gpus_per_cell": 0.0, "shard": None,
+    "executor": "local", "address": None, "cpus_per_cell": None, "gpus_per_cell": 0.0, "shard": None,
 }
 
 
@@ -79,7 +79,8 @@ def register(subparsers) -> None:
                    help="local (default: this machine, --jobs processes) or ray (a Ray cluster, see --address)")
     p.add_argument("--address", default=None,
                    help="Ray cluster: auto, host:port or ray://host:port (default $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--cpus-per-cell", type=float, default=None, help="CPUs (torch threads) per cell (default 1)")
+    p.add_argument("--cpus-per-cell", type=float, default=None,
+                   help="CPUs (torch threads) per cell (default 1 per worker or Ray task; every core for --jobs 1)")
     p.add_argument("--gpus-per-cell", type=float, default=None,
                    help="GPUs per cell with --executor ray, e.g. 0.5 packs two cells on a GPU (default 0)")
     p.add_argument("--shard", default=None, metavar="I/N",
@@ -161,7 +162,7 @@ def build_experiment(args: argparse.Namespace):
         data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
         device=s["device"], save_weights=str(s["save_weights"]), plugins=tuple(s["plugins"]),
         precision=s["precision"], executor=s["executor"], address=s["address"],
-        cpus_per_cell=float(s["cpus_per_cell"]), gpus_per_cell=float(s["gpus_per_cell"]),
+        cpus_per_cell=None if s["cpus_per_cell"] is None else float(s["cpus_per_cell"]), gpus_per_cell=float(s["gpus_per_cell"]),
         shard=parse_shard(s["shard"]),
     )
     experiment.check()
@@ -219,6 +220,10 @@ def start_executor(experiment, store):
     executor = make_executor(experiment.executor, experiment.jobs, execution, address=experiment.address,
                              cpus_per_cell=experiment.cpus_per_cell, gpus_per_cell=experiment.gpus_per_cell,
                              store_root=str(store.root.resolve()))
+    if experiment.executor == "local" and experiment.jobs <= 1 and experiment.cpus_per_cell:
+        import torch
+
+        torch.set_num_threads(max(1, int(experiment.cpus_per_cell)))  # cells run in this process
     executor.start()
     return executor, execution
 

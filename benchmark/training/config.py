@@ -299,7 +299,7 @@ class Experiment:
     plugins: tuple[str, ...] = ()
     executor: str = "local"
     address: str | None = None
-    cpus_per_cell: float = 1.0
+    cpus_per_cell: float | None = None  # None: one per worker (all cores for one in-process job)
     gpus_per_cell: float = 0.0
     shard: tuple[int, int] | None = None
 
@@ -336,7 +336,7 @@ class Experiment:
             raise ValueError(f"--save-weights: {self.save_weights!r} is not one of {', '.join(SAVE_WEIGHTS)}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"--executor: {self.executor!r} is not one of {', '.join(EXECUTORS)}")
-        if self.cpus_per_cell <= 0:
+        if self.cpus_per_cell is not None and self.cpus_per_cell <= 0:
             raise ValueError(f"--cpus-per-cell: must be > 0, got {self.cpus_per_cell}")
         if self.gpus_per_cell < 0:
             raise ValueError(f"--gpus-per-cell: must be >= 0, got {self.gpus_per_cell}")

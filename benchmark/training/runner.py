@@ -233,10 +233,11 @@ def _worker_init(plugins: tuple[str, ...], threads: int = 1) -> None:
 
 
 def make_executor(kind: str = "local", jobs: int = 1, execution: "Execution" = None, *, address: str | None = None,
-                  cpus_per_cell: float = 1.0, gpus_per_cell: float = 0.0, store_root: str | None = None,
+                  cpus_per_cell: float | None = None, gpus_per_cell: float = 0.0, store_root: str | None = None,
                   loader: CohortLoader | None = None) -> Executor:
     """The executor of a grid: ``local`` (in this process for one job, else worker processes) or ``ray``."""
     execution = execution or Execution()
+    cpus_per_cell = cpus_per_cell or 1.0
     init_args = (execution.plugins, max(1, int(cpus_per_cell)))
     if kind == "ray":
         return RayExecutor(execute_cell, address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
