@@ -102,3 +102,18 @@ def test_unwritable_store_is_one_line_naming_results(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match=r"^--results .*not writable"):
         ResultStore(blocker / "store").check_writable()
+
+
+def test_a_locked_cell_is_busy_and_a_cell_finished_elsewhere_is_skipped(tmp_path):
+    from benchmark.training.runner import CellTask, Execution, execute_cell
+    from test_store_runner import grid, toy_loader
+
+    store = ResultStore(tmp_path)
+    config = grid(["amil"], [0])[0]
+    task = CellTask(config, str(tmp_path), Execution(device="cpu", save_weights=False, token="run-b"))
+    with CellLock(store.lock_path(config.cell), token="run-a"):  # another run computes the cell right now
+        summary = execute_cell(task, loader=toy_loader)
+    assert summary["status"] == "busy" and "being computed by pid" in summary["error"] and not store.has(config.cell)
+    assert execute_cell(task, loader=toy_loader)["status"] == "ok"
+    assert execute_cell(task, loader=toy_loader)["status"] == "skipped"  # finished meanwhile: not trained twice
+    assert not store.lock_path(config.cell).exists()

@@ -314,7 +314,11 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"[yellow]interrupted: {stop}[/yellow]")
         return 130
     console.print(summary_table(ResultStore(results), configs))
-    n_err = sum(1 for r in report.ran if r["status"] != "ok")
+    n_err = sum(1 for r in report.ran if r["status"] == "error")
+    busy = [r["cell"] for r in report.ran if r["status"] == "busy"]
+    if busy:  # another run or shard holds them: not done here, not failed either
+        console.print(f"[yellow]{len(busy)} cell(s) were being computed by another run (first: {busy[0]}); rerun the "
+                      "same command after it to collect them[/yellow]")
     console.print(f"{len(report.ran)} cell(s) run in {report.seconds:.1f} s, {len(report.skipped)} skipped, "
                   f"{n_err} error(s); records under {results / 'cells'}")
     # Errors are recorded (and shown as missing in tables); the exit code stays 0 so `make table1` still

@@ -242,13 +242,12 @@ class LocalExecutor(Executor):
             if event[0] == "epoch" and self.on_progress is not None:
                 self.on_progress(*event[1:])
             elif event[0] == "done":
-                self._worker_of(event[1]).key = None
+                for worker in self.workers:
+                    if worker.key == event[1]:
+                        worker.key = None
                 done.append((event[1], event[2]))
         self._dispatch()
         return done
-
-    def _worker_of(self, key: str) -> _Worker:
-        return next(w for w in self.workers if w.key == key)
 
     def _reap_dead_workers(self) -> list[tuple[str, dict]]:
         """Replace workers that died (e.g. killed for memory); their cell is reported as failed."""
