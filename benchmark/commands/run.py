@@ -268,6 +268,39 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _print_header(console, experiment, grid: list, configs: list, results: Path) -> None:
+    """The recipe, the data source and the grid's size, before any cell."""
+    first = grid[0]
+    demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
+        if first.recipe == "demo" else ""
+    console.print(f"[bold]recipe {first.label()}[/bold]{demo_note}: " + ", ".join(
+        f"{k}={v}" for k, v in first.resolved_recipe().to_dict().items() if k != "name"))
+    source = "embedded synthetic cohorts" if experiment.data_root is None else f"data root {experiment.data_root}"
+    if experiment.data_root is None and experiment.signal != "mixed":
+        source += f" with a '{experiment.signal}' signal"
+    console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
+                  f"precision {experiment.precision}, {source}, results -> {results}")
+    n_folds = len(grid) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
+                            * len(experiment.seeds) * len(experiment.repeats))
+    shard = "" if experiment.shard is None else f", shard {experiment.shard[0]}/{experiment.shard[1]}: {len(configs)}"
+    console.print(f"{len(experiment.methods)} method(s) x {len(experiment.cohorts)} cohort(s) x "
+                  f"{len(experiment.backbones)} backbone(s) x {len(experiment.repeats)} repeat(s) x {n_folds} fold(s) x "
+                  f"{len(experiment.seeds)} seed(s) = {len(grid)} cells{shard}, executor {experiment.executor}"
+                  + (f", {experiment.jobs} job(s)" if experiment.executor == "local" else ""))
+
+
+def _print_outcome(console, report, results: Path) -> int:
+    """The last lines of a finished grid; returns the number of failed cells."""
+    n_err = sum(1 for r in report.ran if r["status"] == "error")
+    busy = [r["cell"] for r in report.ran if r["status"] == "busy"]
+    if busy:  # another run or shard holds them: not done here, not failed either
+        console.print(f"[yellow]{len(busy)} cell(s) were being computed by another run (first: {busy[0]}); rerun the "
+                      "same command after it to collect them[/yellow]")
+    console.print(f"{len(report.ran)} cell(s) run in {report.seconds:.1f} s, {len(report.skipped)} skipped, "
+                  f"{n_err} error(s); records under {results / 'cells'}")
+    return n_err
+
+
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -277,35 +310,18 @@ def main(args: argparse.Namespace) -> int:
 
     console = Console()
     experiment = build_experiment(args)
-    check_execution(experiment)
+    check_execution(experiment)  # device, precision, Ray installed and reachable: one line, in seconds
     results = _results_dir(experiment)
     store = ResultStore(results)
-    executor = execution = None
     if not args.dry_run:
         store.check_writable()
-        executor, execution = start_executor(experiment, store)
     grid = experiment.configs(_n_folds(experiment))
     configs = shard_of(grid, experiment.shard)
-    first = configs[0]
-    demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
-        if first.recipe == "demo" else ""
-    console.print(f"[bold]recipe {first.label()}[/bold]{demo_note}: " + ", ".join(
-        f"{k}={v}" for k, v in first.resolved_recipe().to_dict().items() if k != "name"))
-    source = "embedded synthetic cohorts" if experiment.data_root is None else f"data root {experiment.data_root}"
-    if experiment.data_root is None and experiment.signal != "mixed":
-        source += f" with a '{experiment.signal}' signal"
-    console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
-                  f"{source}, results -> {results}")
-    n_folds = len(grid) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
-                                * len(experiment.seeds) * len(experiment.repeats))
-    shard = "" if experiment.shard is None else f", shard {experiment.shard[0]}/{experiment.shard[1]}: {len(configs)}"
-    console.print(f"{len(experiment.methods)} method(s) x {len(experiment.cohorts)} cohort(s) x "
-                  f"{len(experiment.backbones)} backbone(s) x {len(experiment.repeats)} repeat(s) x {n_folds} fold(s) x "
-                  f"{len(experiment.seeds)} seed(s) = {len(grid)} cells{shard}, executor {experiment.executor}"
-                  + (f", {experiment.jobs} job(s)" if experiment.executor == "local" else ""))
+    _print_header(console, experiment, grid, configs, results)
     if args.dry_run:
         print_dry_run(console, configs, store, args.overwrite, experiment.jobs if experiment.executor == "local" else 1)
         return 0
+    executor, execution = start_executor(experiment, store)
     _interrupt_on_sigterm()
     try:
         report = run_grid(configs, store, execution, jobs=experiment.jobs, overwrite=args.overwrite,
@@ -314,13 +330,7 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"[yellow]interrupted: {stop}[/yellow]")
         return 130
     console.print(summary_table(ResultStore(results), configs))
-    n_err = sum(1 for r in report.ran if r["status"] == "error")
-    busy = [r["cell"] for r in report.ran if r["status"] == "busy"]
-    if busy:  # another run or shard holds them: not done here, not failed either
-        console.print(f"[yellow]{len(busy)} cell(s) were being computed by another run (first: {busy[0]}); rerun the "
-                      "same command after it to collect them[/yellow]")
-    console.print(f"{len(report.ran)} cell(s) run in {report.seconds:.1f} s, {len(report.skipped)} skipped, "
-                  f"{n_err} error(s); records under {results / 'cells'}")
+    n_err = _print_outcome(console, report, results)
     # Errors are recorded (and shown as missing in tables); the exit code stays 0 so `make table1` still
     # writes its table. --strict turns them into exit code 1.
     return 1 if (n_err and args.strict) else 0
