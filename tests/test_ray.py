@@ -168,3 +168,18 @@ def test_bad_cluster_options_are_one_line_before_any_cell(ray_cluster, tiny_data
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), proc.stderr
         assert time.monotonic() - started < 60 and not list((tmp_path / "store").rglob("*.json"))
+
+
+def test_sigint_cancels_the_ray_grid(ray_cluster, tiny_data, tmp_path):
+    results = tmp_path / "store"
+    args = run_args(tiny_data, results, "--executor", "ray", "--address", ray_cluster)
+    args[args.index("epochs=2")] = "epochs=60"
+    proc = subprocess.Popen(args, cwd=REPO, env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(results.rglob("*.lock")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert time.monotonic() - sent < 20 and proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "of 8 cells finished; rerun the same command to resume" in out and "Traceback" not in out + err
