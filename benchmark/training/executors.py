@@ -153,6 +153,7 @@ def _worker_main(work: Work, init: Callable | None, init_args: tuple, tasks, eve
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the parent decides
     signal.signal(signal.SIGTERM, _leave_on_sigterm)
     exit_with_parent(parent_pid)
+    events.cancel_join_thread()  # a stopped worker must not wait at exit for a parent that no longer reads
     if init is not None:
         init(*init_args)
     while True:
