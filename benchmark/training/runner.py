@@ -1,6 +1,8 @@
 """The grid runner behind ``python -m benchmark run``: expands methods x cohorts x backbones x folds into
-cells, skips finished ones, trains the rest (serially or in worker processes), records every cell (an
-exception becomes an ``error`` record and the grid goes on) and prints a summary.
+cells, skips finished ones, trains the rest on an executor (this process, local worker processes or Ray tasks;
+``benchmark/training/executors.py``), each cell under its lock (``benchmark/store/lock.py``), records every cell (an
+exception becomes an ``error`` record and the grid goes on) and prints a summary. SIGINT stops the grid cleanly
+(:class:`GridInterrupted`).
 """
 from __future__ import annotations
 
