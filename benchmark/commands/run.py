@@ -67,6 +67,12 @@ def register(subparsers) -> None:
     p.add_argument("--bin-rule", default=None, choices=("train", "cohort"),
                    help="bin edges from the training fold (train, default) or the whole cohort (MCAT's rule)")
     p.add_argument("--n-bins", type=int, default=None, help="discrete-time bins (default 4)")
+    _add_execution_options(p)
+    p.set_defaults(func=main)
+
+
+def _add_execution_options(p) -> None:
+    """Where and how the cells run; none of it changes a result except --precision."""
     p.add_argument("--device", default=None, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast precision of training (default fp32; fp16 with a gradient scaler, CUDA only)")
@@ -87,7 +93,6 @@ def register(subparsers) -> None:
                    help="run only shard I of N of the grid (0-based; e.g. a Slurm array task, docs/CORE.md)")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells to run and to skip with an estimated time per method; train nothing")
-    p.set_defaults(func=main)
 
 
 def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:

@@ -134,11 +134,9 @@ def _json_safe(value: Any) -> Any:
 def current_umask() -> int:
     """The process umask (read from /proc on Linux, where setting it to read it would race other threads)."""
     try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, ValueError, StopIteration):
         pass
     mask = os.umask(0o022)
     os.umask(mask)

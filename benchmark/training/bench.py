@@ -230,6 +230,16 @@ def time_phase(model, bag, phase: str, device="cpu") -> dict:
     return {"seconds": seconds, "forward_s": seconds}
 
 
+def _peak_memory(device) -> dict:
+    """Peak resident memory of the process, and on CUDA the GPU's peak (the one that limits the bag size there)."""
+    import torch
+
+    out = {"peak_rss_gb": _rss_gb()}
+    if device.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
 def _best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["seconds"]) if runs else {}
 
@@ -265,9 +275,7 @@ def run_case(case: BenchCase) -> dict:
             runs[name].append(time_phase(model, bag, case.phase, device))
             del model
             if repeat == 0 and name == "ours":
-                result["peak_rss_gb"] = _rss_gb()
-                if device.type == "cuda":  # the GPU's peak is the one that limits the bag size there
-                    result["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+                result.update(_peak_memory(device))
     result.update(_best(runs["ours"]))
     if "reference" in runs:
         result["reference"] = _best(runs["reference"])

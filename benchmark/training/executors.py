@@ -240,15 +240,20 @@ class LocalExecutor(Executor):
             except queue_module.Empty:
                 done.extend(self._reap_dead_workers())
                 continue
-            if event[0] == "epoch" and self.on_progress is not None:
-                self.on_progress(*event[1:])
-            elif event[0] == "done":
-                for worker in self.workers:
-                    if worker.key == event[1]:
-                        worker.key = None
-                done.append((event[1], event[2]))
+            done.extend(self._handle(event))
         self._dispatch()
         return done
+
+    def _handle(self, event: tuple) -> list[tuple[str, dict]]:
+        """An event of a worker: epoch progress, or a finished cell (its worker becomes idle)."""
+        if event[0] == "epoch" and self.on_progress is not None:
+            self.on_progress(*event[1:])
+        if event[0] != "done":
+            return []
+        for worker in self.workers:
+            if worker.key == event[1]:
+                worker.key = None
+        return [(event[1], event[2])]
 
     def _reap_dead_workers(self) -> list[tuple[str, dict]]:
         """Replace workers that died (e.g. killed for memory); their cell is reported as failed."""
