@@ -117,3 +117,14 @@ def test_a_locked_cell_is_busy_and_a_cell_finished_elsewhere_is_skipped(tmp_path
     assert execute_cell(task, loader=toy_loader)["status"] == "ok"
     assert execute_cell(task, loader=toy_loader)["status"] == "skipped"  # finished meanwhile: not trained twice
     assert not store.lock_path(config.cell).exists()
+
+
+def test_signals_wait_until_a_record_is_written():
+    from benchmark.training.runner import signals_deferred
+
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            written = True  # reached: the signal waits for the block to end
+        pytest.fail("the deferred SIGINT was not delivered after the block")
+    assert written

@@ -6,9 +6,11 @@ exception becomes an ``error`` record and the grid goes on) and prints a summary
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import signal
+import threading
 import time
 import traceback
 import uuid
@@ -141,6 +143,25 @@ def expected_config(config: RunConfig, in_dim: int | None = None) -> dict[str, A
     return config.record_config(dim, data_root, synthetic_facts(config, data_root))
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT / SIGTERM back until the block ends (main thread only); a signal that arrived meanwhile is
+    raised again right after, to the handlers that were in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
 def _new_record(config: RunConfig) -> dict[str, Any]:
     return {
         **asdict(config.cell), "schema": SCHEMA, "label": config.label(),
@@ -182,7 +203,8 @@ def run_cell(
     except Exception as exc:  # one crashed cell must not stop the grid
         record.update(status="error", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
     record["seconds"] = time.perf_counter() - started
-    store.write(record, state_dict=state)
+    with signals_deferred():  # a stop request lands after the record, never between its .pt and its .json
+        store.write(record, state_dict=state)
     c = (record.get("metrics") or {}).get("c_index")
     return {"cell": config.cell.label(), "status": record["status"], "c_index": c, "seconds": record["seconds"],
             "error": (record["error"] or "").splitlines()[0] if record["error"] else None}
