@@ -12,11 +12,13 @@ TABLE2_METHOD ?= crossfusion
 CALIBRATION_METHODS ?= amil,dsmil,transmil,random
 CALIBRATION_RESULTS ?= results/calibration
 
-.PHONY: install test table1 table2 calibration clean-results help
+.PHONY: install test test-ray gpu-check table1 table2 calibration clean-results help
 
 help:
 	@echo "make install   - create $(VENV) with the pinned CPU stack and install the harness"
-	@echo "make test      - run the test suite"
+	@echo "make test      - run the test suite (then test-ray)"
+	@echo "make test-ray  - install the Ray extra (requirements-ray.lock) and run the Ray executor tests"
+	@echo "make gpu-check - one training step of every method on CUDA, fp32 and bf16 (skips without CUDA)"
 	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
 	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
 	@echo "make calibration - methods on --signal none data; prints how often --significance marks a row vs alpha"
@@ -29,7 +31,16 @@ install: $(PY)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not ray"
+	$(MAKE) test-ray
+
+# The Ray executor's acceptance tests on a loopback cluster (token auth off for a local test cluster).
+test-ray: install
+	$(PY) -m pip install -q -r requirements-ray.lock
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m ray
+
+gpu-check: install
+	$(PY) -m benchmark.training.gpu_check
 
 table1: install
 	$(PY) -m benchmark run --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --jobs $(JOBS) --results $(RESULTS)

@@ -116,3 +116,18 @@ def test_bad_settings_fail_before_any_cell():
         configs_of(["run", "--n-bins", "1"])
     with pytest.raises(ValueError, match="--folds"):
         Experiment(("amil",), ("blca",), folds=(7,)).configs(5)
+
+
+def test_experiment_file_carries_the_execution_settings(tmp_path):
+    from benchmark.cli import build_parser
+    from benchmark.commands.run import build_experiment
+
+    path = tmp_path / "grid.toml"
+    path.write_text('methods = ["amil"]\ndatasets = "blca"\nexecutor = "local"\nshard = "1/2"\nsave_weights = true\n'
+                    'precision = "bf16"\ncpus_per_cell = 2\n')
+    experiment = build_experiment(build_parser().parse_args(["run", "--config", str(path)]))
+    assert (experiment.shard, experiment.save_weights, experiment.precision, experiment.cpus_per_cell) == \
+        ((1, 2), "last", "bf16", 2.0)
+    assert experiment.configs(5)[0].label() == "demo, precision=bf16"
+    flags = build_parser().parse_args(["run", "--config", str(path), "--save-weights", "none", "--shard", "0/3"])
+    assert (build_experiment(flags).shard, build_experiment(flags).save_weights) == ((0, 3), "none")

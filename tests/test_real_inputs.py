@@ -142,7 +142,7 @@ def test_data_source_round_trip_through_record_cli_and_experiment_file(folders, 
     argv = ["run", "--methods", "amil", "--dataset", "blca", "--clinical", folders["base"] / "clinical.csv",
             "--splits", folders["base"] / "splits", "--features", *feat, "--layout", "clam", "--folds", "0",
             "--recipe", "demo", "--set", "epochs=1", "--set", "max_samples_per_epoch=8", "--device", "cpu",
-            "--results", results]
+            "--results", results, "--save-weights", "last"]
     assert cli.main([str(a) for a in argv]) == 0
     out = capsys.readouterr().out
     assert "blca/resnet50: 40 samples, features: clam layout (given)" in " ".join(out.split())

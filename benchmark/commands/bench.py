@@ -58,6 +58,8 @@ def register(subparsers) -> None:
                         "with it, and print the time ratio (methods without a reference path: '-')")
     p.add_argument("--repeats", type=int, default=1, help="timed steps of each variant; the best is kept (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads in each child (default 2)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda, cuda:1, ...: on a GPU the matmul rate and the peak GB are the GPU's")
     p.add_argument("--timeout", type=float, default=None, help="seconds per child before it is killed")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=run)
@@ -102,7 +104,7 @@ def _table_row(label: str, phase: str, res: dict) -> list[str]:
             fmt(res, "forward_s", "{:.2f}"), fmt(eff, "gflop", "{:.1f}"), fmt(eff, "gflops", "{:.1f}"),
             fmt(eff, "mfu_forward", "{:.0%}"), fmt(eff, "mfu", "{:.0%}"), fmt(res, "sgemm_gflops", "{:.0f}"),
             fmt(ref, "seconds", "{:.2f}"), fmt(eff, "mfu_reference", "{:.0%}"), fmt(eff, "ratio", "{:.2f}"),
-            fmt(res, "peak_rss_gb", "{:.2f}"), res.get("error", "")]
+            fmt(res, "peak_gpu_gb" if "peak_gpu_gb" in res else "peak_rss_gb", "{:.2f}"), res.get("error", "")]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
         if args.official and method.startswith("crossfusion"):
             variants.append((method, {**options, **OFFICIAL_OPTIONS}, f"{method} (official kernels)"))
 
+    from benchmark.training.precision import resolve_device
+
+    resolve_device(args.device)  # one line when CUDA is asked for and absent, before any child starts
     console = Console(width=max(Console().width, 190))  # the table is wide; logs are not terminals
     console.print(f"bag: N20={n20:,}  N10={n10:,}  N5={n5:,}  in_dim={in_dim}  threads={args.threads}  "
                   f"(one fresh process per method and phase)")
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         for phase in phases:
             case = BenchCase(method=method, phase=phase, n20=n20, n10=n10, n5=n5, in_dim=in_dim,
                              threads=args.threads, options=opts, label=label, repeats=args.repeats,
-                             reference=args.reference)
+                             reference=args.reference, device=args.device)
             console.print(f"  running {label} ({phase}) ...", markup=False)
             row[phase] = run_in_child(case, args.timeout)
             row[phase].update(_efficiency(row[phase]))

@@ -85,7 +85,7 @@ def _retrain_hint(record, results) -> str:
     from benchmark.training.config import RunConfig
 
     try:
-        return f"`{RunConfig.from_record(record).to_cli(results)} --overwrite`"
+        return f"`{RunConfig.from_record(record).to_cli(results)} --save-weights last --overwrite`"
     except (ValueError, KeyError):
         return "`python -m benchmark run ... --overwrite` with the cell's settings"
 
@@ -94,7 +94,7 @@ def _fold_model(store, record, retrain: bool):
     """The fold's trained model: its saved weights, or (``retrain``) the cell trained again through the runner."""
     from benchmark.analysis.plots import stale_data_reason
     from benchmark.training.config import RunConfig
-    from benchmark.training.runner import Execution, load_trained_model, run_cell
+    from benchmark.training.runner import CellTask, Execution, execute_cell, load_trained_model
 
     stale = stale_data_reason(record)
     if stale and not retrain:
@@ -108,7 +108,9 @@ def _fold_model(store, record, retrain: bool):
                 raise FileNotFoundError(f"{exc}. Re-train this cell with weights: {_retrain_hint(record, store.root)} "
                                         "(or add --retrain to this command)") from None
     config = RunConfig.from_record(record)
-    summary = run_cell(config, store, Execution(device="cpu"))
+    # under the cell's lock, so a grid running on the same store never trains this cell at the same time
+    summary = execute_cell(CellTask(config, str(store.root), Execution(device="auto", save_weights=True),
+                                    skip_if_finished=False))
     if summary["status"] != "ok":
         raise RuntimeError(f"re-training {summary['cell']} failed: {summary['error']}")
     record = store.read(config.cell)

@@ -20,7 +20,8 @@ DEFAULTS: dict[str, Any] = {
     "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "repeats": 1,
     "repeat": None, "recipe": None,
     "selection": "last", "unit": "patient", "bin_rule": "train", "n_bins": 4, "data_root": None, "signal": "mixed",
-    "results": None, "jobs": 1, "device": "auto", "save_weights": True, "plugins": [],
+    "results": None, "jobs": 1, "device": "auto", "save_weights": "none", "plugins": [], "precision": "fp32",
+    "executor": "local", "address": None, "cpus_per_cell": None, "gpus_per_cell": 0.0, "shard": None,
     "clinical": None, "splits": None, "features": None, "layout": "auto", "missing_features": "error",
     "registry": [],
 }
@@ -73,9 +74,7 @@ def register(subparsers) -> None:
                    help="bin edges from the training fold (train, default), the whole cohort (MCAT's rule) or its "
                         "slides (CrossFusion's)")
     p.add_argument("--n-bins", type=int, default=None, help="discrete-time bins (default 4)")
-    p.add_argument("--device", default=None, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
-    p.add_argument("--no-weights", action="store_true", help="do not save model weights beside the records")
+    _add_execution_options(p)
     p.set_defaults(func=main)
 
 
@@ -93,6 +92,30 @@ def _data_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--missing-features", default=None, choices=MISSING_FEATURES_CHOICES,
                    help="slides of the table without a feature file: stop (error, default) or leave them out and "
                         "report what each fold loses (drop)")
+
+
+def _add_execution_options(p) -> None:
+    """Where and how the cells run; none of it changes a result except --precision."""
+    p.add_argument("--device", default=None, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="autocast precision of training (default fp32; fp16 with a gradient scaler, CUDA only)")
+    p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
+    p.add_argument("--save-weights", default=None, choices=("none", "last"),
+                   help="none (default: records only; `plot heatmap` retrains a cell on request) or last (the "
+                        "selected model's weights beside each record)")
+    p.add_argument("--no-weights", action="store_true", help="same as --save-weights none")
+    p.add_argument("--executor", default=None, choices=("local", "ray"),
+                   help="local (default: this machine, --jobs processes) or ray (a Ray cluster, see --address)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster: auto, host:port or ray://host:port (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--cpus-per-cell", type=float, default=None,
+                   help="CPUs (torch threads) per cell (default 1 per worker or Ray task; every core for --jobs 1)")
+    p.add_argument("--gpus-per-cell", type=float, default=None,
+                   help="GPUs per cell with --executor ray, e.g. 0.5 packs two cells on a GPU (default 0)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only shard I of N of the grid (0-based; e.g. a Slurm array task, docs/CORE.md)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells to run and to skip with an estimated time per method; train nothing")
 
 
 def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
@@ -121,8 +144,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     file = read_experiment_file(args.config) if args.config else {}
     merged.update({k: v for k, v in file.items() if k not in ("set", "method_options")})
     merged.update({k: getattr(args, k) for k in DEFAULTS if getattr(args, k, None) is not None})
+    if isinstance(merged["save_weights"], bool):  # an experiment file may say true / false
+        merged["save_weights"] = "last" if merged["save_weights"] else "none"
     if args.no_weights:
-        merged["save_weights"] = False
+        merged["save_weights"] = "none"
     merged["plugins"] = list(file.get("plugins") or []) + list(getattr(args, "plugin", []) or [])
     registry = file.get("registry") or []
     merged["registry"] = [registry] if isinstance(registry, str) else list(registry)
@@ -149,6 +174,7 @@ def build_experiment(args: argparse.Namespace):
     from benchmark.training.recipes import parse_assignments
     from benchmark.training.registry import check_method_options, load_plugins, resolve_methods
     from benchmark.training.runner import parse_folds
+    from benchmark.training.shard import parse_shard
 
     s = settings(args)
     for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
@@ -170,7 +196,10 @@ def build_experiment(args: argparse.Namespace):
         overrides={**s["overrides"], **parse_assignments(args.overrides)}, method_options=options,
         selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
         data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
-        device=s["device"], save_weights=bool(s["save_weights"]), plugins=tuple(s["plugins"]),
+        device=s["device"], save_weights=str(s["save_weights"]), plugins=tuple(s["plugins"]),
+        precision=s["precision"], executor=s["executor"], address=s["address"],
+        cpus_per_cell=None if s["cpus_per_cell"] is None else float(s["cpus_per_cell"]), gpus_per_cell=float(s["gpus_per_cell"]),
+        shard=parse_shard(s["shard"]),
         clinical=s["clinical"], splits=s["splits"], features=feature_items(s["features"]), layout=s["layout"],
         missing_features=s["missing_features"], registry=tuple(str(p) for p in user_registry_files()),
     )
@@ -228,33 +257,85 @@ def print_data_notes(console, cohort) -> None:
                       f"now {row['train']} train / {row['val']} val")
 
 
-def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def check_execution(experiment) -> None:
+    """Device, precision and resources that cannot work here: one line naming the option, before any cell."""
+    import torch
 
-    from benchmark.store.records import ResultStore
-    from benchmark.training.runner import Execution, run_grid, summary_table
-    from benchmark.training.recipes import get_recipe
-    from benchmark.training.trainer import resolve_device
+    from benchmark.training.precision import check_precision, resolve_device
 
-    console = Console()
-    experiment = build_experiment(args)
-    try:  # fail early on an unknown or unavailable device
-        resolve_device(experiment.device)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"--device {experiment.device}: {str(exc).splitlines()[0]}") from None
-    results = _results_dir(experiment)
-    store = ResultStore(results)
-    store.prepare("--results" if experiment.results else "results folder")  # writable; stale .tmp files removed
-    cohorts = _cohorts(experiment)
-    for cohort in cohorts[::len(experiment.repeats)]:  # once per cohort x backbone (repeats share the data)
-        print_data_notes(console, cohort)
-    configs = experiment.configs(min(len(c.folds) for c in cohorts))
-    check_bins(experiment, cohorts)
-    recipe_notes: list[str] = []
-    get_recipe(configs[0].recipe, dict(experiment.overrides), notes=recipe_notes)
-    for note in recipe_notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
-    first = configs[0]
+    if experiment.executor == "ray":  # the workers' devices are checked against the cluster's resources
+        from benchmark.training.executors import check_reachable, import_ray
+
+        import_ray()
+        check_reachable(experiment.address)
+        check_precision(experiment.precision, "cuda" if experiment.gpus_per_cell > 0 else None)
+        return
+    device = resolve_device(experiment.device)
+    check_precision(experiment.precision, device)
+    if experiment.gpus_per_cell > 0 and not torch.cuda.is_available():
+        raise ValueError(f"--gpus-per-cell {experiment.gpus_per_cell:g}: this machine has no CUDA GPU")
+
+
+def start_executor(experiment, store):
+    """The grid's executor, connected and validated (Ray: reachable, resources present, store writable)."""
+    from benchmark.training.runner import Execution, make_executor
+
+    execution = Execution(device=experiment.device, save_weights=experiment.save_weights == "last",
+                          plugins=experiment.plugins)
+    executor = make_executor(experiment.executor, experiment.jobs, execution, address=experiment.address,
+                             cpus_per_cell=experiment.cpus_per_cell, gpus_per_cell=experiment.gpus_per_cell,
+                             store_root=str(store.root.resolve()))
+    if experiment.executor == "local" and experiment.jobs <= 1 and experiment.cpus_per_cell:
+        import torch
+
+        torch.set_num_threads(max(1, int(experiment.cpus_per_cell)))  # cells run in this process
+    executor.start()
+    return executor, execution
+
+
+def print_dry_run(console, configs, store, overwrite: bool, parallelism: float) -> None:
+    """Cells to run and to skip per method, with the cost model's estimate."""
+    from rich.table import Table
+
+    from benchmark.training.cost import CostModel, format_seconds
+    from benchmark.training.runner import estimate_cells, plan_grid
+
+    plan = plan_grid(configs, store, overwrite)
+    model = CostModel.from_records(store.load_all()[0])
+    estimates = estimate_cells(plan.todo, store, model=model)
+    table = Table(title="dry run: nothing is trained")
+    for col in ("method", "to run", "to skip", "est. s / cell", "est. total", "cost source"):
+        table.add_column(col, justify="left" if col in ("method", "cost source") else "right")
+    for method in dict.fromkeys(c.method for c in configs):
+        todo = [c for c in plan.todo if c.method == method]
+        seconds = [estimates[c.cell.label()] for c in todo]
+        skipped = sum(1 for c in plan.skipped if c.method == method)
+        table.add_row(method, str(len(todo)), str(skipped), f"{sum(seconds) / len(seconds):.1f}" if seconds else "-",
+                      format_seconds(sum(seconds)) if seconds else "-",
+                      model.seconds_per_draw(method, *((todo[0].cohort, todo[0].backbone) if todo else ()))[1])
+    console.print(table)
+    for config in plan.todo:
+        console.print(f"  run   {config.cell.label()}  ~{format_seconds(estimates[config.cell.label()])}")
+    for config in plan.skipped:
+        console.print(f"  skip  {config.cell.label()}  (finished)")
+    total = sum(estimates.values())
+    console.print(f"{len(plan.todo)} cell(s) to run, {len(plan.skipped)} to skip; estimated "
+                  f"{format_seconds(total / max(1.0, parallelism))} with {parallelism:g} cell(s) at a time")
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a scheduler stopping the job) stops the grid the way Ctrl-C does."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_header(console, experiment, grid: list, configs: list, results: Path) -> None:
+    """The recipe, the data source and the grid's size, before any cell."""
+    first = grid[0]
     demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
         if first.recipe == "demo" else ""
     console.print(f"[bold]recipe {first.label()}[/bold]{demo_note}: " + ", ".join(
@@ -265,19 +346,75 @@ def main(args: argparse.Namespace) -> int:
     if experiment.data_root is None and experiment.signal != "mixed":
         source += f" with a '{experiment.signal}' signal"
     console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
-                  f"{source}, results -> {results}")
-    n_folds = len(configs) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
-                                * len(experiment.seeds) * len(experiment.repeats))
+                  f"precision {experiment.precision}, {source}, results -> {results}")
+    n_folds = len(grid) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
+                            * len(experiment.seeds) * len(experiment.repeats))
+    shard = "" if experiment.shard is None else f", shard {experiment.shard[0]}/{experiment.shard[1]}: {len(configs)}"
     console.print(f"{len(experiment.methods)} method(s) x {len(experiment.cohorts)} cohort(s) x "
                   f"{len(experiment.backbones)} backbone(s) x {len(experiment.repeats)} repeat(s) x {n_folds} fold(s) x "
-                  f"{len(experiment.seeds)} seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
-    execution = Execution(device=experiment.device, save_weights=experiment.save_weights, plugins=experiment.plugins)
-    report = run_grid(configs, store, execution, jobs=experiment.jobs, overwrite=args.overwrite,
-                      console=console)
-    console.print(summary_table(store, configs))
-    n_err = sum(1 for r in report.ran if r["status"] != "ok")
+                  f"{len(experiment.seeds)} seed(s) = {len(grid)} cells{shard}, executor {experiment.executor}"
+                  + (f", {experiment.jobs} job(s)" if experiment.executor == "local" else ""))
+
+
+def _print_outcome(console, report, results: Path) -> int:
+    """The last lines of a finished grid; returns the number of failed cells."""
+    n_err = sum(1 for r in report.ran if r["status"] == "error")
+    busy = [r["cell"] for r in report.ran if r["status"] == "busy"]
+    if busy:  # another run or shard holds them: not done here, not failed either
+        console.print(f"[yellow]{len(busy)} cell(s) were being computed by another run (first: {busy[0]}); rerun the "
+                      "same command after it to collect them[/yellow]")
     console.print(f"{len(report.ran)} cell(s) run in {report.seconds:.1f} s, {len(report.skipped)} skipped, "
                   f"{n_err} error(s); records under {results / 'cells'}")
+    return n_err
+
+
+def _checked_grid(console, experiment) -> list:
+    """Every cell, after loading each cohort once: the data layer's notes printed, every fold's time bins and the
+    recipe checked before any cell runs."""
+    from benchmark.training.recipes import get_recipe
+
+    cohorts = _cohorts(experiment)
+    for cohort in cohorts[::len(experiment.repeats)]:  # once per cohort x backbone (repeats share the data)
+        print_data_notes(console, cohort)
+    grid = experiment.configs(min(len(c.folds) for c in cohorts))
+    check_bins(experiment, cohorts)
+    recipe_notes: list[str] = []
+    get_recipe(grid[0].recipe, dict(experiment.overrides), notes=recipe_notes)
+    for note in recipe_notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    return grid
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from benchmark.store.records import ResultStore
+    from benchmark.training.runner import GridInterrupted, run_grid, summary_table
+    from benchmark.training.shard import shard_of
+
+    console = Console()
+    experiment = build_experiment(args)
+    check_execution(experiment)  # device, precision, Ray installed and reachable: one line, in seconds
+    results = _results_dir(experiment)
+    store = ResultStore(results)
+    if not args.dry_run:  # writable, and temporary files of interrupted writes removed
+        store.prepare("--results" if experiment.results else "results folder")
+    grid = _checked_grid(console, experiment)
+    configs = shard_of(grid, experiment.shard)
+    _print_header(console, experiment, grid, configs, results)
+    if args.dry_run:
+        print_dry_run(console, configs, store, args.overwrite, experiment.jobs if experiment.executor == "local" else 1)
+        return 0
+    executor, execution = start_executor(experiment, store)
+    _interrupt_on_sigterm()
+    try:
+        report = run_grid(configs, store, execution, jobs=experiment.jobs, overwrite=args.overwrite,
+                          console=console, executor=executor)
+    except GridInterrupted as stop:
+        console.print(f"[yellow]interrupted: {stop}[/yellow]")
+        return 130
+    console.print(summary_table(ResultStore(results), configs))
+    n_err = _print_outcome(console, report, results)
     # Errors are recorded (and shown as missing in tables); the exit code stays 0 so `make table1` still
     # writes its table. --strict turns them into exit code 1.
     return 1 if (n_err and args.strict) else 0

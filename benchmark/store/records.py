@@ -134,11 +134,26 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux, where setting it to read it would race other threads)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(ln for ln in status.splitlines() if ln.startswith("Umask:")).split()[1], 8)
+    except (OSError, ValueError, StopIteration):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # the pid in the name tells a stale temporary file (its writer is gone) from one being written now
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; records and weights get the mode any new file gets (0666 less the umask),
+        # so the other members of a lab's group can read a shared store
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -233,6 +248,20 @@ class ResultStore:
 
     def weights_path(self, cell: Cell) -> Path:
         return self.root / cell.run_dir / f"{cell.stem}.pt"
+
+    def lock_path(self, cell: Cell) -> Path:
+        """The cell's lock file (``benchmark.store.lock``): present while a process computes the cell."""
+        return self.root / cell.run_dir / f"{cell.stem}.lock"
+
+    def check_writable(self) -> None:
+        """Create the root and write a probe file in it; raises ValueError naming ``--results`` when it fails."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ValueError(f"--results {self.root}: the store is not writable ({exc.strerror or exc})") from None
 
     # writing -----------------------------------------------------------------------------------------
     def write(self, record: dict, state_dict: dict | None = None) -> Path:

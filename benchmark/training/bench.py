@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 #: The largest real slide of the cohorts (patches at 20x / 10x / 5x) and its backbone width (UNI2-h).
 LARGEST_SLIDE = {"n20": 137_990, "n10": 34_500, "n5": 8_600, "in_dim": 1536}
@@ -62,6 +63,7 @@ class BenchCase:
     label: str = ""
     repeats: int = 1  # timed steps of each variant; the best is kept
     reference: bool = False  # also time the method's reference path (REFERENCE_OPTIONS) in the same process
+    device: str = "cpu"  # cuda: the step runs on the GPU; the matmul rate and the peak memory are the GPU's
 
 
 def bag_sizes(n20: int, n10: int | None = None, n5: int | None = None) -> tuple[int, int, int]:
@@ -105,16 +107,27 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def sgemm_rate(n: int = SGEMM_SIZE, repeats: int = 3) -> float:
-    """GFLOP/s of an ``n x n`` float32 matmul with the current threads: best of ``repeats`` after one warm-up."""
+def _synchronize(device) -> None:
+    """Wait for the device's queued kernels (CUDA runs asynchronously; a timer must not stop before them)."""
     import torch
 
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sgemm_rate(n: int = SGEMM_SIZE, repeats: int = 3, device="cpu") -> float:
+    """GFLOP/s of an ``n x n`` float32 matmul with the current threads (or on the GPU): best of ``repeats`` after
+    one warm-up."""
+    import torch
+
+    a, b, c = (torch.randn(n, n, device=device), torch.randn(n, n, device=device), torch.empty(n, n, device=device))
     torch.mm(a, b, out=c)  # warm-up: page faults of the output, thread start
     best = math.inf
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b, out=c)
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -190,7 +203,7 @@ def count_flops(method: str, options: dict, bag, phase: str) -> dict:
     return {}
 
 
-def time_phase(model, bag, phase: str) -> dict:
+def time_phase(model, bag, phase: str, device="cpu") -> dict:
     """One timed step: ``train`` = forward, backward + Adam step (``backward_s`` includes the step); ``eval`` =
     one forward under ``no_grad``. Returns seconds per part."""
     import torch
@@ -198,20 +211,35 @@ def time_phase(model, bag, phase: str) -> dict:
     if phase == "train":
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        _synchronize(device)
         start = time.perf_counter()
         out = model(bag)
+        _synchronize(device)
         forward_s = time.perf_counter() - start
         _loss(out).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
         seconds = time.perf_counter() - start
         return {"seconds": seconds, "forward_s": forward_s, "backward_s": seconds - forward_s}
     model.eval()
+    _synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
         model(bag)
+    _synchronize(device)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "forward_s": seconds}
+
+
+def _peak_memory(device) -> dict:
+    """Peak resident memory of the process, and on CUDA the GPU's peak (the one that limits the bag size there)."""
+    import torch
+
+    out = {"peak_rss_gb": _rss_gb()}
+    if device.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
 
 
 def _best(runs: list[dict]) -> dict:
@@ -229,12 +257,16 @@ def run_case(case: BenchCase) -> dict:
     """
     import torch
 
+    from benchmark.training.precision import resolve_device
     from benchmark.training.registry import count_parameters, create_method, get_method_spec
 
     torch.set_num_threads(case.threads)
+    device = resolve_device(case.device)
     spec = get_method_spec(case.method)
     bag = make_bag(spec.needs, {20: case.n20, 10: case.n10, 5: case.n5}, case.in_dim, case.seed)
-    result = {"flops": count_flops(case.method, case.options, bag, case.phase)}
+    result = {"sgemm_gflops": sgemm_rate(device=device), "device": str(device),
+              "flops": count_flops(case.method, case.options, bag, case.phase)}
+    bag = bag.to(device)
     variants = {"ours": case.options}
     if case.reference and case.method in REFERENCE_OPTIONS:
         variants["reference"] = {**case.options, **REFERENCE_OPTIONS[case.method]}
@@ -242,13 +274,13 @@ def run_case(case: BenchCase) -> dict:
     for repeat in range(case.repeats):
         for name, opts in variants.items():
             torch.manual_seed(case.seed)  # same weights, same dropout draws in every step of a variant
-            model = create_method(case.method, in_dim=case.in_dim, **opts)
+            model = create_method(case.method, in_dim=case.in_dim, **opts).to(device)
             result.setdefault("params", count_parameters(model))
-            rate = sgemm_rate(repeats=2)
-            runs[name].append({**time_phase(model, bag, case.phase), "sgemm_gflops": rate})
+            rate = sgemm_rate(repeats=2, device=device)
+            runs[name].append({**time_phase(model, bag, case.phase, device), "sgemm_gflops": rate})
             del model
             if repeat == 0 and name == "ours":
-                result["peak_rss_gb"] = _rss_gb()
+                result.update(_peak_memory(device))
     result.update(_best(runs["ours"]))
     if "reference" in runs:
         result["reference"] = _best(runs["reference"])
@@ -261,7 +293,7 @@ def run_in_child(case: BenchCase, timeout_s: float | None = None) -> dict:
     cmd = [sys.executable, "-m", "benchmark.training.bench", "--child", json.dumps(asdict(case))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                              cwd=Path(__file__).resolve().parents[2])  # the repository root: this checkout's package
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -26,7 +26,12 @@ from benchmark.naming import did_you_mean
 from benchmark.store.records import Cell, config_hash
 from benchmark.training.recipes import SELECTIONS, Recipe, get_recipe, parse_option_value
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # benchmark.training.precision.PRECISIONS, without importing torch here
+
 UNITS = ("patient", "slide")
+#: ``--save-weights``: ``none`` (records only) or ``last`` (the selected model's weights beside each record).
+SAVE_WEIGHTS = ("none", "last")
+EXECUTORS = ("local", "ray")
 BIN_RULES = ("train", "cohort", "cohort-slides")
 DEFAULT_N_BINS = 4
 #: Record keys of ``config`` that describe how the settings were spelled, not what they resolve to: they are
@@ -118,6 +123,9 @@ class RunConfig:
         Registered names (lower case).
     fold, seed : int
         Outer fold index and training seed.
+    precision : {"fp32", "bf16", "fp16"}
+        Autocast precision of the training forward passes (``benchmark.training.precision``); part of the
+        configuration because it changes the trained weights.
     repeat : int
         Repeat of repeated cross-validation: 0 = the cohort's split files, r >= 1 = stratified patient-level
         folds drawn with seed r (``benchmark.data.splits.repeated_folds``).
@@ -171,6 +179,7 @@ class RunConfig:
     layout: str = "auto"
     missing_features: str = "error"
     registry: tuple[str, ...] = ()
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -186,6 +195,7 @@ class RunConfig:
         _check_choice(self.unit, UNITS, "--unit")
         _check_choice(self.bin_rule, BIN_RULES, "--bin-rule")
         _check_choice(self.signal, SYNTHETIC_SIGNALS, "--signal")
+        _check_choice(self.precision, PRECISIONS, "--precision")
         if self.n_bins < 2:
             raise ValueError(f"--n-bins: needs at least 2 bins, got {self.n_bins}")
         options = {k: parse_option_value(v) if isinstance(v, str) else v for k, v in dict(self.method_options).items()}
@@ -239,7 +249,7 @@ class RunConfig:
         """What differs from the named recipe's defaults for this method (empty for a default cell)."""
         out: dict[str, Any] = dict(self.overrides)
         out.update(self.method_options)
-        defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS}
+        defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "precision": "fp32"}
         out.update({k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v})
         return out
 
@@ -288,6 +298,8 @@ class RunConfig:
         config.update(self.data_source())  # only what differs from the defaults: older hashes stay valid
         if self.registry:
             config["registry"] = list(self.registry)
+        if self.precision != "fp32":  # absent for fp32, so records written before the option keep their hash
+            config["precision"] = self.precision
         return config
 
     @classmethod
@@ -312,6 +324,7 @@ class RunConfig:
             data_root=data_root, signal=signal, repeat=int(record.get("repeat") or 0), clinical=config.get("clinical"),
             splits=config.get("splits"), features=config.get("features") or (), layout=config.get("layout") or "auto",
             missing_features=config.get("missing_features") or "error", registry=config.get("registry") or (),
+            precision=config.get("precision") or "fp32",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,7 +342,8 @@ class RunConfig:
         args += ["--repeat", str(self.repeat)] if self.repeat else []
         args += [f"--set={k}={_format_value(v)}" for k, v in self.overrides]
         args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in self.method_options]
-        defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed"}
+        defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed",
+                    "precision": "fp32"}
         args += [f"--{k.replace('_', '-')}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
         if self.data_root is not None:
             args += ["--data-root", self.data_root]
@@ -355,6 +369,8 @@ EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "device": str, "save_weights": bool, "plugins": list,
     "clinical": str, "splits": str, "features": (str, list, dict), "layout": str, "missing_features": str,
     "registry": (str, list),
+    "device": str, "save_weights": (bool, str), "plugins": list, "precision": str, "executor": str, "address": str,
+    "cpus_per_cell": (int, float), "gpus_per_cell": (int, float), "shard": str,
 }
 #: Experiment-file settings that are paths: relative ones are taken from the experiment file's folder.
 EXPERIMENT_PATHS = ("clinical", "splits", "features", "registry")
@@ -383,11 +399,12 @@ class Experiment:
     n_bins: int = DEFAULT_N_BINS
     data_root: str | None = None
     signal: str = "mixed"
+    precision: str = "fp32"
     # execution (not part of any cell's result)
     results: str | None = None
     jobs: int = 1
     device: str = "auto"
-    save_weights: bool = True
+    save_weights: str = "none"
     plugins: tuple[str, ...] = ()
     # the data source (part of every cell's configuration)
     clinical: str | None = None
@@ -402,6 +419,12 @@ class Experiment:
         return {"clinical": self.clinical, "splits": self.splits, "features": self.features, "layout": self.layout,
                 "missing_features": self.missing_features, "registry": self.registry}
 
+    executor: str = "local"
+    address: str | None = None
+    cpus_per_cell: float | None = None  # None: one per worker (all cores for one in-process job)
+    gpus_per_cell: float = 0.0
+    shard: tuple[int, int] | None = None
+
     def options_for(self, method: str) -> dict[str, Any]:
         """The options that reach ``method``: the ``"*"`` ones, then its own (which win)."""
         return {**dict(self.method_options.get("*", {})), **dict(self.method_options.get(method, {}))}
@@ -415,7 +438,8 @@ class Experiment:
             raise ValueError(f"--folds: the cohorts have only {n_folds} folds (0-{n_folds - 1}); got {bad}")
         return [
             RunConfig(m, c, b, k, s, self.recipe, dict(self.overrides), self.options_for(m), self.selection,
-                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal, r, **self.data_source())
+                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal, r,
+                      precision=self.precision, **self.data_source())
             for c in self.cohorts for b in self.backbones for m in self.methods for r in self.repeats
             for s in self.seeds for k in folds
         ]
@@ -424,13 +448,22 @@ class Experiment:
         """Validate the shared settings once, before any cell (a bad value is one clear error)."""
         RunConfig(self.methods[0] if self.methods else "x", self.cohorts[0] if self.cohorts else "x",
                   recipe=self.recipe, overrides=dict(self.overrides), selection=self.selection, unit=self.unit,
-                  bin_rule=self.bin_rule, n_bins=self.n_bins, signal=self.signal, **self.data_source())
+                  bin_rule=self.bin_rule, n_bins=self.n_bins, signal=self.signal, precision=self.precision,
+                  **self.data_source())
         unknown = [m for m in self.method_options if m != "*" and m not in self.methods]
         if unknown:
             raise ValueError(f"--method-option: method(s) {unknown} are not among the selected methods "
                              f"{list(self.methods)}")
         if self.jobs < 1:
             raise ValueError("--jobs must be >= 1")
+        if self.save_weights not in SAVE_WEIGHTS:
+            raise ValueError(f"--save-weights: {self.save_weights!r} is not one of {', '.join(SAVE_WEIGHTS)}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"--executor: {self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        if self.cpus_per_cell is not None and self.cpus_per_cell <= 0:
+            raise ValueError(f"--cpus-per-cell: must be > 0, got {self.cpus_per_cell}")
+        if self.gpus_per_cell < 0:
+            raise ValueError(f"--gpus-per-cell: must be >= 0, got {self.gpus_per_cell}")
 
 
 def read_experiment_file(path: str | Path) -> dict[str, Any]:

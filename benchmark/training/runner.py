@@ -1,22 +1,26 @@
 """The grid runner behind ``python -m benchmark run``: expands methods x cohorts x backbones x folds into
-cells, skips finished ones, trains the rest (serially or in worker processes), records every cell (an
-exception becomes an ``error`` record and the grid goes on) and prints a summary.
+cells, skips finished ones, trains the rest on an executor (this process, local worker processes or Ray tasks;
+``benchmark/training/executors.py``), each cell under its lock (``benchmark/store/lock.py``), records every cell (an
+exception becomes an ``error`` record and the grid goes on) and prints a summary. SIGINT stops the grid cleanly
+(:class:`GridInterrupted`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import multiprocessing
-import queue as queue_module
+import dataclasses
+import signal
+import threading
 import time
 import traceback
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from benchmark.data.backbones import get_backbone
@@ -24,8 +28,11 @@ from benchmark.data.cohorts import add_registry_file
 from benchmark.data.loader import Fold, load_cohort
 from benchmark.data.splits import repeated_folds, straddling_patients
 from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, ensure_synthetic, synthetic_parameters
+from benchmark.store.lock import CellLock, LockBusy, describe_owner
 from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
 from benchmark.training.config import RunConfig, hashed_config
+from benchmark.training.cost import CostModel, Eta, cell_draws, format_seconds
+from benchmark.training.executors import Executor, InlineExecutor, LocalExecutor, RayExecutor
 from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
 from benchmark.training.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
 from benchmark.training.trainer import train_fold
@@ -36,11 +43,16 @@ CohortLoader = Callable[..., Any]
 
 @dataclass(frozen=True)
 class Execution:
-    """How cells are executed; none of it changes a cell's result, so none of it is in the configuration."""
+    """How cells are executed; none of it changes a cell's result, so none of it is in the configuration.
+
+    ``token`` identifies one run of a grid in the cell locks (a retried task of the same run takes its own
+    stale lock over at once); :func:`run_grid` draws one when it is None.
+    """
 
     device: str = "auto"
     save_weights: bool = True
     plugins: tuple[str, ...] = ()
+    token: str | None = None
 
 
 def parse_folds(text: str | None, n_folds: int | None = None) -> list[int]:
@@ -137,6 +149,25 @@ def expected_config(config: RunConfig, in_dim: int | None = None) -> dict[str, A
     return config.record_config(dim, data_root, synthetic_facts(config, data_root))
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT / SIGTERM back until the block ends (main thread only); a signal that arrived meanwhile is
+    raised again right after, to the handlers that were in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
 def _new_record(config: RunConfig) -> dict[str, Any]:
     return {
         **asdict(config.cell), "schema": SCHEMA, "label": config.label(),
@@ -179,7 +210,8 @@ def run_cell(
     except Exception as exc:  # one crashed cell must not stop the grid
         record.update(status="error", error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}")
     record["seconds"] = time.perf_counter() - started
-    store.write(record, state_dict=state)
+    with signals_deferred():  # a stop request lands after the record, never between its .pt and its .json
+        store.write(record, state_dict=state)
     c = (record.get("metrics") or {}).get("c_index")
     return {"cell": config.cell.label(), "status": record["status"], "c_index": c, "seconds": record["seconds"],
             "error": (record["error"] or "").splitlines()[0] if record["error"] else None,
@@ -200,24 +232,79 @@ def _data_notes(cohort, config: RunConfig, predictions: list[dict]) -> dict[str,
 
 
 # -------------------------------------------------------------------------------------------------------
-# worker processes
+# one cell under its lock (in this process, a local worker or a Ray task)
 # -------------------------------------------------------------------------------------------------------
-def _worker_init(plugins: tuple[str, ...]) -> None:
-    torch.set_num_threads(1)
+@dataclass(frozen=True)
+class CellTask:
+    """What an executor runs: one cell, the store it writes to, how it runs."""
+
+    config: RunConfig
+    root: str
+    execution: Execution
+    #: a cell another run finished since the grid was planned is not trained again (False with --overwrite)
+    skip_if_finished: bool = True
+
+
+def _quiet_summary(config: RunConfig, status: str, why: str) -> dict:
+    return {"cell": config.cell.label(), "status": status, "c_index": None, "seconds": None, "error": why}
+
+
+def execute_cell(task: CellTask, on_epoch: Callable | None = None, loader: CohortLoader | None = None) -> dict:
+    """Train and record one cell while holding its lock (``benchmark.store.lock``).
+
+    A cell whose lock a live process holds is not computed (status ``busy``); one that another run finished
+    meanwhile is not computed again (status ``skipped``).
+    """
+    store, config = ResultStore(task.root), task.config
+    try:
+        lock = CellLock(store.lock_path(config.cell), token=task.execution.token).acquire()
+    except LockBusy as busy:
+        return _quiet_summary(config, "busy", f"being computed by {describe_owner(busy.owner)}")
+    try:
+        if task.skip_if_finished:
+            record, _ = _finished_record(store, config.cell)
+            if record is not None and stale_reason(record, config) is None:
+                return _quiet_summary(config, "skipped", "finished by another run meanwhile")
+        return run_cell(config, store, task.execution, on_epoch=on_epoch, loader=loader)
+    finally:
+        lock.release()
+
+
+def _worker_init(plugins: tuple[str, ...], threads: int = 1) -> None:
+    """Once per worker process or Ray task: torch threads and the registered methods."""
+    torch.set_num_threads(max(1, int(threads)))
     load_builtin_methods()
     load_plugins(plugins)
 
 
-def _worker_run(config: RunConfig, execution: Execution, root: str, progress_queue) -> dict:
-    def on_epoch(epoch: int, epochs: int, info: dict) -> None:
-        progress_queue.put((config.cell.label(), epoch, epochs))
-
-    return run_cell(config, ResultStore(root), execution, on_epoch=on_epoch)
+def make_executor(kind: str = "local", jobs: int = 1, execution: "Execution" = None, *, address: str | None = None,
+                  cpus_per_cell: float | None = None, gpus_per_cell: float = 0.0, store_root: str | None = None,
+                  loader: CohortLoader | None = None) -> Executor:
+    """The executor of a grid: ``local`` (in this process for one job, else worker processes) or ``ray``."""
+    execution = execution or Execution()
+    cpus_per_cell = cpus_per_cell or 1.0
+    init_args = (execution.plugins, max(1, int(cpus_per_cell)))
+    if kind == "ray":
+        return RayExecutor(execute_cell, address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
+                           init=_worker_init, init_args=init_args, store_root=store_root)
+    if kind != "local":
+        raise ValueError(f"--executor: {kind!r} is not one of local, ray")
+    if jobs <= 1 or loader is not None:
+        return InlineExecutor(execute_cell, loader=loader)
+    return LocalExecutor(execute_cell, jobs, init=_worker_init, init_args=init_args)
 
 
 # -------------------------------------------------------------------------------------------------------
 # the grid
 # -------------------------------------------------------------------------------------------------------
+class GridInterrupted(Exception):
+    """SIGINT / SIGTERM stopped the grid; ``finished`` of ``total`` cells have a finished record."""
+
+    def __init__(self, finished: int, total: int) -> None:
+        self.finished, self.total = finished, total
+        super().__init__(f"{finished} of {total} cells finished; rerun the same command to resume")
+
+
 @dataclass
 class GridReport:
     ran: list[dict]
@@ -327,57 +414,69 @@ def _print_plan(console, plan: GridPlan) -> None:
 
 def _progress(console, show: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False, disable=not show)
+                    TextColumn("{task.fields[eta]}"), console=console, transient=False, disable=not show)
 
 
-def _run_serial(todo: list[RunConfig], store: ResultStore, execution: Execution, progress: Progress, grid_task,
-                console, loader: CohortLoader | None) -> list[dict]:
-    ran = []
-    for config in todo:
-        epoch_task = progress.add_task(f"  {config.cell.label()}", total=config.resolved_recipe().epochs)
+class _EpochBars:
+    """One progress bar per running cell, updated from the executors' epoch events."""
 
-        def on_epoch(epoch: int, epochs: int, info: dict, _task=epoch_task) -> None:
-            progress.update(_task, completed=epoch, total=epochs)
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.bars = progress, {}
 
-        summary = run_cell(config, store, execution, on_epoch=on_epoch, loader=loader)
-        progress.remove_task(epoch_task)
-        ran.append(summary)
-        _report(console, summary)
-        progress.advance(grid_task)
-    return ran
+    def update(self, label: str, epoch: int, epochs: int) -> None:
+        if label not in self.bars:
+            self.bars[label] = self.progress.add_task(f"  {label}", total=epochs, eta="")
+        self.progress.update(self.bars[label], completed=epoch, total=epochs)
 
-
-def _run_pool(todo: list[RunConfig], store: ResultStore, execution: Execution, jobs: int, progress: Progress,
-              grid_task, console) -> list[dict]:
-    ran: list[dict] = []
-    context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager:
-        progress_queue = manager.Queue()
-        epoch_tasks: dict[str, Any] = {}
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
-                                 initargs=(execution.plugins,)) as pool:
-            futures = {pool.submit(_worker_run, c, execution, str(store.root), progress_queue): c for c in todo}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
-                _drain(progress_queue, progress, epoch_tasks)
-                for future in done:
-                    summary = _pool_summary(future, futures[future])
-                    task = epoch_tasks.pop(summary["cell"], None)
-                    if task is not None:
-                        progress.remove_task(task)
-                    ran.append(summary)
-                    _report(console, summary)
-                    progress.advance(grid_task)
-    return ran
+    def done(self, label: str) -> None:
+        task = self.bars.pop(label, None)
+        if task is not None:
+            self.progress.remove_task(task)
 
 
-def _pool_summary(future, config: RunConfig) -> dict:
+def estimate_cells(configs: list[RunConfig], store: ResultStore, loader: CohortLoader | None = None,
+                   model: CostModel | None = None) -> dict[str, float]:
+    """Estimated seconds of each cell (cost model from the store's finished records; fold sizes from the data)."""
+    model = model or CostModel.from_records(store.load_all()[0])
+    out = {}
+    for config in configs:
+        recipe = config.resolved_recipe()
+        try:
+            fold = get_cohort_data(config, loader).folds[config.fold]
+            n_train, n_val = len(fold.train), len(fold.val)
+        except Exception:  # noqa: BLE001 (a cell that cannot load fails at run time; estimate it as empty)
+            n_train = n_val = 0
+        n_fit = int(n_train * (1 - recipe.inner_fraction)) if config.selection == "inner" else n_train
+        draws_per_epoch = n_fit if recipe.max_samples_per_epoch is None else min(n_fit, recipe.max_samples_per_epoch)
+        monitored = {"inner": n_train - n_fit, "paper-max": n_val}.get(config.selection, 0)
+        draws = cell_draws(recipe.epochs, draws_per_epoch, n_train, n_val, monitored)
+        out[config.cell.label()] = model.estimate(config.method, draws, cohort=config.cohort, backbone=config.backbone)
+    return out
+
+
+def _drive(executor: Executor, tasks: list[CellTask], ran: list[dict], progress: Progress, grid_task, bars,
+           console, eta: Eta) -> None:
+    """Submit every task, then report cells as they finish (``ran`` grows as they do)."""
+    for task in tasks:
+        executor.submit(task.config.cell.label(), task)
+    while executor.pending:
+        for key, summary in executor.results(timeout=0.25):
+            bars.done(key)
+            ran.append(summary)
+            _report(console, summary)
+            eta.finished(key, summary["seconds"] if summary["status"] == "ok" else None)
+            progress.advance(grid_task)
+        progress.update(grid_task, eta=f"ETA {format_seconds(eta.remaining_seconds())}")
+
+
+def _stop(executor: Executor) -> None:
+    """Cancel the grid's cells; a second Ctrl-C during the clean-up is ignored (it would leave workers behind)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return future.result()
-    except Exception as exc:  # a worker died (e.g. killed for memory)
-        return {"cell": config.cell.label(), "status": "error", "c_index": None, "seconds": None,
-                "error": f"worker failed: {type(exc).__name__}: {exc}"}
+        executor.cancel()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_grid(
@@ -389,32 +488,43 @@ def run_grid(
     console=None,
     loader: CohortLoader | None = None,
     show_progress: bool = True,
+    executor: Executor | None = None,
 ) -> GridReport:
-    """Run every unfinished cell (all of them with ``overwrite``); ``jobs > 1`` uses worker processes."""
+    """Run every unfinished cell (all of them with ``overwrite``) on ``executor`` (default: this process for
+    ``jobs=1``, else ``jobs`` worker processes).
+
+    Raises
+    ------
+    GridInterrupted
+        On SIGINT (and SIGTERM, which the ``run`` command turns into SIGINT's KeyboardInterrupt): queued cells are
+        cancelled and running ones stopped first; finished records stay, a rerun resumes.
+    """
     console = console or Console()
     plan = plan_grid(configs, store, overwrite)
     _print_plan(console, plan)
     if loader is not None and jobs > 1 and len(plan.todo) > 1:
         raise ValueError("a custom cohort loader only works with jobs=1")
+    if execution.token is None:
+        execution = dataclasses.replace(execution, token=uuid.uuid4().hex)
+    executor = executor or make_executor("local", jobs, execution, loader=loader)
+    tasks = [CellTask(c, str(store.root), execution, skip_if_finished=not overwrite) for c in plan.todo]
+    ran: list[dict] = []
     started = time.perf_counter()
-    with _progress(console, show_progress) as progress:
-        grid_task = progress.add_task("cells", total=len(plan.todo))
-        if jobs <= 1 or len(plan.todo) <= 1:
-            ran = _run_serial(plan.todo, store, execution, progress, grid_task, console, loader)
-        else:
-            ran = _run_pool(plan.todo, store, execution, jobs, progress, grid_task, console)
+    try:
+        executor.start()
+        eta = Eta(estimate_cells(plan.todo, store, loader), executor.parallelism)
+        with _progress(console, show_progress) as progress:
+            grid_task = progress.add_task("cells", total=len(plan.todo), eta="")
+            bars = _EpochBars(progress)
+            executor.on_progress = bars.update
+            _drive(executor, tasks, ran, progress, grid_task, bars, console, eta)
+    except KeyboardInterrupt:
+        _stop(executor)
+        finished = len(plan.skipped) + sum(1 for r in ran if r["status"] in ("ok", "skipped"))
+        raise GridInterrupted(finished, len(configs)) from None
+    finally:
+        executor.close()
     return GridReport(ran=ran, skipped=plan.skipped, seconds=time.perf_counter() - started)
-
-
-def _drain(progress_queue, progress, epoch_tasks: dict) -> None:
-    while True:
-        try:
-            label, epoch, epochs = progress_queue.get_nowait()
-        except (queue_module.Empty, EOFError, OSError):
-            return
-        if label not in epoch_tasks:
-            epoch_tasks[label] = progress.add_task(f"  {label}", total=epochs)
-        progress.update(epoch_tasks[label], completed=epoch, total=epochs)
 
 
 def _report(console, summary: dict) -> None:
@@ -422,6 +532,8 @@ def _report(console, summary: dict) -> None:
         c = summary["c_index"]
         c_text = ("; ".join(summary.get("notes") or []) or "nan") if c is None else f"{c:.3f}"
         console.print(f"  [green]ok[/green]    {summary['cell']}  C-index {c_text}  ({summary['seconds']:.1f} s)")
+    elif summary["status"] in ("busy", "skipped"):  # another run holds or finished the cell
+        console.print(f"  [yellow]{summary['status']}[/yellow]  {summary['cell']}  {summary['error']}")
     else:
         console.print(f"  [red]error[/red] {summary['cell']}  {summary['error']}")
 

@@ -14,6 +14,7 @@ Differences from the official loops (Mahmood-lab ``train_loop_survival`` and Cro
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time as _time
@@ -28,6 +29,7 @@ from benchmark.data.bag import Needs
 from benchmark.training.config import RunConfig
 from benchmark.training.losses import cox_partial_likelihood, survival_loss
 from benchmark.training.metrics import c_index, evaluate
+from benchmark.training.precision import DeviceBags, autocast, check_precision, grad_scaler, resolve_device
 from benchmark.training.recipes import Recipe
 from benchmark.training.registry import count_parameters, create_method, get_method_spec
 
@@ -42,14 +44,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(option: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) = CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if option is None or str(option) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(option)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {option!r} requested but CUDA is not available")
-    return device
+@dataclass
+class Runtime:
+    """Where and how a fold trains: the device, its bags (moved there once), autocast precision, fp16 scaler."""
+
+    device: torch.device
+    bags: DeviceBags
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def create(cls, cohort, needs: Needs, device: torch.device, precision: str = "fp32") -> "Runtime":
+        check_precision(precision, device)
+        return cls(device, DeviceBags(lambda sid: cohort.bag(sid, needs), device), precision,
+                   grad_scaler(device, precision))
+
+    def forward(self, model: nn.Module, sample_id: str):
+        """One training forward pass under the run's autocast."""
+        with autocast(self.device, self.precision):
+            return model(self.bags.get(sample_id))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:  # skips the step on inf/nan gradients and adapts the scale
+            self.scaler.step(optimizer)
+            self.scaler.update()
 
 
 def balanced_weights(classes: Sequence[Any]) -> np.ndarray:
@@ -126,12 +149,14 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, cohort, sample_ids: Sequence[str], device: torch.device, needs: Needs) -> Predictions:
-    """Risk (and discrete survival) of each sample, in eval mode; ``needs`` says what each bag must hold."""
+def predict(model: nn.Module, cohort, sample_ids: Sequence[str], device: torch.device, needs: Needs,
+            bags: DeviceBags | None = None) -> Predictions:
+    """Risk (and discrete survival) of each sample, in eval mode and float32; ``needs`` says what each bag must
+    hold; ``bags`` serves them from the device cache of a training run."""
     model.eval()
     risks, survs = [], []
     for sid in sample_ids:
-        out = model(cohort.bag(sid, needs).to(device))
+        out = model(bags.get(sid) if bags is not None else cohort.bag(sid, needs).to(device))
         risks.append(float(out.risk.reshape(-1)[0]))
         if out.survival is not None:
             survs.append(out.survival.reshape(-1).float().cpu().numpy())
@@ -250,8 +275,8 @@ def optimisation(model: nn.Module, recipe: Recipe, data: FoldData, is_cox: bool,
     return Optimisation(optimizer, scheduler, n_draws, min_last, windows_per_epoch, weights)
 
 
-def train_epoch(model: nn.Module, cohort, needs, data: FoldData, opt: Optimisation, recipe: Recipe,
-                generator: torch.Generator, device: torch.device, is_cox: bool) -> list[float]:
+def train_epoch(model: nn.Module, data: FoldData, opt: Optimisation, recipe: Recipe,
+                generator: torch.Generator, runtime: Runtime, is_cox: bool) -> list[float]:
     """One epoch of batch-1 training with gradient accumulation; returns the loss of each window."""
     losses: list[float] = []
     model.train()
@@ -260,32 +285,43 @@ def train_epoch(model: nn.Module, cohort, needs, data: FoldData, opt: Optimisati
         opt.optimizer.zero_grad(set_to_none=True)
         window = [data.fit_ids[i] for i in order[start:stop]]
         if is_cox:
-            loss = _cox_window_loss(model, cohort, needs, window, data.time_of, data.event_of, device)
+            loss = _cox_window_loss(model, runtime, window, data.time_of, data.event_of)
             if loss is not None:
-                loss.backward()
+                runtime.backward(loss)
                 losses.append(float(loss.detach()))
         else:
-            losses.append(_nll_window(model, cohort, needs, window, data, recipe.alpha, device))
-        opt.optimizer.step()
+            losses.append(_nll_window(model, runtime, window, data, recipe.alpha))
+        runtime.step(opt.optimizer)
         opt.scheduler.step()
         opt.steps += 1
     return losses
 
 
-def _nll_window(model: nn.Module, cohort, needs, window: list[str], data: FoldData, alpha: float, device) -> float:
+def _nll_window(model: nn.Module, runtime: Runtime, window: list[str], data: FoldData, alpha: float) -> float:
     """Back-propagate the mean NLL of one window, one bag at a time (graphs freed after each bag)."""
     total = 0.0
     for sid in window:
-        out = model(cohort.bag(sid, needs).to(device))
+        out = _float32(runtime.forward(model, sid))
         loss = survival_loss(out, int(data.bins[sid]), float(data.censorship[sid]), alpha) / len(window)
-        loss.backward()
+        runtime.backward(loss)
         total += float(loss.detach())
     return total
 
 
-def monitored_c_index(model: nn.Module, cohort, needs, ids: list[str], data: FoldData, device) -> float:
+def _float32(out):
+    """The output with its tensors in float32: the loss is computed outside autocast, in full precision."""
+    names = ("risk", "logits", "hazards", "survival", "aux_loss")
+    tensors = [getattr(out, n) for n in names] + list(out.aux_logits)
+    if all(t is None or t.dtype == torch.float32 for t in tensors):
+        return out
+    changed = {n: getattr(out, n).float() for n in names if getattr(out, n) is not None}
+    return dataclasses.replace(out, **changed, aux_logits=tuple(a.float() for a in out.aux_logits))
+
+
+def monitored_c_index(model: nn.Module, cohort, needs, ids: list[str], data: FoldData, device,
+                      bags: DeviceBags | None = None) -> float:
     """C-index on ``ids`` (the selection split); NaN when it has no comparable pair."""
-    p = predict(model, cohort, ids, device, needs)
+    p = predict(model, cohort, ids, device, needs, bags)
     try:
         return c_index(data.time_of[ids].to_numpy(), data.event_of[ids].to_numpy(), p.risk)
     except ValueError:
@@ -315,6 +351,7 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
     data = fold_data(cohort, config, recipe)
     seed_everything(config.seed)
     model = create_method(config.method, in_dim=cohort.in_dim, n_bins=config.n_bins, **config.options).to(dev)
+    runtime = Runtime.create(cohort, spec.needs, dev, config.precision)
     generator = torch.Generator().manual_seed(config.seed)
     is_cox = spec.loss == "cox"
     opt = optimisation(model, recipe, data, is_cox, config.method)
@@ -324,11 +361,11 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
     for epoch in range(1, recipe.epochs + 1):
         started = _time.perf_counter()
         losses = [] if opt.optimizer is None else train_epoch(
-            model, cohort, spec.needs, data, opt, recipe, generator, dev, is_cox)
+            model, data, opt, recipe, generator, runtime, is_cox)
         info: dict[str, Any] = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                                 "lr": opt.optimizer.param_groups[0]["lr"] if opt.optimizer is not None else None}
         if monitor_ids is not None:
-            score = monitored_c_index(model, cohort, spec.needs, monitor_ids, data, dev)
+            score = monitored_c_index(model, cohort, spec.needs, monitor_ids, data, dev, runtime.bags)
             info["inner_c_index" if config.selection == "inner" else "val_c_index"] = score
             if math.isfinite(score) and score > best_score:
                 best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
@@ -342,7 +379,7 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
     if best_state is not None:
         model.load_state_dict(best_state)
         selected_epoch = best_epoch
-    return _evaluate_fold(model, cohort, spec.needs, data, dev, selected_epoch, history, opt)
+    return _evaluate_fold(model, cohort, spec.needs, data, runtime, selected_epoch, history, opt)
 
 
 def _patience_exhausted(selection: str, patience: int | None, best_score: float, epochs_since_best: int) -> bool:
@@ -350,11 +387,12 @@ def _patience_exhausted(selection: str, patience: int | None, best_score: float,
             and epochs_since_best >= patience)
 
 
-def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, device, selected_epoch: int,
+def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, runtime: Runtime, selected_epoch: int,
                    history: list[dict], opt: Optimisation) -> CellResult:
     """Evaluate the selected model on the reported split once; everything the store records."""
-    val = predict(model, cohort, data.val_ids, device, needs)
-    train_pred = predict(model, cohort, data.train_ids, device, needs)
+    device = runtime.device
+    val = predict(model, cohort, data.val_ids, device, needs, runtime.bags)
+    train_pred = predict(model, cohort, data.train_ids, device, needs, runtime.bags)
     metric_errors: dict[str, str] = {}
     metrics = evaluate(
         data.time_of[data.val_ids].to_numpy(), data.event_of[data.val_ids].to_numpy(), val.risk,
@@ -375,25 +413,31 @@ def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, device, sele
         extra={"n_train": len(data.train_ids), "n_fit": len(data.fit_ids), "n_inner": len(data.inner_ids),
                "n_val": len(data.val_ids), "draws_per_epoch": opt.n_draws,
                "steps_per_epoch": opt.windows_per_epoch,
-               "optimizer_steps": opt.steps, "device": str(device),
+               "optimizer_steps": opt.steps, "device": str(device), "mean_patches": _mean_patches(runtime.bags),
                **({"tissue_types": sorted(model.tissue_types_used)} if getattr(model, "tissue_types_used", None) else {})},
     )
 
 
-def _cox_window_loss(model: nn.Module, cohort, needs, window: list[str], time_of, event_of,
-                     device) -> torch.Tensor | None:
+def _mean_patches(bags: DeviceBags) -> float | None:
+    """Mean patch count of the bags the fold used: the bag size of the cost model (``benchmark.training.cost``)."""
+    counts = list(bags.patch_counts.values())
+    return float(np.mean(counts)) if counts else None
+
+
+def _cox_window_loss(model: nn.Module, runtime: Runtime, window: list[str], time_of,
+                     event_of) -> torch.Tensor | None:
     """Cox partial likelihood over one accumulation window (graphs kept until its backward), plus aux losses.
 
     A window without an event contributes no Cox loss; it returns None when there is nothing to back-propagate.
     """
     risks, aux = [], []
     for sid in window:
-        out = model(cohort.bag(sid, needs).to(device))
+        out = _float32(runtime.forward(model, sid))
         risks.append(out.risk.reshape(()))
         if out.aux_loss is not None:
             aux.append(out.aux_loss.reshape(()))
-    t = torch.tensor([float(time_of[s]) for s in window])
-    e = torch.tensor([float(event_of[s]) for s in window])
+    t = torch.tensor([float(time_of[s]) for s in window], device=runtime.device)
+    e = torch.tensor([float(event_of[s]) for s in window], device=runtime.device)
     loss = cox_partial_likelihood(torch.stack(risks), t, e)
     if aux:
         aux_mean = torch.stack(aux).mean()
