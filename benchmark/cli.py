@@ -8,7 +8,7 @@ import importlib
 import sys
 
 #: command modules, in the order ``--help`` lists them
-COMMANDS = ("list", "synth", "audit", "run", "table", "plot", "compare", "report", "bench")
+COMMANDS = ("list", "synth", "audit", "run", "tune", "table", "plot", "compare", "report", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,14 +27,14 @@ class TransLayer(nn.Module):
     projection (an ``nn.Dropout``, so inactive in eval mode), as in the official ``TransLayer``.
     """
 
-    def __init__(self, dim: int = 512, dropout: float = 0.1) -> None:
+    def __init__(self, dim: int = 512, dropout: float = 0.1, num_landmarks: int | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = NystromAttention(
             dim=dim,
             dim_head=dim // 8,
             heads=8,
-            num_landmarks=dim // 2,
+            num_landmarks=num_landmarks or dim // 2,
             pinv_iterations=6,
             residual=True,
             residual_conv_kernel=33,
@@ -69,9 +69,16 @@ class PPEG(nn.Module):
         return torch.cat((cls_token, grid.flatten(2).transpose(1, 2)), dim=1)
 
 
+#: Tuned besides the shared space (whose ``dropout`` is the Nystrom output dropout, 0.1 official): the
+#: Nystrom landmarks (256 = dim // 2 official; HVTSurv's patient-level TransMIL uses 64) and the width (512
+#: official, 128 in HVTSurv).
+SEARCH_SPACE = {"num_landmarks": {"choices": [64, 128, 256]}, "dim": {"choices": [128, 256, 512]}}
+
+
 @register_method(
     "transmil",
     needs=Needs(magnifications=(20,)),
+    search_space=SEARCH_SPACE,
     source="Shao et al. NeurIPS 2021; github.com/szc19990412/TransMIL (models/TransMIL.py)",
 )
 class TransMIL(nn.Module):
@@ -99,6 +106,8 @@ class TransMIL(nn.Module):
         Token width ``D`` (512 in the official code; heads stay 8, so ``dim`` must be a multiple of 8).
     dropout : float
         Dropout after each attention output projection (0.1 official); acts only in training.
+    num_landmarks : int, optional
+        Nystrom landmarks of both layers (default ``dim // 2``: 256 official).
 
     Notes
     -----
@@ -119,7 +128,8 @@ class TransMIL(nn.Module):
     original position only).
     """
 
-    def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, dropout: float = 0.1) -> None:
+    def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, dropout: float = 0.1,
+                 num_landmarks: int | None = None) -> None:
         super().__init__()
         if in_dim < 1 or n_bins < 1:
             raise ValueError(f"methods/transmil.py: in_dim and n_bins must be positive, got {in_dim}, {n_bins}")
@@ -130,9 +140,9 @@ class TransMIL(nn.Module):
         self.n_bins = n_bins
         self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1 = TransLayer(dim=dim, dropout=dropout)
+        self.layer1 = TransLayer(dim=dim, dropout=dropout, num_landmarks=num_landmarks)
         self.pos_layer = PPEG(dim=dim)
-        self.layer2 = TransLayer(dim=dim, dropout=dropout)
+        self.layer2 = TransLayer(dim=dim, dropout=dropout, num_landmarks=num_landmarks)
         self.norm = nn.LayerNorm(dim)
         self.fc2 = nn.Linear(dim, n_bins)
 

@@ -30,6 +30,20 @@ def register(subparsers) -> None:
             "come from an experiment file (--config FILE.toml); options given here override it."
         ),
     )
+    add_grid_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="redo finished cells")
+    p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
+    p.add_argument("--tuned", action="store_true",
+                   help="train each cell with the setting `benchmark tune` chose for its outer fold (docs/TUNING.md)")
+    p.add_argument("--tuning", default=None, metavar="ID",
+                   help="with --tuned: the tuning protocol id, when the storage holds several for a cell")
+    p.add_argument("--storage", default=None, help="with --tuned: the tuning storage (journal file or RDB URL; "
+                                                   "default <results>/tuning/optuna.journal)")
+    p.set_defaults(func=main)
+
+
+def add_grid_arguments(p: argparse.ArgumentParser) -> None:
+    """The grid options shared by ``run`` and ``tune`` (what the cells are and how they are trained)."""
     p.add_argument("--config", default=None, metavar="FILE", help="experiment file (TOML), see docs/CORE.md")
     p.add_argument("--methods", default=None, help="'all' or a comma list of registered methods (default amil)")
     p.add_argument("--dataset", dest="datasets", default=None, help="'all' or a comma list of cohorts (default blca)")
@@ -48,7 +62,6 @@ def register(subparsers) -> None:
     p.add_argument("--folds", default=None, help="e.g. 0-4, 0,2 or all (default all)")
     p.add_argument("--seed", dest="seeds", default=None, help="training seed(s), e.g. 0 or 0-2 (default 0)")
     p.add_argument("--results", default=None, help="result store root (default results/synthetic or results/real)")
-    p.add_argument("--overwrite", action="store_true", help="redo finished cells")
     p.add_argument("--jobs", type=int, default=None, help="worker processes, each with one torch thread (default 1)")
     p.add_argument("--plugin", dest="plugins", action="append", default=None, metavar="MODULE",
                    help="import MODULE first (it registers extra methods); repeatable")
@@ -62,9 +75,7 @@ def register(subparsers) -> None:
                    help="bin edges from the training fold (train, default) or the whole cohort (MCAT's rule)")
     p.add_argument("--n-bins", type=int, default=None, help="discrete-time bins (default 4)")
     p.add_argument("--device", default=None, help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--strict", action="store_true", help="exit with code 1 when any cell failed")
     p.add_argument("--no-weights", action="store_true", help="do not save model weights beside the records")
-    p.set_defaults(func=main)
 
 
 def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
@@ -164,6 +175,10 @@ def main(args: argparse.Namespace) -> int:
     resolve_device(experiment.device)  # fail early on an unavailable device
     results = _results_dir(experiment)
     configs = experiment.configs(_n_folds(experiment))
+    if args.tuned:
+        from benchmark.commands.tune import retrain_tuned
+
+        return retrain_tuned(configs, experiment, results, args.storage, args.tuning, args.overwrite, console)
     first = configs[0]
     demo_note = " [yellow](a DEMO recipe sized for the synthetic data, not a result recipe)[/yellow]" \
         if first.recipe == "demo" else ""

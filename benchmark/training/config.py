@@ -30,7 +30,7 @@ BIN_RULES = ("train", "cohort")
 DEFAULT_N_BINS = 4
 #: Record keys of ``config`` that describe how the settings were spelled, not what they resolve to: they are
 #: left out of ``config_hash``, so the same resolved configuration always has the same hash.
-UNHASHED_KEYS = ("overrides", "signal")
+UNHASHED_KEYS = ("overrides", "signal", "tuning")
 SYNTHETIC_SIGNALS = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 
 
@@ -78,6 +78,12 @@ class RunConfig:
         Real data root; None = the embedded synthetic cohorts with ``signal``.
     signal : str
         Planted signal of the embedded synthetic cohorts (``mixed`` is the default data).
+    tuning : str or None
+        Id of the tuning protocol that chose ``tuned`` (``benchmark.training.tuning``); None for an untuned cell.
+    tuned : tuple of (name, value)
+        The setting the tuner chose for this outer fold: recipe fields and constructor options, applied over
+        ``overrides`` and ``method_options``. The label and the store folder name only the protocol, so the
+        folds of one tuned cell (each with its own setting) are filed together, apart from the untuned cell.
     """
 
     method: str
@@ -94,6 +100,8 @@ class RunConfig:
     n_bins: int = DEFAULT_N_BINS
     data_root: str | None = None
     signal: str = "mixed"
+    tuning: str | None = None
+    tuned: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -113,6 +121,9 @@ class RunConfig:
         setattr_("overrides", _frozen_items(self._effective_overrides(dict(self.overrides))))
         if self.data_root is not None:
             setattr_("data_root", str(self.data_root))
+        setattr_("tuned", _frozen_items(self.tuned))
+        if self.tuned and not self.tuning:
+            raise ValueError("a tuned setting needs the id of the tuning protocol that chose it")
 
     def _effective_overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Overrides parsed to their recipe field types, without those equal to the named recipe's value."""
@@ -123,13 +134,13 @@ class RunConfig:
 
     # ---- what the runner and trainer use ------------------------------------------------------------------
     def resolved_recipe(self) -> Recipe:
-        """The named recipe with the overrides applied."""
-        return get_recipe(self.recipe, dict(self.overrides))
+        """The named recipe with the overrides (and the tuned recipe fields) applied."""
+        return get_recipe(self.recipe, {**dict(self.overrides), **_tuned_parts(self.tuned)[0]})
 
     @property
     def options(self) -> dict[str, Any]:
-        """The method's constructor options as a dict."""
-        return dict(self.method_options)
+        """The method's constructor options (the tuned ones included) as a dict."""
+        return {**dict(self.method_options), **_tuned_parts(self.tuned)[1]}
 
     def variant(self) -> dict[str, Any]:
         """What differs from the named recipe's defaults for this method (empty for a default cell)."""
@@ -137,11 +148,15 @@ class RunConfig:
         out.update(self.method_options)
         defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS}
         out.update({k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v})
+        if self.tuning:
+            out["tuned"] = self.tuning
         return out
 
     def label(self) -> str:
-        """Readable configuration label for tables, e.g. ``demo`` or ``demo, lr=0.001, dropout=0.1``."""
-        parts = [self.recipe] + [f"{k}={_format_value(v)}" for k, v in self.variant().items()]
+        """Readable configuration label for tables, e.g. ``demo``, ``demo, lr=0.001, dropout=0.1`` or
+        ``demo, tuned t30-s0-...`` (a tuned cell: its per-fold settings are in its records)."""
+        parts = [self.recipe] + [f"tuned {v}" if k == "tuned" else f"{k}={_format_value(v)}"
+                                 for k, v in self.variant().items()]
         return ", ".join(parts)
 
     def store_key(self) -> str:
@@ -180,6 +195,8 @@ class RunConfig:
         }
         if synthetic is not None:
             config["synthetic_backbone"] = dict(synthetic["backbone"])
+        if self.tuning:
+            config["tuning"] = {"id": self.tuning, "params": dict(self.tuned)}
         return config
 
     @classmethod
@@ -196,27 +213,36 @@ class RunConfig:
             overrides = {k: v for k, v in recipe.items() if base.get(k) != v}
         signal = config.get("signal") or "mixed"
         data_root = None if signal != "mixed" else config.get("data_root")
+        tuning = config.get("tuning") or {}
+        tuned = dict(tuning.get("params") or {})
+        options = {k: v for k, v in (config.get("method_options") or {}).items() if k not in tuned}
         return cls(
             method=record["method"], cohort=record["cohort"], backbone=record["backbone"], fold=int(record["fold"]),
-            seed=int(record["seed"]), recipe=name, overrides=overrides, method_options=config.get("method_options") or {},
+            seed=int(record["seed"]), recipe=name, overrides=overrides, method_options=options,
             selection=record["selection"], unit=config.get("unit") or record.get("unit") or "patient",
             bin_rule=config.get("bin_rule") or "train", n_bins=config.get("n_bins") or DEFAULT_N_BINS,
-            data_root=data_root, signal=signal,
+            data_root=data_root, signal=signal, tuning=tuning.get("id"), tuned=tuned,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (``RunConfig(**d)`` rebuilds it)."""
         out = dataclasses.asdict(self)
         out["overrides"], out["method_options"] = dict(self.overrides), dict(self.method_options)
+        out["tuned"] = dict(self.tuned)
         return out
 
     def to_cli(self, results: str | Path | None = None) -> str:
-        """The ``python -m benchmark run`` command that recreates exactly this cell."""
+        """The ``python -m benchmark run`` command that recreates exactly this cell.
+
+        A tuned cell is spelled with its chosen setting as plain options: the same resolved configuration
+        (same ``config_hash``), filed as an untuned cell.
+        """
         args = ["python", "-m", "benchmark", "run", "--methods", self.method, "--dataset", self.cohort,
                 "--backbone", self.backbone, "--folds", str(self.fold), "--seed", str(self.seed),
                 "--recipe", self.recipe, "--selection", self.selection]
-        args += [f"--set={k}={_format_value(v)}" for k, v in self.overrides]
-        args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in self.method_options]
+        tuned_recipe, tuned_options = _tuned_parts(self.tuned)
+        args += [f"--set={k}={_format_value(v)}" for k, v in sorted({**dict(self.overrides), **tuned_recipe}.items())]
+        args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in sorted(self.options.items())]
         defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed"}
         args += [f"--{k.replace('_', '-')}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
         if self.data_root is not None:
@@ -224,6 +250,12 @@ class RunConfig:
         if results is not None:
             args += ["--results", str(results)]
         return shlex.join(args)
+
+
+def _tuned_parts(tuned: tuple[tuple[str, Any], ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tuned setting as (recipe-field overrides, constructor options)."""
+    recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+    return ({k: v for k, v in tuned if k in recipe_fields}, {k: v for k, v in tuned if k not in recipe_fields})
 
 
 def hashed_config(config: Mapping[str, Any]) -> str:
@@ -239,7 +271,7 @@ EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "methods": (str, list), "datasets": (str, list), "backbones": (str, list), "folds": (str, list, int),
     "seeds": (list, int), "recipe": str, "set": dict, "method_options": dict, "selection": str, "unit": str,
     "bin_rule": str, "n_bins": int, "data_root": str, "signal": str, "results": str, "jobs": int,
-    "device": str, "save_weights": bool, "plugins": list,
+    "device": str, "save_weights": bool, "plugins": list, "tune": dict,
 }
 
 
