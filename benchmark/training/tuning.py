@@ -20,16 +20,19 @@ with the same setting) and ends with the same choice as an uninterrupted run.
 """
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import socket
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import optuna
 import pandas as pd
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
 from benchmark.data.labels import assign_bins, quantile_edges
@@ -228,19 +231,39 @@ def make_objective(view: InnerCohort, base: RunConfig, space: SearchSpace, prune
 # -------------------------------------------------------------------------------------------------------
 # studies
 # -------------------------------------------------------------------------------------------------------
+class ProcessFileLock(JournalFileOpenLock):
+    """Journal-file lock held through ``fcntl.flock``: the operating system releases it when its holder dies.
+
+    (It subclasses Optuna's public ``JournalFileOpenLock`` for the lock interface and replaces its mechanism.)
+
+    Optuna's default symlink lock, left behind by a worker killed while appending, blocks every other process
+    for its 30-s grace period; a killed ``tune`` must not. (``flock`` is local to one machine: share a study
+    across machines through an RDB URL.)
+    """
+
+    def __init__(self, journal_path: str) -> None:  # noqa: super().__init__ not called: another mechanism
+        self._path, self._fd = journal_path + ".flock", None
+
+    def acquire(self) -> bool:
+        self._fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 def open_storage(spec: str | None, results_root) -> Any:
     """The study storage: an RDB URL (``sqlite:///...``, ``postgresql://...``) or a journal file (default
     ``<results>/tuning/optuna.journal``), which several worker processes can share."""
-    from pathlib import Path
-
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     if spec and "://" in spec:
         return optuna.storages.RDBStorage(spec)
     path = Path(spec) if spec else Path(results_root) / "tuning" / DEFAULT_STORAGE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=ProcessFileLock(str(path))))
 
 
 def study_name(config: RunConfig, protocol: str) -> str:
@@ -285,18 +308,21 @@ def _worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
     return True
 
 
-def recover_interrupted(study: optuna.Study, storage) -> list[int]:
+def recover_interrupted(study: optuna.Study, storage, space: SearchSpace) -> list[int]:
     """Mark the trials a killed run left RUNNING as FAIL and enqueue their settings again.
 
-    A trial whose worker process is still alive on this machine is left alone. Returns the trial numbers
-    redone. (``set_trial_state_values`` is the call Optuna's own ``fail_stale_trials`` makes.)
+    A trial whose worker process is still alive on this machine is left alone. A trial killed before its
+    whole setting was drawn is not enqueued: the re-seeded sampler draws that same setting again, whereas
+    fixing the part drawn would shift the draws of the rest. Returns the trial numbers redone.
+    (``set_trial_state_values`` is the call Optuna's own ``fail_stale_trials`` makes.)
     """
     redone = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _worker_alive(trial):
             continue
         storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        study.enqueue_trial(dict(trial.params), user_attrs={"redo_of": trial.number})
+        if set(trial.params) == {p.name for p in space.params}:
+            study.enqueue_trial(dict(trial.params), user_attrs={"redo_of": trial.number})
         redone.append(trial.number)
     return redone
 
@@ -423,7 +449,7 @@ def prepare_study(task: StudyTask) -> tuple[optuna.Study, list[int]]:
     for key, value in task.user_attrs().items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
-    return study, recover_interrupted(study, storage)
+    return study, recover_interrupted(study, storage, task.space)
 
 
 def _worker_optimize(task: StudyTask, worker: int) -> None:
