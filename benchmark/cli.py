@@ -12,7 +12,11 @@ COMMANDS = ("list", "synth", "audit", "run", "tune", "table", "plot", "compare",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmark", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark",
+        description="MIL survival benchmark: train, evaluate and compare multiple-instance-learning survival methods "
+                    "on whole-slide-image features (every method shares one loss, one feature loader and one set of "
+                    "fold splits).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         try:

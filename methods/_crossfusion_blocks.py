@@ -5,9 +5,11 @@ Memory-bounded attention (the reason this module exists):
 - dropout 0, or any dropout on a non-CPU device: ``F.scaled_dot_product_attention`` (the flash kernel on CPU,
   flash / memory-efficient on CUDA), memory linear in the bag;
 - dropout > 0 on CPU (the fused CPU kernel has no dropout and PyTorch would fall back to the O(Lq * Lk) math
-  kernel): queries in chunks of at most ``block_bytes`` of attention matrix each; with autograd on, every chunk is
-  wrapped in ``torch.utils.checkpoint`` (RNG state preserved, so the recomputed dropout mask is the same), so
-  only one chunk's matrix is alive in the forward and in the backward pass.
+  kernel): queries in chunks of at most ``block_bytes`` of attention matrix each, so only one chunk's matrix is
+  alive in the forward and in the backward pass. ``dropout_impl="fast"`` (default): one autograd Function with
+  a flash-style backward, reused buffers and a cheaper Bernoulli mask (``methods/_fast_attention.py``).
+  ``dropout_impl="torch"`` (the reference): ``F.dropout`` on each chunk, every chunk wrapped in
+  ``torch.utils.checkpoint`` (RNG state preserved, so the recomputed dropout mask is the same).
 
 Attention maps ("attention received" per key token, head-averaged and summed over queries, as the official
 ``heatmap.py``) are computed the same chunked way under ``no_grad``, never forming the full matrix.
@@ -24,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from methods._fast_attention import dropout_attention, fast_dropout
+
 #: Default bound on the bytes of one block of attention matrix (heads x query chunk x keys, float32).
 DEFAULT_BLOCK_BYTES = 64 * 2**20
 
@@ -36,6 +40,10 @@ DEFAULT_CHECKPOINT_MIN_TOKENS = 16_384
 #: ``F.scaled_dot_product_attention`` with the dropout as given, the official code's call: on CPU with dropout
 #: this is PyTorch's math kernel, O(Lq * Lk) memory; only for parity / kernel comparisons on small bags).
 ATTENTION_BACKENDS = ("auto", "sdpa")
+
+#: ``dropout_impl`` values for the chunked CPU path with dropout: "fast" (``methods/_fast_attention.py``) or
+#: "torch" (``F.dropout`` in checkpointed chunks: the plain PyTorch reference).
+DROPOUT_IMPLS = ("fast", "torch")
 
 
 # --------------------------------------------------------------------------------------------------- attention
@@ -98,6 +106,7 @@ def attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    dropout_impl: str = "fast",
 ) -> Tensor:
     """Scaled dot-product attention with bounded memory (see the module docstring for the kernel choice).
 
@@ -105,6 +114,8 @@ def attention(
     """
     if backend == "sdpa" or dropout_p == 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if dropout_impl == "fast" and q.dtype in (torch.float32, torch.float64):
+        return dropout_attention(q, k, v, dropout_p, block_bytes)
     return chunked_attention(q, k, v, dropout_p=dropout_p, block_bytes=block_bytes)
 
 
@@ -158,13 +169,28 @@ def fold_padding(scores: Tensor, n_real: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------- modules
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that uses :func:`methods._fast_attention.fast_dropout` when the shared settings say
+    ``dropout_impl="fast"`` (no settings: plain ``nn.Dropout``). Same parameters and state dict (none)."""
+
+    def __init__(self, p: float, settings: "AttentionSettings | None" = None) -> None:
+        super().__init__(p)
+        self.settings = settings
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.settings is not None and self.settings.dropout_impl == "fast" and x.device.type == "cpu":
+            return fast_dropout(x, self.p, self.training)
+        return super().forward(x)
+
+
 class FeedForward(nn.Module):
     """``Linear(D, r D), GELU, Dropout, Linear(r D, D), Dropout``: ``(1, N, D) -> (1, N, D)``."""
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float) -> None:
+    def __init__(self, dim: int, hidden_dim: int, dropout: float, settings: "AttentionSettings | None" = None) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_dim, dim), nn.Dropout(dropout)
+            nn.Linear(dim, hidden_dim), nn.GELU(), Dropout(dropout, settings), nn.Linear(hidden_dim, dim),
+            Dropout(dropout, settings)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,11 +198,16 @@ class FeedForward(nn.Module):
 
 
 class AttentionSettings:
-    """Runtime attention settings shared by every attention module of one model (set by the model)."""
+    """Runtime settings shared by every attention, dropout and convolution module of one model (set by the
+    model): attention kernel and memory bound, checkpointing, ``dropout_impl``, ``channels_last``."""
 
     def __init__(self, attn_dropout: float, official_eval_dropout: bool, backend: str, block_bytes: int,
                  activation_checkpointing: bool | None = None,
-                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS) -> None:
+                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, dropout_impl: str = "fast",
+                 channels_last: bool = True) -> None:
+        if dropout_impl not in DROPOUT_IMPLS:
+            raise ValueError(f"methods/_crossfusion_blocks.py: dropout_impl must be one of {DROPOUT_IMPLS}, "
+                             f"got {dropout_impl!r}")
         if backend not in ATTENTION_BACKENDS:
             raise ValueError(f"methods/_crossfusion_blocks.py: attention_backend must be one of "
                              f"{ATTENTION_BACKENDS}, got {backend!r}")
@@ -188,6 +219,8 @@ class AttentionSettings:
         self.official_eval_dropout = official_eval_dropout
         self.backend = backend
         self.block_bytes = block_bytes
+        self.dropout_impl = dropout_impl
+        self.channels_last = bool(channels_last)
         self.activation_checkpointing = activation_checkpointing
         self.checkpoint_min_tokens = checkpoint_min_tokens
 
@@ -234,7 +267,7 @@ class MultiHeadSelfAttention(_HeadProjections):
         b, n, d = x.shape
         q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
         s = self.settings
-        out = attention(q, k, v, s.dropout_p(self.training), s.backend, s.block_bytes)
+        out = attention(q, k, v, s.dropout_p(self.training), s.backend, s.block_bytes, s.dropout_impl)
         out = self.out_proj(out.transpose(1, 2).reshape(b, n, d))
         maps = None
         if want_map:
@@ -252,7 +285,7 @@ class Block(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(
             nn.ModuleList([nn.LayerNorm(dim), MultiHeadSelfAttention(dim, heads, settings), nn.LayerNorm(dim),
-                           FeedForward(dim, hidden_dim, dropout)])
+                           FeedForward(dim, hidden_dim, dropout, settings)])
             for _ in range(depth)
         )
 
@@ -277,23 +310,45 @@ class Block(nn.Module):
         return x, maps
 
 
+def tokens_to_grid(tokens: Tensor, side: int, channels_last: bool) -> Tensor:
+    """Row-major token grid: ``(B, side**2, D)`` -> ``(B, D, side, side)``.
+
+    ``channels_last``: a view with NHWC strides (no copy; oneDNN's depthwise / grouped convolutions run about
+    twice as fast on it, forward and backward). Otherwise the official contiguous NCHW copy.
+    """
+    b, _, d = tokens.shape
+    if channels_last:
+        return tokens.reshape(b, side, side, d).permute(0, 3, 1, 2)
+    return tokens.transpose(1, 2).reshape(b, d, side, side)
+
+
+def grid_to_tokens(grid: Tensor, channels_last: bool) -> Tensor:
+    """Inverse of :func:`tokens_to_grid`: ``(B, D, side, side)`` -> ``(B, side**2, D)`` (a view when NHWC)."""
+    if channels_last:
+        b, d = grid.shape[:2]
+        return grid.permute(0, 2, 3, 1).reshape(b, -1, d)
+    return grid.flatten(2).transpose(1, 2)
+
+
 class PPEG(nn.Module):
     """Pyramid position encoding: ``grid + dw7(grid) + dw5(grid) + dw3(grid)`` on the row-major ``side x side``
-    grid of tokens (depthwise ``Conv2d`` with bias); with ``class_token`` the first token skips the convolutions."""
+    grid of tokens (depthwise ``Conv2d`` with bias); with ``class_token`` the first token skips the convolutions.
+    The grid's memory layout follows ``settings.channels_last`` (same maths)."""
 
-    def __init__(self, dim: int, class_token: bool) -> None:
+    def __init__(self, dim: int, class_token: bool, settings: "AttentionSettings | None" = None) -> None:
         super().__init__()
         self.class_token = class_token
         self.proj = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim)
         self.proj1 = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
         self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.settings = settings
 
     def forward(self, x: Tensor, side: int) -> Tensor:
-        b, _, d = x.shape
+        nhwc = self.settings is not None and self.settings.channels_last
         head, tokens = (x[:, :1], x[:, 1:]) if self.class_token else (None, x)
-        grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+        grid = tokens_to_grid(tokens, side, nhwc)
         grid = self.proj(grid) + grid + self.proj1(grid) + self.proj2(grid)
-        tokens = grid.flatten(2).transpose(1, 2)
+        tokens = grid_to_tokens(grid, nhwc)
         return tokens if head is None else torch.cat((head, tokens), dim=1)
 
 
@@ -306,7 +361,7 @@ class PadTransformer(nn.Module):
         super().__init__()
         self.pre_layers = Block(dim, depth, heads, hidden_dim, dropout, settings)
         self.post_layers = Block(dim, depth, heads, hidden_dim, dropout, settings)
-        self.ppeg = PPEG(dim, class_token)
+        self.ppeg = PPEG(dim, class_token, settings)
 
     def forward(self, x: Tensor, side: int, want_map: bool = False):
         x, _ = self.pre_layers(x)
@@ -345,7 +400,7 @@ class CrossAttentionBlock(nn.Module):
         super().__init__()
         self.cross_attn = CrossAttention(dim, heads, settings)
         self.ln = nn.LayerNorm(dim)
-        self.ffn = FeedForward(dim, hidden_dim, dropout)
+        self.ffn = FeedForward(dim, hidden_dim, dropout, settings)
 
     def _block(self, x: Tensor, context: Tensor, want_map: bool = False):
         out, received = self.cross_attn(x, context, want_map=want_map)
@@ -384,8 +439,10 @@ class ConvProcessor(nn.Module):
     Conv3d. Then ``MultiScaleConv(D -> D/2, groups D/2)``, ReLU, ``Dropout2d``, ``Linear(D/2 -> D)``, LN.
     """
 
-    def __init__(self, dim: int, dropout: float, n_scales: int = 3) -> None:
+    def __init__(self, dim: int, dropout: float, n_scales: int = 3,
+                 settings: "AttentionSettings | None" = None) -> None:
         super().__init__()
+        self.settings = settings
         self.conv_channels = dim // 2
         self.conv3d = nn.Conv3d(n_scales, 1, kernel_size=1) if n_scales > 1 else None
         self.conv_block = nn.Sequential(
@@ -394,14 +451,16 @@ class ConvProcessor(nn.Module):
         self.linear = nn.Sequential(nn.Linear(self.conv_channels, dim), nn.LayerNorm(dim))
 
     def forward(self, maps: list[Tensor], side: int) -> Tensor:
-        b, _, d = maps[0].shape
-        grids = [m.transpose(1, 2).reshape(b, d, side, side) for m in maps]
+        nhwc = self.settings is not None and self.settings.channels_last
+        grids = [tokens_to_grid(m, side, nhwc) for m in maps]
         if self.conv3d is None:
             x = grids[0]
         else:
             x = self.conv3d(torch.stack(grids, dim=1)).squeeze(1)  # (B, D, side, side)
+            if nhwc:
+                x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv_block(x)  # (B, D/2, side, side)
-        return self.linear(x.flatten(2).transpose(1, 2))
+        return self.linear(grid_to_tokens(x, nhwc))
 
 
 def init_weights_like_official(module: nn.Module) -> None:

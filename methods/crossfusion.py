@@ -1,7 +1,7 @@
 """CrossFusion and its two ablations (``crossfusion``, ``crossfusion_wo_cp``, ``crossfusion_wo_fc``).
 
-Paper: R. Sheikh Hosseini et al., "CrossFusion: A Multi-Scale Cross-Attention Convolutional Fusion Model for
-Cancer Survival Prediction", arXiv 2503.02064 (v2: MIDL 2026, PMLR 315:2906-2921).
+Paper: Soraki, Wang, Elmore and Shapiro (University of Washington), "CrossFusion: A Multi-Scale Cross-Attention
+Convolutional Fusion Model for Cancer Survival Prediction", arXiv 2503.02064 (v2: MIDL 2026, PMLR 315:2906-2921).
 Official repository: github.com/RustinS/CrossFusion (``models/CrossFusion.py``, ``models/CrossFusionConcat.py``,
 ``models/CrossFusionSingle.py``), HEAD df5473de.
 
@@ -33,7 +33,7 @@ from methods._crossfusion_blocks import (
 from methods._inputs import checked_features
 
 _FILE = "methods/crossfusion.py"
-_SOURCE = "Sheikh Hosseini et al. arXiv 2503.02064 (MIDL 2026); github.com/RustinS/CrossFusion"
+_SOURCE = "Soraki, Wang, Elmore, Shapiro arXiv 2503.02064 (MIDL 2026); github.com/RustinS/CrossFusion"
 
 #: With ``return_attention=None``, attention maps are computed in eval mode only when the largest
 #: query x key product of the maps is at most this (13,496 x 3,449 patches is about 4.7e7; the largest
@@ -52,7 +52,8 @@ class _CrossFusionBase(nn.Module):
     def _setup(self, in_dim: int, n_bins: int, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
                attn_dropout: float, mlp_ratio: float, official_eval_dropout: bool, attention_backend: str,
                attention_block_mb: float, return_attention: bool | None, attention_map_max_pairs: int,
-               activation_checkpointing: bool | None, checkpoint_min_tokens: int) -> None:
+               activation_checkpointing: bool | None, checkpoint_min_tokens: int, dropout_impl: str,
+               channels_last: bool) -> None:
         if in_dim < 1 or n_bins < 1:
             raise ValueError(f"{_FILE}: in_dim and n_bins must be positive, got {in_dim}, {n_bins}")
         if embed_dim % num_heads != 0 or embed_dim % 2 != 0:
@@ -68,7 +69,7 @@ class _CrossFusionBase(nn.Module):
         self.attention_settings = AttentionSettings(
             attn_dropout, bool(official_eval_dropout), attention_backend,
             int(attention_block_mb * 2**20) if attention_block_mb else DEFAULT_BLOCK_BYTES,
-            activation_checkpointing, int(checkpoint_min_tokens),
+            activation_checkpointing, int(checkpoint_min_tokens), dropout_impl, bool(channels_last),
         )
         self.return_attention = return_attention
         self.attention_map_max_pairs = attention_map_max_pairs
@@ -160,6 +161,17 @@ class CrossFusion(_CrossFusionBase):
         pass of each checkpointed layer (the time overhead was not measured separately). True always, False never.
     checkpoint_min_tokens : int
         Threshold of the automatic choice above.
+    dropout_impl : {"fast", "torch"}
+        Self-attention with dropout on CPU (training). "fast" (default): one autograd Function over query chunks
+        with a flash-style backward (probabilities recomputed from q, k; no checkpointed forward), reused
+        buffers, and a Bernoulli drop mask cut from 64-bit random words (``methods/_fast_attention.py``).
+        "torch": ``F.dropout`` in checkpointed chunks, the plain PyTorch reference. Same function and gradients
+        (to rounding) with the same mask; the masks themselves are other draws than ``F.dropout``'s. The FFN
+        dropouts follow the same choice ("fast": one-byte masks from the same generator, one fused pass).
+    channels_last : bool
+        Run the PPEG and Conv-Processor convolutions on NHWC views of the token grid (True, default: about
+        twice as fast on CPU, no transposing copies) or on the official contiguous NCHW copies (False, the
+        reference). Same maths; the kernels' summation order differs (outputs equal to about 1e-6).
     fusion : {"conv", "concat"}
         Conv Processor (CrossFusion) or concatenation + Linear (w/o CP).
 
@@ -181,7 +193,9 @@ class CrossFusion(_CrossFusionBase):
 
     Deliberate deviations from the official code: attention dropout only in training (option above);
     device-agnostic (the official code hard-codes CUDA at construction); memory-bounded attention on CPU with
-    dropout; activation checkpointing on very large bags (same numbers, less memory); no fp16 autocast; the
+    dropout; with ``dropout_impl="fast"`` the drop probability is within ``2**-16`` of ``attn_dropout``
+    (``round(p 2^16) / 2^16`` for three entries in four, ``round(p 2^15) / 2^15`` for the fourth) and the masks
+    come from a private generator seeded from the default one; activation checkpointing on very large bags (same numbers, less memory); no fp16 autocast; the
     unused modules (``dropout_emb``, ``PreNorm``) are not built. A patient with several slides: the loader
     concatenates each scale's slides, so the 10x grid spans all slides.
     """
@@ -192,13 +206,15 @@ class CrossFusion(_CrossFusionBase):
                  attention_block_mb: float = 64, return_attention: bool | None = None,
                  attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS,
                  activation_checkpointing: bool | None = None,
-                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, fusion: str = "conv") -> None:
+                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, dropout_impl: str = "fast",
+                 channels_last: bool = True, fusion: str = "conv") -> None:
         super().__init__()
         if fusion not in ("conv", "concat"):
             raise ValueError(f"{_FILE}: fusion must be 'conv' or 'concat', got {fusion!r}")
         self._setup(in_dim, n_bins, embed_dim, num_heads, num_layers, dropout, attn_dropout, mlp_ratio,
                     official_eval_dropout, attention_backend, attention_block_mb, return_attention,
-                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens)
+                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens, dropout_impl,
+                    channels_last)
         self.fusion = fusion
         d, s = embed_dim, self.attention_settings
         # Registration order follows the official __init__ (same random-stream order at construction).
@@ -215,12 +231,12 @@ class CrossFusion(_CrossFusionBase):
         self.fine_ln = nn.LayerNorm(d)
         self.source_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=False)
         self.source_ln = nn.LayerNorm(d)
+        if fusion == "concat":  # CrossFusionConcat registers it before the final transformer
+            self.pre_final_linear = nn.Sequential(nn.Linear(3 * d, d), nn.LayerNorm(d))
         self.final_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=True)
         self.final_ln = nn.LayerNorm(d)
         if fusion == "conv":
-            self.conv_processor = ConvProcessor(d, dropout, n_scales=3)
-        else:
-            self.pre_final_linear = nn.Sequential(nn.Linear(3 * d, d), nn.LayerNorm(d))
+            self.conv_processor = ConvProcessor(d, dropout, n_scales=3, settings=s)
         self.mlp_head = nn.Sequential(nn.Linear(d, n_bins))
         self.apply(init_weights_like_official)
 
@@ -293,11 +309,13 @@ class CrossFusionSingle(_CrossFusionBase):
                  attention_block_mb: float = 64, return_attention: bool | None = None,
                  attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS,
                  activation_checkpointing: bool | None = None,
-                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS) -> None:
+                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, dropout_impl: str = "fast",
+                 channels_last: bool = True) -> None:
         super().__init__()
         self._setup(in_dim, n_bins, embed_dim, num_heads, num_layers, dropout, attn_dropout, mlp_ratio,
                     official_eval_dropout, attention_backend, attention_block_mb, return_attention,
-                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens)
+                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens, dropout_impl,
+                    channels_last)
         d = embed_dim
         self.cls_token = nn.Parameter(torch.randn(1, 1, d))
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -306,7 +324,7 @@ class CrossFusionSingle(_CrossFusionBase):
         self.source_ln = nn.LayerNorm(d)
         self.final_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=True)
         self.final_ln = nn.LayerNorm(d)
-        self.conv_processor = ConvProcessor(d, dropout, n_scales=1)
+        self.conv_processor = ConvProcessor(d, dropout, n_scales=1, settings=self.attention_settings)
         self.mlp_head = nn.Sequential(nn.Linear(d, n_bins))
         self.apply(init_weights_like_official)
 

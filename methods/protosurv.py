@@ -26,6 +26,8 @@ from methods.scmil import kmeans
 #: Tissue types of the official code, in order (every class >= 4 of its classifier is mapped to "other").
 TISSUE_TYPES: tuple[str, ...] = ("tumour", "stroma", "lymphocytes", "necrosis", "other")
 
+#: Sources of the per-patch tissue types (option ``tissue_types``).
+TISSUE_TYPE_SOURCES = ("file", "kmeans", "truth")
 _NEEDS = Needs(magnifications=(20,), coords=True, graph=("spatial",), graph_k=4, tissue_types=True)
 _SOURCE = "Wu et al. NeurIPS 2024; github.com/wjx-error/ProtoSurv models/model_protosurv_v1.py"
 
@@ -166,7 +168,12 @@ class ProtoSurv(nn.Module):
     max_nodes : int, default 25,000
     compatibility_weight, orthogonality_weight : float, default 0.01, 0.1
     pseudo_type_seed : int, default 0
-        Seed of the k-means pseudo tissue types used when the bag has none.
+        Seed of the k-means pseudo tissue types.
+    tissue_types : {"file", "kmeans", "truth"}, default "file"
+        Where the per-patch tissue types come from: ``file`` = a tissue-type file when the data has one (what a
+        real user can have), else k-means pseudo-types; ``kmeans`` = always k-means; ``truth`` = the synthetic
+        generator's true types (privileged information, only when asked). ``tissue_types_used`` collects the
+        sources the model actually read; the runner records it.
 
     Returns (forward)
     -----------------
@@ -180,8 +187,8 @@ class ProtoSurv(nn.Module):
       through the shared loss; it has a bias (a discrete-time head needs baseline hazards). The Cox head is kept
       as ``protosurv_cox``: it returns the log-risk, and the trainer scores a Cox partial likelihood over a
       window of samples (the official code uses batches of 6 slides with >= 2 events).
-    - Tissue types: ``bag.tissue_type`` (the synthetic generator's types, or a per-patch type file on real data).
-      Without it, per-bag k-means pseudo-types (:func:`pseudo_tissue_types`, seed 0, numbered by decreasing size)
+    - Tissue types (option ``tissue_types``): a per-patch type file when the data has one; the synthetic
+      generator's true types only with ``tissue_types="truth"``. Otherwise per-bag k-means pseudo-types (:func:`pseudo_tissue_types`, seed 0, numbered by decreasing size)
       stand in for the paper's fine-tuned-UNI classifier (not released) and for the CONCH zero-shot substitute.
       The pre-computed UNI prototypes (``use_pre_proto``) are not supported: they only fit UNI-v1 features.
     - Graph: spatial 4-NN as the official ``graph_construction.py`` (``radius=5``), built by the harness's k-d tree
@@ -218,6 +225,7 @@ class ProtoSurv(nn.Module):
         compatibility_weight: float = 0.01,
         orthogonality_weight: float = 0.1,
         pseudo_type_seed: int = 0,
+        tissue_types: str = "file",
     ) -> None:
         super().__init__()
         if head not in ("nll", "cox"):
@@ -230,6 +238,11 @@ class ProtoSurv(nn.Module):
         self.compatibility_weight = compatibility_weight
         self.orthogonality_weight = orthogonality_weight
         self.pseudo_type_seed = pseudo_type_seed
+        if tissue_types not in TISSUE_TYPE_SOURCES:
+            raise ValueError(f"methods/protosurv.py: tissue_types must be one of {', '.join(TISSUE_TYPE_SOURCES)}, "
+                             f"got {tissue_types!r}")
+        self.tissue_types = tissue_types
+        self.tissue_types_used: set[str] = set()
 
         # Graph branch.
         self.pre_fc = nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout))
@@ -269,9 +282,11 @@ class ProtoSurv(nn.Module):
         )
 
     def _tissue_types(self, bag: Bag, n: int) -> Tensor:
-        types = bag.tissue_type
+        types = self._chosen_types(bag)
         if types is None:
+            self.tissue_types_used.add("kmeans")
             return pseudo_tissue_types(bag.features[20], self.n_types, seed=self.pseudo_type_seed)
+        self.tissue_types_used.add(str(bag.tissue_source or "file"))
         types = types.long().reshape(-1)
         if types.numel() != n:
             raise ValueError(
@@ -283,6 +298,17 @@ class ProtoSurv(nn.Module):
                 f"({', '.join(TISSUE_TYPES[: self.n_types])})"
             )
         return types
+
+    def _chosen_types(self, bag: Bag) -> Tensor | None:
+        """The bag's tissue types when ``tissue_types`` allows their source, else None (k-means)."""
+        if self.tissue_types == "kmeans" or bag.tissue_type is None:
+            if self.tissue_types == "truth":
+                raise ValueError(f"methods/protosurv.py: tissue_types='truth' but bag {bag.sample_id!r} has no "
+                                 "tissue types (only the synthetic cohorts carry their true types)")
+            return None
+        if self.tissue_types == "file" and bag.tissue_source == "synthetic-truth":
+            return None  # the generator's truth is privileged: a real user has no such labels
+        return bag.tissue_type
 
     def _draw(self, n: int, device: torch.device) -> Tensor | None:
         """Random node subset for an attention stage during training; None means all nodes."""

@@ -6,7 +6,7 @@ from benchmark.data.bag import Bag, Needs
 from benchmark.training.registry import count_parameters, create_method, get_method_spec
 from tests.helpers import check_survival_output, features_bag, seeded_outputs
 
-# baselines.md §2.1: only the first Linear changes with the input dim
+# Patch-GCN's AMIL: only the first Linear changes with the input dim
 EXPECTED_PARAMETERS = {512: 657_925, 768: 788_997, 1024: 920_069, 1536: 1_182_213, 2048: 1_444_357}
 
 

@@ -321,3 +321,15 @@ def test_bench_bag_follows_needs_and_sizes():
         "checkpoint_min_tokens": 8192, "activation_checkpointing": None}
     with pytest.raises(ValueError, match="--options expects key=value"):
         _parse_options("attn_dropout")
+
+
+def test_wo_cp_registers_modules_in_the_official_order():
+    """CrossFusionConcat registers ``pre_final_linear`` before ``final_transformer``: a seeded construction then
+    draws the same weights as the official class."""
+    from benchmark.training.registry import create_method
+
+    names = [n.split(".")[0] for n, _ in create_method("crossfusion_wo_cp", in_dim=64).named_parameters()]
+    order = list(dict.fromkeys(names))
+    assert order.index("pre_final_linear") < order.index("final_transformer") < order.index("mlp_head")
+    conv = list(dict.fromkeys(n.split(".")[0] for n, _ in create_method("crossfusion", in_dim=64).named_parameters()))
+    assert conv.index("final_transformer") < conv.index("conv_processor") < conv.index("mlp_head")

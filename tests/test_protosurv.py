@@ -1,6 +1,8 @@
 """ProtoSurv: output contract (NLL and Cox heads), prototype losses, tissue types, sampling, 50k-node bag."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -161,3 +163,30 @@ def test_fifty_thousand_nodes_in_bounded_memory():
     model = create_method("protosurv", in_dim=8, **SMALL).eval()
     bag = make_bag(50_000, in_dim=8, n_slides=2)
     assert_eval_in_bounded_memory(model, bag)
+
+
+def test_tissue_type_source_is_chosen_and_recorded(tiny_root):
+    """Synthetic true tissue types are privileged: read only with tissue_types="truth"; by default a real user's
+    choice (a file when present, else k-means) and the record says which."""
+    from benchmark.data.loader import load_cohort
+
+    cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
+    sample = cohort.folds[0].val[0]
+    bag = cohort.bag(sample, get_method_spec("protosurv").needs)
+    assert bag.tissue_source == "synthetic-truth" and bag.tissue_type is not None
+    used = {}
+    for source in ("file", "kmeans", "truth"):
+        model = create_method("protosurv", in_dim=cohort.in_dim, tissue_types=source).eval()
+        with torch.no_grad():
+            model(bag)
+        used[source] = model.tissue_types_used
+    assert used == {"file": {"kmeans"}, "kmeans": {"kmeans"}, "truth": {"synthetic-truth"}}
+    real = dataclasses.replace(bag, tissue_source="file")
+    model = create_method("protosurv", in_dim=cohort.in_dim).eval()
+    with torch.no_grad():
+        model(real)
+    assert model.tissue_types_used == {"file"}
+    with pytest.raises(ValueError, match="tissue_types must be one of"):
+        create_method("protosurv", in_dim=cohort.in_dim, tissue_types="guess")
+    with pytest.raises(ValueError, match="no tissue types"):
+        create_method("protosurv", in_dim=cohort.in_dim, tissue_types="truth")(dataclasses.replace(bag, tissue_type=None))

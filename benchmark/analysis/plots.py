@@ -17,8 +17,8 @@ Kaplan-Meier
     patients several times.
 
 Heatmaps
-    :func:`attention_heatmaps` rebuilds the trained model of one fold from the store, runs it in eval mode on
-    the bag holding the slide, and draws each returned :class:`~benchmark.training.output.AttentionMap` on the patch grid
+    :func:`attention_heatmaps` runs a fold's trained model (loaded from the store, or re-trained, by the
+    ``plot heatmap`` command: plotting never trains) in eval mode on the bag holding the slide, and draws each returned :class:`~benchmark.training.output.AttentionMap` on the patch grid
     at its magnification's coordinates. On synthetic cohorts the stored tissue types and planted signal are
     drawn beside them and the overlap is reported (:func:`attention_signal_overlap`).
 
@@ -26,6 +26,7 @@ All figures use matplotlib's Agg backend and its default fonts.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -36,8 +37,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from lifelines import KaplanMeierFitter  # noqa: E402
+from lifelines.plotting import add_at_risk_counts  # noqa: E402
+from lifelines.statistics import logrank_test  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from scipy.stats import rankdata  # noqa: E402
 
 from benchmark.analysis.statistics import pooled_predictions  # noqa: E402
+from benchmark.data.backbones import get_backbone  # noqa: E402
+from benchmark.data.bag import Needs  # noqa: E402
+from benchmark.data.features import level0_patch_size  # noqa: E402
+from benchmark.data.synth import SCHEMA, synthetic_parameters  # noqa: E402
 from benchmark.store.query import Results, read_records, select_cell  # noqa: E402
 from benchmark.training.registry import get_method_spec  # noqa: E402
 
@@ -133,8 +145,6 @@ def km_groups(records: Sequence[Mapping], split: str = "train-median") -> pd.Dat
 
 def km_analysis(records: Sequence[Mapping], split: str = "train-median") -> KMResult:
     """Groups and log-rank test of one cell (no figure)."""
-    from lifelines import KaplanMeierFitter
-    from lifelines.statistics import logrank_test
 
     groups = km_groups(records, split)
     high, low = groups[groups["high_risk"]], groups[~groups["high_risk"]]
@@ -165,8 +175,6 @@ def format_p(p: float) -> str:
 
 def draw_km(ax: plt.Axes, result: KMResult, at_risk: bool = True, subtitle: str | None = None) -> None:
     """Draw both Kaplan-Meier curves (95% bands) of ``result`` on ``ax``, with an at-risk table below."""
-    from lifelines import KaplanMeierFitter
-    from lifelines.plotting import add_at_risk_counts
 
     fitters = []
     for is_high, label, color in ((False, "low risk", LOW_COLOR), (True, "high risk", HIGH_COLOR)):
@@ -342,7 +350,6 @@ def attention_signal_overlap(scores: np.ndarray, signal: np.ndarray, top_fractio
         ``prevalence``: share of all patches that carry signal (the ``top_precision`` of a random map);
         ``enrichment``: ``top_precision / prevalence``; ``n_patches``, ``n_signal``, ``top_fraction``.
     """
-    from scipy.stats import rankdata
 
     s = np.asarray(scores, float)
     y = np.asarray(signal, bool)
@@ -407,7 +414,6 @@ def draw_patch_map(ax: plt.Axes, coords: np.ndarray, values: np.ndarray, step: f
     iy = np.floor((coords[:, 1] - y0) / step).astype(int)
     image[iy, ix] = values
     if categorical:
-        from matplotlib.colors import BoundaryNorm, ListedColormap
 
         cm = ListedColormap(TISSUE_COLORS)
         artist = ax.imshow(image, cmap=cm, norm=BoundaryNorm(np.arange(-0.5, 5.5), cm.N), interpolation="nearest",
@@ -425,7 +431,6 @@ def draw_patch_map(ax: plt.Axes, coords: np.ndarray, values: np.ndarray, step: f
 
 def percentile_rank(values: np.ndarray) -> np.ndarray:
     """Scores -> percentile ranks in [0, 1] (CLAM-style display; ties share a rank)."""
-    from scipy.stats import rankdata
 
     v = np.asarray(values, float)
     if len(v) < 2:
@@ -464,8 +469,6 @@ def stale_data_reason(record: Mapping) -> str | None:
     Its weights were trained on another generator version or other backbone parameters, so its maps on today's
     features would mean nothing. Real-data records (a ``data_root``) are never judged stale here.
     """
-    from benchmark.data.backbones import get_backbone
-    from benchmark.data.synth import SCHEMA, synthetic_parameters
 
     config = record.get("config") or {}
     if config.get("data_root") is not None or "synthetic_version" not in config:
@@ -527,9 +530,7 @@ def attention_heatmaps(model, record: Mapping, cohort, slide: str, out: str | Pa
 
 def _attention_maps(model, record: Mapping, cohort, sample_id: str, slide_id: str) -> tuple[list[PatchMap], str]:
     """Every attention map of the model on the sample's bag, restricted to the slide's patches."""
-    import dataclasses
 
-    import torch
 
     if hasattr(model, "return_attention"):  # CrossFusion computes its maps on request only on huge bags
         model.return_attention = True
@@ -557,8 +558,6 @@ def _attention_maps(model, record: Mapping, cohort, sample_id: str, slide_id: st
 def _add_tissue_and_signal(result: HeatmapResult, cohort, sample_id: str, slide_id: str) -> None:
     """Tissue types per magnification (from the cohort's tissue-type files) and the tumour fraction of each
     patch's area, computed from the 20x types; nothing when the cohort has no tissue types."""
-    from benchmark.data.bag import Needs
-    from benchmark.data.features import level0_patch_size
 
     mags = sorted({pm.magnification for pm in result.maps} | {20})
     for m in mags:
@@ -597,11 +596,10 @@ def _draw_heatmaps(result: HeatmapResult, stem: Path) -> list[Path]:
         fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02, label="attention percentile")
     used = len(result.maps)
     if result.tissue:
-        m_t = min(result.tissue)  # coarse types are the easiest to read; the signal is drawn at 20x
+        m_t = min(result.tissue)  # tissue types drawn at 20x (their own resolution); the signal at the coarsest
         t = result.tissue[20]
         draw_patch_map(flat[used], t.coords, t.values, grid_step(t.coords), extent, categorical=True)
         flat[used].set_title("tissue types (20x)", fontsize=9)
-        from matplotlib.patches import Patch
 
         flat[used].legend(handles=[Patch(color=c, label=n) for c, n in zip(TISSUE_COLORS, TISSUE_NAMES)],
                           loc="upper right", fontsize=6, framealpha=0.8)

@@ -19,7 +19,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from benchmark.store.query import newest_data_records, recorded_n_folds
+from benchmark.data.cohorts import cohort_names
+from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
 from benchmark.training.metrics import aggregate
 
 #: Higher-is-better per metric.
@@ -147,12 +148,12 @@ def build_table(
         grouped.setdefault((str(r[row_key]), str(r[column_key])), []).append(r)
     per_cell: dict[tuple[str, str], tuple[list[float], int, list[dict]]] = {}
     for key, recs in grouped.items():
-        by_fold: dict[int, list[float]] = {}
+        by_fold: dict[tuple[int, int], list[float]] = {}
         ok = [r for r in recs if r.get("status") == "ok"]
         for r in ok:
             v = (r.get("metrics") or {}).get(metric)
             if v is not None and math.isfinite(v):
-                by_fold.setdefault(int(r["fold"]), []).append(float(v))
+                by_fold.setdefault(fold_order(r), []).append(float(v))  # seeds of one fold averaged
         values = [float(np.mean(by_fold[k])) for k in sorted(by_fold)]
         n_err = sum(1 for r in recs if r.get("status") == "error")
         per_cell[key] = (values, n_err, ok)
@@ -207,23 +208,20 @@ def label_rows(records: list[dict], row_key: str) -> tuple[list[dict], list[str]
     keys: dict[str, set[str]] = {}
     for r in records:
         keys.setdefault(str(r[row_key]), set()).add(str(r["recipe"]))
-    out, notes = [], {}
+    out, notes, tissue = [], {}, {}
     for r in records:
         value, label = str(r[row_key]), _label(r)
         row = value if len(keys[value]) == 1 else f"{value} [{label}]"
         out.append({**r, "_row": row})
         if label != _recipe_name(r["recipe"]):
             notes[row] = f"{row}: configuration {label}."
+        tissue.setdefault(row, set()).update((r.get("data_sizes") or {}).get("tissue_types") or ())
+    notes.update({f"{row}/tissue": f"{row}: tissue types from {', '.join(sorted(s))}." for row, s in tissue.items() if s})
     return out, sorted(set(notes.values()))
 
 
 def _cohort_columns(records: list[dict]) -> list[str]:
-    try:
-        from benchmark.data.cohorts import cohort_names
-
-        registered = list(cohort_names())
-    except Exception:  # the cohort registry is optional for rendering a store
-        registered = []
+    registered = list(cohort_names())
     seen = sorted({str(r["cohort"]) for r in records})
     return registered + [c for c in seen if c not in registered]
 

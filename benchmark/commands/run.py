@@ -12,7 +12,8 @@ SIGNAL_CHOICES = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 REAL_DEFAULT_RECIPE = "paper"
 #: Defaults of the settings an experiment file may also give (the command line wins over the file).
 DEFAULTS: dict[str, Any] = {
-    "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "recipe": None,
+    "methods": "amil", "datasets": "blca", "backbones": "resnet50", "folds": "all", "seeds": "0", "repeats": 1,
+    "repeat": None, "recipe": None,
     "selection": "last", "unit": "patient", "bin_rule": "train", "n_bins": 4, "data_root": None, "signal": "mixed",
     "results": None, "jobs": 1, "device": "auto", "save_weights": True, "plugins": [],
 }
@@ -61,6 +62,10 @@ def add_grid_arguments(p: argparse.ArgumentParser) -> None:
                         "in tables)")
     p.add_argument("--folds", default=None, help="e.g. 0-4, 0,2 or all (default all)")
     p.add_argument("--seed", dest="seeds", default=None, help="training seed(s), e.g. 0 or 0-2 (default 0)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="repeated cross-validation: R split sets (repeat 0 = the cohort's split files, 1..R-1 "
+                        "stratified patient-level folds drawn with seed r; default 1)")
+    p.add_argument("--repeat", default=None, help="only these repeats, e.g. 2 or 1-3 (instead of --repeats)")
     p.add_argument("--results", default=None, help="result store root (default results/synthetic or results/real)")
     p.add_argument("--jobs", type=int, default=None, help="worker processes, each with one torch thread (default 1)")
     p.add_argument("--plugin", dest="plugins", action="append", default=None, metavar="MODULE",
@@ -111,6 +116,16 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return merged
 
 
+def _repeats(s: dict[str, Any]) -> tuple[int, ...]:
+    from benchmark.training.runner import parse_folds
+
+    if s["repeat"] is not None:
+        return tuple(parse_folds(_as_text_list(s["repeat"])))
+    if int(s["repeats"]) < 1:
+        raise ValueError(f"--repeats: needs at least 1 repeat, got {s['repeats']}")
+    return tuple(range(int(s["repeats"])))
+
+
 def build_experiment(args: argparse.Namespace):
     """The :class:`~benchmark.training.config.Experiment` of a ``run`` command line (and its experiment file)."""
     from benchmark.data.backbones import resolve_backbones
@@ -131,7 +146,7 @@ def build_experiment(args: argparse.Namespace):
     experiment = Experiment(
         methods=tuple(methods), cohorts=tuple(resolve_cohorts(_as_text_list(s["datasets"]))),
         backbones=tuple(resolve_backbones(_as_text_list(s["backbones"]))), folds=folds,
-        seeds=tuple(parse_folds(_as_text_list(s["seeds"]))), recipe=recipe,
+        seeds=tuple(parse_folds(_as_text_list(s["seeds"]))), repeats=_repeats(s), recipe=recipe,
         overrides={**s["overrides"], **parse_assignments(args.overrides)}, method_options=options,
         selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
         data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
@@ -158,8 +173,9 @@ def _n_folds(experiment) -> int:
     from benchmark.training.runner import get_cohort_data
 
     counts = [len(get_cohort_data(RunConfig(experiment.methods[0], c, b, unit=experiment.unit,
-                                            data_root=experiment.data_root, signal=experiment.signal)).folds)
-              for c in experiment.cohorts for b in experiment.backbones]
+                                            data_root=experiment.data_root, signal=experiment.signal,
+                                            repeat=r)).folds)
+              for c in experiment.cohorts for b in experiment.backbones for r in experiment.repeats]
     return min(counts)
 
 
@@ -189,9 +205,11 @@ def main(args: argparse.Namespace) -> int:
         source += f" with a '{experiment.signal}' signal"
     console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
                   f"{source}, results -> {results}")
+    n_folds = len(configs) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
+                                * len(experiment.seeds) * len(experiment.repeats))
     console.print(f"{len(experiment.methods)} method(s) x {len(experiment.cohorts)} cohort(s) x "
-                  f"{len(experiment.backbones)} backbone(s) x {len(configs) // max(1, len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones))} "
-                  f"fold-seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
+                  f"{len(experiment.backbones)} backbone(s) x {len(experiment.repeats)} repeat(s) x {n_folds} fold(s) x "
+                  f"{len(experiment.seeds)} seed(s) = {len(configs)} cells, {experiment.jobs} job(s)")
     execution = Execution(device=experiment.device, save_weights=experiment.save_weights, plugins=experiment.plugins)
     report = run_grid(configs, ResultStore(results), execution, jobs=experiment.jobs, overwrite=args.overwrite,
                       console=console)

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="write to FILE instead of stdout")
     p.add_argument("--method", default="crossfusion", help="Table 2: the method")
     p.add_argument("--backbone", default=None, help="Table 1: the backbone (default resnet50 when present)")
-    p.add_argument("--recipe", default=None, help="recipe label (needed when the store holds several)")
+    p.add_argument("--recipe", default=None,
+                   help="recipe name, or one configuration's folder key (needed when the store holds several)")
     p.add_argument("--selection", default=None, help="selection rule (needed when the store holds several)")
     p.add_argument("--seed", type=int, default=None, help="one seed (default: average the seeds per fold)")
     p.add_argument("--metric", default="c_index", choices=("c_index", "c_index_uno", "mean_auc", "ibs"))
@@ -30,13 +31,11 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmark.store.records import ResultStore
     from benchmark.analysis.tables import render, table1, table2
+    from benchmark.store.query import Results
 
-    store = ResultStore(args.results)
-    if not (store.root / "cells").is_dir():
-        raise FileNotFoundError(f"{store.root}: no result store here (missing cells/); run `python -m benchmark run` first")
-    records = store.records()
+    results = Results.open(args.results)  # read once; what was left out while reading goes to the footer
+    records = list(results.records)
     hook = None
     if args.significance:
         from benchmark.analysis.statistics import significant_rows
@@ -48,6 +47,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         table = table2(records, method=args.method, recipe=args.recipe, selection=args.selection, seed=args.seed,
                        metric=args.metric, significance=hook)
+    table.notes += list(results.notes)
     text = render(table, args.format)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

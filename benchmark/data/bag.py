@@ -78,6 +78,8 @@ class Bag:
       indices into the rows of ``features[graph_magnification]``
     - ``tissue_type``: ``(N_g,)`` int64 in ``0..4`` (tumour, stroma, lymphocytes, necrosis, other)
       at the graph magnification, or None when unavailable
+    - ``tissue_source``: where ``tissue_type`` comes from: ``"file"`` (a per-patch tissue-type file, as a real
+      user can have) or ``"synthetic-truth"`` (the synthetic generator's true types: privileged information)
     """
 
     sample_id: str
@@ -87,6 +89,7 @@ class Bag:
     slide_index: dict[int, Tensor] = field(default_factory=dict)
     edge_index: dict[str, Tensor] = field(default_factory=dict)
     tissue_type: Tensor | None = None
+    tissue_source: str | None = None
 
     @property
     def in_dim(self) -> int:

@@ -209,8 +209,9 @@ class CohortData:
                                      f"tissue types at {gmag}x for {len(p[gmag][0])} patches")
                 types.append(t[gmag])
             tissue = None if types is None else torch.from_numpy(np.concatenate(types))
+        source = None if tissue is None else "synthetic-truth" if self.provenance.get("synthetic") else "file"
         bag = Bag(sample_id=sample_id, slide_ids=tuple(slide_ids), features=features, coords=coords,
-                  slide_index=slide_index, edge_index=edge_index, tissue_type=tissue)
+                  slide_index=slide_index, edge_index=edge_index, tissue_type=tissue, tissue_source=source)
         self._remember(key, bag)
         return bag
 

@@ -100,3 +100,27 @@ def stratified_patient_folds(
     for tr, va in skf.split(ids, strata):
         folds.append((sorted(ids[tr].tolist()), sorted(ids[va].tolist())))
     return folds
+
+
+def repeated_folds(samples: pd.DataFrame, n_folds: int, repeat: int) -> list[tuple[list[str], list[str]]]:
+    """Folds of repeat ``repeat`` (>= 1) of repeated cross-validation, as sample IDs.
+
+    Patient-level folds stratified by event and time bin (:func:`stratified_patient_folds` with seed
+    ``repeat``), mapped to the samples: a patient's samples (slides, with ``unit="slide"``) share one side.
+    Repeat 0 is the cohort's own split files, never this function.
+    """
+    if repeat < 1:
+        raise ValueError(f"repeat {repeat}: repeat 0 is the cohort's split files; generated repeats start at 1")
+    patient_of = samples["patient_id"].astype(str)
+    patients = samples.assign(patient_id=patient_of).groupby("patient_id")[["time", "event"]].first()
+    members = {p: sorted(ids.astype(str)) for p, ids in patient_of.groupby(patient_of).groups.items()}
+    return [
+        ([s for p in train for s in members[p]], [s for p in val for s in members[p]])
+        for train, val in stratified_patient_folds(patients, n_folds, seed=repeat)
+    ]
+
+
+def straddling_patients(samples: pd.DataFrame, train: list[str], val: list[str]) -> list[str]:
+    """Patients with samples on both sides of a fold (a leak when samples are slides)."""
+    patient_of = samples["patient_id"].astype(str)
+    return sorted(set(patient_of[list(train)]) & set(patient_of[list(val)]))

@@ -46,6 +46,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
+from sksurv.metrics import concordance_index_censored
 
 from benchmark.data.backbones import Backbone, get_backbone, resolve_backbones
 from benchmark.data.cohorts import Cohort, get_cohort, resolve_cohorts
@@ -314,6 +315,15 @@ def _feature_blocks(plan, slide_index, mag, geo, space, backbone, rng) -> Iterab
         yield start, x.astype(np.float32, copy=False)
 
 
+def _write_big_slide(plan: CohortPlan, i: int, geo, space, backbone: Backbone, rng, path: Path) -> None:
+    """A slide too big for memory, written to its h5 file block by block."""
+    with H5SlideWriter(path) as w:
+        for m in MAGS:
+            dset = w.bag(m, len(geo.coords[m]), backbone.dim, geo.coords[m], group=f"{m}x")
+            for start, block in _feature_blocks(plan, i, m, geo, space, backbone, rng):
+                dset[start : start + block.shape[0]] = block
+
+
 def write_backbone(plan: CohortPlan, cohort_dir: Path, backbone: Backbone, layout: str = "default") -> None:
     """Write every slide's features of one backbone (slide by slide; big slides block by block)."""
     space = _backbone_space(backbone, plan.seed)
@@ -328,11 +338,7 @@ def write_backbone(plan: CohortPlan, cohort_dir: Path, backbone: Backbone, layou
         geo = plan.geometry(i)
         rng = np.random.default_rng([plan.seed, _h(plan.cohort.name), _h(backbone.name), 4, i])
         if layout == "default" and max(len(c) for c in geo.coords.values()) > FEATURE_BLOCK:
-            with H5SlideWriter(feature_path(target_root, layout, backbone, slide, 20)) as w:
-                for m in MAGS:
-                    dset = w.bag(m, len(geo.coords[m]), backbone.dim, geo.coords[m], group=f"{m}x")
-                    for start, block in _feature_blocks(plan, i, m, geo, space, backbone, rng):
-                        dset[start : start + block.shape[0]] = block
+            _write_big_slide(plan, i, geo, space, backbone, rng, feature_path(target_root, layout, backbone, slide, 20))
             continue
         bags = {}
         for m in MAGS:
@@ -374,13 +380,16 @@ def _mark(cohort_dir: Path, what: str, content: str = "ok") -> None:
 # ------------------------------------------------------------------------------------------ cohort base
 
 def oracle_cindex(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's C-index of the true risk (sksurv, ``tied_tol=1e-8``); 0.5 when undefined."""
-    from sksurv.metrics import concordance_index_censored
-
+    """Harrell's C-index of the true risk (sksurv, ``tied_tol=1e-8``); NaN when undefined (a fold without a
+    comparable pair, e.g. without events, as small presets can draw)."""
     event = np.asarray(event).astype(bool)
     if event.sum() == 0:
         return float("nan")
-    return float(concordance_index_censored(event, np.asarray(time, float), np.asarray(risk, float), tied_tol=1e-8)[0])
+    try:
+        return float(concordance_index_censored(event, np.asarray(time, float), np.asarray(risk, float),
+                                                tied_tol=1e-8)[0])
+    except (ValueError, ZeroDivisionError):  # sksurv: "no comparable pairs"
+        return float("nan")
 
 
 def write_base(plan: CohortPlan, cohort_dir: Path, n_folds: int = 5) -> None:
@@ -488,17 +497,21 @@ def generate(
         if not _marker(cdir, "base").exists():
             write_base(plan, cdir)
         for bname in resolve_backbones(backbones):
-            backbone = get_backbone(bname)
             for layout in layouts:
-                marker = _marker(cdir, f"{bname}-{layout}")
-                if not marker.exists():
-                    write_backbone(plan, cdir, backbone, layout)
-                elif (found := marker.read_text().strip()) != backbone_parameters(backbone):
-                    raise ValueError(
-                        f"{marker}: the cached {bname} features were generated with {found}, "
-                        f"but datasets/backbones.toml now gives {backbone_parameters(backbone)}; delete "
-                        f"{cdir / 'features' / bname} and {marker} to regenerate them")
+                _ensure_backbone(plan, cdir, get_backbone(bname), layout)
     return out
+
+
+def _ensure_backbone(plan: CohortPlan, cdir: Path, backbone: Backbone, layout: str) -> None:
+    """Write one backbone's features in one layout unless done; refuse a cache made with other parameters."""
+    marker = _marker(cdir, f"{backbone.name}-{layout}")
+    if not marker.exists():
+        write_backbone(plan, cdir, backbone, layout)
+    elif (found := marker.read_text().strip()) != backbone_parameters(backbone):
+        raise ValueError(
+            f"{marker}: the cached {backbone.name} features were generated with {found}, but "
+            f"datasets/backbones.toml now gives {backbone_parameters(backbone)}; delete "
+            f"{cdir / 'features' / backbone.name} and {marker} to regenerate them")
 
 
 def synthetic_root(preset: str = "demo", seed: int = 0, signal="mixed") -> Path:

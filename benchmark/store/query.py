@@ -27,12 +27,21 @@ def group_cells(records: Iterable[dict]) -> dict[tuple, list[dict]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[cell_key(r)].append(r)
-    return {k: sorted(v, key=lambda r: int(r["fold"])) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+    return {k: sorted(v, key=fold_order) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
+
+
+def fold_order(record: Mapping) -> tuple[int, int]:
+    """``(repeat, fold)`` of a record: one validation fold of repeated cross-validation (repeat 0 for records
+    without repeats)."""
+    return int(record.get("repeat") or 0), int(record["fold"])
 
 
 def recorded_n_folds(records: Iterable[Mapping]) -> int:
-    """The cohort's fold count as the runner records it in each fold record (0 when no record carries it)."""
-    return max([int(r["n_folds"]) for r in records if r.get("n_folds")], default=0)
+    """Validation folds a complete cell has: the cohort's fold count as the runner records it in each fold
+    record, times the repeats present (0 when no record carries the count)."""
+    records = list(records)
+    per_repeat = max([int(r["n_folds"]) for r in records if r.get("n_folds")], default=0)
+    return per_repeat * max(1, len({int(r.get("repeat") or 0) for r in records}))
 
 
 def newest_data_records(records: Iterable[dict], among: Iterable[Mapping] | None = None) -> tuple[list[dict], str | None]:
@@ -105,7 +114,7 @@ class Results:
         """
         out = ResultStore.select(list(self.records), status, method=_as_lower_list(method),
                                  cohort=_as_lower_list(cohort), backbone=_as_lower_list(backbone), **filters)
-        out.sort(key=lambda r: (tuple(str(r.get(f)) for f in CELL_FIELDS), int(r["fold"])))
+        out.sort(key=lambda r: (tuple(str(r.get(f)) for f in CELL_FIELDS), fold_order(r)))
         return out
 
     def cells(self, status: str | None = "ok", **filters) -> dict[tuple, list[dict]]:

@@ -12,6 +12,7 @@ are retried.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,7 +24,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy
+import pandas
+import sklearn
+import sksurv
 import torch
+
+from benchmark import __version__
 
 #: Version of the record layout (2: ``label`` added, ``unit`` only in ``config``; 1 is still read).
 SCHEMA = 2
@@ -41,23 +48,29 @@ class Cell:
     seed: int = 0
     recipe: str = "paper"
     selection: str = "last"
+    repeat: int = 0
+
+    @property
+    def run_name(self) -> str:
+        """``<recipe>-<selection>-s<seed>``, with ``-r<repeat>`` for repeats of repeated cross-validation."""
+        return f"{self.recipe}-{self.selection}-s{self.seed}" + (f"-r{self.repeat}" if self.repeat else "")
 
     @property
     def run_dir(self) -> Path:
         """Path of the cell's folder relative to the store root."""
-        return Path("cells", self.method, self.cohort, self.backbone, f"{self.recipe}-{self.selection}-s{self.seed}")
+        return Path("cells", self.method, self.cohort, self.backbone, self.run_name)
 
     @property
     def stem(self) -> str:
         return f"fold{self.fold}"
 
     def label(self) -> str:
-        return f"{self.method}/{self.cohort}/{self.backbone}/{self.recipe}-{self.selection}-s{self.seed}/fold{self.fold}"
+        return f"{self.method}/{self.cohort}/{self.backbone}/{self.run_name}/fold{self.fold}"
 
     @classmethod
     def of(cls, record: dict) -> "Cell":
         return cls(record["method"], record["cohort"], record["backbone"], int(record["fold"]), int(record["seed"]),
-                   record["recipe"], record["selection"])
+                   record["recipe"], record["selection"], int(record.get("repeat") or 0))
 
 
 def config_hash(config: dict) -> str:
@@ -81,13 +94,6 @@ _PROVENANCE_CACHE: dict[str, Any] = {}
 def software_provenance() -> dict[str, Any]:
     """Package versions and git commit (cached per process)."""
     if not _PROVENANCE_CACHE:
-        import numpy
-        import pandas
-        import sklearn
-        import sksurv
-
-        from benchmark import __version__
-
         _PROVENANCE_CACHE.update(
             {
                 "versions": {
@@ -170,8 +176,6 @@ class ResultStore:
         record = dict(record)
         record.setdefault("schema", SCHEMA)
         if state_dict is not None:
-            import io
-
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
             _atomic_write_bytes(self.weights_path(cell), buffer.getvalue())
@@ -267,7 +271,7 @@ class ResultStore:
             if ok:
                 out.append(record)
         out.sort(key=lambda r: (r["method"], r["cohort"], r["backbone"], r["recipe"], r["selection"], int(r["seed"]),
-                                int(r["fold"])))
+                                int(r.get("repeat") or 0), int(r["fold"])))
         return out
 
 

@@ -1,11 +1,18 @@
-"""Speed and peak memory of one training step and one forward pass per method, each in a fresh process.
+"""Speed, efficiency and peak memory of one training step and one forward pass per method, in fresh processes.
 
 For every method and phase (``train``: forward + backward + Adam step in train mode; ``eval``: one forward in
 eval mode under ``no_grad``), a child process (``python -m benchmark.training.bench --child JSON``) builds a random bag
 of the requested size (5x / 10x / 20x features, coordinates on a square grid, k-NN graphs through
-:func:`benchmark.data.graphs.build_graph` and tissue types when the method's ``Needs`` ask), builds the method
-through :func:`benchmark.training.registry.create_method`, times the phase once, and reports ``ru_maxrss`` of the
-child (the peak resident memory of the whole process: interpreter, torch, bag, model and the step).
+:func:`benchmark.data.graphs.build_graph` and tissue types when the method's ``Needs`` ask), then, in this order:
+
+1. measures the machine's float32 matmul rate (:func:`sgemm_rate`, a 4096 x 4096 ``mm``, best of 3): the
+   peak against which MFU is quoted, taken in the same process right before the step because the machine is
+   shared and its rate drifts with the load;
+2. counts the step's model FLOPs (:func:`count_flops`, ``torch.utils.flop_counter`` on meta tensors);
+3. times the step ``repeats`` times, alternating with the method's plain PyTorch reference path
+   (:data:`REFERENCE_OPTIONS`) when asked, and keeps the best of each;
+4. reports ``ru_maxrss`` after the method's first step (the peak resident memory of the whole process:
+   interpreter, torch, bag, model and the step; before any reference step).
 
 The training "loss" is the sum of the risk, the auxiliary heads' logits and ``aux_loss``: the backward pass
 has the cost of the real one (the survival loss itself is negligible).
@@ -25,6 +32,19 @@ from dataclasses import asdict, dataclass, field
 #: The largest real slide of the cohorts (patches at 20x / 10x / 5x) and its backbone width (UNI2-h).
 LARGEST_SLIDE = {"n20": 137_990, "n10": 34_500, "n5": 8_600, "in_dim": 1536}
 
+#: Side of the square float32 matmul whose rate is the machine's peak for MFU (measured in each child).
+SGEMM_SIZE = 4096
+
+#: Options selecting each method's plain PyTorch reference path (``--reference`` times it in the same process).
+#: CrossFusion: PyTorch SDPA with the dropout as given (the math kernel on CPU in training, O(N^2) memory) and
+#: ``F.dropout`` wherever the chunked path would run.
+_CROSSFUSION_REFERENCE = {"attention_backend": "sdpa", "dropout_impl": "torch", "channels_last": False}
+REFERENCE_OPTIONS = {
+    "crossfusion": _CROSSFUSION_REFERENCE,
+    "crossfusion_wo_cp": _CROSSFUSION_REFERENCE,
+    "crossfusion_wo_fc": _CROSSFUSION_REFERENCE,
+}
+
 
 @dataclass
 class BenchCase:
@@ -40,6 +60,8 @@ class BenchCase:
     seed: int = 0
     options: dict = field(default_factory=dict)
     label: str = ""
+    repeats: int = 1  # timed steps of each variant; the best is kept
+    reference: bool = False  # also time the method's reference path (REFERENCE_OPTIONS) in the same process
 
 
 def bag_sizes(n20: int, n10: int | None = None, n5: int | None = None) -> tuple[int, int, int]:
@@ -83,38 +105,148 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def run_case(case: BenchCase) -> dict:
-    """Run one phase of one method in this process (called in the child)."""
+def sgemm_rate(n: int = SGEMM_SIZE, repeats: int = 3) -> float:
+    """GFLOP/s of an ``n x n`` float32 matmul with the current threads: best of ``repeats`` after one warm-up."""
     import torch
 
-    from benchmark.training.registry import count_parameters, create_method, get_method_spec
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.mm(a, b, out=c)  # warm-up: page faults of the output, thread start
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
 
-    torch.set_num_threads(case.threads)
-    torch.manual_seed(case.seed)
-    spec = get_method_spec(case.method)
-    bag = make_bag(spec.needs, {20: case.n20, 10: case.n10, 5: case.n5}, case.in_dim, case.seed)
-    model = create_method(case.method, in_dim=case.in_dim, **case.options)
-    result = {"params": count_parameters(model), "rss_before_gb": _rss_gb()}
-    if case.phase == "train":
+
+def _flash_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of PyTorch's CPU flash kernel forward (not in ``torch.utils.flop_counter``): ``q k^T`` and ``P v``."""
+    b, h, n, d = query_shape
+    m, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * n * m * (d + d_v)
+
+
+def _flash_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """Its backward counted as the math path's: four matmuls (dP, dV, dQ, dK), the recomputed ``q k^T`` not."""
+    return 2 * _flash_cpu_flops(query_shape, key_shape, value_shape)
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, *args, **kwargs) -> int:
+    """Convolution backward: the forward's FLOPs once per requested input / weight gradient.
+
+    Replaces ``torch.utils.flop_counter``'s formula, which ignores ``groups`` for the weight gradient (it
+    counted a depthwise 512-channel convolution's backward 500 times too high).
+    """
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _loss(out):
+    """Risk + auxiliary logits + ``aux_loss``: a backward pass with the cost of the real one."""
+    loss = out.risk.sum() + sum(a.sum() for a in out.aux_logits)
+    return loss if out.aux_loss is None else loss + out.aux_loss
+
+
+def count_flops(method: str, options: dict, bag, phase: str) -> dict:
+    """Matmul / convolution FLOPs of one ``phase`` step, counted by ``FlopCounterMode`` on the meta device.
+
+    Model FLOPs, not executed ones: counted with the reference options (and CrossFusion's activation
+    checkpointing off), so recomputation is not counted and every implementation of a method is measured
+    against the same number. Falls back to the real bag when the method cannot run on meta tensors (such as
+    data-dependent graph code). Returns ``{"forward": F, "backward": B}`` (B = 0 for ``eval``).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmark.training.registry import create_method
+
+    opts = {**options, **REFERENCE_OPTIONS.get(method, {})}
+    if method.startswith("crossfusion"):
+        opts["activation_checkpointing"] = False
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
+               aten.convolution_backward: _conv_backward_flops}
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = create_method(method, in_dim=bag.in_dim, **opts)
+            model.train(phase == "train")
+            with torch.set_grad_enabled(phase == "train"), FlopCounterMode(display=False,
+                                                                           custom_mapping=mapping) as fwd:
+                out = model(bag.to(device))
+            if phase != "train":
+                return {"forward": fwd.get_total_flops(), "backward": 0, "counted_on": device}
+            with FlopCounterMode(display=False, custom_mapping=mapping) as bwd:
+                _loss(out).backward()
+            return {"forward": fwd.get_total_flops(), "backward": bwd.get_total_flops(), "counted_on": device}
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError):
+            continue
+    return {}
+
+
+def time_phase(model, bag, phase: str) -> dict:
+    """One timed step: ``train`` = forward, backward + Adam step (``backward_s`` includes the step); ``eval`` =
+    one forward under ``no_grad``. Returns seconds per part."""
+    import torch
+
+    if phase == "train":
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         start = time.perf_counter()
         out = model(bag)
         forward_s = time.perf_counter() - start
-        loss = out.risk.sum() + sum(a.sum() for a in out.aux_logits)
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-        loss.backward()
+        _loss(out).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        result.update(seconds=time.perf_counter() - start, forward_s=forward_s)
-    else:
-        model.eval()
-        start = time.perf_counter()
-        with torch.no_grad():
-            model(bag)
-        result.update(seconds=time.perf_counter() - start)
-    result["peak_rss_gb"] = _rss_gb()
+        seconds = time.perf_counter() - start
+        return {"seconds": seconds, "forward_s": forward_s, "backward_s": seconds - forward_s}
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(bag)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "forward_s": seconds}
+
+
+def _best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["seconds"]) if runs else {}
+
+
+def run_case(case: BenchCase) -> dict:
+    """Run one phase of one method in this process (called in the child).
+
+    Order: the sgemm rate, FLOP count, then ``case.repeats`` timed steps of the method, alternating with as
+    many of its reference path when ``case.reference`` (so both see the same machine load); the best of each
+    is kept. ``peak_rss_gb`` is taken after the method's first step, before any reference step.
+    """
+    import torch
+
+    from benchmark.training.registry import count_parameters, create_method, get_method_spec
+
+    torch.set_num_threads(case.threads)
+    spec = get_method_spec(case.method)
+    bag = make_bag(spec.needs, {20: case.n20, 10: case.n10, 5: case.n5}, case.in_dim, case.seed)
+    result = {"sgemm_gflops": sgemm_rate(), "flops": count_flops(case.method, case.options, bag, case.phase)}
+    variants = {"ours": case.options}
+    if case.reference and case.method in REFERENCE_OPTIONS:
+        variants["reference"] = {**case.options, **REFERENCE_OPTIONS[case.method]}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for repeat in range(case.repeats):
+        for name, opts in variants.items():
+            torch.manual_seed(case.seed)  # same weights, same dropout draws in every step of a variant
+            model = create_method(case.method, in_dim=case.in_dim, **opts)
+            result.setdefault("params", count_parameters(model))
+            runs[name].append(time_phase(model, bag, case.phase))
+            del model
+            if repeat == 0 and name == "ours":
+                result["peak_rss_gb"] = _rss_gb()
+    result.update(_best(runs["ours"]))
+    if "reference" in runs:
+        result["reference"] = _best(runs["reference"])
     return result
 
 

@@ -63,6 +63,9 @@ class RunConfig:
         Registered names (lower case).
     fold, seed : int
         Outer fold index and training seed.
+    repeat : int
+        Repeat of repeated cross-validation: 0 = the cohort's split files, r >= 1 = stratified patient-level
+        folds drawn with seed r (``benchmark.data.splits.repeated_folds``).
     recipe : str
         Named recipe (``benchmark.training.recipes``).
     overrides : tuple of (field, value)
@@ -100,6 +103,7 @@ class RunConfig:
     n_bins: int = DEFAULT_N_BINS
     data_root: str | None = None
     signal: str = "mixed"
+    repeat: int = 0
     tuning: str | None = None
     tuned: tuple[tuple[str, Any], ...] = ()
 
@@ -109,6 +113,9 @@ class RunConfig:
             setattr_(name, str(getattr(self, name)).lower())
         setattr_("fold", int(self.fold))
         setattr_("seed", int(self.seed))
+        setattr_("repeat", int(self.repeat))
+        if self.repeat < 0:
+            raise ValueError(f"--repeat: repeats are numbered from 0, got {self.repeat}")
         setattr_("n_bins", int(self.n_bins))
         _check_choice(self.selection, SELECTIONS, "--selection")
         _check_choice(self.unit, UNITS, "--unit")
@@ -168,7 +175,8 @@ class RunConfig:
     @property
     def cell(self) -> Cell:
         """The cell's coordinates in the result store."""
-        return Cell(self.method, self.cohort, self.backbone, self.fold, self.seed, self.store_key(), self.selection)
+        return Cell(self.method, self.cohort, self.backbone, self.fold, self.seed, self.store_key(), self.selection,
+                    self.repeat)
 
     def with_(self, **changes: Any) -> "RunConfig":
         """A copy with some fields changed."""
@@ -221,7 +229,8 @@ class RunConfig:
             seed=int(record["seed"]), recipe=name, overrides=overrides, method_options=options,
             selection=record["selection"], unit=config.get("unit") or record.get("unit") or "patient",
             bin_rule=config.get("bin_rule") or "train", n_bins=config.get("n_bins") or DEFAULT_N_BINS,
-            data_root=data_root, signal=signal, tuning=tuning.get("id"), tuned=tuned,
+            data_root=data_root, signal=signal, repeat=int(record.get("repeat") or 0), tuning=tuning.get("id"),
+            tuned=tuned,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -240,7 +249,8 @@ class RunConfig:
         args = ["python", "-m", "benchmark", "run", "--methods", self.method, "--dataset", self.cohort,
                 "--backbone", self.backbone, "--folds", str(self.fold), "--seed", str(self.seed),
                 "--recipe", self.recipe, "--selection", self.selection]
-        tuned_recipe, tuned_options = _tuned_parts(self.tuned)
+        args += ["--repeat", str(self.repeat)] if self.repeat else []
+        tuned_recipe = _tuned_parts(self.tuned)[0]
         args += [f"--set={k}={_format_value(v)}" for k, v in sorted({**dict(self.overrides), **tuned_recipe}.items())]
         args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in sorted(self.options.items())]
         defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed"}
@@ -269,7 +279,7 @@ def hashed_config(config: Mapping[str, Any]) -> str:
 #: Experiment-file keys and the type each must have.
 EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "methods": (str, list), "datasets": (str, list), "backbones": (str, list), "folds": (str, list, int),
-    "seeds": (list, int), "recipe": str, "set": dict, "method_options": dict, "selection": str, "unit": str,
+    "seeds": (str, list, int), "repeats": int, "repeat": (str, list, int), "recipe": str, "set": dict, "method_options": dict, "selection": str, "unit": str,
     "bin_rule": str, "n_bins": int, "data_root": str, "signal": str, "results": str, "jobs": int,
     "device": str, "save_weights": bool, "plugins": list, "tune": dict,
 }
@@ -288,6 +298,7 @@ class Experiment:
     backbones: tuple[str, ...] = ("resnet50",)
     folds: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = (0,)
+    repeats: tuple[int, ...] = (0,)
     recipe: str = "demo"
     overrides: Mapping[str, Any] = field(default_factory=dict)
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -309,15 +320,17 @@ class Experiment:
         return {**dict(self.method_options.get("*", {})), **dict(self.method_options.get(method, {}))}
 
     def configs(self, n_folds: int) -> list[RunConfig]:
-        """Every cell, ordered cohort -> backbone -> method -> seed -> fold (consecutive cells share a cohort)."""
+        """Every cell, ordered cohort -> backbone -> method -> repeat -> seed -> fold (consecutive cells share a
+        cohort)."""
         folds = self.folds if self.folds is not None else tuple(range(n_folds))
         bad = [k for k in folds if k >= n_folds]
         if bad:
             raise ValueError(f"--folds: the cohorts have only {n_folds} folds (0-{n_folds - 1}); got {bad}")
         return [
             RunConfig(m, c, b, k, s, self.recipe, dict(self.overrides), self.options_for(m), self.selection,
-                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal)
-            for c in self.cohorts for b in self.backbones for m in self.methods for s in self.seeds for k in folds
+                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal, r)
+            for c in self.cohorts for b in self.backbones for m in self.methods for r in self.repeats
+            for s in self.seeds for k in folds
         ]
 
     def check(self) -> None:

@@ -4,7 +4,7 @@ overridden from the command line (``--set lr=3e-4 epochs=4``).
 - ``paper``: the CrossFusion paper's shared hyper-parameters (Adam lr 1e-4, weight decay 4e-6, batch 1 with
   32-step gradient accumulation, alpha 0.2, a 5-epoch linear warm-up then cosine decay). The official code
   trains up to 100 epochs with early stopping *on the reported fold* and calls its 5 "warm-up" epochs a
-  no-save period (``crossfusion.md`` §3.1); the paper states neither a fixed budget nor a schedule, so this
+  no-save period; the paper states neither a fixed budget nor a schedule, so this
   recipe fixes 20 epochs (the Mahmood budget) with a real LR warm-up, which makes ``last`` meaningful.
 - ``mahmood``: the MCAT / Patch-GCN defaults (Adam lr 2e-4, weight decay 1e-5, 20 epochs, alpha 0,
   constant LR, last epoch), without their gradient leak across epochs.

@@ -4,6 +4,7 @@ exception becomes an ``error`` record and the grid goes on) and prints a summary
 """
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import queue as queue_module
 import time
@@ -19,12 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from benchmark.data.backbones import get_backbone
-from benchmark.data.loader import load_cohort
+from benchmark.data.loader import Fold, load_cohort
+from benchmark.data.splits import repeated_folds, straddling_patients
 from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, ensure_synthetic, synthetic_parameters
 from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
 from benchmark.training.config import RunConfig, hashed_config
 from benchmark.training.metrics import aggregate
-from benchmark.training.registry import create_method, load_builtin_methods, load_plugins
+from benchmark.training.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
 from benchmark.training.trainer import train_fold
 
 #: ``load_cohort(name, data_root=..., backbone=..., unit=...)``; injectable for tests.
@@ -84,13 +86,42 @@ def synthetic_facts(config: RunConfig, data_root: str | None) -> dict[str, Any] 
 
 
 def get_cohort_data(config: RunConfig, loader: CohortLoader | None = None):
-    """The cohort of a cell, cached in this process."""
+    """The cohort of a cell with the folds of its repeat, cached in this process.
+
+    Raises ValueError when a fold puts one patient's samples on both sides (slide-level units), whatever the
+    split files say: such a split leaks.
+    """
     data_root = resolved_data_root(config)
-    key = (config.cohort, config.backbone, data_root, config.unit, id(loader))
+    key = (config.cohort, config.backbone, data_root, config.unit, id(loader), config.repeat)
     if key not in _COHORT_CACHE:
-        _COHORT_CACHE[key] = (loader or load_cohort)(config.cohort, data_root=data_root, backbone=config.backbone,
-                                                     unit=config.unit)
+        base_key = key[:-1] + (0,)
+        if base_key not in _COHORT_CACHE:
+            _COHORT_CACHE[base_key] = (loader or load_cohort)(config.cohort, data_root=data_root,
+                                                              backbone=config.backbone, unit=config.unit)
+        data = _COHORT_CACHE[base_key]
+        if config.repeat:
+            data = with_folds(data, repeated_folds(data.samples, len(data.folds), config.repeat))
+        _check_no_patient_straddles(data)
+        _COHORT_CACHE[key] = data
     return _COHORT_CACHE[key]
+
+
+def with_folds(data, folds: list[tuple[list[str], list[str]]]):
+    """The cohort with other folds (same labels and bag cache)."""
+    other = copy.copy(data)
+    other.folds = [Fold(k, train, val) for k, (train, val) in enumerate(folds)]
+    return other
+
+
+def _check_no_patient_straddles(data) -> None:
+    if "patient_id" not in data.samples.columns:
+        return
+    for fold in data.folds:
+        leaks = straddling_patients(data.samples, fold.train, fold.val)
+        if leaks:
+            source = (getattr(data, "provenance", None) or {}).get("splits", "the split files")
+            raise ValueError(f"{source}: fold {fold.k} puts {len(leaks)} patient(s) in both train and val "
+                             f"(patient leak across slides), e.g. {leaks[:3]}; `benchmark audit` lists them")
 
 
 def expected_config(config: RunConfig, in_dim: int | None = None) -> dict[str, Any]:
@@ -209,6 +240,8 @@ def stale_reason(record: dict, config: RunConfig) -> str | None:
         return f"its configuration could not be checked ({type(exc).__name__}: {exc})"
     if record.get("config_hash") != hashed_config(expected):
         return "finished under another configuration or data version"
+    if get_method_spec(config.method).needs.tissue_types and "tissue_types" not in (record.get("data_sizes") or {}):
+        return "trained before the tissue-type source was chosen and recorded (the synthetic truth was read)"
     return None
 
 

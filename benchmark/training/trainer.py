@@ -2,7 +2,7 @@
 decay, linear warm-up then cosine decay stepped per optimiser step, a class-balanced sampler, seeds, and
 the three model-selection rules (``last``, ``inner``, ``paper-max``).
 
-Differences from the official loops (``baselines.md`` §1.8, ``crossfusion.md`` §3), on purpose:
+Differences from the official loops (Mahmood-lab ``train_loop_survival`` and CrossFusion's ``train.py``), on purpose:
 
 - every epoch ends with an optimiser step on its last, possibly shorter, accumulation window, so no
   gradient leaks into the next epoch;
@@ -380,7 +380,8 @@ def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, device, sele
         extra={"n_train": len(data.train_ids), "n_fit": len(data.fit_ids), "n_inner": len(data.inner_ids),
                "n_val": len(data.val_ids), "draws_per_epoch": opt.n_draws,
                "steps_per_epoch": opt.windows_per_epoch,
-               "optimizer_steps": opt.steps, "device": str(device)},
+               "optimizer_steps": opt.steps, "device": str(device),
+               **({"tissue_types": sorted(model.tissue_types_used)} if getattr(model, "tissue_types_used", None) else {})},
     )
 
 

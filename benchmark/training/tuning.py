@@ -269,7 +269,8 @@ def open_storage(spec: str | None, results_root) -> Any:
 def study_name(config: RunConfig, protocol: str) -> str:
     """One study per outer fold of a cell and protocol (the base configuration's store key included)."""
     c = config.cell
-    return f"{c.method}|{c.cohort}|{c.backbone}|{c.recipe}|{c.selection}|s{c.seed}|fold{c.fold}|{protocol}"
+    repeat = f"|r{config.repeat}" if config.repeat else ""
+    return f"{c.method}|{c.cohort}|{c.backbone}|{c.recipe}|{c.selection}|s{c.seed}{repeat}|fold{c.fold}|{protocol}"
 
 
 def make_pruner(settings: TuningSettings, max_steps: int) -> optuna.pruners.BasePruner:
