@@ -8,6 +8,9 @@ DATASETS ?= all
 JOBS     ?= 2
 # Table 2 method (the paper's is CrossFusion; e.g. `make table2 TABLE2_METHOD=amil` for a fast backbone ranking)
 TABLE2_METHOD ?= crossfusion
+# `make table1 TUNE=1`: tune every method the same way first (docs/TUNING.md), then Table 1 of the tuned cells
+TUNE   ?= 0
+TRIALS ?= 30
 
 .PHONY: install test table1 table2 clean-results help
 
@@ -15,6 +18,7 @@ help:
 	@echo "make install   - create $(VENV) with the pinned CPU stack and install the harness"
 	@echo "make test      - run the test suite"
 	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
+	@echo "                 TUNE=1: tune every method first ($(TRIALS) trials per outer fold) -> $(RESULTS)/table1-tuned.md"
 	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
 
 $(PY):
@@ -30,6 +34,10 @@ test: install
 table1: install
 	$(PY) -m benchmark run --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --jobs $(JOBS) --results $(RESULTS)
 	$(PY) -m benchmark table 1 --results $(RESULTS) --format md --out $(RESULTS)/table1.md
+ifeq ($(TUNE),1)
+	$(PY) -m benchmark tune --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --trials $(TRIALS) --jobs $(JOBS) --results $(RESULTS)
+	$(PY) -m benchmark table 1 --tuned --results $(RESULTS) --format md --out $(RESULTS)/table1-tuned.md
+endif
 
 table2: install
 	$(PY) -m benchmark run --methods $(TABLE2_METHOD) --dataset $(DATASETS) --backbone all --jobs $(JOBS) --results $(RESULTS)

@@ -304,3 +304,45 @@ def test_killed_tune_resumes_to_the_same_choice(tiny_root, tmp_path, capsys):
                      "--results", str(killed), "--storage", str(killed / "s.journal")]) == 0
     assert find_tuned(RunConfig.from_record(records[0]).with_(tuning=None, tuned=()), str(killed / "s.journal"),
                       str(killed)).config.tuned == RunConfig.from_record(records[0]).tuned
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tables and plots
+# ---------------------------------------------------------------------------------------------------------
+def _record(method, fold, c, tuned=None, budget="TPE sampler (seed 0), 10 trials per outer fold"):
+    record = {"method": method, "cohort": "blca", "backbone": "resnet50", "fold": fold, "seed": 0,
+              "recipe": "demo" if tuned is None else "demo+aaaaaa", "selection": "last", "status": "ok",
+              "metrics": {"c_index": c}, "config_hash": f"h{method}{fold}{tuned}", "label": "demo", "n_folds": 2}
+    if tuned is not None:
+        record["config"] = {"tuning": {"id": tuned, "params": {"lr": 1e-4 * (fold + 1)}}}
+        record["tuning"] = {"budget": budget}
+        record["label"] = f"demo, tuned {tuned}"
+    return record
+
+
+def test_tables_never_rank_tuned_and_untuned_cells_of_one_method_together():
+    from benchmark.analysis.tables import render, table1
+
+    records = [_record("amil", k, 0.60) for k in (0, 1)] + [_record("amil", k, 0.70, "10t-s0-a") for k in (0, 1)]
+    records += [_record("dsmil", k, 0.65) for k in (0, 1)] + [_record("random", k, 0.5) for k in (0, 1)]
+    default = table1(records)
+    assert default.rows == ["amil", "dsmil", "random"] and default.value("amil", "blca") == pytest.approx(0.60)
+    assert any("2 tuned fold record(s) not shown" in n for n in default.notes)
+    tuned = table1(records, tuned=True)
+    assert tuned.rows == ["amil ‡", "dsmil", "random"] and tuned.value("amil ‡", "blca") == pytest.approx(0.70)
+    assert not tuned.cells[("amil ‡", "blca")].mixed_configs  # one protocol, a setting per fold
+    md = render(tuned, "md")
+    assert "10 trials per outer fold" in md and "Rows without ‡ run the recipe's defaults (not tuned): dsmil, random" in md
+    other_budget = records + [_record("dsmil", k, 0.66, "20t-s0-b", budget="20 trials") for k in (0, 1)]
+    assert "DIFFERENT budgets" in render(table1(other_budget, tuned=True), "md")
+
+
+def test_plot_tuning_draws_history_and_importances(tmp_path):
+    from benchmark.analysis.plots import plot_tuning
+
+    cohort = ToyCohort(n=48, n_folds=3)
+    study = run_study(toy_task(tmp_path, cohort, TuningSettings(trials=4, inner_folds=1, pruner="none")),
+                      loader=loader_of(cohort))
+    paths = plot_tuning(study, tmp_path / "fig" / "amil")
+    assert sorted(p.name for p in paths) == ["amil_history.pdf", "amil_history.png", "amil_importances.pdf",
+                                            "amil_importances.png"]
