@@ -221,6 +221,18 @@ def test_resume_redoes_a_running_trial_with_its_setting(tmp_path):
     assert resumed.best_trial.params == clean.best_trial.params
 
 
+def test_time_budget_counts_the_seconds_spent_in_trials(tmp_path):
+    from benchmark.training.tuning import study_done, trials_spent_seconds
+
+    cohort = ToyCohort(n=48, n_folds=3)
+    settings = TuningSettings(budget="time", timeout_per_method=1.5, inner_folds=1)  # 0.5 s per outer fold
+    task = toy_task(tmp_path, cohort, settings)
+    study = run_study(task, loader=loader_of(cohort))
+    assert study.trials and trials_spent_seconds(study) >= 0.5 and study_done(study, settings, 3)
+    assert len(run_study(task, loader=loader_of(cohort)).trials) == len(study.trials)  # spent: nothing reruns
+    assert task.protocol.startswith("1.5s-s0-")
+
+
 def test_trainer_reports_the_validation_c_index_each_epoch_without_selecting_on_it():
     cohort = ToyCohort(n=40, n_folds=2)
     seen = []

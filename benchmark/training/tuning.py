@@ -432,15 +432,15 @@ def optimize(task: StudyTask, worker: int = 0, log: Callable[[str], None] | None
 
     storage = open_storage(task.storage, task.results)
     study = open_study(task.name, storage, task.settings, task.max_steps, worker)
-    _, seconds_left = budget_left(study, task.settings, task.n_outer_folds)
     if study_done(study, task.settings, task.n_outer_folds):
         return
     cohort = get_cohort_data(task.config, loader)
     recipe = task.config.resolved_recipe()
     view = InnerCohort(cohort, task.config.fold, task.settings.inner_folds, task.config.seed, recipe.inner_fraction)
     objective = make_objective(view, task.config, task.space, task.settings.pruner != "none", task.device)
-    study.optimize(objective, timeout=seconds_left, callbacks=_budget_callbacks(task, worker, log),
-                   catch=(Exception,), gc_after_trial=True)
+    # No ``timeout``: a time budget counts the seconds spent in trials (what a resumed run can add up from the
+    # storage), checked after every trial by the budget callback.
+    study.optimize(objective, callbacks=_budget_callbacks(task, worker, log), catch=(Exception,), gc_after_trial=True)
 
 
 def prepare_study(task: StudyTask) -> tuple[optuna.Study, list[int]]:
