@@ -359,6 +359,9 @@ def read_experiment_file(path: str | Path) -> dict[str, Any]:
         lr = 3e-4
         [method_options.amil]
         dropout = 0.1
+
+    A ``[tune]`` table holds the options of ``benchmark tune`` and its ``[tune.space.<method>]`` search-space
+    overrides (read by ``benchmark/commands/tune.py``, docs/TUNING.md).
     """
     path = Path(path)
     try:
