@@ -11,6 +11,9 @@ TABLE2_METHOD ?= crossfusion
 # Null calibration: methods run on --signal none data (every method equally good), one store per data seed
 CALIBRATION_METHODS ?= amil,dsmil,transmil,random
 CALIBRATION_RESULTS ?= results/calibration
+# `make table1 TUNE=1`: tune every method the same way first (docs/TUNING.md), then Table 1 of the tuned cells
+TUNE   ?= 0
+TRIALS ?= 30
 
 .PHONY: install test test-ray gpu-check table1 table2 calibration clean-results help
 
@@ -20,6 +23,7 @@ help:
 	@echo "make test-ray  - install the Ray extra (requirements-ray.lock) and run the Ray executor tests"
 	@echo "make gpu-check - one training step of every method on CUDA, fp32 and bf16 (skips without CUDA)"
 	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
+	@echo "                 TUNE=1: tune every method first ($(TRIALS) trials per outer fold) -> $(RESULTS)/table1-tuned.md"
 	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
 	@echo "make calibration - methods on --signal none data; prints how often --significance marks a row vs alpha"
 
@@ -45,6 +49,10 @@ gpu-check: install
 table1: install
 	$(PY) -m benchmark run --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --jobs $(JOBS) --results $(RESULTS)
 	$(PY) -m benchmark table 1 --results $(RESULTS) --format md --out $(RESULTS)/table1.md
+ifeq ($(TUNE),1)
+	$(PY) -m benchmark tune --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --trials $(TRIALS) --jobs $(JOBS) --results $(RESULTS)
+	$(PY) -m benchmark table 1 --tuned --results $(RESULTS) --format md --out $(RESULTS)/table1-tuned.md
+endif
 
 table2: install
 	$(PY) -m benchmark run --methods $(TABLE2_METHOD) --dataset $(DATASETS) --backbone all --jobs $(JOBS) --results $(RESULTS)

@@ -10,9 +10,16 @@ from benchmark.training.registry import register_method
 from methods._attention import GatedAttention
 
 
+#: Tuned besides the shared space (``benchmark/training/search_spaces.py``): the attention / ``rho`` width of
+#: MCAT's ``size_arg`` "small" (256) and "big" (384), and the embedding width (512 in both; 256 for small
+#: features).
+SEARCH_SPACE = {"attention_dim": {"choices": [256, 384]}, "hidden": {"choices": [256, 512]}}
+
+
 @register_method(
     "amil",
     needs=Needs(magnifications=(20,)),
+    search_space=SEARCH_SPACE,
     source="Ilse et al., ICML 2018; survival form of mahmoodlab/MCAT and mahmoodlab/Patch-GCN models/model_set_mil.py",
 )
 class AMIL(nn.Module):

@@ -348,19 +348,28 @@ class CrossFusionSingle(_CrossFusionBase):
 _NEEDS_MULTI = Needs(magnifications=(5, 10, 20))
 
 
-@register_method("crossfusion", needs=_NEEDS_MULTI, source=_SOURCE + " (models/CrossFusion.py)")
+#: Tuned besides the shared space (whose ``dropout`` is the FFN / Conv Processor dropout, 0.3 official): the
+#: depth of each Pad-Transformer block (``num_attn_layers`` 1), the heads (4, head dim 128) and the
+#: self-attention dropout (0.2) of ``train.sh``.
+SEARCH_SPACE = {"num_layers": {"low": 1, "high": 2}, "num_heads": {"choices": [2, 4, 8]},
+                "attn_dropout": {"low": 0.0, "high": 0.3}}
+
+
+@register_method("crossfusion", needs=_NEEDS_MULTI, search_space=SEARCH_SPACE,
+                 source=_SOURCE + " (models/CrossFusion.py)")
 def crossfusion(in_dim: int, n_bins: int = 4, **options) -> CrossFusion:
     """CrossFusion with the Conv Processor (see :class:`CrossFusion`)."""
     return CrossFusion(in_dim, n_bins, fusion="conv", **options)
 
 
-@register_method("crossfusion_wo_cp", needs=_NEEDS_MULTI, source=_SOURCE + " (models/CrossFusionConcat.py)")
+@register_method("crossfusion_wo_cp", needs=_NEEDS_MULTI, search_space=SEARCH_SPACE,
+                 source=_SOURCE + " (models/CrossFusionConcat.py)")
 def crossfusion_wo_cp(in_dim: int, n_bins: int = 4, **options) -> CrossFusion:
     """Ablation w/o CP: concatenation + ``Linear(3D -> D) + LN`` instead of the Conv Processor."""
     return CrossFusion(in_dim, n_bins, fusion="concat", **options)
 
 
-@register_method("crossfusion_wo_fc", needs=Needs(magnifications=(20,)),
+@register_method("crossfusion_wo_fc", needs=Needs(magnifications=(20,)), search_space=SEARCH_SPACE,
                  source=_SOURCE + " (models/CrossFusionSingle.py)")
 def crossfusion_wo_fc(in_dim: int, n_bins: int = 4, **options) -> CrossFusionSingle:
     """Ablation w/o F&C: 20x only, no cross-attention (see :class:`CrossFusionSingle`)."""

@@ -28,9 +28,15 @@ def _gin_mlp(in_dim: int, hidden_dim: int) -> nn.Sequential:
 NEEDS = Needs(magnifications=(20,), graph=("latent",))
 
 
+#: Tuned besides the shared space: the GIN width (256 official) and the input-feature dropout ``resample`` (the
+#: released run used ``resample > 0``, value unknown).
+SEARCH_SPACE = {"hidden_dim": {"choices": [128, 256]}, "resample": {"low": 0.0, "high": 0.5}}
+
+
 @register_method(
     "deepgraphsurv",
     needs=NEEDS,
+    search_space=SEARCH_SPACE,
     source=(
         "Li et al. MICCAI 2018 (DeepGraphSurv), as re-implemented by Chen et al. MICCAI 2021; "
         "github.com/mahmoodlab/Patch-GCN (models/model_graph_mil.py, DeepGraphConv_Surv)"

@@ -28,9 +28,16 @@ def _orthogonal_init(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+#: Tuned besides the shared space: the official switches ``--non_linearity`` (query net) and ``passing_v``
+#: (value net). The model has no dropout at the official defaults (``dropout_patch 0``, ``dropout_node 0``), so
+#: the shared ``dropout`` entry is left out.
+SEARCH_SPACE = {"dropout": None, "nonlinear": {"choices": [True, False]}, "passing_v": {"choices": [False, True]}}
+
+
 @register_method(
     "dsmil",
     needs=Needs(magnifications=(20,)),
+    search_space=SEARCH_SPACE,
     source="Li et al. CVPR 2021; github.com/binli123/dsmil-wsi (dsmil.py, train_tcga.py)",
 )
 class DSMIL(nn.Module):

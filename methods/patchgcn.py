@@ -28,9 +28,16 @@ from methods._inputs import graph_inputs
 NEEDS = Needs(magnifications=(20,), coords=True, graph=("spatial",))
 
 
+#: Tuned besides the shared space: the block width (128 official) and the ``DeepGCNLayer`` dropout (0.1 in the
+#: official PyG, 0 here by default). The depth is not searched (the official widths hard-code three GENConv
+#: layers) and neither is the graph's k (a data need of the method, not a constructor option).
+SEARCH_SPACE = {"hidden_dim": {"choices": [64, 128, 256]}, "block_dropout": {"low": 0.0, "high": 0.3}}
+
+
 @register_method(
     "patchgcn",
     needs=NEEDS,
+    search_space=SEARCH_SPACE,
     source="Chen et al. MICCAI 2021; github.com/mahmoodlab/Patch-GCN (models/model_graph_mil.py, PatchGCN_Surv)",
 )
 class PatchGCN(nn.Module):

@@ -372,14 +372,20 @@ class ProtoSurv(nn.Module):
         return SurvivalOutput.from_logits(out.unsqueeze(0), attention=maps, aux_loss=aux_loss)
 
 
-@register_method("protosurv", needs=_NEEDS, source=_SOURCE)
+#: Tuned besides the shared space: prototypes per tissue type (``num_proto`` 8 official) and the fusion depth
+#: (``fusion_layer_to_p`` 4 official).
+SEARCH_SPACE = {"n_prototypes": {"choices": [4, 8, 16]}, "fusion_layers": {"low": 1, "high": 4}}
+
+
+@register_method("protosurv", needs=_NEEDS, search_space=SEARCH_SPACE, source=_SOURCE)
 def protosurv(in_dim: int, n_bins: int = 4, **options) -> ProtoSurv:
     """ProtoSurv with the shared discrete-time NLL head (see :class:`ProtoSurv`)."""
     return ProtoSurv(in_dim, n_bins, head="nll", **options)
 
 
 # Kept out of ``--methods all`` so Table 1 has one ProtoSurv row (the NLL head); run it by name.
-@register_method("protosurv_cox", needs=_NEEDS, source=_SOURCE + " (official Cox head)", loss="cox", in_all=False)
+@register_method("protosurv_cox", needs=_NEEDS, source=_SOURCE + " (official Cox head)", loss="cox", in_all=False,
+                 search_space=SEARCH_SPACE)
 def protosurv_cox(in_dim: int, n_bins: int = 4, **options) -> ProtoSurv:
     """ProtoSurv with the official Cox head (log-risk; windowed Cox loss in the trainer). ``n_bins`` is unused."""
     return ProtoSurv(in_dim, n_bins, head="cox", **options)

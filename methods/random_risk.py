@@ -11,7 +11,8 @@ from benchmark.training.output import SurvivalOutput
 from benchmark.training.registry import register_method
 
 
-@register_method("random", needs=Needs(magnifications=(20,)), source="harness baseline (no paper): chance level")
+@register_method("random", needs=Needs(magnifications=(20,)), search_space=False,  # no trainable parameter
+                 source="harness baseline (no paper): chance level")
 class RandomRisk(nn.Module):
     """Chance-level baseline: logits drawn from seeded Gaussian noise, so ``risk = -sum(S)`` is noise.
 

@@ -304,9 +304,15 @@ class GatedAttentionPool(nn.Module):
         return weights @ h, weights
 
 
+#: Tuned besides the shared space: the cluster size (the cluster count is ``kept patches // cluster_size``; 64
+#: in ``luad_scmil.yaml``) and the feature weight of the k-means distance (0.8; 1 = features only).
+SEARCH_SPACE = {"cluster_size": {"choices": [32, 64, 128]}, "feature_weight": {"low": 0.5, "high": 1.0}}
+
+
 @register_method(
     "scmil",
     needs=Needs(magnifications=(20,), coords=True),
+    search_space=SEARCH_SPACE,
     source="Yang et al. MICCAI 2024 (arXiv 2407.00664); github.com/yang-ze-kang/SCMIL models/SCMIL.py",
 )
 class SCMIL(nn.Module):

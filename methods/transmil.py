@@ -65,14 +65,15 @@ class TransLayer(nn.Module):
     ``nystrom_impl``: "fast" (:func:`nystrom_forward`) or "package" (the package's forward, the reference).
     """
 
-    def __init__(self, dim: int = 512, dropout: float = 0.1, nystrom_impl: str = "fast") -> None:
+    def __init__(self, dim: int = 512, dropout: float = 0.1, nystrom_impl: str = "fast",
+                 num_landmarks: int | None = None) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = NystromAttention(
             dim=dim,
             dim_head=dim // 8,
             heads=8,
-            num_landmarks=dim // 2,
+            num_landmarks=num_landmarks or dim // 2,
             pinv_iterations=6,
             residual=True,
             residual_conv_kernel=33,
@@ -113,9 +114,16 @@ class PPEG(nn.Module):
         return torch.cat((cls_token, grid.flatten(2).transpose(1, 2)), dim=1)
 
 
+#: Tuned besides the shared space (whose ``dropout`` is the Nystrom output dropout, 0.1 official): the
+#: Nystrom landmarks (256 = dim // 2 official; HVTSurv's patient-level TransMIL uses 64) and the width (512
+#: official, 128 in HVTSurv).
+SEARCH_SPACE = {"num_landmarks": {"choices": [64, 128, 256]}, "dim": {"choices": [128, 256, 512]}}
+
+
 @register_method(
     "transmil",
     needs=Needs(magnifications=(20,)),
+    search_space=SEARCH_SPACE,
     source="Shao et al. NeurIPS 2021; github.com/szc19990412/TransMIL (models/TransMIL.py)",
 )
 class TransMIL(nn.Module):
@@ -148,6 +156,8 @@ class TransMIL(nn.Module):
         of at most 256 tokens (the ``q, k, v`` projection on real rows only; one similarity matrix instead of
         three); larger bags run the package's forward. "package": ``NystromAttention.forward``, the reference.
         Outputs agree to about 1e-6.
+    num_landmarks : int, optional
+        Nystrom landmarks of both layers (default ``dim // 2``: 256 official).
 
     Notes
     -----
@@ -171,7 +181,7 @@ class TransMIL(nn.Module):
     """
 
     def __init__(self, in_dim: int, n_bins: int = 4, dim: int = 512, dropout: float = 0.1,
-                 nystrom_impl: str = "fast") -> None:
+                 nystrom_impl: str = "fast", num_landmarks: int | None = None) -> None:
         super().__init__()
         if nystrom_impl not in NYSTROM_IMPLS:
             raise ValueError(f"methods/transmil.py: nystrom_impl must be one of {NYSTROM_IMPLS}, got {nystrom_impl!r}")
@@ -184,9 +194,11 @@ class TransMIL(nn.Module):
         self.n_bins = n_bins
         self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1 = TransLayer(dim=dim, dropout=dropout, nystrom_impl=nystrom_impl)
+        self.layer1 = TransLayer(dim=dim, dropout=dropout, nystrom_impl=nystrom_impl,
+                                 num_landmarks=num_landmarks)
         self.pos_layer = PPEG(dim=dim)
-        self.layer2 = TransLayer(dim=dim, dropout=dropout, nystrom_impl=nystrom_impl)
+        self.layer2 = TransLayer(dim=dim, dropout=dropout, nystrom_impl=nystrom_impl,
+                                 num_landmarks=num_landmarks)
         self.norm = nn.LayerNorm(dim)
         self.fc2 = nn.Linear(dim, n_bins)
 

@@ -626,3 +626,31 @@ def _draw_heatmaps(result: HeatmapResult, stem: Path) -> list[Path]:
                  fontsize=11)
     fig.tight_layout()
     return _save(fig, stem)
+
+
+# -------------------------------------------------------------------------------------------------------
+# tuning (``plot tuning``)
+# -------------------------------------------------------------------------------------------------------
+def plot_tuning(study, stem: Path) -> list[Path]:
+    """Optimisation history (inner C-index per trial, best so far) and parameter importances (fANOVA) of one
+    study, side by side, with Optuna's matplotlib visualisation; PNG + PDF at ``stem``.
+
+    The importances need at least two complete trials; with fewer, that panel says so.
+    """
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # the matplotlib backend is marked experimental
+        history = optuna_plots.plot_optimization_history(study, target_name="inner C-index")
+        figures = [history.figure]
+        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
+            figures.append(optuna_plots.plot_param_importances(study).figure)
+    paths = []
+    for figure, suffix in zip(figures, ("history", "importances")):
+        figure.suptitle(study.study_name, fontsize=8)
+        paths += _save(figure, stem.with_name(f"{stem.name}_{suffix}"))
+    return paths

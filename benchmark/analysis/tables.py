@@ -79,8 +79,9 @@ class TableCell:
 
     @property
     def mixed_configs(self) -> bool:
-        """Folds run under different configurations (recipe fields, method options, data version)."""
-        return len({r.get("config_hash") for r in self.records if r.get("config_hash")}) > 1
+        """Folds run under different configurations (recipe fields, method options, data version). The folds of
+        a tuned cell each run their own chosen setting under one tuning protocol: that is one configuration."""
+        return len({tuning_id(r) or r.get("config_hash") for r in self.records if r.get("config_hash")}) > 1
 
 
 @dataclass
@@ -133,6 +134,60 @@ class ResultTable:
 
 #: Marks a cell whose folds were run under different configurations (never averaged silently).
 MIXED_MARK = " §"
+#: Marks a tuned row (``benchmark tune``); the footer states the tuning budget.
+TUNED_MARK = "‡"
+
+
+def tuning_id(record: Mapping) -> str | None:
+    """The tuning protocol of a tuned record (``benchmark.training.tuning``), None for an untuned one."""
+    return ((record.get("config") or {}).get("tuning") or {}).get("id")
+
+
+def tuned_or_default(records: list[dict], tuned: bool, row_key: str) -> tuple[list[dict], list[str]]:
+    """Keep, for each row (a method in Table 1, a backbone in Table 2), either its tuned or its untuned records,
+    never both, so a tuned and an untuned cell of one method are never ranked together.
+
+    ``tuned=False``: the untuned records (a note counts the tuned ones left out). ``tuned=True``: the tuned
+    records of every row that has some, the untuned ones of the others; notes state the budget.
+    """
+    if not tuned:
+        kept = [r for r in records if not tuning_id(r)]
+        left_out = len(records) - len(kept)
+        if records and not kept:
+            raise ValueError("these results hold only tuned cells: show them with `table --tuned`")
+        return kept, ([f"{left_out} tuned fold record(s) not shown (`table --tuned` shows the tuned rows)."]
+                      if left_out else [])
+    tuned_rows = {str(r[row_key]) for r in records if tuning_id(r)}
+    if not tuned_rows:
+        raise ValueError("no tuned records among these results: run `python -m benchmark tune` first")
+    kept = [r for r in records if bool(tuning_id(r)) == (str(r[row_key]) in tuned_rows)]
+    return kept, _tuning_notes(kept, row_key)
+
+
+def _tuning_notes(records: list[dict], row_key: str) -> list[str]:
+    """The tuning budget of the tuned rows (one line when they share it), and which rows were not tuned."""
+    budgets: dict[str, set[str]] = {}
+    for r in records:
+        if tuning_id(r):
+            budget = (r.get("tuning") or {}).get("budget") or "budget not recorded"
+            budgets.setdefault(budget, set()).add(str(r[row_key]))
+    if len(budgets) == 1:
+        notes = [f"{TUNED_MARK} tuned, every tuned row with the same budget: {next(iter(budgets))}. Each outer fold's "
+                 "best inner setting was retrained on its whole training fold and evaluated once on its validation "
+                 "fold; chosen settings and trial histories are in each record (`tuning`)."]
+    else:
+        notes = [f"{TUNED_MARK} tuned under DIFFERENT budgets (not an equal-budget comparison): "
+                 + "; ".join(f"{', '.join(sorted(rows))}: {b}" for b, rows in sorted(budgets.items()))]
+    untuned = sorted({str(r[row_key]) for r in records if not tuning_id(r)})
+    if untuned:
+        notes.append(f"Rows without {TUNED_MARK} run the recipe's defaults (not tuned): {', '.join(untuned)}.")
+    return notes
+
+
+def _mark_tuned_rows(records: list[dict]) -> None:
+    for r in records:
+        if tuning_id(r) and not r["_row"].endswith(TUNED_MARK):
+            r["_row"] = f"{r['_row']} {TUNED_MARK}"
 
 
 def _choose_one(records: list[dict], key: str, wanted: str | None, what: str) -> str:
@@ -327,28 +382,32 @@ def table1(
     significance: SignificanceHook | None = None,
     marker: str = "*",
     ci: float | None = None,
+    tuned: bool = False,
 ) -> ResultTable:
-    """Table 1: rows = methods, columns = cohorts, for one backbone / recipe / selection."""
+    """Table 1: rows = methods, columns = cohorts, for one backbone / recipe / selection; ``tuned``: each
+    method's tuned cells where it has some (see :func:`tuned_or_default`)."""
     recs = [r for r in records if seed is None or int(r["seed"]) == seed]
     if backbone is None:
         backbones = {str(r["backbone"]) for r in recs}
         backbone = "resnet50" if "resnet50" in backbones or not backbones else _choose_one(recs, "backbone", None, "backbone")
     recs = [r for r in recs if str(r["backbone"]) == backbone]
     recs, stale_note = newest_data_records(recs)
+    recs, tuning_notes = tuned_or_default(recs, tuned, "method")
     recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
     if not recs:
         raise ValueError(f"no records for backbone {backbone}, recipe {recipe}, selection {selection}")
     recs, config_notes = label_rows(recs, "method")
+    _mark_tuned_rows(recs)
     rows, columns = _method_rows(recs), _cohort_columns(recs)
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
         title=f"Table 1. {METRIC_NAMES[metric]}{mark} ({_spread_words(ci)}), backbone {backbone}, "
-              f"recipe {recipe}, selection {selection}",
+              f"recipe {recipe}, selection {selection}" + (f", {TUNED_MARK} tuned rows" if tuned else ""),
         row_header="Method" + mark, rows=rows, columns=columns,
         cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
         selection=selection, ci=ci,
     )
-    table.notes += ([stale_note] if stale_note else []) + config_notes
+    table.notes += ([stale_note] if stale_note else []) + tuning_notes + config_notes
     return _finish(table, significance, marker)
 
 
@@ -363,27 +422,31 @@ def table2(
     significance: SignificanceHook | None = None,
     marker: str = "*",
     ci: float | None = None,
+    tuned: bool = False,
 ) -> ResultTable:
-    """Table 2: rows = backbones, columns = cohorts + Mean, for one method / recipe / selection."""
+    """Table 2: rows = backbones, columns = cohorts + Mean, for one method / recipe / selection; ``tuned``: the
+    tuned cells of each backbone that has some."""
     recs = [r for r in records if str(r["method"]) == method.lower() and (seed is None or int(r["seed"]) == seed)]
     if not recs:
         raise ValueError(f"no records for method {method!r}")
     recs, stale_note = newest_data_records(recs)
+    recs, tuning_notes = tuned_or_default(recs, tuned, "backbone")
     recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
     recs, config_notes = label_rows(recs, "backbone")
+    _mark_tuned_rows(recs)
     rows = [row for b in backbones for row in (sorted({r["_row"] for r in recs if r["backbone"] == b}) or [b])]
     rows += sorted({r["_row"] for r in recs if r["backbone"] not in backbones})
     columns = _cohort_columns(recs)
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
         title=f"Table 2. {METRIC_NAMES[metric]}{mark} of {method} per backbone ({_spread_words(ci)}), "
-              f"recipe {recipe}, selection {selection}",
+              f"recipe {recipe}, selection {selection}" + (f", {TUNED_MARK} tuned rows" if tuned else ""),
         row_header="Backbone" + mark, rows=rows, columns=columns,
         cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
         selection=selection, mean_column=True, ci=ci,
     )
     table.notes.append("Mean: mean of the cohort means, shown only when every cohort is present.")
-    table.notes += ([stale_note] if stale_note else []) + config_notes
+    table.notes += ([stale_note] if stale_note else []) + tuning_notes + config_notes
     return _finish(table, significance, marker)
 
 

@@ -1,4 +1,5 @@
-"""``python -m benchmark plot km|heatmap``: the paper's Figure 2 (Kaplan-Meier) and Figure 3 (attention heatmaps)."""
+"""``python -m benchmark plot km|heatmap|tuning``: the paper's Figure 2 (Kaplan-Meier), Figure 3 (attention heatmaps) and
+the tuning studies (optimisation history, parameter importances)."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,20 @@ def register(subparsers) -> None:
                     help="fold whose model to use (default: the fold that validated this slide)")
     hm.add_argument("--retrain", action="store_true", help="re-train the fold if its weights were not saved")
     hm.set_defaults(func=run_heatmap)
+
+    tune = sub.add_parser(
+        "tuning",
+        help="optimisation history and parameter importances of the tuning studies (PNG + PDF)",
+        description="One figure pair per outer fold tuned by `benchmark tune`: the inner C-index of every trial "
+                    "with the best so far, and the fANOVA importance of each hyper-parameter (Optuna's matplotlib "
+                    "visualisation).",
+    )
+    tune.add_argument("--results", required=True, help="result-store root (the default storage is under it)")
+    tune.add_argument("--storage", default=None, help="journal file or RDB URL (default <results>/tuning/optuna.journal)")
+    tune.add_argument("--method", default=None, help="only this method's studies")
+    tune.add_argument("--dataset", default=None, help="only this cohort's studies")
+    tune.add_argument("--out", default=None, help="output folder (default <results>/figures/tuning)")
+    tune.set_defaults(func=run_tuning)
 
 
 def _write_json(path: str | None, data) -> None:
@@ -152,4 +167,26 @@ def run_heatmap(args: argparse.Namespace) -> int:
         print(f"wrote {f}")
     _write_json(args.json, {"method": res.method, "cohort": res.cohort, "fold": res.fold, "slide": res.slide_id,
                             "sample": res.sample_id, "overlap": res.overlap, "files": [str(f) for f in res.files]})
+    return 0
+
+
+def run_tuning(args: argparse.Namespace) -> int:
+    import optuna
+
+    from benchmark.analysis.plots import plot_tuning
+    from benchmark.training.tuning import open_storage
+
+    storage = open_storage(args.storage, args.results)
+    names = [n for n in optuna.get_all_study_names(storage)
+             if (args.method is None or n.split("|")[0] == args.method.lower())
+             and (args.dataset is None or n.split("|")[1] == args.dataset.lower())]
+    if not names:
+        raise FileNotFoundError(f"no tuning study matches in {args.storage or Path(args.results) / 'tuning'}; "
+                                "run `python -m benchmark tune` first")
+    out = Path(args.out) if args.out else Path(args.results) / "figures" / "tuning"
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        stem = out / name.replace("|", "_").replace("/", "-")
+        for path in plot_tuning(study, stem):
+            print(f"wrote {path}")
     return 0

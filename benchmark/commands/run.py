@@ -39,6 +39,19 @@ def register(subparsers) -> None:
             "come from an experiment file (--config FILE.toml); options given here override it."
         ),
     )
+    add_grid_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="redo finished cells")
+    p.add_argument("--tuned", action="store_true",
+                   help="train each cell with the setting `benchmark tune` chose for its outer fold (docs/TUNING.md)")
+    p.add_argument("--tuning", default=None, metavar="ID",
+                   help="with --tuned: the tuning protocol id, when the storage holds several for a cell")
+    p.add_argument("--storage", default=None, help="with --tuned: the tuning storage (journal file or RDB URL; "
+                                                   "default <results>/tuning/optuna.journal)")
+    p.set_defaults(func=main)
+
+
+def add_grid_arguments(p: argparse.ArgumentParser) -> None:
+    """The grid options shared by ``run`` and ``tune`` (what the cells are and how they are trained)."""
     p.add_argument("--config", default=None, metavar="FILE", help="experiment file (TOML), see docs/CORE.md")
     p.add_argument("--methods", default=None, help="'all' or a comma list of registered methods (default amil)")
     p.add_argument("--dataset", dest="datasets", default=None, help="'all' or a comma list of cohorts (default blca)")
@@ -62,7 +75,6 @@ def register(subparsers) -> None:
                         "stratified patient-level folds drawn with seed r; default 1)")
     p.add_argument("--repeat", default=None, help="only these repeats, e.g. 2 or 1-3 (instead of --repeats)")
     p.add_argument("--results", default=None, help="result store root (default results/synthetic or results/real)")
-    p.add_argument("--overwrite", action="store_true", help="redo finished cells")
     p.add_argument("--jobs", type=int, default=None, help="worker processes, each with one torch thread (default 1)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override recipe fields, e.g. --set lr=3e-4 epochs=4 (repeatable)")
@@ -75,7 +87,6 @@ def register(subparsers) -> None:
                         "slides (CrossFusion's)")
     p.add_argument("--n-bins", type=int, default=None, help="discrete-time bins (default 4)")
     _add_execution_options(p)
-    p.set_defaults(func=main)
 
 
 def _data_source_options(p: argparse.ArgumentParser) -> None:
@@ -401,6 +412,10 @@ def main(args: argparse.Namespace) -> int:
         store.prepare("--results" if experiment.results else "results folder")
     grid = _checked_grid(console, experiment)
     configs = shard_of(grid, experiment.shard)
+    if args.tuned:
+        from benchmark.commands.tune import retrain_tuned
+
+        return retrain_tuned(configs, experiment, results, args.storage, args.tuning, args.overwrite, console)
     _print_header(console, experiment, grid, configs, results)
     if args.dry_run:
         print_dry_run(console, configs, store, args.overwrite, experiment.jobs if experiment.executor == "local" else 1)

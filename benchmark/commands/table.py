@@ -24,6 +24,9 @@ def register(subparsers) -> None:
                    help="recipe name, or one configuration's folder key (needed when the store holds several)")
     p.add_argument("--selection", default=None, help="selection rule (needed when the store holds several)")
     p.add_argument("--seed", type=int, default=None, help="one seed (default: average the seeds per fold)")
+    p.add_argument("--tuned", action="store_true",
+                   help="show each method's tuned cells (`benchmark tune`, marked ‡, budget in the footer) where it "
+                        "has some; without it tuned cells are left out")
     p.add_argument("--metric", default="c_index", choices=("c_index", "c_index_uno", "mean_auc", "ibs"))
     p.add_argument("--significance", action="store_true",
                    help="mark rows by a family of paired tests declared up front, Holm-adjusted per column "
@@ -68,10 +71,10 @@ def main(args: argparse.Namespace) -> int:
     ci = 0.95 if args.ci else None
     if args.number == "1":
         table = table1(records, recipe=args.recipe, selection=args.selection, backbone=args.backbone, seed=args.seed,
-                       metric=args.metric, significance=hook, ci=ci)
+                       metric=args.metric, significance=hook, ci=ci, tuned=args.tuned)
     else:
         table = table2(records, method=args.method, recipe=args.recipe, selection=args.selection, seed=args.seed,
-                       metric=args.metric, significance=hook, ci=ci)
+                       metric=args.metric, significance=hook, ci=ci, tuned=args.tuned)
     table.notes += list(results.notes)
     text = render(table, args.format)
     if args.out:

@@ -36,7 +36,7 @@ BIN_RULES = ("train", "cohort", "cohort-slides")
 DEFAULT_N_BINS = 4
 #: Record keys of ``config`` that describe how the settings were spelled, not what they resolve to: they are
 #: left out of ``config_hash``, so the same resolved configuration always has the same hash.
-UNHASHED_KEYS = ("overrides", "signal", "registry")
+UNHASHED_KEYS = ("overrides", "signal", "registry", "tuning")
 SYNTHETIC_SIGNALS = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
 #: ``--layout`` values (``benchmark.data.features.LAYOUTS`` and ``auto``) and ``--missing-features`` values
 #: (``benchmark.data.loader.MISSING_FEATURES``), spelled out so the CLI needs no data modules (tested equal).
@@ -156,6 +156,12 @@ class RunConfig:
     registry : tuple of str
         Registry files (cohorts, backbones) the cell's names come from (``--registry``,
         ``$MIL_BENCHMARK_REGISTRY``); read again when the cell is rebuilt from its record.
+    tuning : str or None
+        Id of the tuning protocol that chose ``tuned`` (``benchmark.training.tuning``); None for an untuned cell.
+    tuned : tuple of (name, value)
+        The setting the tuner chose for this outer fold: recipe fields and constructor options, applied over
+        ``overrides`` and ``method_options``. The label and the store folder name only the protocol, so the
+        folds of one tuned cell (each with its own setting) are filed together, apart from the untuned cell.
     """
 
     method: str
@@ -180,6 +186,8 @@ class RunConfig:
     missing_features: str = "error"
     registry: tuple[str, ...] = ()
     precision: str = "fp32"
+    tuning: str | None = None
+    tuned: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -204,6 +212,9 @@ class RunConfig:
         if self.data_root is not None:
             setattr_("data_root", str(self.data_root))
         self._normalise_data_source(setattr_)
+        setattr_("tuned", _frozen_items(self.tuned))
+        if self.tuned and not self.tuning:
+            raise ValueError("a tuned setting needs the id of the tuning protocol that chose it")
 
     def _normalise_data_source(self, setattr_) -> None:
         """Absolute paths, features as sorted (magnification, folder) pairs, checked choices."""
@@ -237,13 +248,13 @@ class RunConfig:
 
     # ---- what the runner and trainer use ------------------------------------------------------------------
     def resolved_recipe(self) -> Recipe:
-        """The named recipe with the overrides applied."""
-        return get_recipe(self.recipe, dict(self.overrides))
+        """The named recipe with the overrides (and the tuned recipe fields) applied."""
+        return get_recipe(self.recipe, {**dict(self.overrides), **_tuned_parts(self.tuned)[0]})
 
     @property
     def options(self) -> dict[str, Any]:
-        """The method's constructor options as a dict."""
-        return dict(self.method_options)
+        """The method's constructor options (the tuned ones included) as a dict."""
+        return {**dict(self.method_options), **_tuned_parts(self.tuned)[1]}
 
     def variant(self) -> dict[str, Any]:
         """What differs from the named recipe's defaults for this method (empty for a default cell)."""
@@ -251,11 +262,15 @@ class RunConfig:
         out.update(self.method_options)
         defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "precision": "fp32"}
         out.update({k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v})
+        if self.tuning:
+            out["tuned"] = self.tuning
         return out
 
     def label(self) -> str:
-        """Readable configuration label for tables, e.g. ``demo`` or ``demo, lr=0.001, dropout=0.1``."""
-        parts = [self.recipe] + [f"{k}={_format_value(v)}" for k, v in self.variant().items()]
+        """Readable configuration label for tables, e.g. ``demo``, ``demo, lr=0.001, dropout=0.1`` or
+        ``demo, tuned t30-s0-...`` (a tuned cell: its per-fold settings are in its records)."""
+        parts = [self.recipe] + [f"tuned {v}" if k == "tuned" else f"{k}={_format_value(v)}"
+                                 for k, v in self.variant().items()]
         return ", ".join(parts)
 
     def store_key(self) -> str:
@@ -300,6 +315,8 @@ class RunConfig:
             config["registry"] = list(self.registry)
         if self.precision != "fp32":  # absent for fp32, so records written before the option keep their hash
             config["precision"] = self.precision
+        if self.tuning:
+            config["tuning"] = {"id": self.tuning, "params": dict(self.tuned)}
         return config
 
     @classmethod
@@ -316,15 +333,19 @@ class RunConfig:
             overrides = {k: v for k, v in recipe.items() if base.get(k) != v}
         signal = config.get("signal") or "mixed"
         data_root = None if signal != "mixed" else config.get("data_root")
+        tuning = config.get("tuning") or {}
+        tuned = dict(tuning.get("params") or {})
+        options = {k: v for k, v in (config.get("method_options") or {}).items() if k not in tuned}
         return cls(
             method=record["method"], cohort=record["cohort"], backbone=record["backbone"], fold=int(record["fold"]),
-            seed=int(record["seed"]), recipe=name, overrides=overrides, method_options=config.get("method_options") or {},
+            seed=int(record["seed"]), recipe=name, overrides=overrides, method_options=options,
             selection=record["selection"], unit=config.get("unit") or record.get("unit") or "patient",
             bin_rule=config.get("bin_rule") or "train", n_bins=config.get("n_bins") or DEFAULT_N_BINS,
             data_root=data_root, signal=signal, repeat=int(record.get("repeat") or 0), clinical=config.get("clinical"),
             splits=config.get("splits"), features=config.get("features") or (), layout=config.get("layout") or "auto",
             missing_features=config.get("missing_features") or "error", registry=config.get("registry") or (),
-            precision=config.get("precision") or "fp32",
+            precision=config.get("precision") or "fp32", tuning=tuning.get("id"),
+            tuned=tuned,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -332,16 +353,22 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["overrides"], out["method_options"] = dict(self.overrides), dict(self.method_options)
         out["features"], out["registry"] = dict(self.features), list(self.registry)
+        out["tuned"] = dict(self.tuned)
         return out
 
     def to_cli(self, results: str | Path | None = None) -> str:
-        """The ``python -m benchmark run`` command that recreates exactly this cell."""
+        """The ``python -m benchmark run`` command that recreates exactly this cell.
+
+        A tuned cell is spelled with its chosen setting as plain options: the same resolved configuration
+        (same ``config_hash``), filed as an untuned cell.
+        """
         args = ["python", "-m", "benchmark", "run", "--methods", self.method, "--dataset", self.cohort,
                 "--backbone", self.backbone, "--folds", str(self.fold), "--seed", str(self.seed),
                 "--recipe", self.recipe, "--selection", self.selection]
         args += ["--repeat", str(self.repeat)] if self.repeat else []
-        args += [f"--set={k}={_format_value(v)}" for k, v in self.overrides]
-        args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in self.method_options]
+        tuned_recipe = _tuned_parts(self.tuned)[0]
+        args += [f"--set={k}={_format_value(v)}" for k, v in sorted({**dict(self.overrides), **tuned_recipe}.items())]
+        args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in sorted(self.options.items())]
         defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed",
                     "precision": "fp32"}
         args += [f"--{k.replace('_', '-')}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
@@ -351,6 +378,12 @@ class RunConfig:
         if results is not None:
             args += ["--results", str(results)]
         return shlex.join(args)
+
+
+def _tuned_parts(tuned: tuple[tuple[str, Any], ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tuned setting as (recipe-field overrides, constructor options)."""
+    recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+    return ({k: v for k, v in tuned if k in recipe_fields}, {k: v for k, v in tuned if k not in recipe_fields})
 
 
 def hashed_config(config: Mapping[str, Any]) -> str:
@@ -370,7 +403,7 @@ EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "clinical": str, "splits": str, "features": (str, list, dict), "layout": str, "missing_features": str,
     "registry": (str, list),
     "device": str, "save_weights": (bool, str), "plugins": list, "precision": str, "executor": str, "address": str,
-    "cpus_per_cell": (int, float), "gpus_per_cell": (int, float), "shard": str,
+    "cpus_per_cell": (int, float), "gpus_per_cell": (int, float), "shard": str, "tune": dict,
 }
 #: Experiment-file settings that are paths: relative ones are taken from the experiment file's folder.
 EXPERIMENT_PATHS = ("clinical", "splits", "features", "registry")
@@ -479,6 +512,9 @@ def read_experiment_file(path: str | Path) -> dict[str, Any]:
         lr = 3e-4
         [method_options.amil]
         dropout = 0.1
+
+    A ``[tune]`` table holds the options of ``benchmark tune`` and its ``[tune.space.<method>]`` search-space
+    overrides (read by ``benchmark/commands/tune.py``, docs/TUNING.md).
     """
     path = Path(path)
     try:

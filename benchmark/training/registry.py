@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -49,6 +49,10 @@ class MethodSpec:
     loss: str = "nll"
     #: Methods excluded from ``--methods all`` (e.g. the ``random`` floor is still included by default).
     in_all: bool = True
+    #: Hyper-parameters the tuner searches besides the shared ones (``benchmark.training.search_spaces``):
+    #: ``{name: {"low": .., "high": .., "log": ..} or {"choices": [..]} or None}`` (None leaves a shared entry
+    #: out); False = nothing to tune (no trainable parameter).
+    search_space: Mapping[str, Any] | bool | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -62,10 +66,12 @@ def register_method(
     source: str = "",
     loss: str = "nll",
     in_all: bool = True,
+    search_space: Mapping[str, Any] | bool | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Class or factory decorator that registers a method under ``name``.
 
-    The builder is called as ``builder(in_dim=..., n_bins=..., **options)``.
+    The builder is called as ``builder(in_dim=..., n_bins=..., **options)``. ``search_space`` declares the
+    method's own tunable hyper-parameters (see :class:`MethodSpec`); the tuner checks it against the builder.
     """
     if loss not in ("nll", "cox"):
         raise ValueError(f"loss must be 'nll' or 'cox', got {loss!r}")
@@ -78,7 +84,8 @@ def register_method(
         if existing is not None and existing.builder is not builder and existing.module != builder.__module__:
             raise ValueError(f"method {name!r} is already registered by {existing.module}")
         _REGISTRY[key] = MethodSpec(
-            name=key, builder=builder, needs=needs, source=source, module=builder.__module__, loss=loss, in_all=in_all
+            name=key, builder=builder, needs=needs, source=source, module=builder.__module__, loss=loss, in_all=in_all,
+            search_space=search_space,
         )
         return builder
 

@@ -183,13 +183,15 @@ def run_cell(
     execution: Execution = Execution(),
     on_epoch: Callable[[int, int, dict], None] | None = None,
     loader: CohortLoader | None = None,
+    annotations: dict[str, Any] | None = None,
 ) -> dict:
     """Train and record one cell. Never raises on a training error: it writes an ``error`` record instead.
 
+    ``annotations`` are extra record fields (the tuner stores its trial history under ``tuning``).
     Returns a short summary: ``cell`` label, ``status``, ``c_index``, ``seconds``, ``error``.
     """
     started = time.perf_counter()
-    record, state = _new_record(config), None
+    record, state = {**_new_record(config), **(annotations or {})}, None
     try:
         cohort = get_cohort_data(config, loader)
         record["config"] = expected_config(config, cohort.in_dim)

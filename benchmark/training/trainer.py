@@ -329,7 +329,7 @@ def monitored_c_index(model: nn.Module, cohort, needs, ids: list[str], data: Fol
 
 
 def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto",
-               on_epoch: EpochCallback | None = None) -> CellResult:
+               on_epoch: EpochCallback | None = None, score_val_each_epoch: bool = False) -> CellResult:
     """Train ``config.method`` on fold ``config.fold`` of ``cohort`` and evaluate it on that fold's validation
     (reported) split.
 
@@ -346,6 +346,10 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
         ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
     on_epoch : callable, optional
         Progress callback ``on_epoch(epoch, epochs, info)``; ``info`` holds the epoch's monitored C-index.
+    score_val_each_epoch : bool
+        Also put the C-index of the validation split in ``info["val_c_index"]`` every epoch, without selecting
+        on it. The tuner uses it to prune trials, on a cohort view whose validation split is an inner split of
+        the outer training fold (``benchmark.training.tuning``); never set it on an outer fold.
     """
     recipe, spec, dev = config.resolved_recipe(), get_method_spec(config.method), resolve_device(device)
     data = fold_data(cohort, config, recipe)
@@ -369,6 +373,8 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
             info["inner_c_index" if config.selection == "inner" else "val_c_index"] = score
             if math.isfinite(score) and score > best_score:
                 best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+        if score_val_each_epoch and "val_c_index" not in info:
+            info["val_c_index"] = monitored_c_index(model, cohort, spec.needs, data.val_ids, data, dev)
         info["seconds"] = _time.perf_counter() - started
         history.append(info)
         if on_epoch is not None:
