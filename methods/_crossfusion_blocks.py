@@ -466,14 +466,15 @@ class ConvProcessor(nn.Module):
 def init_weights_like_official(module: nn.Module) -> None:
     """Official ``init_weight``: Linear trunc_normal(0.02) / bias 0; LayerNorm 1 / 0; Conv2d/3d kaiming_normal
     (fan_out, relu) / bias 0. Apply with ``model.apply``."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
+    if isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+        return
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
     elif isinstance(module, (nn.Conv2d, nn.Conv3d)):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    else:
+        return
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)

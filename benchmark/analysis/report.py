@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from benchmark.analysis import statistics as compare
+from benchmark.analysis import tables
+from benchmark.analysis.plots import SPLIT_DESCRIPTIONS, format_p, plot_km
 from benchmark.analysis.significance import fisher_combined_p
 from benchmark.store.query import Results, group_cells
 
@@ -215,8 +217,6 @@ def build_report(
         the records' provenance (when reachable); False reads it off the stored predictions (evaluated
         patients only).
     """
-    from benchmark.analysis.plots import SPLIT_DESCRIPTIONS, format_p, plot_km
-
     out = Path(out) if out is not None else results.root / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.parent / "figures"
@@ -237,41 +237,45 @@ def build_report(
         "Every number is a C-index (Harrell) on the validation split of its fold; which recipe, selection rule, "
         "data and code produced it is listed under [Provenance](#provenance).", "",
     ]
+    lines += _tables_section(all_records, ok, significance, backbone_significance)
+    comparisons, km_plan = _comparisons_section(results, ok, km_methods, fig_dir, rel, alpha)
+    lines += comparisons
+    lines += _km_section(results, ok, km_plan, split, fig_dir, rel)
+    lines += _cards_section(ok, audit_cards)
+    lines += ["## Provenance", "", "Each row is one cell (all its folds). `paper-max` selection picks the epoch on "
+              "the reported fold itself (optimistic).", "", _md_table(provenance_table(all_records), index=False), ""]
+    out.write_text("\n".join(lines))
+    return out
 
-    # --- tables --------------------------------------------------------------------------------------------
-    lines += ["## Tables", ""]
-    try:
-        from benchmark.analysis import tables
-    except ImportError:
-        tables = None
+
+def _tables_section(all_records: list[dict], ok: list[dict], significance, backbone_significance) -> list[str]:
+    """Table 1 per protocol and backbone; Table 2 for every method run on several backbones."""
+    lines = ["## Tables", ""]
     backbones = sorted({str(r["backbone"]) for r in ok})
     for recipe, selection in _protocols(ok):
         recs = [r for r in all_records if r["recipe"] == recipe and r["selection"] == selection]
         for backbone in backbones:
             sub = [r for r in recs if r["backbone"] == backbone]
-            if not any(r.get("status") == "ok" for r in sub):
-                continue
-            if tables is not None:
+            if any(r.get("status") == "ok" for r in sub):
                 t = tables.table1(sub, recipe=recipe, selection=selection, backbone=backbone,
                                   significance=significance, marker=compare.SIGNIFICANCE_MARKER)
                 lines += [tables.render(t, "md"), ""]
-            else:
-                scores = compare.score_table(results, sorted({r["method"] for r in sub}), backbone=backbone,
-                                             recipe=recipe, selection=selection)
-                lines += [f"**C-index, backbone {backbone}, recipe {recipe}, selection {selection}**", "",
-                          _md_table(scores.T), ""]
-        if tables is not None and len({r["backbone"] for r in recs if r.get("status") == "ok"}) > 1:
-            for method in sorted({r["method"] for r in recs if r.get("status") == "ok"}):
-                if len({r["backbone"] for r in recs if r["method"] == method and r.get("status") == "ok"}) > 1:
-                    t = tables.table2(recs, method=method, recipe=recipe, selection=selection,
-                                      significance=backbone_significance, marker=compare.SIGNIFICANCE_MARKER)
-                    lines += [tables.render(t, "md"), ""]
+        finished = [r for r in recs if r.get("status") == "ok"]
+        for method in sorted({r["method"] for r in finished}):
+            if len({r["backbone"] for r in finished if r["method"] == method}) > 1:
+                t = tables.table2(recs, method=method, recipe=recipe, selection=selection,
+                                  significance=backbone_significance, marker=compare.SIGNIFICANCE_MARKER)
+                lines += [tables.render(t, "md"), ""]
+    return lines
 
-    # --- comparisons and Kaplan-Meier per backbone and protocol -----------------------------------------
-    lines += ["## Paired comparisons", ""]
+
+def _comparisons_section(results: Results, ok: list[dict], km_methods, fig_dir: Path, rel,
+                         alpha: float) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+    """Ranks, CD diagram and design per backbone and protocol; which method of each gets Kaplan-Meier curves."""
+    lines = ["## Paired comparisons", ""]
     km_plan: list[tuple[str, str, str, str]] = []  # method, backbone, recipe, selection
     for recipe, selection in _protocols(ok):
-        for backbone in backbones:
+        for backbone in sorted({str(r["backbone"]) for r in ok}):
             sub = [r for r in ok if r["recipe"] == recipe and r["selection"] == selection and r["backbone"] == backbone]
             methods = sorted({r["method"] for r in sub})
             if not methods:
@@ -282,13 +286,16 @@ def build_report(
             lines += _design_section(results, sub, methods, label, alpha,
                                      dict(backbone=backbone, recipe=recipe, selection=selection))
             best = scores.mean(axis=0).idxmax() if len(scores) else methods[0]
-            chosen = [m for m in (km_methods or [best]) if m in methods]
-            km_plan += [(m, backbone, recipe, selection) for m in chosen]
+            km_plan += [(m, backbone, recipe, selection) for m in (km_methods or [best]) if m in methods]
     if not any(line.startswith(("**Mean ranks", "**Design")) for line in lines):
         lines += ["Fewer than two methods share a cohort: nothing to compare.", ""]
+    return lines, km_plan
 
-    lines += ["## Kaplan-Meier curves", "", f"High vs low predicted risk, {SPLIT_DESCRIPTIONS[split]}; "
-              "log-rank test (lifelines). One figure per cohort.", ""]
+
+def _km_section(results: Results, ok: list[dict], km_plan, split: str, fig_dir: Path, rel) -> list[str]:
+    """Kaplan-Meier figures and log-rank tests of the planned methods."""
+    lines = ["## Kaplan-Meier curves", "", f"High vs low predicted risk, {SPLIT_DESCRIPTIONS[split]}; "
+             "log-rank test (lifelines). One figure per cohort.", ""]
     for method, backbone, recipe, selection in km_plan:
         cohorts = sorted({r["cohort"] for r in ok if (r["method"], r["backbone"], r["recipe"], r["selection"]) ==
                           (method, backbone, recipe, selection)})
@@ -301,9 +308,12 @@ def build_report(
         for k in kms:
             png = next(f for f in k.files if f.suffix == ".png")
             lines += [f"![Kaplan-Meier {method} {k.cohort}]({rel(png)})", ""]
+    return lines
 
-    # --- report cards ------------------------------------------------------------------------------------
-    lines += ["## Cohort report cards", ""]
+
+def _cards_section(ok: list[dict], audit_cards: bool) -> list[str]:
+    """One report card per cohort (audit of its table and splits, or read off the predictions)."""
+    lines = ["## Cohort report cards", ""]
     by_cohort: dict[str, list[dict]] = defaultdict(list)
     for r in ok:
         by_cohort[r["cohort"]].append(r)
@@ -313,9 +323,4 @@ def build_report(
         note = (f" ({source})" if source != "records"
                 else " (read off the stored out-of-fold predictions: evaluated patients only)")
         lines += [f"**{cohort.upper()}**{note}; data: {data_description(first_cell[0])}", "", text, ""]
-
-    # --- provenance ----------------------------------------------------------------------------------------
-    lines += ["## Provenance", "", "Each row is one cell (all its folds). `paper-max` selection picks the epoch on "
-              "the reported fold itself (optimistic).", "", _md_table(provenance_table(all_records), index=False), ""]
-    out.write_text("\n".join(lines))
-    return out
+    return lines

@@ -1,0 +1,81 @@
+"""The layout is the architecture: imports between the harness's layers point one way
+(commands -> analysis -> training -> store / data), and functions stay short enough to read at once."""
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: What each layer may import from the project (besides itself, ``benchmark`` and ``benchmark.naming``).
+ALLOWED = {
+    "data": set(),
+    "store": set(),
+    "training": {"data", "store"},
+    "analysis": {"data", "store", "training"},
+    "commands": {"data", "store", "training", "analysis", "cli"},
+    "methods": {"data", "training"},
+}
+MAX_LINES, MAX_NESTING = 60, 3
+NESTING_NODES = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.AsyncFor, ast.AsyncWith)
+
+
+def layer_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] == "methods":
+        return "methods"
+    if parts[0] == "benchmark" and len(parts) > 1:
+        return parts[1] if parts[1] in ALLOWED or parts[1] == "cli" else None
+    return None
+
+
+def project_files():
+    for folder in ("benchmark", "methods"):
+        yield from sorted((REPO / folder).rglob("*.py"))
+
+
+def imported_modules(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+
+
+@pytest.mark.parametrize("path", list(project_files()), ids=lambda p: str(p.relative_to(REPO)))
+def test_imports_point_one_way(path):
+    own = layer_of(".".join(path.relative_to(REPO).with_suffix("").parts))
+    if own not in ALLOWED:
+        return
+    for line, module in imported_modules(ast.parse(path.read_text())):
+        other = layer_of(module)
+        assert other is None or other == own or other in ALLOWED[own], (
+            f"{path.relative_to(REPO)}:{line}: layer {own!r} imports {module} (layer {other!r})")
+
+
+def nesting(node: ast.AST, depth: int = 0) -> int:
+    deepest = depth
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        deepest = max(deepest, nesting(child, depth + isinstance(child, NESTING_NODES)))
+    return deepest
+
+
+def body_lines(fn: ast.FunctionDef) -> int:
+    body = fn.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+    start = body[1].lineno if has_doc and len(body) > 1 else body[0].lineno
+    return fn.end_lineno - start + 1
+
+
+@pytest.mark.parametrize("path", list(project_files()), ids=lambda p: str(p.relative_to(REPO)))
+def test_functions_are_short_and_shallow(path):
+    tree = ast.parse(path.read_text())
+    too_long = [
+        f"{fn.name} ({body_lines(fn)} lines, nesting {nesting(fn)})"
+        for fn in ast.walk(tree)
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and (body_lines(fn) > MAX_LINES or nesting(fn) > MAX_NESTING)
+    ]
+    assert not too_long, f"{path.relative_to(REPO)}: {', '.join(too_long)}"
