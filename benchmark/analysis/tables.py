@@ -372,6 +372,11 @@ def _spread_words(ci: float | None) -> str:
     return "mean ± population std over folds" if ci is None else f"mean [{ci:.0%} CI] over folds"
 
 
+def _protocol_words(recipe: str, selection: str, tuned: bool) -> str:
+    """The end of a table title: the recipe, the selection rule, and the tuned-row mark when rows are tuned."""
+    return f"recipe {recipe}, selection {selection}" + (f", {TUNED_MARK} tuned rows" if tuned else "")
+
+
 def table1(
     records: Iterable[dict],
     recipe: str | None = None,
@@ -402,7 +407,7 @@ def table1(
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
         title=f"Table 1. {METRIC_NAMES[metric]}{mark} ({_spread_words(ci)}), backbone {backbone}, "
-              f"recipe {recipe}, selection {selection}" + (f", {TUNED_MARK} tuned rows" if tuned else ""),
+              + _protocol_words(recipe, selection, tuned),
         row_header="Method" + mark, rows=rows, columns=columns,
         cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
         selection=selection, ci=ci,
@@ -440,7 +445,7 @@ def table2(
     mark = PAPER_MAX_MARK if selection == "paper-max" else ""
     table = ResultTable(
         title=f"Table 2. {METRIC_NAMES[metric]}{mark} of {method} per backbone ({_spread_words(ci)}), "
-              f"recipe {recipe}, selection {selection}" + (f", {TUNED_MARK} tuned rows" if tuned else ""),
+              + _protocol_words(recipe, selection, tuned),
         row_header="Backbone" + mark, rows=rows, columns=columns,
         cells=build_table(recs, "_row", "cohort", rows, columns, metric), metric=metric, recipe=recipe,
         selection=selection, mean_column=True, ci=ci,
