@@ -12,11 +12,13 @@ The networks, defaults and initialisation are those of the official code (parame
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
 
 from benchmark.data.bag import Bag, Needs
+from benchmark.naming import did_you_mean
 from benchmark.training.output import AttentionMap, SurvivalOutput
 from benchmark.training.registry import register_method
 from methods._crossfusion_blocks import (
@@ -46,33 +48,114 @@ def _check_features(bag: Bag, magnification: int, in_dim: int) -> Tensor:
                             needs_hint="CrossFusion needs Needs.magnifications to include it")
 
 
-class _CrossFusionBase(nn.Module):
-    """Options shared by the three variants (validated here)."""
+@dataclass(frozen=True)
+class CrossFusionOptions:
+    """The options of the three CrossFusion variants (every keyword of ``create_method`` besides ``in_dim``,
+    ``n_bins`` and, for :class:`CrossFusion`, ``fusion``). Validated on construction.
 
-    def _setup(self, in_dim: int, n_bins: int, embed_dim: int, num_heads: int, num_layers: int, dropout: float,
-               attn_dropout: float, mlp_ratio: float, official_eval_dropout: bool, attention_backend: str,
-               attention_block_mb: float, return_attention: bool | None, attention_map_max_pairs: int,
-               activation_checkpointing: bool | None, checkpoint_min_tokens: int, dropout_impl: str,
-               channels_last: bool) -> None:
+    Parameters
+    ----------
+    embed_dim, num_heads, num_layers, mlp_ratio : int, int, int, float
+        512, 4, 1 (depth of each of the two Blocks of a Pad-Transformer), 2.0 as the official code.
+    dropout : float
+        FFN and Conv-Processor ``Dropout2d`` rate (0.3); training only.
+    attn_dropout : float
+        Self-attention dropout in the Pad-Transformers (0.2). Cross-attention has none (as official).
+    official_eval_dropout : bool
+        **Parity option.** The official code keeps the self-attention dropout on at evaluation (its SDPA call
+        ignores ``self.training``), which makes validation stochastic. False (default): dropout only in training.
+        True: reproduce the official behaviour.
+    attention_backend : {"auto", "sdpa"}
+        "auto": the fused kernel whenever dropout is 0, query chunks + checkpointing when dropout is on on
+        CPU (bounded memory). "sdpa": always ``F.scaled_dot_product_attention`` with dropout, as the official
+        code (on CPU with dropout: the math kernel, O(N^2) memory; for kernel comparisons on small bags only).
+    attention_block_mb : float
+        Bound (MiB) on one block of attention matrix in the chunked path and in the attention maps (64).
+    return_attention : bool or None
+        Attention maps: True always (also in training, under ``no_grad``), False never, None (default) in eval
+        mode only when the largest query x key product is at most ``attention_map_max_pairs``.
+    attention_map_max_pairs : int
+        Threshold of the automatic choice above (``DEFAULT_MAP_MAX_PAIRS``).
+    activation_checkpointing : bool or None
+        Recompute each transformer layer and cross-attention block in the backward pass instead of storing its
+        activations (numerically identical: dropout masks are replayed). None (default): only for sequences
+        longer than ``checkpoint_min_tokens`` (16,384), i.e. the largest slides. There it cut the largest slide's
+        training step from at least 15.7 GB to 5.7 GB (docs/CROSSFUSION.md), at the price of one extra forward
+        pass of each checkpointed layer. True always, False never.
+    checkpoint_min_tokens : int
+        Threshold of the automatic choice above.
+    dropout_impl : {"fast", "torch"}
+        Self-attention with dropout on CPU (training). "fast" (default): one autograd Function over query chunks
+        with a flash-style backward (probabilities recomputed from q, k; no checkpointed forward), reused
+        buffers, and a Bernoulli drop mask cut from 64-bit random words (``methods/_fast_attention.py``).
+        "torch": ``F.dropout`` in checkpointed chunks, the plain PyTorch reference. Same function and gradients
+        (to rounding) with the same mask; the masks themselves are other draws than ``F.dropout``'s. The FFN
+        dropouts follow the same choice ("fast": one-byte masks from the same generator, one fused pass).
+    channels_last : bool
+        Run the PPEG and Conv-Processor convolutions on NHWC views of the token grid (True, default: about
+        twice as fast on CPU, no transposing copies) or on the official contiguous NCHW copies (False, the
+        reference). Same maths; the kernels' summation order differs (outputs equal to about 1e-6).
+    """
+
+    embed_dim: int = 512
+    num_heads: int = 4
+    num_layers: int = 1
+    dropout: float = 0.3
+    attn_dropout: float = 0.2
+    mlp_ratio: float = 2.0
+    official_eval_dropout: bool = False
+    attention_backend: str = "auto"
+    attention_block_mb: float = 64
+    return_attention: bool | None = None
+    attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS
+    activation_checkpointing: bool | None = None
+    checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS
+    dropout_impl: str = "fast"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads != 0 or self.embed_dim % 2 != 0:
+            raise ValueError(f"{_FILE}: embed_dim ({self.embed_dim}) must be even and divisible by num_heads "
+                             f"({self.num_heads})")
+        if self.num_layers < 1:
+            raise ValueError(f"{_FILE}: num_layers must be >= 1, got {self.num_layers}")
+        if self.checkpoint_min_tokens < 0:
+            raise ValueError(f"{_FILE}: checkpoint_min_tokens must be >= 0, got {self.checkpoint_min_tokens}")
+        if self.attention_block_mb <= 0:
+            raise ValueError(f"{_FILE}: attention_block_mb must be positive, got {self.attention_block_mb}")
+
+    @classmethod
+    def from_keywords(cls, options: dict) -> "CrossFusionOptions":
+        """The options from ``create_method`` keywords; an unknown name is one clear error."""
+        known = [f.name for f in fields(cls)]
+        unknown = [name for name in options if name not in known]
+        if unknown:
+            raise did_you_mean(unknown[0], known, "CrossFusion option")
+        return cls(**options)
+
+    def attention_settings(self) -> AttentionSettings:
+        """The runtime settings every attention, dropout and convolution module of the model shares."""
+        return AttentionSettings(
+            self.attn_dropout, bool(self.official_eval_dropout), self.attention_backend,
+            int(self.attention_block_mb * 2**20), self.activation_checkpointing, int(self.checkpoint_min_tokens),
+            self.dropout_impl, bool(self.channels_last),
+        )
+
+
+class _CrossFusionBase(nn.Module):
+    """What the three variants share: options, projections, Pad-Transformers, the final stage."""
+
+    options_type = CrossFusionOptions
+
+    def _setup(self, in_dim: int, n_bins: int, options: CrossFusionOptions) -> None:
         if in_dim < 1 or n_bins < 1:
             raise ValueError(f"{_FILE}: in_dim and n_bins must be positive, got {in_dim}, {n_bins}")
-        if embed_dim % num_heads != 0 or embed_dim % 2 != 0:
-            raise ValueError(f"{_FILE}: embed_dim ({embed_dim}) must be even and divisible by num_heads ({num_heads})")
-        if num_layers < 1:
-            raise ValueError(f"{_FILE}: num_layers must be >= 1, got {num_layers}")
-        if checkpoint_min_tokens < 0:
-            raise ValueError(f"{_FILE}: checkpoint_min_tokens must be >= 0, got {checkpoint_min_tokens}")
-        if attention_block_mb <= 0:
-            raise ValueError(f"{_FILE}: attention_block_mb must be positive, got {attention_block_mb}")
-        self.in_dim, self.n_bins, self.embed_dim = in_dim, n_bins, embed_dim
-        self.hidden_dim = int(embed_dim * mlp_ratio)
-        self.attention_settings = AttentionSettings(
-            attn_dropout, bool(official_eval_dropout), attention_backend,
-            int(attention_block_mb * 2**20) if attention_block_mb else DEFAULT_BLOCK_BYTES,
-            activation_checkpointing, int(checkpoint_min_tokens), dropout_impl, bool(channels_last),
-        )
-        self.return_attention = return_attention
-        self.attention_map_max_pairs = attention_map_max_pairs
+        self.options = options
+        self.in_dim, self.n_bins, self.embed_dim = in_dim, n_bins, options.embed_dim
+        self.hidden_dim = int(options.embed_dim * options.mlp_ratio)
+        self.attention_settings = options.attention_settings()
+        self.return_attention = options.return_attention
+        self.attention_map_max_pairs = options.attention_map_max_pairs
 
     @property
     def official_eval_dropout(self) -> bool:
@@ -87,8 +170,9 @@ class _CrossFusionBase(nn.Module):
             return nn.Identity()
         return nn.Sequential(nn.Linear(in_dim, self.embed_dim), nn.LayerNorm(self.embed_dim))
 
-    def _pad_transformer(self, num_heads: int, num_layers: int, dropout: float, class_token: bool) -> PadTransformer:
-        return PadTransformer(self.embed_dim, num_layers, num_heads, self.hidden_dim, dropout, class_token,
+    def _pad_transformer(self, class_token: bool) -> PadTransformer:
+        o = self.options
+        return PadTransformer(self.embed_dim, o.num_layers, o.num_heads, self.hidden_dim, o.dropout, class_token,
                               self.attention_settings)
 
     def _want_maps(self, largest_pairs: int) -> bool:
@@ -121,8 +205,8 @@ class CrossFusion(_CrossFusionBase):
        coarse Pad-Transformer (``LN, x + MHA, LN, x + FFN``; PPEG 7/5/3; the same block again), LN;
     3. fine branch: the same with context 20x (query again the projected 10x tokens);
     4. source branch: square pad of ``x10``, source Pad-Transformer, LN;
-    5. fusion of ``[source, fine, coarse]`` ``(1, side**2, D)``: the Conv Processor (``fusion="conv"``), or
-       ``concat -> Linear(3D -> D) -> LN`` (``fusion="concat"``, the w/o CP ablation);
+    5. fusion of ``[source, fine, coarse]`` ``(1, side**2, D)``: the Conv Processor, or
+       ``concat -> Linear(3D -> D) -> LN`` (:class:`CrossFusionConcat`, the w/o CP ablation);
     6. class token, final Pad-Transformer (PPEG skips the class token), LN, token 0, ``Linear(D -> n_bins)``.
 
     Parameters: 24,536,584 at ``in_dim`` 2048, 23,750,152 at 1536, 22,963,720 at 1024, 22,570,504 at 768,
@@ -134,46 +218,8 @@ class CrossFusion(_CrossFusionBase):
         Patch-feature dimension (the same at every magnification).
     n_bins : int
         Number of discrete-time survival bins.
-    embed_dim, num_heads, num_layers, mlp_ratio : int, int, int, float
-        512, 4, 1 (depth of each of the two Blocks of a Pad-Transformer), 2.0 as the official code.
-    dropout : float
-        FFN and Conv-Processor ``Dropout2d`` rate (0.3); training only.
-    attn_dropout : float
-        Self-attention dropout in the Pad-Transformers (0.2). Cross-attention has none (as official).
-    official_eval_dropout : bool
-        **Parity option.** The official code keeps the self-attention dropout on at evaluation (its SDPA call
-        ignores ``self.training``), which makes validation stochastic. False (default): dropout only in training.
-        True: reproduce the official behaviour.
-    attention_backend : {"auto", "sdpa"}
-        "auto": the fused kernel whenever dropout is 0, query chunks + checkpointing when dropout is on on
-        CPU (bounded memory). "sdpa": always ``F.scaled_dot_product_attention`` with dropout, as the official
-        code (on CPU with dropout: the math kernel, O(N^2) memory; for kernel comparisons on small bags only).
-    attention_block_mb : float
-        Bound (MiB) on one block of attention matrix in the chunked path and in the attention maps (64).
-    return_attention : bool or None
-        Attention maps: True always (also in training, under ``no_grad``), False never, None (default) in eval
-        mode only when the largest query x key product is at most ``attention_map_max_pairs``.
-    activation_checkpointing : bool or None
-        Recompute each transformer layer and cross-attention block in the backward pass instead of storing its
-        activations (numerically identical: dropout masks are replayed). None (default): only for sequences
-        longer than ``checkpoint_min_tokens`` (16,384), i.e. the largest slides. There it cut the largest slide's
-        training step from at least 15.7 GB to 5.7 GB (docs/CROSSFUSION.md), at the price of one extra forward
-        pass of each checkpointed layer (the time overhead was not measured separately). True always, False never.
-    checkpoint_min_tokens : int
-        Threshold of the automatic choice above.
-    dropout_impl : {"fast", "torch"}
-        Self-attention with dropout on CPU (training). "fast" (default): one autograd Function over query chunks
-        with a flash-style backward (probabilities recomputed from q, k; no checkpointed forward), reused
-        buffers, and a Bernoulli drop mask cut from 64-bit random words (``methods/_fast_attention.py``).
-        "torch": ``F.dropout`` in checkpointed chunks, the plain PyTorch reference. Same function and gradients
-        (to rounding) with the same mask; the masks themselves are other draws than ``F.dropout``'s. The FFN
-        dropouts follow the same choice ("fast": one-byte masks from the same generator, one fused pass).
-    channels_last : bool
-        Run the PPEG and Conv-Processor convolutions on NHWC views of the token grid (True, default: about
-        twice as fast on CPU, no transposing copies) or on the official contiguous NCHW copies (False, the
-        reference). Same maths; the kernels' summation order differs (outputs equal to about 1e-6).
-    fusion : {"conv", "concat"}
-        Conv Processor (CrossFusion) or concatenation + Linear (w/o CP).
+    **options
+        The fields of :class:`CrossFusionOptions` (official defaults).
 
     Notes
     -----
@@ -200,40 +246,31 @@ class CrossFusion(_CrossFusionBase):
     concatenates each scale's slides, so the 10x grid spans all slides.
     """
 
-    def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, num_heads: int = 4, num_layers: int = 1,
-                 dropout: float = 0.3, attn_dropout: float = 0.2, mlp_ratio: float = 2.0,
-                 official_eval_dropout: bool = False, attention_backend: str = "auto",
-                 attention_block_mb: float = 64, return_attention: bool | None = None,
-                 attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS,
-                 activation_checkpointing: bool | None = None,
-                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, dropout_impl: str = "fast",
-                 channels_last: bool = True, fusion: str = "conv") -> None:
+    #: "conv": the Conv Processor; "concat" (:class:`CrossFusionConcat`): concatenation + Linear.
+    fusion = "conv"
+
+    def __init__(self, in_dim: int, n_bins: int = 4, **options) -> None:
         super().__init__()
-        if fusion not in ("conv", "concat"):
-            raise ValueError(f"{_FILE}: fusion must be 'conv' or 'concat', got {fusion!r}")
-        self._setup(in_dim, n_bins, embed_dim, num_heads, num_layers, dropout, attn_dropout, mlp_ratio,
-                    official_eval_dropout, attention_backend, attention_block_mb, return_attention,
-                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens, dropout_impl,
-                    channels_last)
-        self.fusion = fusion
-        d, s = embed_dim, self.attention_settings
+        self._setup(in_dim, n_bins, CrossFusionOptions.from_keywords(options))
+        fusion = self.fusion
+        d, s, dropout = self.embed_dim, self.attention_settings, self.options.dropout
         # Registration order follows the official __init__ (same random-stream order at construction).
         self.cls_token = nn.Parameter(torch.randn(1, 1, d))
         nn.init.normal_(self.cls_token, std=1e-6)
         self.coarse_proj = self._projection(in_dim)
         self.source_proj = self._projection(in_dim)
         self.fine_proj = self._projection(in_dim)
-        self.fine_cross = CrossAttentionBlock(d, num_heads, self.hidden_dim, dropout, s)
-        self.coarse_cross = CrossAttentionBlock(d, num_heads, self.hidden_dim, dropout, s)
-        self.coarse_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=False)
+        self.fine_cross = CrossAttentionBlock(d, self.options.num_heads, self.hidden_dim, dropout, s)
+        self.coarse_cross = CrossAttentionBlock(d, self.options.num_heads, self.hidden_dim, dropout, s)
+        self.coarse_transformer = self._pad_transformer(class_token=False)
         self.coarse_ln = nn.LayerNorm(d)
-        self.fine_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=False)
+        self.fine_transformer = self._pad_transformer(class_token=False)
         self.fine_ln = nn.LayerNorm(d)
-        self.source_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=False)
+        self.source_transformer = self._pad_transformer(class_token=False)
         self.source_ln = nn.LayerNorm(d)
         if fusion == "concat":  # CrossFusionConcat registers it before the final transformer
             self.pre_final_linear = nn.Sequential(nn.Linear(3 * d, d), nn.LayerNorm(d))
-        self.final_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=True)
+        self.final_transformer = self._pad_transformer(class_token=True)
         self.final_ln = nn.LayerNorm(d)
         if fusion == "conv":
             self.conv_processor = ConvProcessor(d, dropout, n_scales=3, settings=s)
@@ -291,6 +328,14 @@ class CrossFusion(_CrossFusionBase):
         return SurvivalOutput.from_logits(logits, attention=maps)
 
 
+class CrossFusionConcat(CrossFusion):
+    """CrossFusion without the Conv Processor (the official "w/o CP" ablation, ``CrossFusionConcat.py``):
+    ``concat(source, fine, coarse) -> Linear(3D -> D) -> LN`` in step 5 of :class:`CrossFusion`; everything
+    else, the options and the deviations as there."""
+
+    fusion = "concat"
+
+
 class CrossFusionSingle(_CrossFusionBase):
     """CrossFusion without fine and coarse scales (the official "w/o F&C" ablation, ``CrossFusionSingle.py``).
 
@@ -298,33 +343,23 @@ class CrossFusionSingle(_CrossFusionBase):
     Pad-Transformer, LN, Conv Processor without the Conv3d (``MultiScaleConv D -> D/2``, ReLU, ``Dropout2d``,
     ``Linear + LN``), class token, final Pad-Transformer, LN, head. 9,730,564 parameters at ``in_dim`` 2048.
 
-    Options and deviations as :class:`CrossFusion` (no ``fusion``). Attention maps (20x, ``(N20,)``):
+    Options (:class:`CrossFusionOptions`) and deviations as :class:`CrossFusion`. Attention maps (20x, ``(N20,)``):
     ``"source_transformer"``, ``"final_transformer"``, ``"final_cls"``. Full self-attention over the 20x bag:
     the most expensive variant on whole slides (see ``docs/CROSSFUSION.md``).
     """
 
-    def __init__(self, in_dim: int, n_bins: int = 4, embed_dim: int = 512, num_heads: int = 4, num_layers: int = 1,
-                 dropout: float = 0.3, attn_dropout: float = 0.2, mlp_ratio: float = 2.0,
-                 official_eval_dropout: bool = False, attention_backend: str = "auto",
-                 attention_block_mb: float = 64, return_attention: bool | None = None,
-                 attention_map_max_pairs: int = DEFAULT_MAP_MAX_PAIRS,
-                 activation_checkpointing: bool | None = None,
-                 checkpoint_min_tokens: int = DEFAULT_CHECKPOINT_MIN_TOKENS, dropout_impl: str = "fast",
-                 channels_last: bool = True) -> None:
+    def __init__(self, in_dim: int, n_bins: int = 4, **options) -> None:
         super().__init__()
-        self._setup(in_dim, n_bins, embed_dim, num_heads, num_layers, dropout, attn_dropout, mlp_ratio,
-                    official_eval_dropout, attention_backend, attention_block_mb, return_attention,
-                    attention_map_max_pairs, activation_checkpointing, checkpoint_min_tokens, dropout_impl,
-                    channels_last)
-        d = embed_dim
+        self._setup(in_dim, n_bins, CrossFusionOptions.from_keywords(options))
+        d = self.embed_dim
         self.cls_token = nn.Parameter(torch.randn(1, 1, d))
         nn.init.normal_(self.cls_token, std=1e-6)
         self.source_proj = self._projection(in_dim)
-        self.source_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=False)
+        self.source_transformer = self._pad_transformer(class_token=False)
         self.source_ln = nn.LayerNorm(d)
-        self.final_transformer = self._pad_transformer(num_heads, num_layers, dropout, class_token=True)
+        self.final_transformer = self._pad_transformer(class_token=True)
         self.final_ln = nn.LayerNorm(d)
-        self.conv_processor = ConvProcessor(d, dropout, n_scales=1, settings=self.attention_settings)
+        self.conv_processor = ConvProcessor(d, self.options.dropout, n_scales=1, settings=self.attention_settings)
         self.mlp_head = nn.Sequential(nn.Linear(d, n_bins))
         self.apply(init_weights_like_official)
 
@@ -359,14 +394,14 @@ SEARCH_SPACE = {"num_layers": {"low": 1, "high": 2}, "num_heads": {"choices": [2
                  source=_SOURCE + " (models/CrossFusion.py)")
 def crossfusion(in_dim: int, n_bins: int = 4, **options) -> CrossFusion:
     """CrossFusion with the Conv Processor (see :class:`CrossFusion`)."""
-    return CrossFusion(in_dim, n_bins, fusion="conv", **options)
+    return CrossFusion(in_dim, n_bins, **options)
 
 
 @register_method("crossfusion_wo_cp", needs=_NEEDS_MULTI, search_space=SEARCH_SPACE,
                  source=_SOURCE + " (models/CrossFusionConcat.py)")
-def crossfusion_wo_cp(in_dim: int, n_bins: int = 4, **options) -> CrossFusion:
+def crossfusion_wo_cp(in_dim: int, n_bins: int = 4, **options) -> CrossFusionConcat:
     """Ablation w/o CP: concatenation + ``Linear(3D -> D) + LN`` instead of the Conv Processor."""
-    return CrossFusion(in_dim, n_bins, fusion="concat", **options)
+    return CrossFusionConcat(in_dim, n_bins, **options)
 
 
 @register_method("crossfusion_wo_fc", needs=Needs(magnifications=(20,)), search_space=SEARCH_SPACE,

@@ -117,6 +117,28 @@ def test_bad_input_names_the_file_and_problem():
         create_method("crossfusion", in_dim=16, attention_backend="flash", **SMALL)
 
 
+@pytest.mark.parametrize("name", ["crossfusion", "crossfusion_wo_cp", "crossfusion_wo_fc"])
+def test_the_three_variants_share_one_options_object(name):
+    """One ``CrossFusionOptions`` carries every option of the three variants: validated once, unknown names
+    refused with a suggestion, and the same names checked before any cell (``--method-option``)."""
+    from benchmark.training.registry import check_method_options
+    from methods.crossfusion import CrossFusionOptions
+
+    model = small_model(name, num_layers=2, attn_dropout=0.1)
+    assert model.options == CrossFusionOptions(embed_dim=32, num_heads=4, num_layers=2, attn_dropout=0.1)
+    assert model.attention_settings.attn_dropout == 0.1
+    assert len(model.final_transformer.pre_layers.layers) == 2
+    with pytest.raises(KeyError, match="Did you mean 'embed_dim'"):
+        create_method(name, in_dim=16, embd_dim=32)
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        create_method(name, in_dim=16, embed_dim=30, num_heads=4)
+    check_method_options(name, {"num_layers": 2, "dropout_impl": "torch"})
+    with pytest.raises(ValueError, match=r"takes no option 'attn_dropot' \(did you mean 'attn_dropout'"):
+        check_method_options(name, {"attn_dropot": 0.1})
+    with pytest.raises(ValueError, match="takes no option 'fusion'"):
+        check_method_options(name, {"fusion": "concat"})
+
+
 # ------------------------------------------------------------------------------------------- dropout placement
 def test_attention_dropout_only_in_training_unless_official_option():
     bag = make_bag()

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import dataclasses
+import difflib
 import inspect
 import os
+import typing
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,19 +201,64 @@ def resolve_methods(selection: str) -> list[str]:
     return names
 
 
+def _parameters(callable_: Any) -> tuple[set[str], bool]:
+    """Keyword names of ``callable_`` and whether it also takes ``**kwargs``."""
+    signature = inspect.signature(callable_)
+    names = {p.name for p in signature.parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "in_dim", "n_bins"}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    return names, takes_any
+
+
+def _class_options(cls: type) -> set[str] | None:
+    """Keyword names of a class's ``__init__``; its ``**options`` are the fields of ``cls.options_type`` (a
+    dataclass) when it declares one, else unknown (None)."""
+    names, takes_any = _parameters(cls.__init__)
+    if not takes_any:
+        return names
+    options_type = getattr(cls, "options_type", None)
+    if options_type is None or not dataclasses.is_dataclass(options_type):
+        return None
+    return names | {f.name for f in dataclasses.fields(options_type)}
+
+
+def constructor_options(builder: Any) -> set[str] | None:
+    """Option names the method's builder accepts, or None when they cannot be known.
+
+    A factory that forwards ``**options`` to a class (``def crossfusion(in_dim, n_bins, **options) ->
+    CrossFusion``) is followed to that class through its return annotation; a class that takes ``**options``
+    names them with an ``options_type`` dataclass.
+    """
+    if inspect.isclass(builder):
+        return _class_options(builder)
+    names, takes_any = _parameters(builder)
+    if not takes_any:
+        return names
+    try:
+        returned = typing.get_type_hints(builder).get("return")
+    except Exception:  # noqa: BLE001 (an unresolvable annotation: the options cannot be known)
+        return None
+    if not inspect.isclass(returned):
+        return None
+    forwarded = _class_options(returned)
+    return None if forwarded is None else names | forwarded
+
+
 def check_method_options(name: str, options: dict[str, Any]) -> None:
     """Refuse options the method's constructor does not take (before any cell runs, not as a failed cell).
 
-    A builder that accepts ``**kwargs`` takes anything; its own code judges the values.
+    A builder whose options cannot be known (``**kwargs`` without a class to follow) takes anything; its own
+    code judges the values.
     """
-    parameters = inspect.signature(get_method_spec(name).builder).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    known = constructor_options(get_method_spec(name).builder)
+    if known is None:
         return
-    known = [p for p in parameters if p not in ("self", "in_dim", "n_bins")]
-    unknown = sorted(set(options) - set(known))
+    unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"--method-option {name}.{unknown[0]}: method {name!r} takes no option {unknown[0]!r}; "
-                         f"its options: {', '.join(known) or 'none'}")
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"--method-option {name}.{unknown[0]}: method {name!r} takes no option {unknown[0]!r}"
+                         f"{hint}; its options: {', '.join(sorted(known)) or 'none'}")
 
 
 def create_method(name: str, in_dim: int, n_bins: int = 4, **options: Any) -> nn.Module:

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from benchmark.store.records import config_hash
 from benchmark.training.recipes import Recipe
+from benchmark.training.registry import constructor_options, get_method_spec
 
 #: Shared by every method: learning rate (log-uniform), weight decay (log-uniform), dropout and the
 #: accumulation window (bags per optimiser step). Ranges bracket the official values of every method
@@ -137,37 +138,6 @@ def parse_param(name: str, spec: Any, where: str) -> Param:
 # -------------------------------------------------------------------------------------------------------
 # what a method accepts
 # -------------------------------------------------------------------------------------------------------
-def _parameters(callable_: Any) -> tuple[set[str], bool]:
-    """Keyword names of ``callable_`` and whether it also takes ``**kwargs``."""
-    signature = inspect.signature(callable_)
-    names = {p.name for p in signature.parameters.values()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "in_dim", "n_bins"}
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
-    return names, takes_any
-
-
-def constructor_options(builder: Any) -> set[str] | None:
-    """Option names the method's builder accepts, or None when they cannot be known.
-
-    A factory that forwards ``**options`` to a class (``def crossfusion(in_dim, n_bins, **options) ->
-    CrossFusion``) is followed to that class's ``__init__`` through its return annotation.
-    """
-    target = builder.__init__ if inspect.isclass(builder) else builder
-    names, takes_any = _parameters(target)
-    if not takes_any:
-        return names
-    if inspect.isclass(builder):
-        return None
-    try:
-        returned = typing.get_type_hints(builder).get("return")
-    except Exception:  # noqa: BLE001 (an unresolvable annotation: the options cannot be known)
-        return None
-    if not inspect.isclass(returned):
-        return None
-    forwarded, still_any = _parameters(returned.__init__)
-    return None if still_any else names | forwarded
-
-
 def _check_target(method: str, param: Param, accepted: set[str] | None) -> None:
     """A parameter must be a recipe field or an option the method's constructor takes."""
     if param.name in RECIPE_FIELDS:
@@ -243,7 +213,6 @@ def method_space(method: str, overrides: Mapping[str, Mapping[str, Any]] | None 
         A bad entry (see :func:`parse_param`), a name that is neither a recipe field nor a constructor option,
         or an empty space (nothing to tune).
     """
-    from benchmark.training.registry import get_method_spec
 
     spec = get_method_spec(method)
     declared = {**SHARED_SPACE, **dict(spec.search_space or {})}
@@ -275,6 +244,5 @@ def split_setting(setting: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 def tunable(method: str) -> bool:
     """Whether a method has anything to tune (the ``random`` floor has no trainable parameter)."""
-    from benchmark.training.registry import get_method_spec
 
     return get_method_spec(method).search_space is not False
