@@ -50,8 +50,8 @@ def _check_features(bag: Bag, magnification: int, in_dim: int) -> Tensor:
 
 @dataclass(frozen=True)
 class CrossFusionOptions:
-    """The options of the three CrossFusion variants (every keyword of ``create_method`` besides ``in_dim``,
-    ``n_bins`` and, for :class:`CrossFusion`, ``fusion``). Validated on construction.
+    """The options of the three CrossFusion variants (every keyword of ``create_method`` besides ``in_dim`` and
+    ``n_bins``). Validated on construction.
 
     Parameters
     ----------

@@ -126,8 +126,24 @@ def test_experiment_file_carries_the_execution_settings(tmp_path):
     path.write_text('methods = ["amil"]\ndatasets = "blca"\nexecutor = "local"\nshard = "1/2"\nsave_weights = true\n'
                     'precision = "bf16"\ncpus_per_cell = 2\n')
     experiment = build_experiment(build_parser().parse_args(["run", "--config", str(path)]))
-    assert (experiment.shard, experiment.save_weights, experiment.precision, experiment.cpus_per_cell) == \
+    assert (experiment.shard, experiment.save_weights, experiment.shared.precision, experiment.cpus_per_cell) == \
         ((1, 2), "last", "bf16", 2.0)
     assert experiment.configs(5)[0].label() == "demo, precision=bf16"
     flags = build_parser().parse_args(["run", "--config", str(path), "--save-weights", "none", "--shard", "0/3"])
     assert (build_experiment(flags).shard, build_experiment(flags).save_weights) == ((0, 3), "none")
+
+
+def test_experiment_holds_the_shared_cell_settings_in_one_run_config():
+    """The grid does not restate the cell settings: they live in ``Experiment.shared`` (a RunConfig), and each
+    cell is that object with its coordinates and its own method's options set."""
+    import dataclasses
+
+    restated = {f.name for f in dataclasses.fields(Experiment)} & {f.name for f in dataclasses.fields(RunConfig)}
+    assert restated == {"method_options"}  # per-method mapping here, one method's options in a cell
+    shared = RunConfig("*", "*", recipe="tiny", unit="slide", signal="none", precision="bf16")
+    experiment = Experiment(("amil", "dsmil"), ("blca",), folds=(1,), seeds=(3,), shared=shared,
+                            method_options={"*": {"dropout": 0.1}, "amil": {"hidden": 256}})
+    amil, dsmil = experiment.configs(5)
+    assert amil == shared.with_(method="amil", cohort="blca", fold=1, seed=3,
+                                method_options={"dropout": 0.1, "hidden": 256})
+    assert dsmil.options == {"dropout": 0.1} and dsmil.unit == "slide" and dsmil.signal == "none"

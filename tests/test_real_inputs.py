@@ -272,12 +272,13 @@ def test_experiment_file_data_source_and_registry(tmp_path, monkeypatch):
                                'features = "20x=clam"\nmissing_features = "drop"\nregistry = "mine.toml"\n')
     try:
         experiment = build_experiment(cli.build_parser().parse_args(["run", "--config", str(experiment_file)]))
-        assert experiment.cohorts == ("tcga_kirc",) and experiment.missing_features == "drop"
-        assert experiment.clinical == str(tmp_path / "t.csv.zip") and experiment.recipe == "paper"
-        assert experiment.features == (("20x", str(tmp_path / "clam")),)
-        assert experiment.registry == (str((tmp_path / "mine.toml").resolve()),)
+        shared = experiment.shared
+        assert experiment.cohorts == ("tcga_kirc",) and shared.missing_features == "drop"
+        assert shared.clinical == str(tmp_path / "t.csv.zip") and shared.recipe == "paper"
+        assert shared.features == (("20x", str(tmp_path / "clam")),)
+        assert shared.registry == (str((tmp_path / "mine.toml").resolve()),)
         config = experiment.configs(5)[0]
-        assert config.registry == experiment.registry and config.missing_features == "drop"
+        assert config.registry == shared.registry and config.missing_features == "drop"
     finally:
         monkeypatch.undo()
         clear_registry_caches()

@@ -8,7 +8,7 @@ from torch import nn
 
 from benchmark.training.recipes import Recipe
 from benchmark.training.registry import register_method
-from benchmark.training.config import Experiment, RunConfig, hashed_config
+from benchmark.training.config import ANY, Experiment, RunConfig, hashed_config
 from benchmark.training.recipes import register_recipe
 from benchmark.training.runner import (
     Execution, load_trained_model, parse_folds, run_cell, run_grid, summary_table,
@@ -25,7 +25,8 @@ CPU = Execution(device="cpu")
 
 def grid(methods, folds, **settings):
     """The RunConfigs of a toy grid on cohort blca (the toy loader ignores the name)."""
-    return Experiment(tuple(methods), ("blca",), folds=tuple(folds), recipe="tiny", **settings).configs(5)
+    shared = RunConfig(ANY, ANY, recipe="tiny", **settings)
+    return Experiment(tuple(methods), ("blca",), folds=tuple(folds), shared=shared).configs(5)
 CONTRACT_FIELDS = {"schema", "status", "method", "cohort", "backbone", "fold", "seed", "recipe", "selection", "label",
                    "config", "config_hash", "provenance", "metrics", "selected_epoch", "history", "bin_edges",
                    "train_risk_median", "predictions", "error", "seconds", "weights"}

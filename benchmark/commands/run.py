@@ -181,7 +181,7 @@ def build_experiment(args: argparse.Namespace):
     """The :class:`~benchmark.training.config.Experiment` of a ``run`` command line (and its experiment file)."""
     from benchmark.data.backbones import resolve_backbones
     from benchmark.data.cohorts import add_registry_file, resolve_cohorts, user_registry_files
-    from benchmark.training.config import Experiment, feature_items
+    from benchmark.training.config import ANY, Experiment, RunConfig, feature_items
     from benchmark.training.recipes import parse_assignments
     from benchmark.training.registry import check_method_options, load_plugins, resolve_methods
     from benchmark.training.runner import parse_folds
@@ -200,19 +200,21 @@ def build_experiment(args: argparse.Namespace):
     folds = None if str(s["folds"]).strip().lower() == "all" else tuple(parse_folds(_as_text_list(s["folds"])))
     real = s["data_root"] is not None or s["clinical"] is not None
     recipe = s["recipe"] or (REAL_DEFAULT_RECIPE if real else SYNTHETIC_DEFAULT_RECIPE)
+    shared = RunConfig(
+        ANY, ANY, recipe=recipe, overrides={**s["overrides"], **parse_assignments(args.overrides)},
+        selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
+        data_root=s["data_root"], signal=s["signal"], precision=s["precision"], clinical=s["clinical"],
+        splits=s["splits"], features=feature_items(s["features"]), layout=s["layout"],
+        missing_features=s["missing_features"], registry=tuple(str(p) for p in user_registry_files()),
+    )
     experiment = Experiment(
         methods=tuple(methods), cohorts=tuple(resolve_cohorts(_as_text_list(s["datasets"]))),
         backbones=tuple(resolve_backbones(_as_text_list(s["backbones"]))), folds=folds,
-        seeds=tuple(parse_folds(_as_text_list(s["seeds"]))), repeats=_repeats(s), recipe=recipe,
-        overrides={**s["overrides"], **parse_assignments(args.overrides)}, method_options=options,
-        selection=s["selection"], unit=s["unit"], bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]),
-        data_root=s["data_root"], signal=s["signal"], results=s["results"], jobs=int(s["jobs"]),
-        device=s["device"], save_weights=str(s["save_weights"]), plugins=tuple(s["plugins"]),
-        precision=s["precision"], executor=s["executor"], address=s["address"],
-        cpus_per_cell=None if s["cpus_per_cell"] is None else float(s["cpus_per_cell"]), gpus_per_cell=float(s["gpus_per_cell"]),
-        shard=parse_shard(s["shard"]),
-        clinical=s["clinical"], splits=s["splits"], features=feature_items(s["features"]), layout=s["layout"],
-        missing_features=s["missing_features"], registry=tuple(str(p) for p in user_registry_files()),
+        seeds=tuple(parse_folds(_as_text_list(s["seeds"]))), repeats=_repeats(s), shared=shared,
+        method_options=options, results=s["results"], jobs=int(s["jobs"]), device=s["device"],
+        save_weights=str(s["save_weights"]), plugins=tuple(s["plugins"]), executor=s["executor"],
+        address=s["address"], cpus_per_cell=None if s["cpus_per_cell"] is None else float(s["cpus_per_cell"]),
+        gpus_per_cell=float(s["gpus_per_cell"]), shard=parse_shard(s["shard"]),
     )
     experiment.check()
     return experiment
@@ -223,19 +225,18 @@ def _results_dir(experiment) -> Path:
 
     if experiment.results:
         return Path(experiment.results)
-    default = default_results_dir(experiment.data_root, experiment.clinical)
-    if experiment.data_root is None and experiment.clinical is None and experiment.signal != "mixed":  # a control
-        default = default.with_name(f"synthetic-{experiment.signal}")
+    shared = experiment.shared
+    default = default_results_dir(shared.data_root, shared.clinical)
+    if shared.data_root is None and shared.clinical is None and shared.signal != "mixed":  # a control
+        default = default.with_name(f"synthetic-{shared.signal}")
     return default
 
 
 def _cohorts(experiment) -> list:
     """Load every cohort once (validates names and paths, generates synthetic data before workers start)."""
-    from benchmark.training.config import RunConfig
     from benchmark.training.runner import get_cohort_data
 
-    return [get_cohort_data(RunConfig(experiment.methods[0], c, b, unit=experiment.unit, data_root=experiment.data_root,
-                                      signal=experiment.signal, repeat=r, **experiment.data_source()))
+    return [get_cohort_data(experiment.cell_config(experiment.methods[0], c, b, repeat=r))
             for c in experiment.cohorts for b in experiment.backbones for r in experiment.repeats]
 
 
@@ -245,7 +246,7 @@ def check_bins(experiment, cohorts) -> None:
     for cohort in cohorts:
         folds = experiment.folds if experiment.folds is not None else range(len(cohort.folds))
         for k in folds:
-            cohort.bins(k, rule=experiment.bin_rule, n_bins=experiment.n_bins)
+            cohort.bins(k, rule=experiment.shared.bin_rule, n_bins=experiment.shared.n_bins)
 
 
 def print_data_notes(console, cohort) -> None:
@@ -279,10 +280,10 @@ def check_execution(experiment) -> None:
 
         import_ray()
         check_reachable(experiment.address)
-        check_precision(experiment.precision, "cuda" if experiment.gpus_per_cell > 0 else None)
+        check_precision(experiment.shared.precision, "cuda" if experiment.gpus_per_cell > 0 else None)
         return
     device = resolve_device(experiment.device)
-    check_precision(experiment.precision, device)
+    check_precision(experiment.shared.precision, device)
     if experiment.gpus_per_cell > 0 and not torch.cuda.is_available():
         raise ValueError(f"--gpus-per-cell {experiment.gpus_per_cell:g}: this machine has no CUDA GPU")
 
@@ -351,13 +352,14 @@ def _print_header(console, experiment, grid: list, configs: list, results: Path)
         if first.recipe == "demo" else ""
     console.print(f"[bold]recipe {first.label()}[/bold]{demo_note}: " + ", ".join(
         f"{k}={v}" for k, v in first.resolved_recipe().to_dict().items() if k != "name"))
-    source = "embedded synthetic cohorts" if experiment.data_root is None else f"data root {experiment.data_root}"
-    if experiment.clinical is not None:
-        source = f"clinical table {experiment.clinical}"
-    if experiment.data_root is None and experiment.signal != "mixed":
-        source += f" with a '{experiment.signal}' signal"
-    console.print(f"selection {experiment.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
-                  f"precision {experiment.precision}, {source}, results -> {results}")
+    shared = experiment.shared
+    source = "embedded synthetic cohorts" if shared.data_root is None else f"data root {shared.data_root}"
+    if shared.clinical is not None:
+        source = f"clinical table {shared.clinical}"
+    if shared.data_root is None and shared.signal != "mixed":
+        source += f" with a '{shared.signal}' signal"
+    console.print(f"selection {shared.selection}, seed(s) {list(experiment.seeds)}, device {experiment.device}, "
+                  f"precision {shared.precision}, {source}, results -> {results}")
     n_folds = len(grid) // (len(experiment.methods) * len(experiment.cohorts) * len(experiment.backbones)
                             * len(experiment.seeds) * len(experiment.repeats))
     shard = "" if experiment.shard is None else f", shard {experiment.shard[0]}/{experiment.shard[1]}: {len(configs)}"
@@ -390,7 +392,7 @@ def _checked_grid(console, experiment) -> list:
     grid = experiment.configs(min(len(c.folds) for c in cohorts))
     check_bins(experiment, cohorts)
     recipe_notes: list[str] = []
-    get_recipe(grid[0].recipe, dict(experiment.overrides), notes=recipe_notes)
+    get_recipe(grid[0].recipe, dict(experiment.shared.overrides), notes=recipe_notes)
     for note in recipe_notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     return grid

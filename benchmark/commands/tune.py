@@ -68,7 +68,7 @@ def build_tasks(args: argparse.Namespace, experiment, results: Path, console) ->
     from benchmark.training.tuning import StudyTask, TuningSettings
 
     options, space_overrides = tune_settings(args)
-    if experiment.selection == "paper-max":
+    if experiment.shared.selection == "paper-max":
         raise ValueError("tune: --selection paper-max picks epochs on the reported fold; tune with last or inner")
     settings = TuningSettings(**{k: options[k] for k in ("budget", "trials", "timeout_per_method", "sampler_seed",
                                                          "pruner", "inner_folds")})

@@ -409,12 +409,20 @@ EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
 EXPERIMENT_PATHS = ("clinical", "splits", "features", "registry")
 
 
+#: The placeholder coordinates of :attr:`Experiment.shared` (each cell sets its own).
+ANY = "*"
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A grid of :class:`RunConfig` under shared settings, and how to execute it.
 
-    ``method_options`` maps a method name (or ``"*"`` for every method) to its options; each cell receives only
-    its own method's options. ``folds`` None means every fold of the cohort.
+    ``shared`` is a :class:`RunConfig` holding every setting the cells have in common (recipe, overrides,
+    selection, unit, bins, data source, precision); its coordinates are placeholders that each cell sets
+    (method, cohort, backbone, fold, seed, repeat) and its ``method_options`` stay empty: ``method_options``
+    here maps a method name (or ``"*"`` for every method) to its options, and each cell receives only its own
+    method's. ``folds`` None means every fold of the cohort. The remaining fields say how to execute the grid
+    and are part of no cell's result.
     """
 
     methods: tuple[str, ...]
@@ -423,40 +431,25 @@ class Experiment:
     folds: tuple[int, ...] | None = None
     seeds: tuple[int, ...] = (0,)
     repeats: tuple[int, ...] = (0,)
-    recipe: str = "demo"
-    overrides: Mapping[str, Any] = field(default_factory=dict)
+    shared: RunConfig = RunConfig(ANY, ANY)
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    selection: str = "last"
-    unit: str = "patient"
-    bin_rule: str = "train"
-    n_bins: int = DEFAULT_N_BINS
-    data_root: str | None = None
-    signal: str = "mixed"
-    precision: str = "fp32"
-    # execution (not part of any cell's result)
+    # execution
     results: str | None = None
     jobs: int = 1
     device: str = "auto"
     save_weights: str = "none"
     plugins: tuple[str, ...] = ()
-    # the data source (part of every cell's configuration)
-    clinical: str | None = None
-    splits: str | None = None
-    features: tuple[tuple[str, str], ...] = ()
-    layout: str = "auto"
-    missing_features: str = "error"
-    registry: tuple[str, ...] = ()
-
-    def data_source(self) -> dict[str, Any]:
-        """The data-source fields every cell of the grid gets."""
-        return {"clinical": self.clinical, "splits": self.splits, "features": self.features, "layout": self.layout,
-                "missing_features": self.missing_features, "registry": self.registry}
-
     executor: str = "local"
     address: str | None = None
     cpus_per_cell: float | None = None  # None: one per worker (all cores for one in-process job)
     gpus_per_cell: float = 0.0
     shard: tuple[int, int] | None = None
+
+    def cell_config(self, method: str, cohort: str, backbone: str, repeat: int = 0, seed: int = 0,
+                    fold: int = 0) -> RunConfig:
+        """The configuration of one cell of the grid."""
+        return self.shared.with_(method=method, cohort=cohort, backbone=backbone, repeat=repeat, seed=seed,
+                                 fold=fold, method_options=_frozen_items(self.options_for(method)))
 
     def options_for(self, method: str) -> dict[str, Any]:
         """The options that reach ``method``: the ``"*"`` ones, then its own (which win)."""
@@ -469,20 +462,13 @@ class Experiment:
         bad = [k for k in folds if k >= n_folds]
         if bad:
             raise ValueError(f"--folds: the cohorts have only {n_folds} folds (0-{n_folds - 1}); got {bad}")
-        return [
-            RunConfig(m, c, b, k, s, self.recipe, dict(self.overrides), self.options_for(m), self.selection,
-                      self.unit, self.bin_rule, self.n_bins, self.data_root, self.signal, r,
-                      precision=self.precision, **self.data_source())
-            for c in self.cohorts for b in self.backbones for m in self.methods for r in self.repeats
-            for s in self.seeds for k in folds
-        ]
+        return [self.cell_config(m, c, b, r, s, k)
+                for c in self.cohorts for b in self.backbones for m in self.methods for r in self.repeats
+                for s in self.seeds for k in folds]
 
     def check(self) -> None:
-        """Validate the shared settings once, before any cell (a bad value is one clear error)."""
-        RunConfig(self.methods[0] if self.methods else "x", self.cohorts[0] if self.cohorts else "x",
-                  recipe=self.recipe, overrides=dict(self.overrides), selection=self.selection, unit=self.unit,
-                  bin_rule=self.bin_rule, n_bins=self.n_bins, signal=self.signal, precision=self.precision,
-                  **self.data_source())
+        """Validate the execution settings and the method options once, before any cell (a bad value is one
+        clear error; the shared cell settings were validated when ``shared`` was built)."""
         unknown = [m for m in self.method_options if m != "*" and m not in self.methods]
         if unknown:
             raise ValueError(f"--method-option: method(s) {unknown} are not among the selected methods "
