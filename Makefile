@@ -9,13 +9,19 @@ JOBS     ?= 2
 # Table 2 method (the paper's is CrossFusion; e.g. `make table2 TABLE2_METHOD=amil` for a fast backbone ranking)
 TABLE2_METHOD ?= crossfusion
 # Null calibration: methods run on --signal none data (every method equally good), one store per data seed
-CALIBRATION_METHODS ?= amil,dsmil,transmil,random
+CALIBRATION_METHODS ?= amil,dsmil,deepgraphsurv,random
+CALIBRATION_SEEDS   ?= 0 1 2
+CALIBRATION_DATA    ?= data_cache/calibration
 CALIBRATION_RESULTS ?= results/calibration
+# Synthetic controls with a known answer: a 20x-only signal (20x-reading methods above random), no signal
+CONTROL_METHODS  ?= amil,dsmil,deepgraphsurv,patchgcn,random
+CONTROL_DATASETS ?= blca,ucec
+CONTROL_RESULTS  ?= results/controls
 # `make table1 TUNE=1`: tune every method the same way first (docs/TUNING.md), then Table 1 of the tuned cells
 TUNE   ?= 0
 TRIALS ?= 30
 
-.PHONY: install test test-ray gpu-check table1 table2 calibration clean-results help
+.PHONY: install test test-ray gpu-check table1 table2 calibration controls clean-results help
 
 help:
 	@echo "make install   - create $(VENV) with the pinned CPU stack and install the harness"
@@ -25,7 +31,8 @@ help:
 	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
 	@echo "                 TUNE=1: tune every method first ($(TRIALS) trials per outer fold) -> $(RESULTS)/table1-tuned.md"
 	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
-	@echo "make calibration - methods on --signal none data; prints how often --significance marks a row vs alpha"
+	@echo "make calibration - methods on --signal none data of CALIBRATION_SEEDS; how often a column gets a mark vs alpha"
+	@echo "make controls  - CONTROL_METHODS on a 20x-only signal and on no signal, marked against random"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -59,5 +66,20 @@ table2: install
 	$(PY) -m benchmark table 2 --results $(RESULTS) --method $(TABLE2_METHOD) --format md --out $(RESULTS)/table2.md
 
 calibration: install
-	$(PY) -m benchmark run --methods $(CALIBRATION_METHODS) --dataset all --backbone resnet50 --signal none --jobs $(JOBS) --results $(CALIBRATION_RESULTS)
-	$(PY) -m benchmark calibration --results $(CALIBRATION_RESULTS)
+	for seed in $(CALIBRATION_SEEDS); do \
+	  $(PY) -m benchmark synth --out $(CALIBRATION_DATA)/s$$seed --preset demo --seed $$seed --signal none --cohorts all || exit 1; \
+	  $(PY) -m benchmark run --methods $(CALIBRATION_METHODS) --dataset all --backbone resnet50 --recipe demo \
+	    --data-root $(CALIBRATION_DATA)/s$$seed --jobs $(JOBS) --results $(CALIBRATION_RESULTS)/s$$seed || exit 1; \
+	done
+	$(PY) -m benchmark calibration --results $(addprefix $(CALIBRATION_RESULTS)/s,$(CALIBRATION_SEEDS))
+
+controls: install
+	for signal in fine none; do \
+	  $(PY) -m benchmark run --methods $(CONTROL_METHODS) --dataset $(CONTROL_DATASETS) --backbone resnet50 --signal $$signal \
+	    --jobs $(JOBS) --results $(CONTROL_RESULTS)/$$signal || exit 1; \
+	  $(PY) -m benchmark table 1 --results $(CONTROL_RESULTS)/$$signal --significance --reference random \
+	    --format md --out $(CONTROL_RESULTS)/$$signal.md || exit 1; \
+	  $(PY) -m benchmark compare --results $(CONTROL_RESULTS)/$$signal --methods $(CONTROL_METHODS) --reference random \
+	    --dataset $(CONTROL_DATASETS) > $(CONTROL_RESULTS)/$$signal-compare.txt || exit 1; \
+	  cat $(CONTROL_RESULTS)/$$signal.md $(CONTROL_RESULTS)/$$signal-compare.txt; \
+	done

@@ -287,7 +287,9 @@ def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
     assert main(["compare", "--results", str(store), "--methods", "good,noise,twin", "--reference", "noise",
                  "--test", "corrected-t", "--dataset", "luad", "--cd-out", str(tmp_path / "cd2.png")]) == 0
     text = capsys.readouterr().out
-    assert "noise vs good" in text and "every method vs noise" in text and "corrected resampled t-test" in text
+    assert "good vs noise" in text and "every method vs noise" in text and "corrected resampled t-test" in text
+    good = next(line for line in text.splitlines() if line.startswith("good vs noise"))
+    assert "mean +" in good  # read as method - reference: the better method has a positive difference
     assert main(["compare", "--results", str(store), "--methods", "good,nosuch"]) == 2
 
 

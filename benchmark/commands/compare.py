@@ -79,14 +79,17 @@ def _compare_cohort(cohort: str, rows: dict, options, confidence: float) -> dict
           f" validation folds")
     print("   " + result.footer("*"))
     pairs = []
-    for a, b in result.pairs:
+    for pair in result.pairs:
+        # against a reference, read as "method vs reference" (d > 0: the method is better)
+        a, b = pair[::-1] if pair[0] == result.reference else pair
+        sign = -1.0 if pair[0] == result.reference else 1.0
         diffs = np.subtract(data.fold_values[a], data.fold_values[b])
-        raw, adjusted = result.raw_p[(a, b)], result.adjusted_p[(a, b)]
+        raw, adjusted = result.raw_p[pair], result.adjusted_p[pair]
         star = " *" if adjusted <= options.alpha else ""
         print(f"{a} vs {b}: per-fold d [{' '.join(f'{d:+.3f}' for d in diffs)}] mean {diffs.mean():+.3f}; "
               f"p = {raw:.3g}, Holm p = {adjusted:.3g}{star}")
         pairs.append({"a": a, "b": b, "cohort": cohort, "fold_differences": diffs.tolist(),
-                      "mean_fold_difference": float(diffs.mean()), "tested_difference": result.differences[(a, b)],
+                      "mean_fold_difference": float(diffs.mean()), "tested_difference": sign * result.differences[pair],
                       "p_value": float(raw), "holm_p_value": float(adjusted),
                       "significant": bool(adjusted <= options.alpha)})
     intervals = {m: corrected_t_interval(v, data.n_folds, confidence) for m, v in data.fold_values.items()}
