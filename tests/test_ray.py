@@ -4,6 +4,7 @@ process is killed mid-grid, and from two shards; bad cluster options are one lin
 
 Skipped when Ray is not installed (``make test-ray`` installs ``requirements-ray.lock`` and runs these).
 """
+import json
 import os
 import signal
 import socket
@@ -183,3 +184,42 @@ def test_sigint_cancels_the_ray_grid(ray_cluster, tiny_data, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert time.monotonic() - sent < 20 and proc.returncode == 130, out[-2000:] + err[-2000:]
     assert "of 8 cells finished; rerun the same command to resume" in out and "Traceback" not in out + err
+
+
+def test_tune_runs_study_workers_as_ray_tasks(ray_cluster, tiny_data, tmp_path):
+    """``tune --executor ray --jobs 2``: the study's two workers are Ray tasks sharing its journal; one is killed
+    mid-trial (Ray retries it, the trial it left is redone), and the study ends with exactly its budget and a
+    tuned record."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from benchmark.training.tuning import open_storage
+
+    results, storage = tmp_path / "store", tmp_path / "store" / "tuning" / "optuna.journal"
+    args = [sys.executable, "-m", "benchmark", "tune", "--methods", "amil", "--dataset", "blca", "--folds", "0",
+            "--data-root", str(tiny_data), "--recipe", "demo", "--set", "epochs=2", "max_samples_per_epoch=24",
+            "--trials", "6", "--inner-folds", "2", "--results", str(results), "--executor", "ray", "--address",
+            ray_cluster, "--jobs", "2"]
+    proc = subprocess.Popen(args, cwd=REPO, env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.monotonic() + 180
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        studies = optuna.get_all_study_names(open_storage(str(storage), None)) if storage.exists() else []
+        running = [t for name in studies for t in optuna.load_study(study_name=name, storage=open_storage(
+            str(storage), None)).get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs]
+        if running:
+            victim = running[0].user_attrs["worker"]["pid"]
+            os.kill(victim, signal.SIGKILL)  # the Ray worker process running this trial
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    assert victim is not None, "no trial was seen running"
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "as Ray tasks" in out and "1 outer fold(s) tuned" in out and "0 error(s)" in out
+    (name,) = optuna.get_all_study_names(open_storage(str(storage), None))
+    study = optuna.load_study(study_name=name, storage=open_storage(str(storage), None))
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 6
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert failed and all(t.user_attrs.get("interrupted") for t in failed), out[-3000:]  # the killed worker's trial
+    assert os.getpid() not in {t.user_attrs["worker"]["pid"] for t in study.trials} and victim != proc.pid
+    (record,) = [json.loads(p.read_text()) for p in (results / "cells").rglob("fold0.json")]
+    assert record["status"] == "ok" and record["config"]["tuning"]["params"] == study.best_trial.params

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import psutil
 import pytest
 from optuna.trial import TrialState
 from test_train import ToyCohort, scoped_registry
@@ -64,6 +65,13 @@ def toy_task(tmp_path, cohort, settings=None, fold=0, storage=None) -> StudyTask
 
 def loader_of(cohort):
     return lambda *args, **kwargs: cohort
+
+
+def settings_in_run_order(study) -> list[dict]:
+    """The settings of the finished trials in the order they ran (trial numbers are given when a trial is queued:
+    a redone trial, queued last, runs first)."""
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return [t.params for t in sorted(finished, key=lambda t: t.datetime_start)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,7 +225,8 @@ def test_resume_redoes_a_running_trial_with_its_setting(tmp_path):
         study.sampler = seeded_sampler(settings, study)
     resumed = run_study(task, loader=loader_of(cohort))
     assert [t.state for t in resumed.trials[:2]] == [TrialState.FAIL] * 2
-    assert resumed.trials[2].user_attrs["redo_of"] == 0 and resumed.trials[2].params == clean.trials[0].params
+    redo = [t for t in resumed.trials if t.user_attrs.get("redo_of") is not None]
+    assert [t.user_attrs["redo_of"] for t in redo] == [0, 1] and redo[0].params == clean.trials[0].params
     assert resumed.best_trial.params == clean.best_trial.params
 
 
@@ -260,27 +269,30 @@ def test_tuned_config_label_store_key_and_round_trip():
 # ---------------------------------------------------------------------------------------------------------
 # resume after kill -9 (the real command, in a subprocess)
 # ---------------------------------------------------------------------------------------------------------
-def _tune_args(data_root, results, storage):
+def _tune_args(data_root, results, storage, *extra, trials=4, epochs=1):
     return ["tune", "--methods", "amil", "--dataset", "blca", "--folds", "0", "--data-root", str(data_root),
-            "--recipe", "demo", "--set", "epochs=1", "max_samples_per_epoch=24", "--trials", "4", "--inner-folds", "2",
-            "--results", str(results), "--storage", str(storage), "--no-weights"]
+            "--recipe", "demo", "--set", f"epochs={epochs}", "max_samples_per_epoch=24", "--trials", str(trials),
+            "--inner-folds", "2", "--results", str(results), "--storage", str(storage), "--no-weights", *extra]
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-def _wait_for_running_trial(storage: Path, process, min_complete: int = 2, limit_s: float = 120) -> None:
+def _wait_for_running_trial(storage: Path, process, min_complete: int = 2, limit_s: float = 120) -> optuna.Study:
+    """The study once ``min_complete`` trials are complete and one runs (with its worker recorded)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline and process.poll() is None:
         if storage.exists():
             backend = open_storage(str(storage), None)
             for name in optuna.get_all_study_names(backend):
-                states = [t.state for t in optuna.load_study(study_name=name, storage=backend).trials]
-                if states.count(TrialState.COMPLETE) >= min_complete and states[-1] == TrialState.RUNNING:
-                    return
+                study = optuna.load_study(study_name=name, storage=backend)
+                states = [t.state for t in study.trials]
+                running = study.get_trials(states=(TrialState.RUNNING,))
+                if states.count(TrialState.COMPLETE) >= min_complete and any("worker" in t.user_attrs for t in running):
+                    return study
         time.sleep(0.05)
-    raise AssertionError("the tune process never reached a running trial after two complete ones")
+    raise AssertionError(f"the tune process never reached a running trial after {min_complete} complete one(s)")
 
 
 def _only_study(storage: Path) -> optuna.Study:
@@ -305,8 +317,7 @@ def test_killed_tune_resumes_to_the_same_choice(tiny_root, tmp_path, capsys):
     assert cli_main(_tune_args(tiny_root, clean, clean / "s.journal")) == 0
     a, b = _only_study(killed / "s.journal"), _only_study(clean / "s.journal")
     assert len(a.get_trials(states=(TrialState.FAIL,))) == 1
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    assert [t.params for t in a.get_trials(states=finished)] == [t.params for t in b.get_trials(states=finished)]
+    assert settings_in_run_order(a) == settings_in_run_order(b)
     assert a.best_trial.params == b.best_trial.params
     records = [json.loads(p.read_text()) for p in sorted((killed / "cells").rglob("fold0.json"))]
     assert len(records) == 1 and records[0]["tuning"]["n_failed"] == 1
@@ -316,6 +327,122 @@ def test_killed_tune_resumes_to_the_same_choice(tiny_root, tmp_path, capsys):
                      "--results", str(killed), "--storage", str(killed / "s.journal")]) == 0
     assert find_tuned(RunConfig.from_record(records[0]).with_(tuning=None, tuned=()), str(killed / "s.journal"),
                       str(killed)).config.tuned == RunConfig.from_record(records[0]).tuned
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several workers on one study (the executors cells use)
+# ---------------------------------------------------------------------------------------------------------
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def assert_budget_met_exactly(study: optuna.Study, trials: int) -> None:
+    """Exactly ``trials`` finished trials, nothing left running or queued, no trial number twice, every trial
+    that failed redone, and the best trial the best of the complete ones."""
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) == numbers[-1] + 1
+    assert len(study.get_trials(states=FINISHED_STATES)) == trials
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    redone = {t.user_attrs["redo_of"] for t in study.trials if "redo_of" in t.user_attrs}
+    assert {t.number for t in study.get_trials(states=(TrialState.FAIL,))} <= redone
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert study.best_trial.number == max(complete, key=lambda t: t.value).number
+
+
+def _tuned_record(results: Path) -> dict:
+    (path,) = sorted((results / "cells").rglob("fold0.json"))
+    return json.loads(path.read_text())
+
+
+def test_two_workers_share_one_study_and_meet_the_budget_exactly(tiny_root, tmp_path, capsys):
+    """``tune --jobs 2``: two worker processes (the local executor) take trials of one study from its journal;
+    the study ends with exactly the budget, and the retrained setting is the best complete trial's."""
+    assert cli_main(_tune_args(tiny_root, tmp_path, tmp_path / "s.journal", "--jobs", "2", trials=6)) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 worker(s) per study, as local worker processes" in out and "1 outer fold(s) tuned" in out
+    study = _only_study(tmp_path / "s.journal")
+    assert_budget_met_exactly(study, 6)
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # trials ran in the worker processes only
+    record = _tuned_record(tmp_path)
+    assert record["status"] == "ok" and record["tuning"]["best"]["number"] == study.best_trial.number
+    assert record["config"]["tuning"]["params"] == study.best_trial.params
+    assert record["tuning"]["n_complete"] + record["tuning"]["n_pruned"] == 6
+
+
+def _start_tune(args: list[str], new_session: bool = False) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "benchmark", *args], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+
+
+def test_a_dead_study_worker_is_redone_and_the_budget_met(tiny_root, tmp_path):
+    """One of two workers is killed (SIGKILL) mid-trial: the local executor reports it, the trial it left RUNNING
+    is marked FAIL and redone by another round, and the command still ends with the budget met."""
+    storage = tmp_path / "s.journal"
+    process = _start_tune(_tune_args(tiny_root, tmp_path, storage, "--jobs", "2", trials=6))
+    try:
+        study = _wait_for_running_trial(storage, process, min_complete=1)
+        victim = next(t for t in study.get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs)
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+        out, err = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, out[-2000:] + err[-2000:]
+    assert "worker died" in out and "marked FAIL and queued again; another round" in " ".join(out.split())
+    study = _only_study(storage)
+    assert_budget_met_exactly(study, 6)
+    killed = study.trials[victim.number]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["interrupted"]
+    assert _tuned_record(tmp_path)["status"] == "ok"
+
+
+def test_killed_tune_with_two_workers_resumes_to_the_budget(tiny_root, tmp_path, capsys):
+    """kill -9 of ``tune --jobs 2`` and of its workers at once, mid-trial (as a crash or the OOM killer would):
+    the rerun keeps the finished trials, marks the ones left RUNNING as FAIL, redoes them, and ends with exactly
+    the budget."""
+    storage = tmp_path / "s.journal"
+    process = _start_tune(_tune_args(tiny_root, tmp_path, storage, "--jobs", "2", trials=6), new_session=True)
+    try:
+        _wait_for_running_trial(storage, process, min_complete=2)
+        workers = psutil.Process(process.pid).children(recursive=True)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the command and its workers (one process group)
+        process.communicate()
+    assert workers and not psutil.wait_procs(workers, timeout=30)[1]
+    before = _only_study(storage)
+    kept = {t.number: (t.state, t.params, t.value) for t in before.get_trials(states=FINISHED_STATES)}
+    left = {t.number for t in before.get_trials(states=(TrialState.RUNNING,))}
+    assert kept and left
+    assert cli_main(_tune_args(tiny_root, tmp_path, storage, "--jobs", "2", trials=6)) == 0
+    assert "marked FAIL and queued again" in " ".join(capsys.readouterr().out.split())
+    after = _only_study(storage)
+    assert {n: (after.trials[n].state, after.trials[n].params, after.trials[n].value) for n in kept} == kept
+    assert all(after.trials[n].state == TrialState.FAIL and after.trials[n].user_attrs["interrupted"] for n in left)
+    assert_budget_met_exactly(after, 6)
+    assert _tuned_record(tmp_path)["tuning"]["n_failed"] == len(left)
+
+
+def test_ctrl_c_stops_the_workers_and_leaves_the_study_consistent(tiny_root, tmp_path):
+    """SIGINT to ``tune --jobs 2``: exit 130 within seconds with the resume hint and no traceback, no worker left,
+    no trial left RUNNING (the interrupted ones are FAIL and queued again), finished trials kept."""
+    storage = tmp_path / "s.journal"
+    process = _start_tune(_tune_args(tiny_root, tmp_path, storage, "--jobs", "2", trials=20, epochs=4))
+    try:
+        _wait_for_running_trial(storage, process, min_complete=1)
+        workers = psutil.Process(process.pid).children(recursive=True)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and time.monotonic() - sent < 20, out[-2000:] + err[-2000:]
+    assert "rerun the same command to resume" in out and "Traceback" not in out + err
+    assert not psutil.wait_procs(workers, timeout=10)[1], "a worker outlived the interrupted tune"
+    study = _only_study(storage)
+    assert study.get_trials(states=(TrialState.COMPLETE,)) and not study.get_trials(states=(TrialState.RUNNING,))
+    interrupted = [t.number for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("interrupted")]
+    queued = {t.user_attrs.get("redo_of") for t in study.get_trials(states=(TrialState.WAITING,))}
+    assert set(interrupted) <= queued
+    assert len(study.get_trials(states=FINISHED_STATES + (TrialState.WAITING,))) == 20  # the rest of the budget
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -288,15 +288,17 @@ def check_execution(experiment) -> None:
         raise ValueError(f"--gpus-per-cell {experiment.gpus_per_cell:g}: this machine has no CUDA GPU")
 
 
-def start_executor(experiment, store):
-    """The grid's executor, connected and validated (Ray: reachable, resources present, store writable)."""
-    from benchmark.training.runner import Execution, make_executor
+def start_executor(experiment, store, work=None, shared_roots: tuple[str, ...] = ()):
+    """The grid's executor (or, with ``work``, the tuner's), connected and validated (Ray: reachable, resources
+    present, store and ``shared_roots`` writable from every node)."""
+    from benchmark.training.runner import Execution, execute_cell, make_executor
 
     execution = Execution(device=experiment.device, save_weights=experiment.save_weights == "last",
                           plugins=experiment.plugins)
     executor = make_executor(experiment.executor, experiment.jobs, execution, address=experiment.address,
                              cpus_per_cell=experiment.cpus_per_cell, gpus_per_cell=experiment.gpus_per_cell,
-                             store_root=str(store.root.resolve()))
+                             store_root=str(store.root.resolve()), work=work or execute_cell,
+                             shared_roots=shared_roots)
     if experiment.executor == "local" and experiment.jobs <= 1 and experiment.cpus_per_cell:
         import torch
 

@@ -26,7 +26,8 @@ def register(subparsers) -> None:
             "inner cross-validation of that fold's training patients only; the best setting is then trained on "
             "the whole outer training fold and evaluated once on its validation fold. Every method gets the same "
             "budget and sampler seed. Studies are kept in a journal file (or an RDB URL) and a killed run "
-            "resumes. Tables show the tuned cells with `table 1 --tuned`."
+            "resumes. --jobs N runs N workers per study, sharing it through that storage, on the executor cells use "
+            "(--executor local: worker processes; ray: Ray tasks). Tables show the tuned cells with `table 1 --tuned`."
         ),
     )
     add_grid_arguments(p)
@@ -62,9 +63,10 @@ def tune_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
 
 
 def build_tasks(args: argparse.Namespace, experiment, results: Path, console) -> list:
-    """Every outer fold to tune; every space checked before any trial runs."""
+    """Every outer fold to tune (the shard's, with ``--shard``); every space checked before any trial runs."""
     from benchmark.commands.run import _cohorts
     from benchmark.training.search_spaces import check_override_scopes, method_space, tunable
+    from benchmark.training.shard import shard_of
     from benchmark.training.tuning import StudyTask, TuningSettings
 
     options, space_overrides = tune_settings(args)
@@ -78,15 +80,32 @@ def build_tasks(args: argparse.Namespace, experiment, results: Path, console) ->
     check_override_scopes(space_overrides, list(experiment.methods))
     spaces = {m: method_space(m, space_overrides) for m in methods}
     n_folds = min(len(c.folds) for c in _cohorts(experiment))
-    return [StudyTask(c, spaces[c.method], settings, options["storage"], str(results), n_folds, experiment.device,
+    storage = options["storage"]
+    if experiment.executor == "ray":  # Ray workers do not run in this folder: every path absolute
+        results = results.resolve()
+        storage = storage if storage is None or "://" in storage else str(Path(storage).resolve())
+    configs = shard_of(experiment.configs(n_folds), experiment.shard)
+    return [StudyTask(c, spaces[c.method], settings, storage, str(results), n_folds, experiment.device,
                       experiment.plugins)
-            for c in experiment.configs(n_folds) if c.method in spaces]
+            for c in configs if c.method in spaces]
 
 
-def _print_plan(console, tasks: list, jobs: int) -> None:
+def _journal_folder(task) -> tuple[str, ...]:
+    """The folder of the study journal, which every Ray node must write (none for an RDB URL)."""
+    from benchmark.training.tuning import DEFAULT_STORAGE_NAME
+
+    if task.storage is not None and "://" in task.storage:
+        return ()
+    path = Path(task.storage) if task.storage else Path(task.results) / "tuning" / DEFAULT_STORAGE_NAME
+    return (str(path.resolve().parent),)
+
+
+def _print_plan(console, tasks: list, experiment) -> None:
     first = tasks[0]
+    where = (f"Ray tasks ({experiment.address or 'RAY_ADDRESS or a local Ray'})" if experiment.executor == "ray"
+             else "this process" if experiment.jobs <= 1 else "local worker processes")
     console.print(f"[bold]tuning[/bold] {len({t.config.method for t in tasks})} method(s), {len(tasks)} outer "
-                  f"fold(s): {first.settings.describe()}; {jobs} worker process(es) per study")
+                  f"fold(s): {first.settings.describe()}; {experiment.jobs} worker(s) per study, as {where}")
     for method in dict.fromkeys(t.config.method for t in tasks):
         space = next(t.space for t in tasks if t.config.method == method)
         console.print(f"  {method}: " + ", ".join(f"{p.name} {p.to_dict()}" for p in space.params))
@@ -97,36 +116,44 @@ def main(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from benchmark.commands.run import _results_dir, build_experiment
+    from benchmark.commands.run import _interrupt_on_sigterm, _results_dir, build_experiment, check_execution, \
+        start_executor
     from benchmark.store.records import ResultStore
-    from benchmark.training.runner import Execution
-    from benchmark.training.tuning import TunedCell, retrain, run_study
+    from benchmark.training.tuning import StudyScheduler, TuningInterrupted, run_study_job
 
     console = Console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     experiment = build_experiment(args)
+    if args.dry_run:
+        raise ValueError("tune: --dry-run is not available (a trial costs about one cell: see `run --dry-run`)")
+    check_execution(experiment)  # device, precision, Ray installed and reachable: one line, in seconds
     results = _results_dir(experiment)
+    store = ResultStore(results)
+    store.prepare("--results" if experiment.results else "results folder")
     tasks = build_tasks(args, experiment, results, console)
     if not tasks:
         raise ValueError("tune: none of the selected methods has anything to tune")
-    _print_plan(console, tasks, experiment.jobs)
-    store, execution = ResultStore(results), Execution(experiment.device, experiment.save_weights, experiment.plugins)
-    started, summaries = time.perf_counter(), []
-    for task in tasks:
-        console.print(f"[bold]{task.config.cell.label()}[/bold]  study {task.protocol}")
-        study_started = time.perf_counter()
-        study = run_study(task, experiment.jobs, log=console.print)
-        cell = TunedCell(task, study)
-        summary = retrain(cell, store, execution, overwrite=args.overwrite)
-        summaries.append({**summary, "tuning_seconds": time.perf_counter() - study_started})
-        _report(console, cell, summary)
-    console.print(f"{len(tasks)} outer fold(s) tuned in {time.perf_counter() - started:.1f} s; records under "
-                  f"{results / 'cells'}; `python -m benchmark table 1 --tuned --results {results}`")
-    return 0
+    _print_plan(console, tasks, experiment)
+    executor, execution = start_executor(experiment, store, run_study_job, _journal_folder(tasks[0]))
+    _interrupt_on_sigterm()
+    started = time.perf_counter()
+    scheduler = StudyScheduler(executor, experiment.jobs, execution, args.overwrite,
+                               log=lambda line: console.print(line, markup=False, highlight=False))
+    try:
+        summaries = scheduler.run(tasks)
+    except TuningInterrupted as stop:
+        console.print(f"[yellow]interrupted: {stop}[/yellow]")
+        return 130
+    n_err = sum(1 for s in summaries if s["status"] == "error")
+    console.print(f"{len(tasks)} outer fold(s) tuned in {time.perf_counter() - started:.1f} s, {n_err} error(s); "
+                  f"records under {results / 'cells'}; `python -m benchmark table 1 --tuned --results {results}`")
+    return 1 if (n_err and args.strict) else 0
 
 
 def _report(console, cell, summary: dict) -> None:
-    setting = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in cell.config.tuned)
+    from benchmark.training.tuning import setting_text
+
+    setting = setting_text(cell.config.tuned)
     if summary["status"] == "ok":
         console.print(f"  [green]ok[/green] outer C-index {summary['c_index']:.3f} with {setting}")
     elif summary["status"] == "skipped":

@@ -355,17 +355,20 @@ class RayExecutor(Executor):
         Resources of each cell's task (``gpus_per_cell=0.5`` packs two cells on a GPU).
     store_root : str, optional
         Checked writable from every node before any cell starts.
+    shared_roots : tuple of str
+        Other folders every node must write (a tuner's study journal), checked the same way.
     """
 
     name = "ray"
 
     def __init__(self, work: Work, address: str | None = None, cpus_per_cell: float = 1.0,
                  gpus_per_cell: float = 0.0, max_retries: int = 3, init: Callable | None = None,
-                 init_args: tuple = (), store_root: str | None = None) -> None:
+                 init_args: tuple = (), store_root: str | None = None, shared_roots: tuple[str, ...] = ()) -> None:
         super().__init__(work)
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.cpus_per_cell, self.gpus_per_cell, self.max_retries = cpus_per_cell, gpus_per_cell, max_retries
         self.init, self.init_args, self.store_root = init, init_args, store_root
+        self.shared_roots = tuple(shared_roots)
         self.ray = None
         self.refs: dict[Any, str] = {}
         self._parallelism = 1.0
@@ -397,18 +400,20 @@ class RayExecutor(Executor):
                                                     max_retries=self.max_retries)
 
     def _check_store_on_every_node(self) -> None:
-        """The store must be on a filesystem every node can write (cells write their records themselves)."""
-        if self.store_root is None:
-            return
+        """The store (and the shared roots) must be on a filesystem every node can write (cells write their
+        records themselves; study workers write the study journal)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         probe = self.ray.remote(_ray_probe_store)
-        refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-                .remote(self.store_root) for node in self.ray.nodes() if node.get("Alive")]
-        problems = [p for p in self.ray.get(refs, timeout=60) if p]
-        if problems:
-            raise ValueError(f"--results {self.store_root}: not writable on every Ray node ({problems[0]}); the "
-                             "store must be on a filesystem all nodes share")
+        roots = [(root, "--results") for root in [self.store_root] if root is not None]
+        for root, option in roots + [(root, "--storage") for root in self.shared_roots]:
+            refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"],
+                                                                                                 soft=False))
+                    .remote(root) for node in self.ray.nodes() if node.get("Alive")]
+            problems = [p for p in self.ray.get(refs, timeout=60) if p]
+            if problems:
+                raise ValueError(f"{option} {root}: not writable on every Ray node ({problems[0]}); it must be on a "
+                                 "filesystem all nodes share")
 
     def submit(self, key: str, task: Any) -> None:
         self.refs[self.remote.remote(self.work, self.init, self.init_args, task)] = key

@@ -32,7 +32,7 @@ from benchmark.store.lock import CellLock, LockBusy, describe_owner
 from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
 from benchmark.training.config import RunConfig, hashed_config
 from benchmark.training.cost import CostModel, Eta, cell_draws, format_seconds
-from benchmark.training.executors import Executor, InlineExecutor, LocalExecutor, RayExecutor
+from benchmark.training.executors import Executor, InlineExecutor, LocalExecutor, RayExecutor, Work
 from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
 from benchmark.training.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
 from benchmark.training.trainer import train_fold
@@ -281,19 +281,22 @@ def _worker_init(plugins: tuple[str, ...], threads: int = 1) -> None:
 
 def make_executor(kind: str = "local", jobs: int = 1, execution: "Execution" = None, *, address: str | None = None,
                   cpus_per_cell: float | None = None, gpus_per_cell: float = 0.0, store_root: str | None = None,
-                  loader: CohortLoader | None = None) -> Executor:
-    """The executor of a grid: ``local`` (in this process for one job, else worker processes) or ``ray``."""
+                  loader: CohortLoader | None = None, work: Work = execute_cell,
+                  shared_roots: tuple[str, ...] = ()) -> Executor:
+    """The executor of a grid (``work`` = :func:`execute_cell`) or of a tuner (its study workers): ``local`` (in
+    this process for one job, else worker processes) or ``ray`` (``store_root`` and ``shared_roots`` are checked
+    writable from every node)."""
     execution = execution or Execution()
     cpus_per_cell = cpus_per_cell or 1.0
     init_args = (execution.plugins, max(1, int(cpus_per_cell)))
     if kind == "ray":
-        return RayExecutor(execute_cell, address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
-                           init=_worker_init, init_args=init_args, store_root=store_root)
+        return RayExecutor(work, address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
+                           init=_worker_init, init_args=init_args, store_root=store_root, shared_roots=shared_roots)
     if kind != "local":
         raise ValueError(f"--executor: {kind!r} is not one of local, ray")
     if jobs <= 1 or loader is not None:
-        return InlineExecutor(execute_cell, loader=loader)
-    return LocalExecutor(execute_cell, jobs, init=_worker_init, init_args=init_args)
+        return InlineExecutor(work, loader=loader)
+    return LocalExecutor(work, jobs, init=_worker_init, init_args=init_args)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -471,8 +474,9 @@ def _drive(executor: Executor, tasks: list[CellTask], ran: list[dict], progress:
         progress.update(grid_task, eta=f"ETA {format_seconds(eta.remaining_seconds())}")
 
 
-def _stop(executor: Executor) -> None:
-    """Cancel the grid's cells; a second Ctrl-C during the clean-up is ignored (it would leave workers behind)."""
+def stop_executor(executor: Executor) -> None:
+    """Cancel the executor's tasks (a grid's cells, a tuner's study workers); a second Ctrl-C during the clean-up
+    is ignored (it would leave workers behind)."""
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         executor.cancel()
@@ -521,7 +525,7 @@ def run_grid(
             executor.on_progress = bars.update
             _drive(executor, tasks, ran, progress, grid_task, bars, console, eta)
     except KeyboardInterrupt:
-        _stop(executor)
+        stop_executor(executor)
         finished = len(plan.skipped) + sum(1 for r in ran if r["status"] in ("ok", "skipped"))
         raise GridInterrupted(finished, len(configs)) from None
     finally:

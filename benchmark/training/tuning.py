@@ -13,17 +13,23 @@ space (:mod:`benchmark.training.search_spaces`):
    chosen setting and the trial history (``record["tuning"]``).
 
 Every method gets the same budget (trials, or seconds) and the same sampler seed. Studies live in one storage,
-a ``JournalStorage`` file by default (several worker processes share a study) or an RDB URL. The TPE sampler
-is re-seeded before each trial from (sampler seed, finished trials, worker), so a sequential study is a
-function of its history alone: a killed ``tune`` resumes (trials left RUNNING are marked FAIL and redone
-with the same setting) and ends with the same choice as an uninterrupted run.
+a ``JournalStorage`` file by default or an RDB URL. :class:`StudyScheduler` runs each study's workers (and then
+its retrain) on the executor cells use (:mod:`benchmark.training.executors`: this process, local worker
+processes or Ray tasks); the workers share the study through its storage and only run the trials queued for
+its budget (:func:`add_slots`, :func:`next_trial`), so it never runs past it. The TPE sampler is re-seeded
+before each trial from (sampler seed, finished trials, worker), so a sequential study is a function of its
+history alone: a killed ``tune`` resumes (trials left RUNNING are marked FAIL and redone with the same setting)
+and ends with the same choice as an uninterrupted run.
 """
 from __future__ import annotations
 
 import fcntl
+import gc
 import math
 import os
 import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +44,7 @@ from optuna.trial import TrialState
 from benchmark.data.labels import assign_bins, quantile_edges
 from benchmark.data.loader import Fold
 from benchmark.data.splits import stratified_patient_folds
-from benchmark.store.records import config_hash
+from benchmark.store.records import ResultStore, config_hash
 from benchmark.training.config import RunConfig
 from benchmark.training.search_spaces import SearchSpace, split_setting
 from benchmark.training.trainer import patient_inner_split, train_fold
@@ -213,7 +219,6 @@ def make_objective(view: InnerCohort, base: RunConfig, space: SearchSpace, prune
     """The objective of one outer fold's study: mean inner C-index of a setting over the inner folds."""
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         setting = space.suggest(trial)
         scores = []
         for j in range(len(view.folds)):
@@ -223,7 +228,7 @@ def make_objective(view: InnerCohort, base: RunConfig, space: SearchSpace, prune
             scores.append(float(result.metrics["c_index"]))
         trial.set_user_attr("inner_c_index", scores)
         finite = [s for s in scores if math.isfinite(s)]
-        return float(np.mean(finite)) if finite else float("nan")  # NaN: Optuna records a FAIL
+        return float(np.mean(finite)) if finite else float("nan")  # NaN: recorded as a FAIL
 
     return objective
 
@@ -282,11 +287,21 @@ def make_pruner(settings: TuningSettings, max_steps: int) -> optuna.pruners.Base
     return optuna.pruners.NopPruner()
 
 
+def failed_trials(study: optuna.Study) -> int:
+    """Trials that failed by themselves (an exception, no finite score); those a stopped or killed worker left
+    (``interrupted``) are not counted."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+               if not t.user_attrs.get("interrupted"))
+
+
 def seeded_sampler(settings: TuningSettings, study: optuna.Study, worker: int = 0) -> optuna.samplers.TPESampler:
-    """A TPE sampler seeded from (sampler seed, finished trials, worker): the next setting depends only on
-    the study's history, so a resumed study continues exactly as an uninterrupted one."""
+    """A TPE sampler seeded from (sampler seed, finished trials, worker, and the trials that failed by themselves
+    when there are any): the next setting depends only on the study's history, so a resumed study continues
+    exactly as an uninterrupted one, and a setting that failed is not drawn again."""
     n_finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    seed = int(np.random.SeedSequence([settings.sampler_seed, n_finished, worker]).generate_state(1)[0])
+    n_failed = failed_trials(study)
+    entropy = [settings.sampler_seed, n_finished, worker] + ([n_failed] if n_failed else [])
+    seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.startup_trials)
 
 
@@ -309,23 +324,45 @@ def _worker_alive(trial: optuna.trial.FrozenTrial) -> bool:
     return True
 
 
-def recover_interrupted(study: optuna.Study, storage, space: SearchSpace) -> list[int]:
-    """Mark the trials a killed run left RUNNING as FAIL and enqueue their settings again.
+def requeue(study: optuna.Study, number: int, params: dict[str, Any], space: SearchSpace) -> None:
+    """Queue the redo of trial ``number``: its setting when it was drawn whole, else an empty trial whose setting
+    the re-seeded sampler draws (the same one: fixing the part drawn would shift the draws of the rest)."""
+    whole = set(params) == {p.name for p in space.params}
+    study.enqueue_trial(dict(params) if whole else {}, user_attrs={"redo_of": number})
 
-    A trial whose worker process is still alive on this machine is left alone. A trial killed before its
-    whole setting was drawn is not enqueued: the re-seeded sampler draws that same setting again, whereas
-    fixing the part drawn would shift the draws of the rest. Returns the trial numbers redone.
+
+def recover_interrupted(study: optuna.Study, storage, space: SearchSpace, run_token: str | None = None) -> list[int]:
+    """Mark the trials that dead workers left RUNNING as FAIL (``interrupted``) and queue their redo.
+
+    A trial is left alone while its worker process is alive on this machine, unless it belongs to the run
+    ``run_token`` (whose workers have all returned when this is called). A trial of a worker on another machine
+    counts as dead: one ``tune`` works on a study at a time. Returns the trial numbers redone.
     (``set_trial_state_values`` is the call Optuna's own ``fail_stale_trials`` makes.)
     """
     redone = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _worker_alive(trial):
+        ours = run_token is not None and (trial.user_attrs.get("worker") or {}).get("run") == run_token
+        if not ours and _worker_alive(trial):
             continue
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
         storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        if set(trial.params) == {p.name for p in space.params}:
-            study.enqueue_trial(dict(trial.params), user_attrs={"redo_of": trial.number})
+        requeue(study, trial.number, trial.params, space)
         redone.append(trial.number)
     return redone
+
+
+def add_slots(study: optuna.Study, settings: TuningSettings) -> int:
+    """With a trial budget, queue empty WAITING trials until finished + running + queued trials equal it.
+
+    Workers only run queued trials (:func:`next_trial`), each taken by exactly one worker, so however many
+    workers share the study, it never runs past its budget. Returns the trials queued.
+    """
+    if settings.budget != "trials":
+        return 0
+    counted = len(study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING, TrialState.WAITING)))
+    for _ in range(settings.trials - counted):
+        study.enqueue_trial({})
+    return max(0, settings.trials - counted)
 
 
 def trials_spent_seconds(study: optuna.Study) -> float:
@@ -348,6 +385,11 @@ def budget_left(study: optuna.Study, settings: TuningSettings, n_outer_folds: in
 def study_done(study: optuna.Study, settings: TuningSettings, n_outer_folds: int) -> bool:
     trials_left, seconds_left = budget_left(study, settings, n_outer_folds)
     return (trials_left == 0) if settings.budget == "trials" else (seconds_left is not None and seconds_left <= 0)
+
+
+def study_failing(study: optuna.Study, settings: TuningSettings) -> bool:
+    """Trials keep failing by themselves: the study gives up (its workers stop)."""
+    return failed_trials(study) >= max(5, settings.trials)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -398,20 +440,10 @@ class StudyTask:
         return {"protocol": self.settings.to_dict(), "protocol_id": self.protocol, "space": self.space.to_dict(),
                 "method": self.space.method, "n_outer_folds": self.n_outer_folds, "config": self.config.to_dict()}
 
-
-def _budget_callbacks(task: StudyTask, worker: int, log: Callable[[str], None] | None) -> list[Callable]:
-    """After each trial: report it, stop at the budget (or when trials keep failing), re-seed the sampler."""
-    settings = task.settings
-
-    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if log is not None:
-            log(trial_line(trial))
-        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        if study_done(study, settings, task.n_outer_folds) or failed >= max(5, settings.trials):
-            study.stop()
-        study.sampler = seeded_sampler(settings, study, worker)
-
-    return [after_trial]
+    def load_study(self) -> tuple[optuna.Study, Any]:
+        """The study (it must exist) and its storage."""
+        storage = open_storage(self.storage, self.results)
+        return optuna.load_study(study_name=self.name, storage=storage), storage
 
 
 def trial_line(trial: optuna.trial.FrozenTrial) -> str:
@@ -422,66 +454,111 @@ def trial_line(trial: optuna.trial.FrozenTrial) -> str:
         value = f"at step {steps} (inner C-index {trial.value:.3f} there)" if trial.value is not None else ""
     else:
         value = f"inner C-index {trial.value:.3f}" if trial.value is not None else f"{steps} step(s)"
-    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-    return f"    trial {trial.number:3d} {trial.state.name.lower():8s} {value} ({seconds:.1f} s)  {params}"
+    state = trial.state.name.lower()
+    return f"    trial {trial.number:3d} {state:8s} {value} ({seconds:.1f} s)  {setting_text(trial.params)}"
 
 
-def optimize(task: StudyTask, worker: int = 0, log: Callable[[str], None] | None = None, loader=None) -> None:
-    """Run trials of ``task``'s study in this process until its budget is spent (resuming where it stopped)."""
+def setting_text(setting) -> str:
+    """``lr=0.0003, hidden=256`` (a dict or (name, value) pairs)."""
+    items = setting.items() if isinstance(setting, dict) else setting
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
+def next_trial(study: optuna.Study, settings: TuningSettings) -> optuna.Trial | None:
+    """The next trial for this worker: a queued one (redone trials first), or None when none is left.
+
+    The storage hands each queued trial to one worker only (the WAITING -> RUNNING change succeeds once, as in
+    Optuna's own ``Study.ask``; ``study._storage`` is the storage the study writes through). With a time budget
+    a worker starts a new trial when nothing is queued.
+    """
+    queued = sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)),
+                    key=lambda t: ("redo_of" not in t.user_attrs, t.number))
+    for frozen in queued:
+        try:
+            if study._storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, frozen._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker took and finished it meanwhile
+            continue
+    return study.ask() if settings.budget == "time" else None
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, objective: Callable, space: SearchSpace,
+              log: Callable[[str], None] | None = None) -> optuna.trial.FrozenTrial:
+    """Run one trial and record how it ended: complete, pruned, or failed (an exception or no finite score).
+
+    A stop request (Ctrl-C, or the SIGTERM of a stopping executor) marks the trial FAIL (``interrupted``), queues
+    its redo and goes on stopping, so the study stays consistent.
+    """
+    try:
+        value = objective(trial)
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
+    except Exception as exc:  # noqa: BLE001 (one failed trial must not stop the study)
+        if log is not None:
+            log(f"    trial {trial.number} failed: {_first_line(exc)}")
+        return study.tell(trial, state=TrialState.FAIL)
+    except BaseException:
+        _abandon(study, trial, space)
+        raise
+    if not math.isfinite(value):
+        if log is not None:
+            log(f"    trial {trial.number} failed: no finite inner C-index")
+        return study.tell(trial, state=TrialState.FAIL)
+    return study.tell(trial, value)
+
+
+def _abandon(study: optuna.Study, trial: optuna.Trial, space: SearchSpace) -> None:
+    try:
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        requeue(study, trial.number, trial.params, space)
+    except Exception:  # noqa: BLE001 (the next run recovers a trial left RUNNING)
+        pass
+
+
+def optimize(task: StudyTask, worker: int = 0, log: Callable[[str], None] | None = None, loader=None,
+             run_token: str | None = None) -> int:
+    """Run trials of ``task``'s study in this process until none is queued (trial budget), the time is spent
+    (time budget) or trials keep failing; returns the number of trials run here."""
     from benchmark.training.runner import get_cohort_data
 
     storage = open_storage(task.storage, task.results)
     study = open_study(task.name, storage, task.settings, task.max_steps, worker)
-    if study_done(study, task.settings, task.n_outer_folds):
-        return
+    if study_done(study, task.settings, task.n_outer_folds) or study_failing(study, task.settings):
+        return 0
     cohort = get_cohort_data(task.config, loader)
     recipe = task.config.resolved_recipe()
     view = InnerCohort(cohort, task.config.fold, task.settings.inner_folds, task.config.seed, recipe.inner_fraction)
     objective = make_objective(view, task.config, task.space, task.settings.pruner != "none", task.device)
-    # No ``timeout``: a time budget counts the seconds spent in trials (what a resumed run can add up from the
-    # storage), checked after every trial by the budget callback.
-    study.optimize(objective, callbacks=_budget_callbacks(task, worker, log), catch=(Exception,), gc_after_trial=True)
+    ran = 0
+    while not (study_done(study, task.settings, task.n_outer_folds) or study_failing(study, task.settings)):
+        trial = next_trial(study, task.settings)
+        if trial is None:
+            break
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid(), "run": run_token})
+        frozen = run_trial(study, trial, objective, task.space, log)
+        ran += 1
+        if log is not None:
+            log(trial_line(frozen))
+        failed = frozen.state == TrialState.FAIL and task.settings.budget == "trials"
+        if failed and not study_failing(study, task.settings):
+            study.enqueue_trial({}, user_attrs={"redo_of": frozen.number})  # a finished trial in its place
+        study.sampler = seeded_sampler(task.settings, study, worker)
+        gc.collect()
+    return ran
 
 
 def prepare_study(task: StudyTask) -> tuple[optuna.Study, list[int]]:
-    """Create or load the study, record how it was set up, and recover what a killed run left RUNNING."""
+    """Create or load the study, record how it was set up, recover what a killed run left RUNNING and queue
+    the trials still to run (:func:`add_slots`)."""
     storage = open_storage(task.storage, task.results)
     study = open_study(task.name, storage, task.settings, task.max_steps)
     for key, value in task.user_attrs().items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)
-    return study, recover_interrupted(study, storage, task.space)
-
-
-def _worker_optimize(task: StudyTask, worker: int) -> None:
-    import torch
-
-    from benchmark.training.registry import load_builtin_methods, load_plugins
-
-    torch.set_num_threads(1)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    load_builtin_methods()
-    load_plugins(task.plugins)
-    optimize(task, worker, log=lambda line: print(line, flush=True))
-
-
-def run_study(task: StudyTask, jobs: int = 1, log: Callable[[str], None] | None = None, loader=None) -> optuna.Study:
-    """Tune one outer fold: prepare (and resume) the study, then run trials in this process (``jobs=1``,
-    reproducible) or in ``jobs`` worker processes sharing the study through its storage."""
-    study, redone = prepare_study(task)
-    if redone and log is not None:
-        log(f"    resumed: trial(s) {redone} were left RUNNING by a killed run; marked FAIL and queued again")
-    if jobs <= 1:
-        optimize(task, 0, log, loader)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            for future in [pool.submit(_worker_optimize, task, w) for w in range(jobs)]:
-                future.result()
-    return optuna.load_study(study_name=task.name, storage=open_storage(task.storage, task.results))
+    redone = recover_interrupted(study, storage, task.space)
+    add_slots(study, task.settings)
+    return study, redone
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -551,6 +628,238 @@ def retrain(cell: TunedCell, store, execution, overwrite: bool = False, loader=N
     if plan.skipped:
         return {"cell": cell.config.cell.label(), "status": "skipped", "c_index": None, "seconds": 0.0, "error": None}
     return run_cell(cell.config, store, execution, loader=loader, annotations=cell.annotations())
+
+
+# -------------------------------------------------------------------------------------------------------
+# study workers and retrains on an executor
+# -------------------------------------------------------------------------------------------------------
+#: Rounds of workers a study gets in one ``tune`` (a round ends when all its workers have returned).
+MAX_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """What an executor runs for the tuner: a study worker (``worker`` >= 0), or the retrain of the study's
+    choice (``worker`` None) with ``execution``."""
+
+    task: StudyTask
+    worker: int | None = None
+    run_token: str | None = None
+    round: int = 1
+    execution: Any = None
+    overwrite: bool = False
+
+    @property
+    def key(self) -> str:
+        what = "retrain" if self.worker is None else f"worker {self.round}.{self.worker}"
+        return f"{self.task.name} {what}"
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def run_study_job(job: StudyJob, on_epoch=None, loader=None, log: Callable[[str], None] | None = _print_line) -> dict:
+    """The work of the tuner's executor (module level: pickled to worker processes and Ray tasks): run trials of
+    the study as worker ``job.worker`` until none is left, or retrain its choice. Returns a summary; never
+    raises on a failure (its summary says it)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if job.worker is None:
+        return _retrain_job(job, loader)
+    started = time.perf_counter()
+    try:
+        ran = optimize(job.task, job.worker, log, loader, job.run_token)
+    except Exception as exc:  # noqa: BLE001 (reported by the scheduler; the study is redone or resumed)
+        return {"cell": job.key, "status": "error", "c_index": None, "seconds": time.perf_counter() - started,
+                "error": _first_line(exc), "trials": 0}
+    return {"cell": job.key, "status": "ok", "c_index": None, "seconds": time.perf_counter() - started,
+            "error": None, "trials": ran}
+
+
+def _retrain_job(job: StudyJob, loader=None) -> dict:
+    label = job.task.config.cell.label()
+    try:
+        study, _ = job.task.load_study()
+        cell = TunedCell(job.task, study)
+        summary = retrain(cell, ResultStore(job.task.results), job.execution, job.overwrite, loader)
+    except Exception as exc:  # noqa: BLE001 (e.g. no trial completed)
+        return {"cell": label, "status": "error", "c_index": None, "seconds": None, "setting": "",
+                "error": _first_line(exc)}
+    return {**summary, "setting": setting_text(cell.config.tuned)}
+
+
+class TuningInterrupted(Exception):
+    """SIGINT / SIGTERM stopped the tuner; ``tuned`` of ``total`` outer folds were finished."""
+
+    def __init__(self, tuned: int, total: int) -> None:
+        self.tuned, self.total = tuned, total
+        super().__init__(f"{tuned} of {total} outer fold(s) tuned; finished trials are kept: rerun the same command "
+                         "to resume")
+
+
+@dataclass
+class _StudyRun:
+    task: StudyTask
+    started: float
+    workers: int = 0
+    rounds: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def study_line(study: optuna.Study) -> str:
+    """How a study stands, in one line."""
+    count = lambda state: len(study.get_trials(deepcopy=False, states=(state,)))  # noqa: E731
+    best = study.best_trial if count(TrialState.COMPLETE) else None
+    choice = f"; best inner C-index {best.value:.3f} (trial {best.number})" if best is not None else ""
+    return (f"    {count(TrialState.COMPLETE)} complete, {count(TrialState.PRUNED)} pruned, {count(TrialState.FAIL)} "
+            f"failed trial(s){choice}")
+
+
+class StudyScheduler:
+    """Runs the studies of a ``tune`` on an executor (:mod:`benchmark.training.executors`, the one cells use).
+
+    Each study gets ``jobs`` workers (:class:`StudyJob`, each :func:`optimize` on the shared study storage); when
+    they have all returned, the study is either done (its retrain is queued, ahead of other work) or short
+    (a worker died: the trials it left RUNNING are marked FAIL and redone by another round of workers, up to
+    :data:`MAX_ROUNDS`). Jobs are submitted while the executor has room (its ``parallelism``), so a cluster runs
+    several studies at once. Without an ``execution`` the studies are tuned and nothing is retrained.
+    """
+
+    def __init__(self, executor, jobs: int = 1, execution=None, overwrite: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.executor, self.jobs, self.execution, self.overwrite = executor, max(1, int(jobs)), execution, overwrite
+        self.log = log or (lambda line: None)
+        self.run_token = uuid.uuid4().hex
+        self.todo: list[StudyTask] = []
+        self.ready: list[StudyJob] = []
+        self.runs: dict[str, _StudyRun] = {}
+        self.submitted: dict[str, StudyJob] = {}
+        self.summaries: list[dict] = []
+
+    def run(self, tasks: list[StudyTask]) -> list[dict]:
+        """Tune (and retrain) every task; one summary per task.
+
+        Raises
+        ------
+        TuningInterrupted
+            On KeyboardInterrupt (SIGINT, or SIGTERM turned into it): workers are stopped, the trials they left
+            are marked FAIL and queued again, finished trials stay; a rerun resumes.
+        """
+        self.todo = list(tasks)
+        try:
+            self.executor.start()
+            while self.todo or self.ready or self.executor.pending:
+                self._fill()
+                for key, summary in self.executor.results(timeout=0.25):
+                    self._reported(self.submitted.pop(key), summary)
+        except KeyboardInterrupt:
+            self._stop()
+            raise TuningInterrupted(sum(1 for s in self.summaries if s["status"] != "error"), len(tasks)) from None
+        finally:
+            self.executor.close()
+        return self.summaries
+
+    def _fill(self) -> None:
+        """Submit ready jobs while the executor has room, starting the next study when none is ready."""
+        room = max(1, int(self.executor.parallelism))
+        while self.executor.pending < room and (self.ready or self.todo):
+            if not self.ready:
+                self._start(self.todo.pop(0))
+                continue
+            job = self.ready.pop(0)
+            self.submitted[job.key] = job
+            self.executor.submit(job.key, job)
+
+    def _start(self, task: StudyTask) -> None:
+        study, redone = prepare_study(task)
+        run = self.runs[task.name] = _StudyRun(task, time.perf_counter())
+        self.log(f"{task.config.cell.label()}  study {task.protocol}")
+        if redone:
+            self.log(f"    resumed: trial(s) {redone} were left RUNNING by a killed run; marked FAIL and queued again")
+        if study_done(study, task.settings, task.n_outer_folds):
+            self._finish(run)
+        else:
+            self._queue_workers(run)
+
+    def _queue_workers(self, run: _StudyRun) -> None:
+        run.rounds += 1
+        run.workers += self.jobs
+        self.ready.extend(StudyJob(run.task, w, self.run_token, run.rounds) for w in range(self.jobs))
+
+    def _finish(self, run: _StudyRun) -> None:
+        """A done study: queue its retrain ahead of other work (or, without an execution, report it)."""
+        if self.execution is None:
+            self.summaries.append({"cell": run.task.config.cell.label(), "status": "tuned", "c_index": None,
+                                   "seconds": time.perf_counter() - run.started, "error": None})
+            return
+        self.ready.insert(0, StudyJob(run.task, None, self.run_token, execution=self.execution,
+                                      overwrite=self.overwrite))
+
+    def _reported(self, job: StudyJob, summary: dict) -> None:
+        run = self.runs[job.task.name]
+        if job.worker is None:
+            self.summaries.append({**summary, "tuning_seconds": time.perf_counter() - run.started})
+            self.log(_retrain_line(run.task, summary))
+            return
+        run.workers -= 1
+        if summary["status"] != "ok":
+            run.errors.append(summary["error"])
+            self.log(f"    {job.key}: {summary['error']}")
+        if run.workers == 0:
+            self._round_ended(run)
+
+    def _round_ended(self, run: _StudyRun) -> None:
+        """All workers of a study returned: retrain, give up, or redo what dead workers left in another round."""
+        task = run.task
+        study, storage = task.load_study()
+        self.log(f"{task.config.cell.label()}:" + study_line(study))
+        if study_done(study, task.settings, task.n_outer_folds):
+            return self._finish(run)
+        if study_failing(study, task.settings) or run.rounds >= MAX_ROUNDS:
+            why = "trials keep failing" if study_failing(study, task.settings) else f"{run.rounds} rounds of workers"
+            last = f"; last worker error: {run.errors[-1]}" if run.errors else ""
+            error = f"study unfinished after {why}{last}; rerun the same command to resume"
+            self.summaries.append({"cell": task.config.cell.label(), "status": "error", "c_index": None,
+                                   "seconds": None, "error": error})
+            return self.log(f"  error {error}")
+        redone = recover_interrupted(study, storage, task.space, self.run_token)
+        add_slots(study, task.settings)
+        self.log(f"    trial(s) {redone} left RUNNING by a dead worker: marked FAIL and queued again; another round")
+        self._queue_workers(run)
+
+    def _stop(self) -> None:
+        """Stop every worker (a second Ctrl-C meanwhile is ignored), then make the studies consistent."""
+        from benchmark.training.runner import stop_executor
+
+        stop_executor(self.executor)
+        for run in self.runs.values():
+            if run.workers > 0:
+                study, storage = run.task.load_study()
+                recover_interrupted(study, storage, run.task.space, self.run_token)
+
+
+def _retrain_line(task: StudyTask, summary: dict) -> str:
+    label = task.config.cell.label()
+    if summary["status"] == "ok":
+        return f"  ok    {label}  outer C-index {summary['c_index']:.3f} with {summary.get('setting', '')}"
+    if summary["status"] == "skipped":
+        return f"  skipped  {label}  already in the store with {summary.get('setting', '')}"
+    return f"  error {label}  {summary['error']}"
+
+
+def run_study(task: StudyTask, jobs: int = 1, log: Callable[[str], None] | None = None, loader=None,
+              executor=None) -> optuna.Study:
+    """Tune one outer fold (no retrain) with ``jobs`` workers on ``executor`` (default: this process, where a
+    test's cohort ``loader`` reaches) and return the finished study."""
+    from benchmark.training.executors import InlineExecutor
+
+    executor = executor or InlineExecutor(run_study_job, loader=loader, log=log)
+    StudyScheduler(executor, jobs, log=log).run([task])
+    return task.load_study()[0]
 
 
 # -------------------------------------------------------------------------------------------------------
