@@ -184,6 +184,25 @@ def test_no_trial_touches_an_outer_validation_patient(tmp_path):
     assert len(record["tuning"]["trials"]) == 6 and record["label"].startswith("tune-toy, tuned 6t-s3-")
 
 
+def test_the_tuned_retrain_takes_the_cell_lock(tmp_path):
+    """Two tuners finishing the same study never train the tuned cell at once: the retrain holds the cell's
+    lock like every cell, and a live holder makes it report ``busy`` instead of training."""
+    from benchmark.store.lock import CellLock
+
+    cohort = RecordingCohort(n=48, n_folds=3)
+    task = toy_task(tmp_path, cohort, fold=2)
+    study = run_study(task, loader=loader_of(cohort))
+    store, cell = ResultStore(tmp_path / "results"), TunedCell(task, study)
+    held = CellLock(store.lock_path(cell.config.cell), token="other-run").acquire()
+    try:
+        busy = retrain(cell, store, Execution(save_weights=False), loader=loader_of(cohort))
+    finally:
+        held.release()
+    assert busy["status"] == "busy" and store.read(cell.config.cell) is None
+    done = retrain(cell, store, Execution(save_weights=False), loader=loader_of(cohort))
+    assert done["status"] == "ok" and store.read(cell.config.cell)["tuning"]["best"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # determinism and pruning
 # ---------------------------------------------------------------------------------------------------------

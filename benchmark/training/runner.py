@@ -245,6 +245,8 @@ class CellTask:
     execution: Execution
     #: a cell another run finished since the grid was planned is not trained again (False with --overwrite)
     skip_if_finished: bool = True
+    #: extra record fields (a tuned cell's study, ``benchmark.training.tuning``)
+    annotations: dict[str, Any] | None = None
 
 
 def _quiet_summary(config: RunConfig, status: str, why: str) -> dict:
@@ -267,7 +269,8 @@ def execute_cell(task: CellTask, on_epoch: Callable | None = None, loader: Cohor
             record, _ = _finished_record(store, config.cell)
             if record is not None and stale_reason(record, config) is None:
                 return _quiet_summary(config, "skipped", "finished by another run meanwhile")
-        return run_cell(config, store, task.execution, on_epoch=on_epoch, loader=loader)
+        return run_cell(config, store, task.execution, on_epoch=on_epoch, loader=loader,
+                        annotations=task.annotations)
     finally:
         lock.release()
 

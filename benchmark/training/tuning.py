@@ -621,13 +621,15 @@ class TunedCell:
 
 def retrain(cell: TunedCell, store, execution, overwrite: bool = False, loader=None) -> dict:
     """Train the chosen setting on the whole outer training fold and evaluate it on the outer validation fold
-    (skipped when the store already holds that exact tuned cell)."""
-    from benchmark.training.runner import plan_grid, run_cell
+    (skipped when the store already holds that exact tuned cell), under the cell's lock like every cell."""
+    from benchmark.training.runner import CellTask, execute_cell, plan_grid
 
     plan = plan_grid([cell.config], store, overwrite)
     if plan.skipped:
         return {"cell": cell.config.cell.label(), "status": "skipped", "c_index": None, "seconds": 0.0, "error": None}
-    return run_cell(cell.config, store, execution, loader=loader, annotations=cell.annotations())
+    task = CellTask(cell.config, str(store.root), execution, skip_if_finished=not overwrite,
+                    annotations=cell.annotations())
+    return execute_cell(task, loader=loader)
 
 
 # -------------------------------------------------------------------------------------------------------
