@@ -15,14 +15,19 @@ page-faulted by the kernel. :func:`dropout_attention` computes the same function
   chunks, layers and steps, and softmax runs in place;
 - **a cheaper mask with the same distribution** (:func:`drop_mask`): 63 random bits per draw of the generator,
   cut into four 16-bit fields, each compared with a threshold; dropped entries are zeroed in one pass and the
-  ``1 / (1 - p)`` rescale is applied to the ``(N, d)`` output instead of the ``(N, M)`` matrix.
+  ``1 / (1 - p)`` rescale is applied to the ``(N, d)`` output instead of the ``(N, M)`` matrix;
+- **fused kernels** (:mod:`methods._fused_dropout`) for calls of at least ``MIN_ENTRIES`` (2**20) entries when
+  ``torch.compile`` works: a counter-based mask computed from each entry's position inside the one pass that
+  applies it (forward), and inside the one pass that forms ``dS`` and the dropped probabilities (backward), so
+  no mask is drawn serially, stored or applied with ``torch.where``. Otherwise :func:`drop_mask` as above.
 
 :func:`fast_dropout` is the element-wise dropout of the FFNs with the same mask generator and a one-byte saved
 mask.
 
 Deliberate deviations from the reference path, all within the stated tolerances (tested in
 ``tests/test_fast_attention.py``): the drop probability is ``round(p * 2**16) / 2**16`` for three of every four
-entries and ``round(p * 2**15) / 2**15`` for the fourth (within ``2**-16`` of ``p``); the masks come from a
+entries and ``round(p * 2**15) / 2**15`` for the fourth (within ``2**-16`` of ``p``; the fused kernels:
+``round(p * 2**24) / 2**24`` for every entry); the masks come from a
 private generator seeded by one draw of the default generator, so a seeded run is bit-reproducible but draws
 other masks than ``F.dropout``; the rescale by ``1 / (1 - p)`` and the ``1 / sqrt(d)`` scale are applied to
 the ``(N, d)`` operands rather than to the attention matrix (the same maths, rounding differs by about one
@@ -32,6 +37,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from methods import _fused_dropout as _fused
 
 #: Bound on what one call keeps for its backward pass: the probabilities and masks (5 bytes per attention
 #: entry over all chunks) when they fit (the paper's average slide: 243 MB per self-attention layer), else the
@@ -121,9 +128,12 @@ class _Chunks:
         self.g, self.m, self.p, self.dtype = g, m, p, dtype
         self.starts = list(range(0, n, self.rows))
         self.scores = POOL.take(g * self.rows * m, dtype)  # reused by every chunk; POOL.give when done
-        self.store_probs = store and g * n * m * 5 <= STORE_BYTES
-        self.store_masks = store and p > 0 and g * n * m <= STORE_BYTES
+        # fused: the mask is computed inside the kernels from (seed, chunk, entry) and never stored
+        self.fused = _fused.kernels(g * n * m) if p > 0 and dtype in (torch.float32, torch.float64) else None
+        self.store_probs = store and g * n * m * (4 if self.fused else 5) <= STORE_BYTES
+        self.store_masks = store and p > 0 and not self.fused and g * n * m <= STORE_BYTES
         self.gen = torch.Generator().manual_seed(seed)
+        self.seed = seed
 
     def view(self, buf: Tensor, c: int) -> Tensor:
         return buf[: self.g * c * self.m].view(self.g, c, self.m)
@@ -149,6 +159,43 @@ class _Chunks:
         buf = buf if fresh else self._mask_buf
         return drop_mask(shape[0] * shape[1], shape[2], self.p, self.gen, out=buf).view(shape)
 
+    def dropped(self, probs: Tensor, chunk: int, stored: list[Tensor]) -> Tensor:
+        """Chunk ``chunk``'s probabilities with dropout applied (no rescale): in the reused scores buffer when
+        ``probs`` is stored, else in place. A drawn mask is appended to ``stored`` when masks are stored."""
+        if self.p == 0:
+            return probs
+        target = self.view(self.scores, probs.shape[1]) if self.store_probs else probs
+        if self.fused:
+            prm = _fused.params(self.seed, chunk, self.p)
+            flat = _fused.plain(probs.view(-1))
+            if target is probs:
+                _fused.run(self.fused, "drop_", flat, *prm)
+            else:
+                _fused.run(self.fused, "drop_into", flat, _fused.plain(target.view(-1)), *prm)
+            return target
+        mask = self.mask(probs.shape, fresh=self.store_masks)
+        stored += [mask] if self.store_masks else []
+        return torch.where(mask, torch.zeros((), dtype=probs.dtype), probs, out=target)
+
+    def grad(self, probs: Tensor, dpd: Tensor, row_dot: Tensor, chunk: int, drop_buf: Tensor | None,
+             mask: Tensor | None) -> Tensor:
+        """Backward of one chunk in place: ``dpd`` (``d(dropped P) / rescale``) becomes ``dS / rescale``
+        (``dS = P * (rescale * keep * dPd - D)``); returns the dropped probabilities (for ``dv``)."""
+        if self.p == 0:
+            dpd.sub_(row_dot).mul_(probs)
+            return probs
+        dropped = self.view(drop_buf, probs.shape[1])
+        if self.fused:
+            rows, cols = probs.shape[0] * probs.shape[1], probs.shape[2]
+            two_d = [_fused.plain(t.view(rows, cols)) for t in (probs, dpd)]
+            _fused.run(self.fused, "attention_grad", *two_d, row_dot.reshape(rows, 1).contiguous(),
+                       _fused.plain(dropped.view(rows, cols)), *_fused.params(self.seed, chunk, self.p))
+            return dropped
+        mask = mask if mask is not None else self.mask(probs.shape, fresh=False)
+        torch.where(mask, torch.zeros((), dtype=probs.dtype), probs, out=dropped)
+        dpd.mul_(dropped).addcmul_(probs, row_dot, value=-1)  # three passes
+        return dropped
+
     def release(self) -> None:
         POOL.give(self.scores, getattr(self, "_mask_buf", None))
 
@@ -168,16 +215,12 @@ class DropoutAttention(torch.autograd.Function):
         qs = q * d**-0.5  # the score scale on the (N, d) operand, not on the (N, M) matrix
         chunks = _Chunks(g, n, k.shape[1], block_bytes, q.dtype, p, seed, store=store)
         out = torch.empty(g, n, v.shape[-1], dtype=q.dtype) if out is None else out
-        k_t, zero = k.transpose(1, 2), torch.zeros((), dtype=q.dtype)
-        stored: list[Tensor] = []
-        for start in chunks.starts:
+        k_t = k.transpose(1, 2)
+        stored: list[Tensor] = []  # per chunk, in order: its probabilities and / or its mask when stored
+        for chunk, start in enumerate(chunks.starts):
             probs = chunks.probs(qs, k_t, start, fresh=chunks.store_probs)
-            mask, dropped = chunks.mask(probs.shape, fresh=chunks.store_masks), probs
             stored += [probs] if chunks.store_probs else []
-            if mask is not None:  # into the reused buffer when the probabilities are stored, else in place
-                stored += [mask] if chunks.store_masks else []
-                dropped = chunks.view(chunks.scores, probs.shape[1]) if chunks.store_probs else probs
-                torch.where(mask, zero, probs, out=dropped)
+            dropped = chunks.dropped(probs, chunk, stored)
             torch.bmm(dropped, v, out=out[:, start : start + probs.shape[1]])
         chunks.release()
         if p > 0:
@@ -202,20 +245,14 @@ class DropoutAttention(torch.autograd.Function):
         # D_i = sum_j dP_ij P_ij = grad_out_i . out_i (flash attention), divided by the rescale (see below).
         row_dot = (grad_out * out).sum(-1, keepdim=True).div_(rescale)  # (G, N, 1)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        k_t, v_t, zero = k.transpose(1, 2), v.transpose(1, 2), torch.zeros((), dtype=q.dtype)
-        for start in chunks.starts:
+        k_t, v_t = k.transpose(1, 2), v.transpose(1, 2)
+        for chunk, start in enumerate(chunks.starts):
             probs = stored.pop(0) if chunks.store_probs else chunks.probs(qs, k_t, start, fresh=False)
             c = probs.shape[1]
-            mask = stored.pop(0) if chunks.store_masks else chunks.mask(probs.shape, fresh=False)
+            mask = stored.pop(0) if chunks.store_masks else None
             rows = slice(start, start + c)
             dpd = torch.bmm(grad_out[:, rows], v_t, out=chunks.view(grads, c))  # d(dropped P) / rescale
-            # dS = P * (rescale * keep * dPd - D) = rescale * (keep P * dPd - P * D / rescale): three passes
-            if mask is None:
-                dropped = probs
-                dpd.sub_(row_dot[:, rows]).mul_(probs)
-            else:
-                dropped = torch.where(mask, zero, probs, out=chunks.view(drop_buf, c))
-                dpd.mul_(dropped).addcmul_(probs, row_dot[:, rows], value=-1)
+            dropped = chunks.grad(probs, dpd, row_dot[:, rows], chunk, drop_buf, mask)
             torch.bmm(dpd, k, out=dq[:, rows])  # dpd holds dS / rescale
             dk.baddbmm_(dpd.transpose(1, 2), qs[:, rows], alpha=rescale)
             dv.baddbmm_(dropped.transpose(1, 2), grad_out[:, rows], alpha=rescale)
@@ -261,6 +298,23 @@ class _MaskedScale(torch.autograd.Function):
         return torch.where(drop, torch.zeros((), dtype=grad.dtype), grad).mul_(ctx.scale), None, None
 
 
+class _FusedScale(torch.autograd.Function):
+    """``where(keep, x * scale, 0)`` with the counter-based mask of ``prm`` (:mod:`methods._fused_dropout`);
+    the backward pass applies the same kernel to the gradient (the mask is recomputed, not saved)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, prm: tuple, scale: float, kern: dict) -> Tensor:
+        ctx.prm, ctx.scale, ctx.kern = prm, scale, kern
+        return _fused.run(kern, "scaled_dropout", _fused.plain(x.contiguous().view(-1)),
+                          torch.tensor(scale, dtype=x.dtype), *prm).view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        scale = torch.tensor(ctx.scale, dtype=grad.dtype)
+        out = _fused.run(ctx.kern, "scaled_dropout", _fused.plain(grad.contiguous().view(-1)), scale, *ctx.prm)
+        return out.view(grad.shape), None, None, None
+
+
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """Element-wise dropout with :func:`drop_mask` (default generator): same distribution as ``F.dropout``
     within ``2**-16`` of ``p``, one fused pass instead of ``bernoulli_``, ``div_`` and ``mul``, and a one-byte
@@ -269,6 +323,10 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if p >= 1.0:
         return x * 0.0
+    kern = _fused.kernels(x.numel()) if x.dtype in (torch.float32, torch.float64) else None
+    if kern is not None:  # counter-based mask computed in the kernel, nothing saved but one seed
+        seed = int(torch.randint(_SEED_RANGE, (1,)).item())
+        return _FusedScale.apply(x, _fused.params(seed, 0, p), 1.0 / (1.0 - p), kern)
     cols = x.shape[-1] if x.dim() else 1
     drop = drop_mask(x.numel() // max(1, cols), cols, p, torch.default_generator).view(x.shape)
     return _MaskedScale.apply(x, drop, 1.0 / (1.0 - p))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from benchmark.data.bag import Bag
 from benchmark.training.registry import create_method
 from methods import _fast_attention as fa
+from methods import _fused_dropout as fu
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -180,3 +181,153 @@ def test_flop_count_of_attention_and_depthwise_convolutions():
     flops = count_flops("crossfusion_wo_fc", SMALL, bag, "train")
     assert flops["counted_on"] == "meta" and 1.5 < flops["backward"] / flops["forward"] < 2.5
     assert sgemm_rate(64, repeats=1) > 0
+
+
+def test_fast_paths_equal_the_reference_in_float64():
+    """The reformulations (chunked attention, merged convolutions, the Conv3d as a weighted sum) are the same
+    maths: in float64 the fast and reference paths agree far below float32's rounding, which in float32 puts
+    some gradient entries of these tiny models near the 1e-5 tolerance for some bags."""
+    bag = _bag(seed=4)
+    bag = Bag(bag.sample_id, bag.slide_ids, {m: f.double() for m, f in bag.features.items()})
+    for name in ("crossfusion", "crossfusion_wo_cp", "crossfusion_wo_fc"):
+        runs = []
+        for options in ({}, REFERENCE):
+            torch.manual_seed(0)
+            model = create_method(name, in_dim=16, dropout=0.0, attn_dropout=0.0, **SMALL, **options).double()
+            out = model.train()(bag)
+            out.risk.sum().backward()
+            runs.append((out.logits.detach(), [p.grad for p in model.parameters()]))
+        _assert_close(runs[0][0], runs[1][0], tol=1e-10)
+        for a, b in zip(runs[0][1], runs[1][1]):
+            _assert_close(a, b, tol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------- fused dropout
+def _eager_kernels(monkeypatch):
+    """Route the fast path through the fused kernels' eager (uncompiled) versions: the same masks and
+    arithmetic as the compiled kernels, without compiling (the compiled ones are tested once, below)."""
+    monkeypatch.setattr(fu, "MIN_ENTRIES", 0)
+    monkeypatch.setitem(fu._STATE, "kernels", dict(fu.EAGER))
+    monkeypatch.setitem(fu._STATE, "failed", False)
+    monkeypatch.setenv("MIL_BENCHMARK_COMPILE", "1")
+
+
+def _fused_keep(g, n, m, p, block_bytes, seed):
+    rows = max(1, min(n, block_bytes // (g * m * 4)))
+    return torch.cat([fu.keep_mask((g, min(rows, n - s), m), fu.params(seed, i, p))
+                      for i, s in enumerate(range(0, n, rows))], 1)
+
+
+@pytest.mark.parametrize("store_bytes", [2**30, 0])  # probabilities stored, nothing stored
+def test_fused_attention_with_dropout_equals_the_masked_math(store_bytes, monkeypatch):
+    _eager_kernels(monkeypatch)
+    monkeypatch.setattr(fa, "STORE_BYTES", store_bytes)
+    p, seed, block = 0.3, 123, 4 * 6 * 53 * 4
+    q, k, v = _qkv()
+    grad_out = torch.randn(4, 37, 8)
+    out = fa.DropoutAttention.apply(q, k, v, p, block, seed)
+    keep = _fused_keep(4, 37, 53, p, block, seed)
+    ref = (torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), dim=-1) * keep / (1 - p)) @ v
+    _assert_close(out, ref)
+    for a, b in zip(_grads(out, (q, k, v), grad_out), _grads(ref, (q, k, v), grad_out)):
+        _assert_close(a, b)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.3, 0.5, 0.05])
+def test_fused_mask_is_bernoulli_p(p):
+    """Keep rate 1 - p (the threshold is within 2**-25 of p) overall and in every residue class of the entry
+    index modulo 4 and 16, for two chunks of one call and two calls."""
+    assert abs(fu.threshold(p) / 2**fu.KEEP_BITS - p) <= 2**-25
+    for seed, chunk in ((1, 0), (1, 1), (2, 0)):
+        keep = fu.keep_mask((1000, 4000), fu.params(seed, chunk, p)).flatten()
+        _assert_keep_rate(keep, 1 - p)
+        for period in (4, 16):
+            _assert_keep_rate(keep[seed % period :: period], 1 - p)
+
+
+def test_fused_mask_entries_and_chunks_are_uncorrelated():
+    n, p = 2000, 0.3
+    x = fu.keep_mask((n, n), fu.params(2, 0, p)).double()
+    bound = 5.0 / n  # 5 sigma of a correlation estimated from n * n pairs
+    other_chunk = fu.keep_mask((n, n), fu.params(2, 1, p)).double()
+    other_call = fu.keep_mask((n, n), fu.params(3, 0, p)).double()
+    pairs = ((x[:, :-1], x[:, 1:]), (x[:, :-4], x[:, 4:]), (x[:-1], x[1:]), (x, other_chunk), (x, other_call))
+    for a, b in pairs:
+        corr = torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1].item()
+        assert abs(corr) < bound, corr
+
+
+def test_fused_dropout_keeps_values_scaled_exactly_and_gradients_follow_the_mask(monkeypatch):
+    _eager_kernels(monkeypatch)
+    p = 0.3
+    x = torch.randn(500, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    out = fa.fast_dropout(x, p, training=True)
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept] * (1.0 / (1.0 - p)))
+    _assert_keep_rate(kept.flatten(), 1 - p)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(grad, kept.float() * (1.0 / (1.0 - p)))
+
+
+@pytest.mark.parametrize("name", ["crossfusion", "crossfusion_wo_fc"])
+def test_fused_seeded_training_steps_are_bit_reproducible(name, monkeypatch):
+    _eager_kernels(monkeypatch)
+    bag = _bag()
+    first, second, other = _step(name, bag, seed=5), _step(name, bag, seed=5), _step(name, bag, seed=6)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    assert not torch.equal(first[0], other[0])
+
+
+def test_failed_compile_falls_back_to_the_uncompiled_path_with_one_warning(monkeypatch):
+    monkeypatch.setattr(fu, "MIN_ENTRIES", 0)
+    monkeypatch.setitem(fu._STATE, "kernels", None)
+    monkeypatch.setitem(fu._STATE, "failed", False)
+    monkeypatch.setenv("MIL_BENCHMARK_COMPILE", "1")
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fu, "_compile_all", broken)
+    x = torch.randn(50, 60)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler"):
+        assert fu.kernels(10**6) is None
+    assert fu.kernels(10**6) is None  # no second attempt, no second warning
+    torch.manual_seed(0)
+    out = fa.fast_dropout(x, 0.3, training=True)  # the drop_mask path
+    torch.manual_seed(0)
+    drop = fa.drop_mask(50, 60, 0.3, torch.default_generator)
+    assert torch.equal(out, torch.where(drop, 0.0, x) * (1.0 / 0.7))
+
+
+def test_compiled_kernels_equal_the_eager_ones(monkeypatch):
+    """The one test that compiles (seconds; inductor caches on disk): masks bit-equal to the eager
+    kernels, values equal (the backward's products may be contracted into FMAs: 1e-6), no recompilation for
+    other shapes and keys."""
+    monkeypatch.setattr(fu, "MIN_ENTRIES", 0)
+    monkeypatch.setitem(fu._STATE, "kernels", None)
+    monkeypatch.setitem(fu._STATE, "failed", False)
+    monkeypatch.setenv("MIL_BENCHMARK_COMPILE", "1")
+    kern = fu.kernels(1)
+    if kern is None:
+        pytest.skip("torch.compile is not available here (the fallback is tested above)")
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    for rows, cols, seed in ((12, 257, 1), (303, 61, 2)):
+        prm = fu.params(seed, 3, 0.2)
+        x, grad, row_dot = torch.rand(rows, cols), torch.randn(rows, cols), torch.randn(rows, 1)
+        outs = [torch.empty(rows, cols) for _ in range(4)]
+        fu.run(kern, "drop_into", fu.plain(x.view(-1)), fu.plain(outs[0].view(-1)), *prm)
+        fu.EAGER["drop_into"](x.view(-1), outs[1].view(-1), *prm)
+        assert torch.equal(outs[0], outs[1])
+        grads = [grad.clone(), grad.clone()]
+        fu.run(kern, "attention_grad", fu.plain(x), fu.plain(grads[0]), row_dot, fu.plain(outs[2]), *prm)
+        fu.EAGER["attention_grad"](x, grads[1], row_dot, outs[3], *prm)
+        assert torch.equal(outs[2], outs[3]) and torch.equal(outs[2], outs[0])
+        _assert_close(grads[0], grads[1], tol=1e-6)
+        scale = torch.tensor(1.25)
+        assert torch.equal(fu.run(kern, "scaled_dropout", fu.plain(x.view(-1)), scale, *prm),
+                           fu.EAGER["scaled_dropout"](x.view(-1), scale, *prm))
+    assert counters["stats"]["unique_graphs"] == graphs  # compiled once, in kernels()
