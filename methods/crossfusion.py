@@ -241,7 +241,7 @@ class CrossFusion(_CrossFusionBase):
     device-agnostic (the official code hard-codes CUDA at construction); memory-bounded attention on CPU with
     dropout; with ``dropout_impl="fast"`` the drop probability is within ``2**-16`` of ``attn_dropout``
     (``round(p 2^16) / 2^16`` for three entries in four, ``round(p 2^15) / 2^15`` for the fourth) and the masks
-    come from a private generator seeded from the default one; activation checkpointing on very large bags (same numbers, less memory); no fp16 autocast; the
+    come from a counter-based hash keyed per chunk from the default generator (compiled fused kernels on large calls, ``methods/_fused_dropout.py``); activation checkpointing on very large bags (same numbers, less memory); no fp16 autocast; the
     unused modules (``dropout_emb``, ``PreNorm``) are not built. A patient with several slides: the loader
     concatenates each scale's slides, so the 10x grid spans all slides.
     """
