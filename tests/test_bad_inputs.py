@@ -231,7 +231,7 @@ RUN_CASES = [
     ("warm-up not shorter than the run", ["--set", "epochs=2", "--set", "warmup_epochs=3"],
      r"warmup_epochs=3\.0 is not shorter than epochs=2"),
     ("unknown method option", ["--method-option", "amil.bogus=1"],
-     r"--method-option amil\.bogus: method 'amil' takes no option 'bogus'; its options: dropout, hidden, attention_dim"),
+     r"--method-option amil\.bogus: method 'amil' takes no option 'bogus'; its options: attention_dim, dropout, hidden"),
     ("option no selected method takes", ["--methods", "amil,random", "--method-option", "dropout=0.1"],
      r"--method-option random\.dropout: method 'random' takes no option 'dropout'; its options: none"),
     ("method option of another method", ["--method-option", "dsmil.k=1"],
