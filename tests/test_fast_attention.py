@@ -115,7 +115,11 @@ def test_drop_mask_entries_are_uncorrelated():
     assert not torch.equal(fa.drop_mask(64, 64, p, gen), fa.drop_mask(64, 64, p, gen))
 
 
-def test_fast_dropout_keeps_values_scaled_exactly_and_gradients_follow_the_mask():
+@pytest.mark.parametrize("kernels", ["drop_mask", "fused"])
+def test_fast_dropout_keeps_values_scaled_exactly_and_gradients_follow_the_mask(kernels, monkeypatch):
+    """Both mask sources of the fast path: ``drop_mask`` (small calls) and the fused kernels (eager versions)."""
+    if kernels == "fused":
+        _eager_kernels(monkeypatch)
     p = 0.3
     x = torch.randn(500, 1000, requires_grad=True)
     torch.manual_seed(0)
@@ -255,19 +259,6 @@ def test_fused_mask_entries_and_chunks_are_uncorrelated():
     for a, b in pairs:
         corr = torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1].item()
         assert abs(corr) < bound, corr
-
-
-def test_fused_dropout_keeps_values_scaled_exactly_and_gradients_follow_the_mask(monkeypatch):
-    _eager_kernels(monkeypatch)
-    p = 0.3
-    x = torch.randn(500, 1000, requires_grad=True)
-    torch.manual_seed(0)
-    out = fa.fast_dropout(x, p, training=True)
-    kept = out != 0
-    assert torch.equal(out[kept], x[kept] * (1.0 / (1.0 - p)))
-    _assert_keep_rate(kept.flatten(), 1 - p)
-    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
-    assert torch.equal(grad, kept.float() * (1.0 / (1.0 - p)))
 
 
 @pytest.mark.parametrize("name", ["crossfusion", "crossfusion_wo_fc"])
