@@ -21,6 +21,12 @@ class UnknownNameError(KeyError):
         return str(self.args[0])
 
 
+def suggestion(name: str, known, cutoff: float = 0.6) -> str:
+    """``" (did you mean 'a' or 'b'?)"`` for the up to two names of ``known`` closest to ``name``, else ``""``."""
+    close = difflib.get_close_matches(name, sorted(known), n=2, cutoff=cutoff)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def did_you_mean(name: str, known: list[str] | tuple[str, ...], kind: str) -> UnknownNameError:
     """Build the "unknown name, did you mean ..." error for ``name`` among ``known`` names of ``kind``."""
     close = difflib.get_close_matches(name.lower(), [k.lower() for k in known], n=3, cutoff=0.5)

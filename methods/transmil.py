@@ -8,6 +8,7 @@ Official repository: github.com/szc19990412/TransMIL (``models/TransMIL.py``), w
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from nystrom_attention import NystromAttention
@@ -24,36 +25,126 @@ from methods._inputs import checked_features
 NYSTROM_IMPLS = ("fast", "package")
 
 
+class PaddedSquare(NamedTuple):
+    """An ``m x m`` matrix over ``n`` real tokens and ``p = m - n`` zero padding tokens that no permutation of the
+    padding changes, stored in ``O(n^2)``: in block form (real tokens first)
+    ``[[rr, u 1^T], [1 w^T, alpha I + beta 1 1^T]]``; :meth:`dense` lays it out with the padding in front, as the
+    package does.
+
+    ``rr (..., n, n)``; ``u, w (..., n)``: the constant real-row / real-column values of the off-diagonal blocks;
+    ``alpha, beta (...)``. Products, transposes and ``c M + d I`` of such matrices are again such matrices, so
+    the pseudo-inverse iteration runs on ``n x n`` blocks instead of ``m x m`` matrices.
+    """
+
+    rr: Tensor
+    u: Tensor
+    w: Tensor
+    alpha: Tensor
+    beta: Tensor
+
+    def matmul(self, other: "PaddedSquare", p: int) -> "PaddedSquare":
+        """``self @ other``, block by block (the padding blocks contribute through sums over ``p`` rows)."""
+        return PaddedSquare(
+            self.rr @ other.rr + p * self.u[..., :, None] * other.w[..., None, :],
+            (self.rr @ other.u[..., None])[..., 0] + (other.alpha + p * other.beta)[..., None] * self.u,
+            (self.w[..., None, :] @ other.rr)[..., 0, :] + (self.alpha + p * self.beta)[..., None] * other.w,
+            self.alpha * other.alpha,
+            (self.w * other.u).sum(-1) + self.alpha * other.beta + self.beta * other.alpha + p * self.beta * other.beta,
+        )
+
+    def transpose(self) -> "PaddedSquare":
+        return PaddedSquare(self.rr.transpose(-1, -2), self.w, self.u, self.alpha, self.beta)
+
+    def affine(self, scale: float | Tensor, shift: float = 0.0) -> "PaddedSquare":
+        """``scale * M + shift * I`` (``scale``: a number or a 0-d tensor)."""
+        eye = torch.eye(self.rr.shape[-1], dtype=self.rr.dtype, device=self.rr.device)
+        return PaddedSquare(self.rr * scale + shift * eye, self.u * scale, self.w * scale,
+                            self.alpha * scale + shift, self.beta * scale)
+
+    def dense(self, p: int) -> Tensor:
+        """The ``(..., m, m)`` matrix with the padding in front, as the package lays it out."""
+        n = self.rr.shape[-1]
+        out = self.rr.new_empty(*self.rr.shape[:-2], n + p, n + p)
+        out[..., p:, p:] = self.rr
+        out[..., p:, :p] = self.u[..., None]
+        out[..., :p, p:] = self.w[..., None, :]
+        eye = torch.eye(p, dtype=self.rr.dtype, device=self.rr.device)
+        out[..., :p, :p] = self.alpha[..., None, None] * eye + self.beta[..., None, None]
+        return out
+
+
+def padded_softmax(scores: Tensor, p: int) -> PaddedSquare:
+    """``softmax`` of the ``m x m`` similarities of ``n`` real and ``p`` zero tokens (whose scores are all 0).
+
+    A real row is its ``n`` scores and ``p`` zeros: one extra logit ``log p`` stands for the ``p`` zeros, and
+    each padding column gets a ``p``-th of its probability. A padding row is uniform, ``1 / m``.
+    """
+    n = scores.shape[-1]
+    batch, m = scores.shape[:-2], n + p
+    if p:
+        logits = torch.cat((scores, scores.new_full((*scores.shape[:-1], 1), math.log(p))), dim=-1)
+        probs = logits.softmax(dim=-1)
+        rr, u = probs[..., :n], probs[..., n] / p
+    else:
+        rr, u = scores.softmax(dim=-1), scores.new_zeros(scores.shape[:-1])
+    return PaddedSquare(rr, u, scores.new_full((*batch, n), 1 / m), scores.new_zeros(batch),
+                        scores.new_full(batch, 1 / m))
+
+
+def padded_pinv(x: PaddedSquare, p: int, iters: int) -> PaddedSquare:
+    """``moore_penrose_iter_pinv`` of the package on a :class:`PaddedSquare`: the same iteration from the same
+    start, ``x^T`` over (largest absolute row sum) x (largest absolute column sum), both over the whole batch."""
+    # A padding row (column) holds w (u), alpha + beta on the diagonal and beta p - 1 times.
+    padding_block = (x.alpha + x.beta).abs() + (p - 1) * x.beta.abs()
+    row_sums = [x.rr.abs().sum(-1) + p * x.u.abs()]
+    col_sums = [x.rr.abs().sum(-2) + p * x.w.abs()]
+    if p:
+        row_sums.append((x.w.abs().sum(-1) + padding_block)[..., None])
+        col_sums.append((x.u.abs().sum(-1) + padding_block)[..., None])
+    z = x.transpose().affine(1 / (torch.cat(row_sums, -1).max() * torch.cat(col_sums, -1).max()))
+    for _ in range(iters):
+        xz = x.matmul(z, p)
+        inner = xz.matmul(xz.affine(-1.0, 7.0), p).affine(-1.0, 15.0)
+        z = z.affine(0.25).matmul(xz.matmul(inner, p).affine(-1.0, 13.0), p)
+    return z
+
+
 def nystrom_forward(attn: NystromAttention, x: Tensor, return_attn_matrices: bool = False):
-    """``NystromAttention.forward(x)`` (no mask) with the same maths and random draws, less work on small bags.
+    """``NystromAttention.forward(x)`` (no mask) with the same maths and dropout draws, on ``n x n`` blocks.
 
-    ``x (B, n, dim)`` -> ``(B, n, dim)`` (and the three factors as the package returns them). A bag of at most
-    ``m`` tokens (one token per landmark: every demo bag) has two exact savings:
+    ``x (B, n, dim)`` -> ``(B, n, dim)`` (and the three factors as the package returns them, detached). A bag
+    of at most ``m`` tokens (every demo bag: 65 tokens, ``m`` = 256) is padded in front with ``m - n`` zero
+    tokens and has one token per landmark, so:
 
-    - the front padding up to ``m`` rows is applied to ``q, k, v`` instead of ``x``: ``to_qkv`` has no bias, so
-      padded rows are zero either way, and only the ``n`` real rows go through the projection (a 65-token demo
-      bag is padded to 256);
-    - the landmarks are the tokens themselves (a sum over one token divided by 1), so the three similarity
-      matrices ``q k_l^T``, ``q_l k_l^T``, ``q_l k^T`` are the same matrix: it is computed and softmaxed once.
+    - the padded rows of ``q, k, v`` are zero (``to_qkv`` has no bias), and only real rows are projected;
+    - the three similarity matrices ``q k_l^T``, ``q_l k_l^T``, ``q_l k^T`` are one matrix, whose padded rows
+      and columns are constant: the softmax, its pseudo-inverse iteration and the products are done on
+      :class:`PaddedSquare` blocks (``O(n^3)`` per iteration instead of ``O(m^3)``);
+    - the value convolution of the real rows sees zeros in front either way;
+    - the output projection's dropout draws its mask over all ``m`` rows, as the package does, before the crop.
 
-    Larger bags run the package's forward unchanged (their padding is under one row in ``l``; padding the
-    3x wider ``q, k, v`` instead of ``x`` would cost more than it saves). The output projection and its
-    dropout run on all padded rows before the crop, as in the package, so the dropout draws are the same.
+    Larger bags run the package's forward unchanged.
     """
     b, n, _ = x.shape
     h, m = attn.heads, attn.num_landmarks
     if n > m:
         return attn(x, return_attn_matrices=return_attn_matrices)
-    pad = m - n
-    qkv = nn.functional.pad(attn.to_qkv(x), (0, 0, pad, 0))  # (B, m, 3 h d), zeros in front
-    q, k, v = (t.reshape(b, m, h, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))  # (B, h, m, d)
-    attn1 = attn2 = attn3 = torch.einsum("... i d, ... j d -> ... i j", q * attn.scale, k).softmax(dim=-1)
-    attn2_inv = moore_penrose_iter_pinv(attn2, attn.pinv_iterations)
-    out = (attn1 @ attn2_inv) @ (attn3 @ v)
+    p = m - n
+    q, k, v = (t.reshape(b, n, h, -1).transpose(1, 2) for t in attn.to_qkv(x).chunk(3, dim=-1))  # (B, h, n, d)
+    similarity = padded_softmax(torch.einsum("... i d, ... j d -> ... i j", q * attn.scale, k), p)
+    pinv = padded_pinv(similarity, p, attn.pinv_iterations)
+    left = similarity.matmul(pinv, p)
+    # attn3 @ v: real rows rr @ v; every padding row is the mean 1/m sum_j v_j, seen by real rows through u.
+    out = left.rr @ (similarity.rr @ v) + p * left.u[..., None] * (v.sum(-2, keepdim=True) / m)
     if attn.residual:
         out = out + attn.res_conv(v)
-    out = attn.to_out(out.transpose(1, 2).reshape(b, m, -1))[:, -n:]
-    return (out, (attn1, attn2_inv, attn3)) if return_attn_matrices else out
+    out = attn.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+    out = attn.to_out[1](nn.functional.pad(out, (0, 0, p, 0)))[:, -n:] if p else attn.to_out[1](out)
+    if not return_attn_matrices:
+        return out
+    with torch.no_grad():
+        dense = similarity.dense(p)
+        return out, (dense, pinv.dense(p), dense)
 
 
 class TransLayer(nn.Module):
@@ -153,9 +244,9 @@ class TransMIL(nn.Module):
         Dropout after each attention output projection (0.1 official); acts only in training.
     nystrom_impl : {"fast", "package"}
         "fast" (default): :func:`nystrom_forward`, the package's maths and dropout draws with less work on bags
-        of at most 256 tokens (the ``q, k, v`` projection on real rows only; one similarity matrix instead of
-        three); larger bags run the package's forward. "package": ``NystromAttention.forward``, the reference.
-        Outputs agree to about 1e-6.
+        of at most 256 tokens (real rows only: the padding's constant rows and columns are carried as
+        :class:`PaddedSquare` blocks); larger bags run the package's forward. "package":
+        ``NystromAttention.forward``, the reference. Outputs and gradients agree to rounding (float64: 1e-13).
     num_landmarks : int, optional
         Nystrom landmarks of both layers (default ``dim // 2``: 256 official).
 
@@ -168,7 +259,7 @@ class TransMIL(nn.Module):
       length whenever ``n % 256 != 0``; published TransMIL numbers come from that shifted behaviour.
     - The class token follows the module's device (the official code calls ``.cuda()``).
     - ``nystrom_impl="fast"`` computes the package's function with less work (see :func:`nystrom_forward`);
-      rounding may differ from the package's by about one ulp.
+      only the order of floating-point sums differs.
     - The classification head's ``n_classes`` becomes ``n_bins`` logits, trained with the shared NLL; no
       softmax / argmax.
 

@@ -213,6 +213,13 @@ def test_calibration_rate_from_stores_of_equally_good_methods(tmp_path):
     expected = sum(bool(options({m: s.cell(m, c) for m in ("good", "peer")}).marks)
                    for s in stores for c in ("blca", "luad"))
     assert rate.marked == expected and rate.marked <= 1
+    means = compare.null_means(stores)
+    good = [float(np.mean(compare.column_data({m: s.cell(m, c) for m in ("good", "peer")},
+                                              predictions=False).fold_values["good"]))
+            for s in stores for c in ("blca", "luad")]
+    assert list(means.index) == ["good", "peer"] and means.loc["good", "columns"] == 8
+    assert means.loc["good", "mean"] == pytest.approx(np.mean(good))
+    assert means.loc["good", "se"] == pytest.approx(np.std(good, ddof=1) / np.sqrt(8))
 
 
 def test_ranks_friedman_and_critical_difference(tmp_path):
@@ -299,3 +306,4 @@ def test_calibration_command_prints_the_rate(tmp_path, capsys):
     assert main(["calibration", "--results", *roots, "--n-boot", "200"]) == 0
     text = capsys.readouterr().out
     assert "of 4 columns marked" in text and "vs alpha 0.05" in text
+    assert "good " in text.split("mean C-index over columns")[1] and "4 columns)" in text

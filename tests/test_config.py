@@ -62,6 +62,17 @@ def test_to_cli_reruns_the_same_cell():
     assert configs_of(shlex.split(control.to_cli())[3:]) == [control]
 
 
+def test_data_paths_are_absolute_so_cells_mean_the_same_data_from_any_directory(tmp_path, monkeypatch):
+    # A Ray task or a rerun from another directory must read the same folder and find the same cell ids.
+    monkeypatch.chdir(tmp_path)
+    config = VARIANT.with_(data_root="data/tcga", clinical="tables/blca.csv", splits="splits/blca")
+    assert config.data_root == str(tmp_path / "data/tcga")
+    assert (config.clinical, config.splits) == (str(tmp_path / "tables/blca.csv"), str(tmp_path / "splits/blca"))
+    monkeypatch.chdir(tmp_path.parent)
+    assert VARIANT.with_(data_root=str(tmp_path / "data/tcga")) == VARIANT.with_(data_root=config.data_root)
+    assert VARIANT.with_(data_root="data/tcga").data_root != config.data_root
+
+
 def test_label_and_folder_depend_only_on_what_reaches_the_method():
     both = {c.method: c for c in configs_of(["run", "--methods", "amil,dsmil", "--folds", "0",
                                               "--method-option", "amil.dropout=0.1"])}

@@ -6,7 +6,8 @@ this module reads fold records into them:
 - :func:`column_data`: one table column (cohort) as per-(repeat, fold) values of each row, seeds averaged, with
   the stored out-of-fold risks for the bootstrap tests (slide-level cells resample whole patients);
 - :class:`SignificanceOptions`: the declared family (all pairs, or every row vs a reference), Holm-adjusted, as
-  the tables' significance hook; :func:`calibration_rate`: its family-wise marking rate over real stores;
+  the tables' significance hook; :func:`calibration_rate`: its family-wise marking rate over real stores, :func:`null_means` the methods'
+  mean values there;
   :func:`design_mde`: the minimum detectable difference of a design from its observed fold variance;
 - **over cohorts**: mean ranks, the Friedman / Iman-Davenport test and the Nemenyi critical difference with its
   diagram (Demšar 2006, JMLR 7:1-30), drawn only when the test rejects;
@@ -376,6 +377,17 @@ class SignificanceOptions:
                                    higher_is_better=self.higher_is_better)
 
 
+def store_columns(results: Iterable[Results], methods: Sequence[str] | None = None) -> list[dict[str, list]]:
+    """Every column (cohort x backbone x recipe x selection of one store) with at least two rows (methods)."""
+    columns = []
+    for store in results:
+        by_column: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for r in store.select(method=methods):
+            by_column[(r["cohort"], r["backbone"], r["recipe"], r["selection"])][r["method"]].append(r)
+        columns += [rows for rows in by_column.values() if len(rows) >= 2]
+    return columns
+
+
 def calibration_rate(results: Iterable[Results], options: SignificanceOptions, methods: Sequence[str] | None = None
                      ) -> MarkingRate:
     """Family-wise marking rate of ``options`` over every column of real stores (e.g. ``--signal none`` data).
@@ -384,18 +396,37 @@ def calibration_rate(results: Iterable[Results], options: SignificanceOptions, m
     carries signal, the fraction of columns with any mark estimates the family-wise error rate; it should be
     ``<= alpha`` within its Monte-Carlo error (:meth:`MarkingRate.within`).
     """
-    columns = []
-    for store in results:
-        by_column: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        for r in store.select(method=methods):
-            by_column[(r["cohort"], r["backbone"], r["recipe"], r["selection"])][r["method"]].append(r)
-        columns += [rows for rows in by_column.values() if len(rows) >= 2]
+    columns = store_columns(results, methods)
 
     def marks_anything(rows, index) -> bool:
         result = options(rows)
         return bool(result is not None and result.marks)
 
     return marking_rate(columns, marks_anything)
+
+
+def null_means(results: Iterable[Results], methods: Sequence[str] | None = None, metric: str = "c_index"
+               ) -> pd.DataFrame:
+    """Each method's table value (mean over folds) averaged over the columns of ``--signal none`` stores.
+
+    With no signal every method's expected C-index is 0.5 whatever it learned: validation outcomes are
+    independent of the features and of the training fold. A mean far from 0.5 (in units of ``se``, the standard
+    error over columns) says the data or the pipeline leaks; the methods of one column share its folds, so their
+    deviations are correlated.
+
+    Returns
+    -------
+    DataFrame indexed by method with columns ``mean``, ``se`` (SD over columns / sqrt(n)) and ``columns``.
+    """
+    per_method: dict[str, list[float]] = defaultdict(list)
+    for rows in store_columns(results, methods):
+        for method, values in column_data(rows, metric, predictions=False).fold_values.items():
+            per_method[method].append(float(np.mean(values)))
+    frame = pd.DataFrame({"mean": {m: np.mean(v) for m, v in per_method.items()},
+                          "se": {m: np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+                                 for m, v in per_method.items()},
+                          "columns": {m: len(v) for m, v in per_method.items()}})
+    return frame.sort_index()
 
 
 def design_mde(data: ColumnData, alpha: float = 0.05, power: float = 0.8) -> float:

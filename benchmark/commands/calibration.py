@@ -31,16 +31,21 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmark.analysis.statistics import SignificanceOptions, calibration_rate
+    from benchmark.analysis.statistics import SignificanceOptions, calibration_rate, null_means
     from benchmark.store.query import Results
 
     options = SignificanceOptions(family="reference" if args.reference else "all-pairs",
                                   reference=args.reference.lower() if args.reference else None, alpha=args.alpha,
                                   test=args.test, n_boot=args.n_boot, seed=args.boot_seed)
     methods = [m.strip().lower() for m in args.methods.split(",")] if args.methods else None
-    rate = calibration_rate([Results.open(root) for root in args.results], options, methods)
+    stores = [Results.open(root) for root in args.results]
+    rate = calibration_rate(stores, options, methods)
     if not rate.columns:
         raise ValueError("no column with at least two methods in the given stores")
+    means = null_means(stores, methods)
+    print("mean C-index over columns (0.5 expected with no signal; SE over columns):")
+    for method, row in means.iterrows():
+        print(f"  {method:<24} {row['mean']:.3f} (SE {row['se']:.3f}, {int(row['columns'])} columns)")
     verdict = "within" if rate.within(args.alpha) else "ABOVE"
     print(f"{rate.marked} of {rate.columns} columns marked: family-wise rate {rate.rate:.3f} "
           f"(Monte-Carlo SE {rate.standard_error:.3f}) vs alpha {args.alpha:g}: {verdict} alpha + 2 SE")

@@ -141,7 +141,7 @@ class RunConfig:
     bin_rule : {"train", "cohort"}
     n_bins : int
     data_root : str or None
-        Real data root; None = the embedded synthetic cohorts with ``signal``.
+        Real data root (absolute path); None = the embedded synthetic cohorts with ``signal``.
     signal : str
         Planted signal of the embedded synthetic cohorts (``mixed`` is the default data).
     clinical, splits : str or None
@@ -209,8 +209,6 @@ class RunConfig:
         options = {k: parse_option_value(v) if isinstance(v, str) else v for k, v in dict(self.method_options).items()}
         setattr_("method_options", _frozen_items(options))
         setattr_("overrides", _frozen_items(self._effective_overrides(dict(self.overrides))))
-        if self.data_root is not None:
-            setattr_("data_root", str(self.data_root))
         self._normalise_data_source(setattr_)
         setattr_("tuned", _frozen_items(self.tuned))
         if self.tuned and not self.tuning:
@@ -218,7 +216,7 @@ class RunConfig:
 
     def _normalise_data_source(self, setattr_) -> None:
         """Absolute paths, features as sorted (magnification, folder) pairs, checked choices."""
-        for name in ("clinical", "splits"):
+        for name in ("data_root", "clinical", "splits"):
             if getattr(self, name) is not None:
                 setattr_(name, os.path.abspath(str(getattr(self, name))))
         setattr_("features", feature_items(self.features))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import dataclasses
-import difflib
 import inspect
 import os
 import typing
@@ -34,7 +33,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from benchmark.data.bag import Needs
-from benchmark.naming import check_registry_name, did_you_mean
+from benchmark.naming import check_registry_name, did_you_mean, suggestion
 
 ENTRY_POINT_GROUP = "mil_benchmark.methods"
 
@@ -255,8 +254,7 @@ def check_method_options(name: str, options: dict[str, Any]) -> None:
         return
     unknown = sorted(set(options) - known)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(known), n=2, cutoff=0.6)
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        hint = suggestion(unknown[0], known)
         raise ValueError(f"--method-option {name}.{unknown[0]}: method {name!r} takes no option {unknown[0]!r}"
                          f"{hint}; its options: {', '.join(sorted(known)) or 'none'}")
 

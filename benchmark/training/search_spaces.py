@@ -16,13 +16,13 @@ out (e.g. a model without dropout). An experiment file narrows or overrides entr
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import typing
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from benchmark.naming import suggestion
 from benchmark.store.records import config_hash
 from benchmark.training.recipes import Recipe
 from benchmark.training.registry import constructor_options, get_method_spec
@@ -145,8 +145,7 @@ def _check_target(method: str, param: Param, accepted: set[str] | None) -> None:
         return
     if accepted is None or param.name in accepted:
         return
-    close = difflib.get_close_matches(param.name, sorted(set(RECIPE_FIELDS) | accepted), n=2, cutoff=0.6)
-    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    hint = suggestion(param.name, set(RECIPE_FIELDS) | accepted)
     raise SpaceError(f"search space of {method}: unknown parameter {param.name!r}{hint}: neither a recipe field "
                      f"nor an option of {method}'s constructor (options: {', '.join(sorted(accepted)) or 'none'})")
 
