@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import torch
 from nystrom_attention import NystromAttention
-from nystrom_attention.nystrom_attention import moore_penrose_iter_pinv
 from torch import Tensor, nn
 
 from benchmark.data.bag import Bag, Needs

@@ -6,8 +6,8 @@ this module reads fold records into them:
 - :func:`column_data`: one table column (cohort) as per-(repeat, fold) values of each row, seeds averaged, with
   the stored out-of-fold risks for the bootstrap tests (slide-level cells resample whole patients);
 - :class:`SignificanceOptions`: the declared family (all pairs, or every row vs a reference), Holm-adjusted, as
-  the tables' significance hook; :func:`calibration_rate`: its family-wise marking rate over real stores, :func:`null_means` the methods'
-  mean values there;
+  the tables' significance hook; :func:`calibration_rate`: its family-wise marking rate over real stores,
+  :func:`null_means` the methods' mean values there;
   :func:`design_mde`: the minimum detectable difference of a design from its observed fold variance;
 - **over cohorts**: mean ranks, the Friedman / Iman-Davenport test and the Nemenyi critical difference with its
   diagram (Demšar 2006, JMLR 7:1-30), drawn only when the test rejects;

@@ -212,7 +212,6 @@ def method_space(method: str, overrides: Mapping[str, Mapping[str, Any]] | None 
         A bad entry (see :func:`parse_param`), a name that is neither a recipe field nor a constructor option,
         or an empty space (nothing to tune).
     """
-
     spec = get_method_spec(method)
     declared = {**SHARED_SPACE, **dict(spec.search_space or {})}
     merged = _merge_overrides({k: v for k, v in declared.items() if v is not None}, overrides, spec.name)
@@ -243,5 +242,4 @@ def split_setting(setting: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 def tunable(method: str) -> bool:
     """Whether a method has anything to tune (the ``random`` floor has no trainable parameter)."""
-
     return get_method_spec(method).search_space is not False
