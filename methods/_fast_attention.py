@@ -55,19 +55,26 @@ class BufferPool:
     Why: tensors above 32 MiB come from ``mmap`` and go back to the kernel when freed, so every fresh one is
     page-faulted and zeroed again: that took about as long as the ``q k^T`` matmul writing into it. Buffers
     given back here are handed out again (smallest one large enough, as a flat view); at most ``max_bytes`` are
-    kept idle. :meth:`clear` drops them.
+    kept idle. Buffers under ``min_bytes`` bypass the pool: ``malloc`` reuses those cheaply, and on small bags
+    (thousands of tiny calls per epoch) the bookkeeping cost more than it saved. :meth:`clear` drops them.
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, min_bytes: int = 2**20) -> None:
+        self.max_bytes, self.min_bytes = max_bytes, min_bytes
         self._free: list[Tensor] = []
+        self._idle_bytes = 0
 
     def take(self, numel: int, dtype: torch.dtype) -> Tensor:
         """A flat tensor of ``numel`` elements (a view of a pooled buffer, or new); contents undefined."""
-        fits = [i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel]
-        if not fits:
+        best = None
+        if numel * dtype.itemsize >= self.min_bytes:
+            fits = [i for i, b in enumerate(self._free) if b.dtype == dtype and b.numel() >= numel]
+            best = min(fits, key=lambda i: self._free[i].numel(), default=None)
+        if best is None:
             return torch.empty(numel, dtype=dtype)
-        return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))[:numel]
+        buffer = self._free.pop(best)
+        self._idle_bytes -= buffer.numel() * buffer.element_size()
+        return buffer[:numel]
 
     def give(self, *tensors: Tensor | None) -> None:
         """Return tensors obtained from :meth:`take` (views of them are fine); they must not be used afterwards."""
@@ -75,12 +82,14 @@ class BufferPool:
             if t is None:
                 continue
             base = t if t._base is None else t._base  # the flat buffer of take() (no new view op)
-            idle = sum(b.numel() * b.element_size() for b in self._free)
-            if idle + base.numel() * base.element_size() <= self.max_bytes:
+            size = base.numel() * base.element_size()
+            if self.min_bytes <= size and self._idle_bytes + size <= self.max_bytes:
                 self._free.append(base)
+                self._idle_bytes += size
 
     def clear(self) -> None:
         self._free.clear()
+        self._idle_bytes = 0
 
 
 #: The pool of this module (2 GiB idle at most: one average-slide step's stored probabilities and masks).

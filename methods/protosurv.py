@@ -118,14 +118,32 @@ def compatibility_loss(features: Tensor, prototypes: Tensor, types: Tensor, n_ty
     return (positives.sum() + negative_term) / (n * n_types)
 
 
-def orthogonality_loss(prototypes: Tensor) -> Tensor:
+#: How :func:`orthogonality_loss` is computed (option ``orthogonality_impl``).
+ORTHOGONALITY_IMPLS = ("small_gram", "official")
+
+
+def orthogonality_loss(prototypes: Tensor, impl: str = "small_gram") -> Tensor:
     """The official orthogonality loss ``|| G/||G||_F - I/||I||_F ||_F`` with ``G = S^T S`` (D x D).
+
+    ``impl="official"`` forms ``G`` as the official code does (``O(P D^2)``). ``"small_gram"`` (default) uses
+    ``||S^T S||_F = ||S S^T||_F`` and ``tr(S^T S) = ||S||_F^2``: the loss is
+    ``sqrt(2 - 2 r)`` with ``r = ||S||_F^2 / (||S S^T||_F sqrt(D))``, from the P x P Gram (``O(P^2 D)``; about
+    30 times faster with its gradient for P = 40, D = 1024). Same value to rounding. It applies when
+    ``4 P <= D``, where ``r <= sqrt(P / D) <= 1/2`` so the difference does not cancel; otherwise the official
+    form is used.
 
     Shapes: ``prototypes`` S (P, D) -> scalar.
     """
+    if impl not in ORTHOGONALITY_IMPLS:
+        raise ValueError(f"methods/protosurv.py: orthogonality_impl must be one of "
+                         f"{', '.join(ORTHOGONALITY_IMPLS)}, got {impl!r}")
+    n_prototypes, dim = prototypes.shape
+    if impl == "small_gram" and 4 * n_prototypes <= dim:
+        ratio = prototypes.pow(2).sum() / (torch.linalg.matrix_norm(prototypes @ prototypes.T) * math.sqrt(dim))
+        return torch.sqrt(2 - 2 * ratio)
     gram = prototypes.T @ prototypes
-    eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-    return torch.linalg.matrix_norm(gram / torch.linalg.matrix_norm(gram) - eye / math.sqrt(gram.shape[0]))
+    eye = torch.eye(dim, device=gram.device, dtype=gram.dtype)
+    return torch.linalg.matrix_norm(gram / torch.linalg.matrix_norm(gram) - eye / math.sqrt(dim))
 
 
 class ProtoSurv(nn.Module):
@@ -174,6 +192,9 @@ class ProtoSurv(nn.Module):
         real user can have), else k-means pseudo-types; ``kmeans`` = always k-means; ``truth`` = the synthetic
         generator's true types (privileged information, only when asked). ``tissue_types_used`` collects the
         sources the model actually read; the runner records it.
+    orthogonality_impl : {"small_gram", "official"}, default "small_gram"
+        How the orthogonality loss is computed (:func:`orthogonality_loss`): from the P x P Gram of the
+        prototypes, or from the official D x D one (the reference). Same value to rounding.
 
     Returns (forward)
     -----------------
@@ -226,6 +247,7 @@ class ProtoSurv(nn.Module):
         orthogonality_weight: float = 0.1,
         pseudo_type_seed: int = 0,
         tissue_types: str = "file",
+        orthogonality_impl: str = "small_gram",
     ) -> None:
         super().__init__()
         if head not in ("nll", "cox"):
@@ -242,6 +264,10 @@ class ProtoSurv(nn.Module):
             raise ValueError(f"methods/protosurv.py: tissue_types must be one of {', '.join(TISSUE_TYPE_SOURCES)}, "
                              f"got {tissue_types!r}")
         self.tissue_types = tissue_types
+        if orthogonality_impl not in ORTHOGONALITY_IMPLS:
+            raise ValueError(f"methods/protosurv.py: orthogonality_impl must be one of "
+                             f"{', '.join(ORTHOGONALITY_IMPLS)}, got {orthogonality_impl!r}")
+        self.orthogonality_impl = orthogonality_impl
         self.tissue_types_used: set[str] = set()
 
         # Graph branch.
@@ -363,7 +389,7 @@ class ProtoSurv(nn.Module):
 
         mapped = self.mlp_comp(prototypes)
         aux_loss = self.compatibility_weight * compatibility_loss(x, mapped, types, self.n_types)
-        aux_loss = aux_loss + self.orthogonality_weight * orthogonality_loss(mapped)
+        aux_loss = aux_loss + self.orthogonality_weight * orthogonality_loss(mapped, self.orthogonality_impl)
 
         out = self.classifier(self.pred_norm(fused.mean(dim=0)))
         maps = {"attention": AttentionMap(20, node_attention)}

@@ -321,6 +321,23 @@ def test_attention_maps_policy():
     assert all(m.magnification == 20 and m.scores.shape == (70,) for m in maps.values())
 
 
+def test_predictions_skip_automatic_maps_and_keep_the_outputs():
+    from benchmark.training.trainer import without_automatic_maps
+
+    bag = make_bag()
+    model = small_model().eval()
+    with torch.no_grad():
+        with_maps = model(bag)
+        with without_automatic_maps(model):
+            without = model(bag)
+    assert "fine_cross" in with_maps.attention and without.attention == {}
+    assert torch.equal(with_maps.logits, without.logits)  # maps are computed apart from the output
+    assert model.return_attention is None  # the automatic choice is restored
+    model.return_attention = True  # an explicit request is kept
+    with without_automatic_maps(model):
+        assert "fine_cross" in model(bag).attention
+
+
 # ------------------------------------------------------------------------------------------- benchmark command
 def test_bench_bag_follows_needs_and_sizes():
     from benchmark.data.bag import Needs

@@ -322,3 +322,19 @@ def test_compiled_kernels_equal_the_eager_ones(monkeypatch):
         assert torch.equal(fu.run(kern, "scaled_dropout", fu.plain(x.view(-1)), scale, *prm),
                            fu.EAGER["scaled_dropout"](x.view(-1), scale, *prm))
     assert counters["stats"]["unique_graphs"] == graphs  # compiled once, in kernels()
+
+
+def test_buffer_pool_reuses_large_buffers_and_bounds_what_it_keeps():
+    pool = fa.BufferPool(max_bytes=3 * 2**20, min_bytes=2**20)
+    big = pool.take(2**19, torch.float32)  # 2 MiB
+    pool.give(big[:10])  # a view returns its whole buffer
+    again = pool.take(2**18, torch.float32)  # 1 MiB: served from the 2 MiB buffer
+    assert again.data_ptr() == big.data_ptr() and again.numel() == 2**18
+    pool.give(again, pool.take(2**19, torch.float32))
+    assert pool._idle_bytes == 2 * 2**20  # the second 2 MiB buffer did not fit the 3 MiB bound
+    small = pool.take(16, torch.float32)  # under min_bytes: never pooled
+    pool.give(small)
+    assert all(b.numel() >= 2**18 for b in pool._free) and pool._idle_bytes == 2 * 2**20
+    assert pool.take(2**19, torch.int64).dtype == torch.int64  # other dtype: a new buffer
+    pool.clear()
+    assert pool._idle_bytes == 0 and not pool._free

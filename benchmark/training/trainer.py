@@ -18,6 +18,7 @@ import dataclasses
 import math
 import random
 import time as _time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -148,18 +149,36 @@ class Predictions:
     survival: np.ndarray | None  # (n, K) or None for a Cox head
 
 
+@contextmanager
+def without_automatic_maps(model: nn.Module):
+    """A model whose ``return_attention`` is None (maps chosen automatically) computes none inside this block.
+
+    Predictions never read the maps, and the models that compute them on request (CrossFusion) do so apart
+    from the output (under ``no_grad``, from detached queries and keys), so the outputs are the same."""
+    automatic = getattr(model, "return_attention", False) is None
+    if automatic:
+        model.return_attention = False
+    try:
+        yield model
+    finally:
+        if automatic:
+            model.return_attention = None
+
+
 @torch.no_grad()
 def predict(model: nn.Module, cohort, sample_ids: Sequence[str], device: torch.device, needs: Needs,
             bags: DeviceBags | None = None) -> Predictions:
     """Risk (and discrete survival) of each sample, in eval mode and float32; ``needs`` says what each bag must
-    hold; ``bags`` serves them from the device cache of a training run."""
+    hold; ``bags`` serves them from the device cache of a training run. Automatic attention maps are skipped
+    (:func:`without_automatic_maps`)."""
     model.eval()
     risks, survs = [], []
-    for sid in sample_ids:
-        out = model(bags.get(sid) if bags is not None else cohort.bag(sid, needs).to(device))
-        risks.append(float(out.risk.reshape(-1)[0]))
-        if out.survival is not None:
-            survs.append(out.survival.reshape(-1).float().cpu().numpy())
+    with without_automatic_maps(model):
+        for sid in sample_ids:
+            out = model(bags.get(sid) if bags is not None else cohort.bag(sid, needs).to(device))
+            risks.append(float(out.risk.reshape(-1)[0]))
+            if out.survival is not None:
+                survs.append(out.survival.reshape(-1).float().cpu().numpy())
     survival = np.stack(survs) if survs and len(survs) == len(risks) else None
     return Predictions(list(sample_ids), np.asarray(risks, dtype=float), survival)
 
