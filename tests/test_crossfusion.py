@@ -339,6 +339,16 @@ def test_predictions_skip_automatic_maps_and_keep_the_outputs():
 
 
 # ------------------------------------------------------------------------------------------- benchmark command
+def test_reference_options_are_options_of_their_methods():
+    from benchmark.training.bench import REFERENCE_OPTIONS
+
+    assert set(REFERENCE_OPTIONS) >= {"crossfusion", "crossfusion_wo_cp", "crossfusion_wo_fc", "transmil", "protosurv"}
+    for method, options in REFERENCE_OPTIONS.items():
+        create_method(method, in_dim=8, n_bins=4, **options)  # an unknown option or value raises
+        with pytest.raises((TypeError, ValueError)):
+            create_method(method, in_dim=8, n_bins=4, **{name: "no-such-value" for name in options})
+
+
 def test_bench_bag_follows_needs_and_sizes():
     from benchmark.data.bag import Needs
     from benchmark.training.bench import bag_sizes, make_bag

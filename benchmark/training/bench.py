@@ -44,6 +44,7 @@ REFERENCE_OPTIONS = {
     "crossfusion_wo_cp": _CROSSFUSION_REFERENCE,
     "crossfusion_wo_fc": _CROSSFUSION_REFERENCE,
     "transmil": {"nystrom_impl": "package"},  # NystromAttention.forward of the nystrom-attention package
+    "protosurv": {"orthogonality_impl": "official"},  # the D x D Gram of the official loss
 }
 
 

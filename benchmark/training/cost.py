@@ -24,13 +24,13 @@ EVAL_WEIGHT = 0.35
 REFERENCE_PATCHES = 61.0
 #: Seconds of a cell that do not scale with its draws (loading the cohort in a fresh worker, writing the record).
 CELL_OVERHEAD_S = 1.0
-#: Seconds per draw on a 2-core CPU (one torch thread, two cells at a time), from the measured demo BLCA s/cell
-#: of docs/CORE.md "Grid cost" divided by a demo BLCA cell's 515 draws (4 x 96 training draws + 0.35 x 373
-#: evaluation forwards).
+#: Seconds per draw on a 2-core CPU (one torch thread, two cells at a time): the mean s/cell of the 5 demo BLCA
+#: cells of the measured ``make table1`` grid (docs/CORE.md "Grid cost") divided by a demo BLCA cell's 515 draws
+#: (4 x 96 training draws + 0.35 x 373 evaluation forwards).
 PRIOR_SECONDS_PER_DRAW = {
-    "random": 0.0002, "dsmil": 0.0021, "amil": 0.0068, "deepgraphsurv": 0.0078, "patchgcn": 0.014,
-    "scmil": 0.026, "crossfusion_wo_fc": 0.076, "crossfusion": 0.108, "crossfusion_wo_cp": 0.102,
-    "protosurv": 0.22, "transmil": 0.091,
+    "random": 0.0002, "dsmil": 0.0016, "amil": 0.0055, "deepgraphsurv": 0.0054, "patchgcn": 0.011,
+    "scmil": 0.022, "crossfusion_wo_fc": 0.065, "crossfusion": 0.086, "crossfusion_wo_cp": 0.081,
+    "protosurv": 0.17, "transmil": 0.069,
 }
 #: A method without a prior or a measurement (e.g. a plugin) is assumed to cost this much.
 UNKNOWN_SECONDS_PER_DRAW = 0.1

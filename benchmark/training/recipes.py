@@ -9,8 +9,8 @@ overridden from the command line (``--set lr=3e-4 epochs=4``).
 - ``mahmood``: the MCAT / Patch-GCN defaults (Adam lr 2e-4, weight decay 1e-5, 20 epochs, alpha 0,
   constant LR, last epoch), without their gradient leak across epochs.
 - ``demo``: **a demo recipe, not a result recipe.** Sized for the embedded synthetic cohorts so that the Table 1
-  grid (11 methods x 6 cohorts x 5 folds) runs on 2 CPU cores in about 8 minutes for the six light methods
-  and an hour and a half for all (docs/CORE.md, "Grid cost"): few epochs, a cap on the bags drawn per epoch
+  grid (11 methods x 6 cohorts x 5 folds) runs on 2 CPU cores in about 7 minutes for the six light methods
+  and 77 minutes for all (docs/CORE.md, "Grid cost"): few epochs, a cap on the bags drawn per epoch
   and small accumulation windows, at the Mahmood learning rate. Measured on demo
   BLCA (fold 0 for CrossFusion, 5 folds for AMIL): lr 5e-4 left CrossFusion at chance (0.475) and gave AMIL
   0.597; 2e-4 gives CrossFusion 0.587, AMIL 0.630, DSMIL 0.613 (3 folds); 1e-4 gives CrossFusion 0.651 but
