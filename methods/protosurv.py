@@ -122,6 +122,13 @@ def compatibility_loss(features: Tensor, prototypes: Tensor, types: Tensor, n_ty
 ORTHOGONALITY_IMPLS = ("small_gram", "official")
 
 
+def _check_orthogonality_impl(impl: str) -> str:
+    if impl not in ORTHOGONALITY_IMPLS:
+        raise ValueError(f"methods/protosurv.py: orthogonality_impl must be one of "
+                         f"{', '.join(ORTHOGONALITY_IMPLS)}, got {impl!r}")
+    return impl
+
+
 def orthogonality_loss(prototypes: Tensor, impl: str = "small_gram") -> Tensor:
     """The official orthogonality loss ``|| G/||G||_F - I/||I||_F ||_F`` with ``G = S^T S`` (D x D).
 
@@ -134,9 +141,7 @@ def orthogonality_loss(prototypes: Tensor, impl: str = "small_gram") -> Tensor:
 
     Shapes: ``prototypes`` S (P, D) -> scalar.
     """
-    if impl not in ORTHOGONALITY_IMPLS:
-        raise ValueError(f"methods/protosurv.py: orthogonality_impl must be one of "
-                         f"{', '.join(ORTHOGONALITY_IMPLS)}, got {impl!r}")
+    _check_orthogonality_impl(impl)
     n_prototypes, dim = prototypes.shape
     if impl == "small_gram" and 4 * n_prototypes <= dim:
         ratio = prototypes.pow(2).sum() / (torch.linalg.matrix_norm(prototypes @ prototypes.T) * math.sqrt(dim))
@@ -264,10 +269,7 @@ class ProtoSurv(nn.Module):
             raise ValueError(f"methods/protosurv.py: tissue_types must be one of {', '.join(TISSUE_TYPE_SOURCES)}, "
                              f"got {tissue_types!r}")
         self.tissue_types = tissue_types
-        if orthogonality_impl not in ORTHOGONALITY_IMPLS:
-            raise ValueError(f"methods/protosurv.py: orthogonality_impl must be one of "
-                             f"{', '.join(ORTHOGONALITY_IMPLS)}, got {orthogonality_impl!r}")
-        self.orthogonality_impl = orthogonality_impl
+        self.orthogonality_impl = _check_orthogonality_impl(orthogonality_impl)
         self.tissue_types_used: set[str] = set()
 
         # Graph branch.
