@@ -51,7 +51,7 @@ test-ray: install
 	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m ray
 
 gpu-check: install
-	$(PY) -m benchmark.training.gpu_check
+	$(PY) -m benchmark.perf.gpu_check
 
 table1: install
 	$(PY) -m benchmark run --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --jobs $(JOBS) --results $(RESULTS)

@@ -78,7 +78,7 @@ def _merge_global_options(args: argparse.Namespace) -> argparse.Namespace:
 def apply_global_options(args: argparse.Namespace) -> None:
     """Read the ``--registry`` files and import the ``--plugin`` modules (before the command runs)."""
     from benchmark.data.cohorts import add_registry_file
-    from benchmark.training.registry import load_plugins
+    from benchmark.api.registry import load_plugins
 
     for path in args.registry:
         add_registry_file(path)
@@ -88,7 +88,7 @@ def apply_global_options(args: argparse.Namespace) -> None:
 def is_expected_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is bad input (one-line message) rather than a bug (traceback)."""
     from benchmark.naming import UnknownNameError
-    from benchmark.training.registry import PluginError
+    from benchmark.api.registry import PluginError
 
     if isinstance(exc, (UnknownNameError, PluginError, ValueError, OSError)):
         return True

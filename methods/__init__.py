@@ -1,5 +1,5 @@
 """Built-in methods, one module each. Every module registers itself with
-:func:`benchmark.training.registry.register_method`. The harness finds this package the way it finds any
+:func:`benchmark.api.registry.register_method`. The harness finds this package the way it finds any
 plugin: through the ``mil_benchmark.methods`` entry point declared in ``pyproject.toml``, which imports it."""
 import importlib
 import pkgutil

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from benchmark.data.bag import Bag, Needs
+from benchmark.api import Bag, Needs
 from benchmark.data.graphs import bag_graph
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
 from methods._attention import GatedAttention
 
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
-#: Tuned besides the shared space (``benchmark/training/search_spaces.py``): the attention / ``rho`` width of
+
+#: Tuned besides the shared space (``benchmark/tuning/search_spaces.py``): the attention / ``rho`` width of
 #: MCAT's ``size_arg`` "small" (256) and "big" (384), and the embedding width (512 in both; 256 for small
 #: features).
 SEARCH_SPACE = {"attention_dim": {"choices": [256, 384]}, "hidden": {"choices": [256, 512]}}

@@ -17,10 +17,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from benchmark.data.bag import Bag, Needs
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 from benchmark.naming import did_you_mean
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
 from methods._crossfusion_blocks import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_CHECKPOINT_MIN_TOKENS,

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GINConv
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
 from methods._attention import GatedAttention, attention_pool
 from methods._inputs import graph_inputs
+
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
 
 def _gin_mlp(in_dim: int, hidden_dim: int) -> nn.Sequential:

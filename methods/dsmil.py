@@ -12,10 +12,9 @@ import math
 import torch
 from torch import nn
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
 from methods._inputs import checked_features
+
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
 STREAMS = ("both", "bag")
 

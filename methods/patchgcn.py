@@ -17,11 +17,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import DeepGCNLayer, GENConv
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
 from methods._attention import GatedAttention, attention_pool
 from methods._inputs import graph_inputs
+
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
 
 #: What a Patch-GCN bag holds: 20x features and their spatial k-NN graph.
@@ -66,7 +65,7 @@ class PatchGCN(nn.Module):
     ``Inference Benchmark.ipynb``. The total includes the 256 parameters of the first block's LayerNorm, which
     the official forward never uses (so they never train there either). They are kept, frozen
     (``requires_grad=False``), so the module and its state-dict keys mirror the official model; the
-    trainable count (:func:`benchmark.training.registry.count_parameters`) is therefore 256 lower: 1,384,200 at 1024-d.
+    trainable count (:func:`benchmark.api.registry.count_parameters`) is therefore 256 lower: 1,384,200 at 1024-d.
 
     Parameters
     ----------
@@ -193,7 +192,7 @@ def time_training_step(
     import time
 
     from benchmark.data.graphs import build_graph
-    from benchmark.training.registry import create_method, get_method_spec
+    from benchmark.api.registry import create_method, get_method_spec
 
     torch.manual_seed(seed)
     side = int((n_nodes * 1.3) ** 0.5) + 1

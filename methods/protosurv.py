@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import DeepGCNLayer, GENConv
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
 from methods.scmil import kmeans
+
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
 #: Tissue types of the official code, in order (every class >= 4 of its classifier is mapped to "other").
 TISSUE_TYPES: tuple[str, ...] = ("tumour", "stroma", "lymphocytes", "necrosis", "other")

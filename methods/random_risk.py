@@ -6,9 +6,8 @@ import zlib
 import torch
 from torch import nn
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import SurvivalOutput
-from benchmark.training.registry import register_method
+from benchmark.api import Bag, Needs, register_method, SurvivalOutput
+
 
 
 @register_method("random", needs=Needs(magnifications=(20,)), search_space=False,  # no trainable parameter

@@ -15,9 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
+
 
 #: Rows of the point matrix handled at once when computing point-to-centroid distances, scaled so that one
 #: chunk's distance block holds about this many entries (bounds k-means memory to O(N + chunk)).

@@ -14,10 +14,9 @@ import torch
 from nystrom_attention import NystromAttention
 from torch import Tensor, nn
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.training.output import AttentionMap, SurvivalOutput
-from benchmark.training.registry import register_method
 from methods._inputs import checked_features
+
+from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
 
 #: ``nystrom_impl`` values: "fast" (:func:`nystrom_forward`) or "package" (``NystromAttention.forward``).

@@ -7,7 +7,7 @@ import torch
 
 from benchmark.data.bag import Bag
 from benchmark.data.graphs import build_graph
-from benchmark.training.output import SurvivalOutput
+from benchmark.api.output import SurvivalOutput
 
 
 def features_bag(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float32, sample_id: str = "s",

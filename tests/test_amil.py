@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from benchmark.data.bag import Bag, Needs
-from benchmark.training.registry import count_parameters, create_method, get_method_spec
+from benchmark.api.registry import count_parameters, create_method, get_method_spec
 from tests.helpers import check_survival_output, features_bag, seeded_outputs
 
 # Patch-GCN's AMIL: only the first Linear changes with the input dim

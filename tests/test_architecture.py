@@ -1,19 +1,28 @@
-"""The layout is the architecture: imports between the harness's layers point one way
-(commands -> analysis -> training -> store / data), and functions stay short enough to read at once."""
+"""The layout is the architecture: imports between the harness's packages point one way
+(commands -> analysis / tuning / perf -> execution -> fitting -> api, settings, evaluation -> store / data), and functions stay short enough to read at once."""
 import ast
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-#: What each layer may import from the project (besides itself, ``benchmark`` and ``benchmark.naming``).
+#: What each package may import from the project (besides itself, ``benchmark`` and ``benchmark.naming``).
+#: The pipeline reads top to bottom: data and results, the method contract, fitting one fold, running a grid,
+#: tuning and performance tools on top of it, analysis of a store, and the commands.
 ALLOWED = {
     "data": set(),
     "store": set(),
-    "training": {"data", "store"},
-    "analysis": {"data", "store", "training"},
-    "commands": {"data", "store", "training", "analysis", "cli"},
-    "methods": {"data", "training"},
+    "settings": {"store"},
+    "evaluation": set(),
+    "api": {"data"},
+    "fitting": {"api", "data", "settings", "evaluation", "store"},
+    "execution": {"api", "data", "settings", "evaluation", "fitting", "store"},
+    "tuning": {"api", "data", "settings", "evaluation", "fitting", "execution", "store"},
+    "perf": {"api", "data", "settings", "evaluation", "fitting", "execution", "store"},
+    "analysis": {"api", "data", "settings", "evaluation", "store"},
+    "commands": {"api", "data", "settings", "evaluation", "fitting", "execution", "tuning", "perf", "store",
+                 "analysis", "cli"},
+    "methods": {"api", "data"},
 }
 MAX_LINES, MAX_NESTING = 60, 3
 NESTING_NODES = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.AsyncFor, ast.AsyncWith)

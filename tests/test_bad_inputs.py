@@ -24,7 +24,7 @@ import torch
 from benchmark import cli
 from benchmark.data.bag import Needs
 from benchmark.data.loader import load_cohort
-from benchmark.training.recipes import Recipe
+from benchmark.settings.recipes import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -321,7 +321,7 @@ def test_repeated_set_and_method_option_accumulate():
 
 
 def test_short_run_keeps_the_warmup_fraction_with_a_note():
-    from benchmark.training.recipes import get_recipe
+    from benchmark.settings.recipes import get_recipe
 
     notes = []
     recipe = get_recipe("paper", {"epochs": "1"}, notes=notes)
@@ -346,7 +346,7 @@ PLUGIN_CASES = [
     ("raises", lambda t: _plugin_file(t, "raises.py", "raise RuntimeError('boom')\n"),
      r"--plugin .*raises\.py: importing it raised RuntimeError: boom \(.*raises\.py:1\)"),
     ("bad method name", lambda t: _plugin_file(
-        t, "bad_name.py", "from benchmark.training.registry import register_method\n"
+        t, "bad_name.py", "from benchmark.api.registry import register_method\n"
                           "register_method('../evil')\n"),
      r"importing it raised ValueError: register_method: method name '\.\./evil' must be"),
 ]
@@ -370,12 +370,12 @@ def test_plugin_failures_are_one_line_on_every_command(confined, capsys, tmp_pat
 def test_plugin_before_the_command_and_from_a_file(confined, capsys, tmp_path):
     plugin = _plugin_file(tmp_path, "my_methods.py", (
         "from torch import nn\n"
-        "from benchmark.training.registry import register_method\n"
+        "from benchmark.api.registry import register_method\n"
         "@register_method('fileplugin', source='test', in_all=False)\n"
         "class FilePlugin(nn.Module):\n"
         "    def __init__(self, in_dim, n_bins=4):\n"
         "        super().__init__()\n"))
-    from benchmark.training import registry
+    from benchmark.api import registry
 
     try:
         assert cli.main(["--plugin", str(plugin), "list", "methods"]) == 0
@@ -675,9 +675,9 @@ def test_stale_temporary_files_are_removed(confined, tmp_path):
 def trained_store(tiny_root, tmp_path):
     """One trained AMIL cell (fold 0 of tiny BLCA) with weights; returns (store, config, execution)."""
     from benchmark.store.records import ResultStore
-    from benchmark.training.config import RunConfig
-    from benchmark.training.recipes import register_recipe
-    from benchmark.training.runner import Execution, run_cell
+    from benchmark.settings.config import RunConfig
+    from benchmark.settings.recipes import register_recipe
+    from benchmark.execution.runner import Execution, run_cell
 
     register_recipe(Recipe("bad-inputs-tiny", lr=1e-3, epochs=1, accumulation=4, warmup_epochs=0,
                            max_samples_per_epoch=8))
@@ -690,7 +690,7 @@ def trained_store(tiny_root, tmp_path):
 @pytest.mark.parametrize("damage", ["weights garbage", "weights truncated", "weights pickled", "weights missing",
                                     "record truncated"])
 def test_rerun_redoes_a_cell_with_unreadable_weights_or_record(confined, trained_store, damage):
-    from benchmark.training.runner import plan_grid, run_grid
+    from benchmark.execution.runner import plan_grid, run_grid
 
     store, config, execution = trained_store
     weights, record = store.weights_path(config.cell), store.record_path(config.cell)
@@ -795,9 +795,9 @@ def test_validation_fold_without_events_is_recorded_and_footnoted(confined, coho
     from benchmark.analysis.tables import table1
     from benchmark.data.splits import write_splits
     from benchmark.store.records import ResultStore
-    from benchmark.training.config import RunConfig
-    from benchmark.training.recipes import register_recipe
-    from benchmark.training.runner import Execution, run_cell
+    from benchmark.settings.config import RunConfig
+    from benchmark.settings.recipes import register_recipe
+    from benchmark.execution.runner import Execution, run_cell
 
     patients = load_cohort("blca", data_root=cohort_root).samples
     censored = patients.index[patients["event"] == 0][:6].tolist()

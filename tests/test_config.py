@@ -8,9 +8,9 @@ import torch
 
 from benchmark.commands import run as run_command
 from benchmark.store.records import ResultStore
-from benchmark.training.config import Experiment, RunConfig, hashed_config
-from benchmark.training.recipes import Recipe, register_recipe
-from benchmark.training.runner import Execution, expected_config, run_cell
+from benchmark.settings.config import Experiment, RunConfig, hashed_config
+from benchmark.settings.recipes import Recipe, register_recipe
+from benchmark.execution.runner import Execution, expected_config, run_cell
 from test_train import ToyCohort
 
 torch.set_num_threads(1)

@@ -7,14 +7,14 @@ import torch
 
 from benchmark.data.bag import Needs
 from benchmark.store.records import ResultStore
-from benchmark.training.config import RunConfig
-from benchmark.training.cost import (
+from benchmark.settings.config import RunConfig
+from benchmark.execution.cost import (
     CELL_OVERHEAD_S, PRIOR_SECONDS_PER_DRAW, REFERENCE_PATCHES, CostModel, Eta, cell_draws, format_seconds, record_draws,
 )
-from benchmark.training.precision import DeviceBags, autocast, bag_bytes, check_precision, resolve_device
-from benchmark.training.recipes import Recipe, register_recipe
-from benchmark.training.registry import load_builtin_methods
-from benchmark.training.trainer import train_fold
+from benchmark.fitting.precision import DeviceBags, autocast, bag_bytes, check_precision, resolve_device
+from benchmark.settings.recipes import Recipe, register_recipe
+from benchmark.api.registry import load_builtin_methods
+from benchmark.fitting.trainer import train_fold
 from test_train import ToyCohort
 
 TINY = register_recipe(Recipe("tiny-cost", lr=1e-3, epochs=2, accumulation=4, warmup_epochs=0, max_samples_per_epoch=12))
@@ -123,7 +123,7 @@ def test_device_bags_move_once_and_cache_within_budget():
 
 
 def test_gpu_check_runs_its_steps_on_the_cpu_and_skips_without_cuda(capsys):
-    from benchmark.training import gpu_check
+    from benchmark.perf import gpu_check
 
     if not torch.cuda.is_available():
         assert gpu_check.main([]) == 0 and "CUDA is not available" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmark.data.bag import Bag
-from benchmark.training.registry import count_parameters, create_method, get_method_spec
+from benchmark.api.registry import count_parameters, create_method, get_method_spec
 from methods import _crossfusion_blocks as blocks
 from tests.helpers import seeded_outputs
 
@@ -121,7 +121,7 @@ def test_bad_input_names_the_file_and_problem():
 def test_the_three_variants_share_one_options_object(name):
     """One ``CrossFusionOptions`` carries every option of the three variants: validated once, unknown names
     refused with a suggestion, and the same names checked before any cell (``--method-option``)."""
-    from benchmark.training.registry import check_method_options
+    from benchmark.api.registry import check_method_options
     from methods.crossfusion import CrossFusionOptions
 
     model = small_model(name, num_layers=2, attn_dropout=0.1)
@@ -322,7 +322,7 @@ def test_attention_maps_policy():
 
 
 def test_predictions_skip_automatic_maps_and_keep_the_outputs():
-    from benchmark.training.trainer import without_automatic_maps
+    from benchmark.fitting.trainer import without_automatic_maps
 
     bag = make_bag()
     model = small_model().eval()
@@ -340,7 +340,7 @@ def test_predictions_skip_automatic_maps_and_keep_the_outputs():
 
 # ------------------------------------------------------------------------------------------- benchmark command
 def test_reference_options_are_options_of_their_methods():
-    from benchmark.training.bench import REFERENCE_OPTIONS
+    from benchmark.perf.bench import REFERENCE_OPTIONS
 
     assert set(REFERENCE_OPTIONS) >= {"crossfusion", "crossfusion_wo_cp", "crossfusion_wo_fc", "transmil", "protosurv"}
     for method, options in REFERENCE_OPTIONS.items():
@@ -351,7 +351,7 @@ def test_reference_options_are_options_of_their_methods():
 
 def test_bench_bag_follows_needs_and_sizes():
     from benchmark.data.bag import Needs
-    from benchmark.training.bench import bag_sizes, make_bag
+    from benchmark.perf.bench import bag_sizes, make_bag
     from benchmark.commands.bench import _parse_options
 
     assert bag_sizes(137_990) == (137_990, 34_498, 8_624)
@@ -375,7 +375,7 @@ def test_bench_bag_follows_needs_and_sizes():
 def test_wo_cp_registers_modules_in_the_official_order():
     """CrossFusionConcat registers ``pre_final_linear`` before ``final_transformer``: a seeded construction then
     draws the same weights as the official class."""
-    from benchmark.training.registry import create_method
+    from benchmark.api.registry import create_method
 
     names = [n.split(".")[0] for n, _ in create_method("crossfusion_wo_cp", in_dim=64).named_parameters()]
     order = list(dict.fromkeys(names))

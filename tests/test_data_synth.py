@@ -29,7 +29,7 @@ def test_demo_plan_mirrors_real_cohort(name):
 def test_cross_part_is_invisible_to_either_scale_alone(signal, form):
     p = synth.plan_cohort(get_cohort("brca"), synth.PRESETS["demo"], seed=0, signal=signal).patients
     assert np.allclose(p["risk"], p["risk_cross"])
-    from benchmark.training.metrics import c_index
+    from benchmark.evaluation.metrics import c_index
 
     # independent of each scale, not merely uncorrelated: no function of u or v alone ranks survival
     for state in ("u", "v"):

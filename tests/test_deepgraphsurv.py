@@ -6,7 +6,7 @@ import torch
 
 from benchmark.data.bag import Bag
 from benchmark.data.graphs import build_graph
-from benchmark.training.registry import count_parameters, create_method, get_method_spec
+from benchmark.api.registry import count_parameters, create_method, get_method_spec
 from tests.helpers import check_graph_output, graph_bag, seeded_outputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

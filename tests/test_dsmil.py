@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.data.bag import Bag
-from benchmark.training.losses import survival_loss
-from benchmark.training.registry import count_parameters, create_method
+from benchmark.fitting.losses import survival_loss
+from benchmark.api.registry import count_parameters, create_method
 from tests.helpers import assert_dropout_only_in_training, features_bag
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from benchmark.training.executors import InlineExecutor, LocalExecutor
+from benchmark.execution.executors import InlineExecutor, LocalExecutor
 
 REPO = Path(__file__).resolve().parents[1]
 

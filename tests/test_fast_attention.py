@@ -1,7 +1,7 @@
 """The fast CPU paths of CrossFusion (``dropout_impl="fast"``, ``channels_last=True``) against the plain PyTorch
 reference: equal to 1e-5 in outputs and gradients with dropout off (and with dropout on, given the same mask);
 the fast dropout keeps dropout's distribution (keep rate, exact rescale, independent entries); seeded runs are
-bit-reproducible. Also the efficiency counters of ``benchmark/training/bench.py``."""
+bit-reproducible. Also the efficiency counters of ``benchmark/perf/bench.py``."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.data.bag import Bag
-from benchmark.training.registry import create_method
+from benchmark.api.registry import create_method
 from methods import _fast_attention as fa
 from methods import _fused_dropout as fu
 
@@ -173,8 +173,8 @@ def test_bad_dropout_impl_is_named():
 
 # ------------------------------------------------------------------------------------------- bench counters
 def test_flop_count_of_attention_and_depthwise_convolutions():
-    from benchmark.training.bench import _conv_backward_flops, _flash_cpu_flops, count_flops, make_bag, sgemm_rate
-    from benchmark.training.registry import get_method_spec
+    from benchmark.perf.bench import _conv_backward_flops, _flash_cpu_flops, count_flops, make_bag, sgemm_rate
+    from benchmark.api.registry import get_method_spec
 
     assert _flash_cpu_flops((1, 4, 10, 8), (1, 4, 20, 8), (1, 4, 20, 8)) == 2 * 2 * 4 * 10 * 20 * 8
     # depthwise 3x3 on 512 channels: backward = input grad + weight grad = 2 x forward (groups respected)

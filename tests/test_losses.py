@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from benchmark.training.losses import cox_partial_likelihood, nll_surv_loss, survival_loss
-from benchmark.training.output import SurvivalOutput
+from benchmark.fitting.losses import cox_partial_likelihood, nll_surv_loss, survival_loss
+from benchmark.api.output import SurvivalOutput
 
 LN2 = math.log(2.0)
 

@@ -10,7 +10,7 @@ from scipy import stats
 from sksurv.metrics import brier_score, integrated_brier_score
 from sksurv.util import Surv
 
-from benchmark.training.metrics import (aggregate, c_index, censor_after, d_calibration, evaluate, evaluation_times,
+from benchmark.evaluation.metrics import (aggregate, c_index, censor_after, d_calibration, evaluate, evaluation_times,
                                         survival_at)
 
 PREDICTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga_clinical" / "derived" / "predictions"

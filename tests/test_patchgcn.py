@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmark.data.bag import Bag
-from benchmark.training.registry import count_parameters, create_method, get_method_spec
+from benchmark.api.registry import count_parameters, create_method, get_method_spec
 from tests.helpers import check_graph_output, graph_bag, seeded_outputs
 
 # A 48-node forward took 2.7 s with 2 threads, 0.04 s with 1 (the scatter kernels wait on a busy machine).

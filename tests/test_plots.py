@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from benchmark.analysis import plots
 from benchmark.commands.plot import heatmap
-from benchmark.training.recipes import get_recipe
+from benchmark.settings.recipes import get_recipe
 from benchmark.cli import main
 from benchmark.analysis.statistics import pooled_predictions
 from benchmark.store.query import Results, select_cell
@@ -103,7 +103,7 @@ def test_tumour_fraction_of_coarse_patches():
 
 def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=True, config_extra=None):
     """A store record with an untrained model's weights (heatmaps need a model, not a good one)."""
-    from benchmark.training.registry import create_method
+    from benchmark.api.registry import create_method
     from benchmark.store.records import ResultStore
 
     torch.manual_seed(0)

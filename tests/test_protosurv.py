@@ -9,7 +9,7 @@ import torch
 
 from benchmark.data.bag import Bag
 from benchmark.data.graphs import build_graph
-from benchmark.training.registry import count_parameters, create_method, get_method_spec, method_names
+from benchmark.api.registry import count_parameters, create_method, get_method_spec, method_names
 from methods.protosurv import compatibility_loss, orthogonality_loss, pseudo_tissue_types
 from tests.helpers import assert_attention_follows_permutation, assert_eval_in_bounded_memory, check_survival_output
 

@@ -193,7 +193,7 @@ def test_tune_runs_study_workers_as_ray_tasks(ray_cluster, tiny_data, tmp_path):
     import optuna
     from optuna.trial import TrialState
 
-    from benchmark.training.tuning import open_storage
+    from benchmark.tuning.study import open_storage
 
     results, storage = tmp_path / "store", tmp_path / "store" / "tuning" / "optuna.journal"
     args = [sys.executable, "-m", "benchmark", "tune", "--methods", "amil", "--dataset", "blca", "--folds", "0",

@@ -20,7 +20,7 @@ from benchmark import cli
 from benchmark.data.backbones import get_backbone
 from benchmark.data.bag import Needs
 from benchmark.data.loader import load_cohort
-from benchmark.training.config import RunConfig, feature_items
+from benchmark.settings.config import RunConfig, feature_items
 
 MAGS = (20, 10, 5)
 
@@ -181,7 +181,7 @@ def test_data_source_round_trip_through_record_cli_and_experiment_file(folders, 
 def test_layout_and_missing_feature_choices_match_the_data_layer():
     from benchmark.data.features import LAYOUTS
     from benchmark.data.loader import MISSING_FEATURES
-    from benchmark.training import config
+    from benchmark.settings import config
 
     from benchmark.commands import run
 

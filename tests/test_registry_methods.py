@@ -15,9 +15,9 @@ import torch
 
 from benchmark.data.bag import Bag, Needs
 from benchmark.data.graphs import build_graph
-from benchmark.training.losses import survival_loss
-from benchmark.training.output import SurvivalOutput
-from benchmark.training.registry import create_method, get_method_spec, method_names
+from benchmark.fitting.losses import survival_loss
+from benchmark.api.output import SurvivalOutput
+from benchmark.api.registry import create_method, get_method_spec, method_names
 
 IN_DIM = 64
 N_BINS = 4
@@ -144,7 +144,7 @@ def bag_for(name: str, n20: int = TINY_PATCHES, seed: int = 0) -> Bag:
 
 
 def check_contract(name: str, out: SurvivalOutput) -> None:
-    """The output contract of ``benchmark/training/output.py``."""
+    """The output contract of ``benchmark/api/output.py``."""
     assert isinstance(out, SurvivalOutput), f"{name}: forward must return a SurvivalOutput"
     assert out.risk.shape == (1,), f"{name}: risk shape {tuple(out.risk.shape)}"
     assert torch.isfinite(out.risk).all(), f"{name}: non-finite risk"
@@ -348,11 +348,11 @@ def tiny_cohort(request):
 
 @pytest.mark.parametrize("name", list(method_params(slow=SLOW_TO_LEARN, skip=NOT_LEARNING)))
 def test_learns_planted_signal(name, tiny_cohort):
-    train = pytest.importorskip("benchmark.training.trainer")
-    from benchmark.training.metrics import c_index
-    from benchmark.training.config import RunConfig
-    from benchmark.training.recipes import Recipe, register_recipe
-    from benchmark.training.registry import get_method_spec
+    train = pytest.importorskip("benchmark.fitting.trainer")
+    from benchmark.evaluation.metrics import c_index
+    from benchmark.settings.config import RunConfig
+    from benchmark.settings.recipes import Recipe, register_recipe
+    from benchmark.api.registry import get_method_spec
 
     recipe = register_recipe(Recipe(f"registry-learn-{name}", **{**LEARN_RECIPE, **LEARN_RECIPE_CHANGES.get(name, {})}))
     config = RunConfig(name, "blca", recipe=recipe.name, method_options=LEARN_OPTIONS.get(name) or {})

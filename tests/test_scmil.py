@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from benchmark.data.bag import Bag
-from benchmark.training.registry import count_parameters, create_method, get_method_spec
+from benchmark.api.registry import count_parameters, create_method, get_method_spec
 from methods.scmil import SCMIL, ClusterLocalAttention, kmeans, window_sizes
 from tests.helpers import assert_attention_follows_permutation, assert_eval_in_bounded_memory, check_survival_output
 

@@ -12,8 +12,8 @@ import pytest
 
 from benchmark.store.lock import CellLock, LockBusy, stale_reason
 from benchmark.store.records import Cell, ResultStore
-from benchmark.training.config import Experiment
-from benchmark.training.shard import parse_shard, shard_of
+from benchmark.settings.config import Experiment
+from benchmark.execution.shard import parse_shard, shard_of
 
 
 def test_parse_shard_accepts_i_of_n_and_names_the_option_otherwise():
@@ -105,7 +105,7 @@ def test_unwritable_store_is_one_line_naming_results(tmp_path):
 
 
 def test_a_locked_cell_is_busy_and_a_cell_finished_elsewhere_is_skipped(tmp_path):
-    from benchmark.training.runner import CellTask, Execution, execute_cell
+    from benchmark.execution.runner import CellTask, Execution, execute_cell
     from test_store_runner import grid, toy_loader
 
     store = ResultStore(tmp_path)
@@ -120,7 +120,7 @@ def test_a_locked_cell_is_busy_and_a_cell_finished_elsewhere_is_skipped(tmp_path
 
 
 def test_signals_wait_until_a_record_is_written():
-    from benchmark.training.runner import signals_deferred
+    from benchmark.execution.runner import signals_deferred
 
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred():

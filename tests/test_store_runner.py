@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.training.recipes import Recipe
-from benchmark.training.registry import register_method
-from benchmark.training.config import ANY, Experiment, RunConfig, hashed_config
-from benchmark.training.recipes import register_recipe
-from benchmark.training.runner import (
+from benchmark.settings.recipes import Recipe
+from benchmark.api.registry import register_method
+from benchmark.settings.config import ANY, Experiment, RunConfig, hashed_config
+from benchmark.settings.recipes import register_recipe
+from benchmark.execution.runner import (
     Execution, load_trained_model, parse_folds, run_cell, run_grid, summary_table,
 )
 from benchmark.store.records import Cell, ResultStore, config_hash
-from benchmark.training.trainer import predict
+from benchmark.fitting.trainer import predict
 from benchmark.data.bag import Needs
 from test_train import ToyCohort, scoped_registry
 
@@ -108,7 +108,7 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     assert len(redo.ran) == 1 and not redo.skipped
     assert store.read(cells[0])["config"]["method_options"] == {"dropout": 0.1}
     # same folder, another synthetic-data version: the record's hash says it is stale
-    monkeypatch.setattr("benchmark.training.runner.SYNTHETIC_SCHEMA", 999)
+    monkeypatch.setattr("benchmark.execution.runner.SYNTHETIC_SCHEMA", 999)
     assert len(run_grid(changed, store, CPU, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_version"] == 999
     # ... or a backbone whose generator parameters were edited in datasets/backbones.toml
@@ -117,7 +117,7 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     from benchmark.data.backbones import get_backbone
 
     edited = dataclasses.replace(get_backbone("resnet50"), synthetic_signal=0.123)
-    monkeypatch.setattr("benchmark.training.runner.get_backbone", lambda name: edited)
+    monkeypatch.setattr("benchmark.execution.runner.get_backbone", lambda name: edited)
     assert len(run_grid(changed, store, CPU, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_backbone"] == {"noise": 1.0, "signal": 0.123}
 

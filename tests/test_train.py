@@ -10,11 +10,11 @@ from torch import nn
 
 from benchmark.data.bag import Bag, Needs
 from benchmark.data.labels import assign_bins, quantile_edges
-from benchmark.training.output import SurvivalOutput
-from benchmark.training.config import RunConfig
-from benchmark.training.recipes import Recipe, get_recipe, parse_assignments, register_recipe
-from benchmark.training.registry import register_method
-from benchmark.training.trainer import (
+from benchmark.api.output import SurvivalOutput
+from benchmark.settings.config import RunConfig
+from benchmark.settings.recipes import Recipe, get_recipe, parse_assignments, register_recipe
+from benchmark.api.registry import register_method
+from benchmark.fitting.trainer import (
     balanced_weights, draw_epoch, inner_split, lr_factor, plan_windows, resolve_device, train_fold,
 )
 
@@ -62,7 +62,7 @@ class ToyCohort:
 def scoped_registry(monkeypatch):
     """Register test-only methods in a copy of the registry that is restored after the test, so they never
     reach the contract tests that run on every registered method."""
-    from benchmark.training import registry
+    from benchmark.api import registry
 
     registry.load_builtin_methods()
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))

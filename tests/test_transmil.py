@@ -8,7 +8,7 @@ import pytest
 import torch
 from nystrom_attention import NystromAttention
 
-from benchmark.training.registry import count_parameters, create_method
+from benchmark.api.registry import count_parameters, create_method
 from tests.helpers import assert_dropout_only_in_training, features_bag
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

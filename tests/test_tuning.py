@@ -19,13 +19,13 @@ from torch import nn
 
 from benchmark.cli import main as cli_main
 from benchmark.store.records import ResultStore
-from benchmark.training.config import RunConfig, hashed_config
-from benchmark.training.recipes import register_recipe, Recipe
-from benchmark.training.registry import method_names, register_method
-from benchmark.training.runner import Execution, expected_config
-from benchmark.training.search_spaces import SpaceError, method_space, parse_param, tunable
-from benchmark.training.trainer import train_fold
-from benchmark.training.tuning import (
+from benchmark.settings.config import RunConfig, hashed_config
+from benchmark.settings.recipes import register_recipe, Recipe
+from benchmark.api.registry import method_names, register_method
+from benchmark.execution.runner import Execution, expected_config
+from benchmark.tuning.search_spaces import SpaceError, method_space, parse_param, tunable
+from benchmark.fitting.trainer import train_fold
+from benchmark.tuning.study import (
     InnerCohort, NestingError, StudyTask, TunedCell, TuningSettings, find_tuned, inner_folds, open_storage, retrain,
     run_study, seeded_sampler,
 )
@@ -230,7 +230,7 @@ def test_resume_redoes_a_running_trial_with_its_setting(tmp_path):
     """A trial left RUNNING by a dead worker (setting drawn) is marked FAIL and its setting enqueued again."""
     import socket
 
-    from benchmark.training.tuning import prepare_study
+    from benchmark.tuning.study import prepare_study
 
     cohort = ToyCohort(n=48, n_folds=3)
     settings = TuningSettings(trials=4, inner_folds=2, sampler_seed=3)
@@ -250,7 +250,7 @@ def test_resume_redoes_a_running_trial_with_its_setting(tmp_path):
 
 
 def test_time_budget_counts_the_seconds_spent_in_trials(tmp_path):
-    from benchmark.training.tuning import study_done, trials_spent_seconds
+    from benchmark.tuning.study import study_done, trials_spent_seconds
 
     cohort = ToyCohort(n=48, n_folds=3)
     settings = TuningSettings(budget="time", timeout_per_method=1.5, inner_folds=1)  # 0.5 s per outer fold

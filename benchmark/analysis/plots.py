@@ -18,7 +18,7 @@ Kaplan-Meier
 
 Heatmaps
     :func:`attention_heatmaps` runs a fold's trained model (loaded from the store, or re-trained, by the
-    ``plot heatmap`` command: plotting never trains) in eval mode on the bag holding the slide, and draws each returned :class:`~benchmark.training.output.AttentionMap` on the patch grid
+    ``plot heatmap`` command: plotting never trains) in eval mode on the bag holding the slide, and draws each returned :class:`~benchmark.api.output.AttentionMap` on the patch grid
     at its magnification's coordinates. On synthetic cohorts the stored tissue types and planted signal are
     drawn beside them and the overlap is reported (:func:`attention_signal_overlap`).
 
@@ -52,7 +52,7 @@ from benchmark.data.features import level0_patch_size  # noqa: E402
 from benchmark.data.synth import SCHEMA, synthetic_parameters  # noqa: E402
 from benchmark.naming import path_under, safe_name  # noqa: E402
 from benchmark.store.query import Results, read_records, select_cell  # noqa: E402
-from benchmark.training.registry import get_method_spec  # noqa: E402
+from benchmark.api.registry import get_method_spec  # noqa: E402
 
 SPLIT_RULES = ("train-median", "pooled-median")
 SPLIT_DESCRIPTIONS = {

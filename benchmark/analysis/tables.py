@@ -23,7 +23,7 @@ from benchmark.analysis.significance import corrected_t_interval
 from benchmark.analysis.statistics import folds_per_repeat
 from benchmark.data.cohorts import cohort_names
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
-from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
+from benchmark.evaluation.metrics import NO_EVENTS_NOTE, aggregate
 
 #: Higher-is-better per metric.
 METRICS = {"c_index": True, "c_index_uno": True, "mean_auc": True, "ibs": False}
@@ -139,7 +139,7 @@ TUNED_MARK = "‡"
 
 
 def tuning_id(record: Mapping) -> str | None:
-    """The tuning protocol of a tuned record (``benchmark.training.tuning``), None for an untuned one."""
+    """The tuning protocol of a tuned record (``benchmark.tuning.study``), None for an untuned one."""
     return ((record.get("config") or {}).get("tuning") or {}).get("id")
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmark.training.bench import LARGEST_SLIDE, BenchCase, bag_sizes, run_in_child
-from benchmark.training.recipes import parse_assignments, parse_option_value
+from benchmark.perf.bench import LARGEST_SLIDE, BenchCase, bag_sizes, run_in_child
+from benchmark.settings.recipes import parse_assignments, parse_option_value
 
 #: Options that reproduce the official CrossFusion code's kernel choice: attention dropout on at evaluation,
 #: and PyTorch SDPA called with that dropout (the math kernel on CPU, O(N^2) memory).
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmark.training.registry import resolve_methods
+    from benchmark.api.registry import resolve_methods
 
     n20, n10, n5, in_dim = _bag_from_args(args)
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if args.official and method.startswith("crossfusion"):
             variants.append((method, {**options, **OFFICIAL_OPTIONS}, f"{method} (official kernels)"))
 
-    from benchmark.training.precision import resolve_device
+    from benchmark.fitting.precision import resolve_device
 
     resolve_device(args.device)  # one line when CUDA is asked for and absent, before any child starts
     console = Console(width=max(Console().width, 190))  # the table is wide; logs are not terminals

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{b.synthetic_signal:g}", b.description)
         console.print(t)
     if args.what in ("all", "methods"):
-        from benchmark.training.registry import get_method_spec, method_names
+        from benchmark.api.registry import get_method_spec, method_names
 
         t = Table(title="methods")
         for c in ("name", "needs", "loss", "in 'all'", "source"):

@@ -97,7 +97,7 @@ def run_km(args: argparse.Namespace) -> int:
 
 def _retrain_hint(record, results) -> str:
     """The exact command that re-trains a record's cell with weights."""
-    from benchmark.training.config import RunConfig
+    from benchmark.settings.config import RunConfig
 
     try:
         return f"`{RunConfig.from_record(record).to_cli(results)} --save-weights last --overwrite`"
@@ -108,8 +108,8 @@ def _retrain_hint(record, results) -> str:
 def _fold_model(store, record, retrain: bool):
     """The fold's trained model: its saved weights, or (``retrain``) the cell trained again through the runner."""
     from benchmark.analysis.plots import stale_data_reason
-    from benchmark.training.config import RunConfig
-    from benchmark.training.runner import CellTask, Execution, execute_cell, load_trained_model
+    from benchmark.settings.config import RunConfig
+    from benchmark.execution.runner import CellTask, Execution, execute_cell, load_trained_model
 
     stale = stale_data_reason(record)
     if stale and not retrain:
@@ -138,8 +138,8 @@ def heatmap(results, method: str, dataset: str, slide: str, *, fold=None, out=No
     from benchmark.analysis.plots import attention_heatmaps, fold_record_for, sample_of_slide
     from benchmark.store.query import Results
     from benchmark.store.records import ResultStore
-    from benchmark.training.config import RunConfig
-    from benchmark.training.runner import get_cohort_data
+    from benchmark.settings.config import RunConfig
+    from benchmark.execution.runner import get_cohort_data
 
     records = Results.open(results).cell(method, dataset, **filters)
     cohort = cohort_data if cohort_data is not None else get_cohort_data(RunConfig.from_record(records[0]))
@@ -174,7 +174,7 @@ def run_tuning(args: argparse.Namespace) -> int:
     import optuna
 
     from benchmark.analysis.plots import plot_tuning
-    from benchmark.training.tuning import open_storage
+    from benchmark.tuning.study import open_storage
 
     storage = open_storage(args.storage, args.results)
     names = [n for n in optuna.get_all_study_names(storage)

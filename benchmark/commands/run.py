@@ -131,7 +131,7 @@ def _add_execution_options(p) -> None:
 
 def _method_options(items: list[str], methods: list[str]) -> dict[str, dict]:
     """``--method-option`` items -> ``{method or "*": {name: value}}`` (a name without a method reaches all)."""
-    from benchmark.training.recipes import parse_assignments, parse_option_value
+    from benchmark.settings.recipes import parse_assignments, parse_option_value
 
     out: dict[str, dict] = {}
     for key, value in parse_assignments(items, "--method-option").items():
@@ -149,7 +149,7 @@ def _as_text_list(value) -> str:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run's settings: the defaults, then the experiment file, then the options given on the command line."""
-    from benchmark.training.config import read_experiment_file
+    from benchmark.settings.config import read_experiment_file
 
     merged = dict(DEFAULTS)
     file = read_experiment_file(args.config) if args.config else {}
@@ -168,7 +168,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _repeats(s: dict[str, Any]) -> tuple[int, ...]:
-    from benchmark.training.runner import parse_folds
+    from benchmark.execution.runner import parse_folds
 
     if s["repeat"] is not None:
         return tuple(parse_folds(_as_text_list(s["repeat"])))
@@ -178,14 +178,14 @@ def _repeats(s: dict[str, Any]) -> tuple[int, ...]:
 
 
 def build_experiment(args: argparse.Namespace):
-    """The :class:`~benchmark.training.config.Experiment` of a ``run`` command line (and its experiment file)."""
+    """The :class:`~benchmark.settings.config.Experiment` of a ``run`` command line (and its experiment file)."""
     from benchmark.data.backbones import resolve_backbones
     from benchmark.data.cohorts import add_registry_file, resolve_cohorts, user_registry_files
-    from benchmark.training.config import ANY, Experiment, RunConfig, feature_items
-    from benchmark.training.recipes import parse_assignments
-    from benchmark.training.registry import check_method_options, load_plugins, resolve_methods
-    from benchmark.training.runner import parse_folds
-    from benchmark.training.shard import parse_shard
+    from benchmark.settings.config import ANY, Experiment, RunConfig, feature_items
+    from benchmark.settings.recipes import parse_assignments
+    from benchmark.api.registry import check_method_options, load_plugins, resolve_methods
+    from benchmark.execution.runner import parse_folds
+    from benchmark.execution.shard import parse_shard
 
     s = settings(args)
     for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
@@ -221,7 +221,7 @@ def build_experiment(args: argparse.Namespace):
 
 
 def _results_dir(experiment) -> Path:
-    from benchmark.training.runner import default_results_dir
+    from benchmark.execution.runner import default_results_dir
 
     if experiment.results:
         return Path(experiment.results)
@@ -234,7 +234,7 @@ def _results_dir(experiment) -> Path:
 
 def _cohorts(experiment) -> list:
     """Load every cohort once (validates names and paths, generates synthetic data before workers start)."""
-    from benchmark.training.runner import get_cohort_data
+    from benchmark.execution.runner import get_cohort_data
 
     return [get_cohort_data(experiment.cell_config(experiment.methods[0], c, b, repeat=r))
             for c in experiment.cohorts for b in experiment.backbones for r in experiment.repeats]
@@ -273,10 +273,10 @@ def check_execution(experiment) -> None:
     """Device, precision and resources that cannot work here: one line naming the option, before any cell."""
     import torch
 
-    from benchmark.training.precision import check_precision, resolve_device
+    from benchmark.fitting.precision import check_precision, resolve_device
 
     if experiment.executor == "ray":  # the workers' devices are checked against the cluster's resources
-        from benchmark.training.executors import check_reachable, import_ray
+        from benchmark.execution.executors import check_reachable, import_ray
 
         import_ray()
         check_reachable(experiment.address)
@@ -291,7 +291,7 @@ def check_execution(experiment) -> None:
 def start_executor(experiment, store, work=None, shared_roots: tuple[str, ...] = ()):
     """The grid's executor (or, with ``work``, the tuner's), connected and validated (Ray: reachable, resources
     present, store and ``shared_roots`` writable from every node)."""
-    from benchmark.training.runner import Execution, execute_cell, make_executor
+    from benchmark.execution.runner import Execution, execute_cell, make_executor
 
     execution = Execution(device=experiment.device, save_weights=experiment.save_weights == "last",
                           plugins=experiment.plugins)
@@ -311,8 +311,8 @@ def print_dry_run(console, configs, store, overwrite: bool, parallelism: float) 
     """Cells to run and to skip per method, with the cost model's estimate."""
     from rich.table import Table
 
-    from benchmark.training.cost import CostModel, format_seconds
-    from benchmark.training.runner import estimate_cells, plan_grid
+    from benchmark.execution.cost import CostModel, format_seconds
+    from benchmark.execution.runner import estimate_cells, plan_grid
 
     plan = plan_grid(configs, store, overwrite)
     model = CostModel.from_records(store.load_all()[0])
@@ -386,7 +386,7 @@ def _print_outcome(console, report, results: Path) -> int:
 def _checked_grid(console, experiment) -> list:
     """Every cell, after loading each cohort once: the data layer's notes printed, every fold's time bins and the
     recipe checked before any cell runs."""
-    from benchmark.training.recipes import get_recipe
+    from benchmark.settings.recipes import get_recipe
 
     cohorts = _cohorts(experiment)
     for cohort in cohorts[::len(experiment.repeats)]:  # once per cohort x backbone (repeats share the data)
@@ -404,8 +404,8 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from benchmark.store.records import ResultStore
-    from benchmark.training.runner import GridInterrupted, run_grid, summary_table
-    from benchmark.training.shard import shard_of
+    from benchmark.execution.runner import GridInterrupted, run_grid, summary_table
+    from benchmark.execution.shard import shard_of
 
     console = Console()
     experiment = build_experiment(args)

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
 def tune_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tuning options, space overrides): the defaults, then the experiment file's ``[tune]``, then the flags."""
     from benchmark.naming import did_you_mean
-    from benchmark.training.config import read_experiment_file
+    from benchmark.settings.config import read_experiment_file
 
     file = dict((read_experiment_file(args.config) if args.config else {}).get("tune") or {})
     for key, value in file.items():
@@ -65,9 +65,9 @@ def tune_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
 def build_tasks(args: argparse.Namespace, experiment, results: Path, console) -> list:
     """Every outer fold to tune (the shard's, with ``--shard``); every space checked before any trial runs."""
     from benchmark.commands.run import _cohorts
-    from benchmark.training.search_spaces import check_override_scopes, method_space, tunable
-    from benchmark.training.shard import shard_of
-    from benchmark.training.tuning import StudyTask, TuningSettings
+    from benchmark.tuning.search_spaces import check_override_scopes, method_space, tunable
+    from benchmark.execution.shard import shard_of
+    from benchmark.tuning.study import StudyTask, TuningSettings
 
     options, space_overrides = tune_settings(args)
     if experiment.shared.selection == "paper-max":
@@ -92,7 +92,7 @@ def build_tasks(args: argparse.Namespace, experiment, results: Path, console) ->
 
 def _journal_folder(task) -> tuple[str, ...]:
     """The folder of the study journal, which every Ray node must write (none for an RDB URL)."""
-    from benchmark.training.tuning import DEFAULT_STORAGE_NAME
+    from benchmark.tuning.study import DEFAULT_STORAGE_NAME
 
     if task.storage is not None and "://" in task.storage:
         return ()
@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
     from benchmark.commands.run import _interrupt_on_sigterm, _results_dir, build_experiment, check_execution, \
         start_executor
     from benchmark.store.records import ResultStore
-    from benchmark.training.tuning import StudyScheduler, TuningInterrupted, run_study_job
+    from benchmark.tuning.study import StudyScheduler, TuningInterrupted, run_study_job
 
     console = Console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -151,7 +151,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _report(console, cell, summary: dict) -> None:
-    from benchmark.training.tuning import setting_text
+    from benchmark.tuning.study import setting_text
 
     setting = setting_text(cell.config.tuned)
     if summary["status"] == "ok":
@@ -166,8 +166,8 @@ def retrain_tuned(configs: list, experiment, results: Path, storage: str | None,
                   overwrite: bool, console) -> int:
     """``run --tuned``: train every cell with the setting its finished study chose (serially)."""
     from benchmark.store.records import ResultStore
-    from benchmark.training.runner import Execution
-    from benchmark.training.tuning import find_tuned, retrain
+    from benchmark.execution.runner import Execution
+    from benchmark.tuning.study import find_tuned, retrain
 
     cells = [find_tuned(c, storage, str(results), protocol, experiment.device, experiment.plugins) for c in configs]
     store, execution = ResultStore(results), Execution(experiment.device, experiment.save_weights, experiment.plugins)

@@ -1,7 +1,7 @@
 """The unit every method consumes: one bag of patch features (one patient, or one slide).
 
 Data flows one way: cohort -> clinical table + splits + features -> :class:`Bag` -> method ->
-:class:`benchmark.training.output.SurvivalOutput` -> metrics -> result store -> tables and plots.
+:class:`benchmark.api.output.SurvivalOutput` -> metrics -> result store -> tables and plots.
 
 A method declares what it reads with :class:`Needs`; the loader fills only those fields.
 """

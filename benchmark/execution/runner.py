@@ -1,6 +1,6 @@
 """The grid runner behind ``python -m benchmark run``: expands methods x cohorts x backbones x folds into
 cells, skips finished ones, trains the rest on an executor (this process, local worker processes or Ray tasks;
-``benchmark/training/executors.py``), each cell under its lock (``benchmark/store/lock.py``), records every cell (an
+``benchmark/execution/executors.py``), each cell under its lock (``benchmark/store/lock.py``), records every cell (an
 exception becomes an ``error`` record and the grid goes on) and prints a summary. SIGINT stops the grid cleanly
 (:class:`GridInterrupted`).
 """
@@ -30,12 +30,12 @@ from benchmark.data.splits import repeated_folds, straddling_patients
 from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, ensure_synthetic, synthetic_parameters
 from benchmark.store.lock import CellLock, LockBusy, describe_owner
 from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
-from benchmark.training.config import RunConfig, hashed_config
-from benchmark.training.cost import CostModel, Eta, cell_draws, format_seconds
-from benchmark.training.executors import Executor, InlineExecutor, LocalExecutor, RayExecutor, Work
-from benchmark.training.metrics import NO_EVENTS_NOTE, aggregate
-from benchmark.training.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
-from benchmark.training.trainer import train_fold
+from benchmark.settings.config import RunConfig, hashed_config
+from benchmark.execution.cost import CostModel, Eta, cell_draws, format_seconds
+from benchmark.execution.executors import Executor, InlineExecutor, LocalExecutor, RayExecutor, Work
+from benchmark.evaluation.metrics import NO_EVENTS_NOTE, aggregate
+from benchmark.api.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
+from benchmark.fitting.trainer import train_fold
 
 #: ``load_cohort(name, data_root=..., backbone=..., unit=...)``; injectable for tests.
 CohortLoader = Callable[..., Any]
@@ -245,7 +245,7 @@ class CellTask:
     execution: Execution
     #: a cell another run finished since the grid was planned is not trained again (False with --overwrite)
     skip_if_finished: bool = True
-    #: extra record fields (a tuned cell's study, ``benchmark.training.tuning``)
+    #: extra record fields (a tuned cell's study, ``benchmark.tuning.study``)
     annotations: dict[str, Any] | None = None
 
 

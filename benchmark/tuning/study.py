@@ -1,7 +1,7 @@
 """Nested, equal-budget hyper-parameter tuning with Optuna (``python -m benchmark tune``).
 
 For every outer fold of a cell (method x cohort x backbone x seed) one Optuna study searches the method's
-space (:mod:`benchmark.training.search_spaces`):
+space (:mod:`benchmark.tuning.search_spaces`):
 
 1. each trial trains on an :class:`InnerCohort`, a view of the outer fold's **training patients only**, whose
    folds are an inner cross-validation (or one inner split) by patient; the trial's score is the mean inner
@@ -9,12 +9,12 @@ space (:mod:`benchmark.training.search_spaces`):
 2. a pruner (median or Hyperband) receives the inner C-index of every epoch through the trainer's epoch
    callback and stops poor trials (``optuna.TrialPruned``);
 3. the best setting is retrained once on the whole outer training fold and evaluated on the outer validation
-   fold (``runner.run_cell`` with a tuned :class:`~benchmark.training.config.RunConfig`); the record keeps the
+   fold (``runner.run_cell`` with a tuned :class:`~benchmark.settings.config.RunConfig`); the record keeps the
    chosen setting and the trial history (``record["tuning"]``).
 
 Every method gets the same budget (trials, or seconds) and the same sampler seed. Studies live in one storage,
 a ``JournalStorage`` file by default or an RDB URL. :class:`StudyScheduler` runs each study's workers (and then
-its retrain) on the executor cells use (:mod:`benchmark.training.executors`: this process, local worker
+its retrain) on the executor cells use (:mod:`benchmark.execution.executors`: this process, local worker
 processes or Ray tasks); the workers share the study through its storage and only run the trials queued for
 its budget (:func:`add_slots`, :func:`next_trial`), so it never runs past it. The TPE sampler is re-seeded
 before each trial from (sampler seed, finished trials, worker), so a sequential study is a function of its
@@ -45,9 +45,9 @@ from benchmark.data.labels import assign_bins, quantile_edges
 from benchmark.data.loader import Fold
 from benchmark.data.splits import stratified_patient_folds
 from benchmark.store.records import ResultStore, config_hash
-from benchmark.training.config import RunConfig
-from benchmark.training.search_spaces import SearchSpace, split_setting
-from benchmark.training.trainer import patient_inner_split, train_fold
+from benchmark.settings.config import RunConfig
+from benchmark.tuning.search_spaces import SearchSpace, split_setting
+from benchmark.fitting.trainer import patient_inner_split, train_fold
 
 BUDGETS = ("trials", "time")
 PRUNERS = ("median", "hyperband", "none")
@@ -520,7 +520,7 @@ def optimize(task: StudyTask, worker: int = 0, log: Callable[[str], None] | None
              run_token: str | None = None) -> int:
     """Run trials of ``task``'s study in this process until none is queued (trial budget), the time is spent
     (time budget) or trials keep failing; returns the number of trials run here."""
-    from benchmark.training.runner import get_cohort_data
+    from benchmark.execution.runner import get_cohort_data
 
     storage = open_storage(task.storage, task.results)
     study = open_study(task.name, storage, task.settings, task.max_steps, worker)
@@ -622,7 +622,7 @@ class TunedCell:
 def retrain(cell: TunedCell, store, execution, overwrite: bool = False, loader=None) -> dict:
     """Train the chosen setting on the whole outer training fold and evaluate it on the outer validation fold
     (skipped when the store already holds that exact tuned cell), under the cell's lock like every cell."""
-    from benchmark.training.runner import CellTask, execute_cell, plan_grid
+    from benchmark.execution.runner import CellTask, execute_cell, plan_grid
 
     plan = plan_grid([cell.config], store, overwrite)
     if plan.skipped:
@@ -722,7 +722,7 @@ def study_line(study: optuna.Study) -> str:
 
 
 class StudyScheduler:
-    """Runs the studies of a ``tune`` on an executor (:mod:`benchmark.training.executors`, the one cells use).
+    """Runs the studies of a ``tune`` on an executor (:mod:`benchmark.execution.executors`, the one cells use).
 
     Each study gets ``jobs`` workers (:class:`StudyJob`, each :func:`optimize` on the shared study storage); when
     they have all returned, the study is either done (its retrain is queued, ahead of other work) or short
@@ -835,7 +835,7 @@ class StudyScheduler:
 
     def _stop(self) -> None:
         """Stop every worker (a second Ctrl-C meanwhile is ignored), then make the studies consistent."""
-        from benchmark.training.runner import stop_executor
+        from benchmark.execution.runner import stop_executor
 
         stop_executor(self.executor)
         for run in self.runs.values():
@@ -857,7 +857,7 @@ def run_study(task: StudyTask, jobs: int = 1, log: Callable[[str], None] | None 
               executor=None) -> optuna.Study:
     """Tune one outer fold (no retrain) with ``jobs`` workers on ``executor`` (default: this process, where a
     test's cohort ``loader`` reaches) and return the finished study."""
-    from benchmark.training.executors import InlineExecutor
+    from benchmark.execution.executors import InlineExecutor
 
     executor = executor or InlineExecutor(run_study_job, loader=loader, log=log)
     StudyScheduler(executor, jobs, log=log).run([task])
@@ -870,7 +870,7 @@ def run_study(task: StudyTask, jobs: int = 1, log: Callable[[str], None] | None 
 def task_from_study(study: optuna.Study, config: RunConfig, storage: str | None, results: str,
                     device: str = "auto", plugins: tuple[str, ...] = ()) -> StudyTask:
     """Rebuild the task of a study from what :func:`prepare_study` recorded in it."""
-    from benchmark.training.search_spaces import parse_param
+    from benchmark.tuning.search_spaces import parse_param
 
     attrs = study.user_attrs
     p = attrs["protocol"]

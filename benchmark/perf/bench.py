@@ -1,7 +1,7 @@
 """Speed, efficiency and peak memory of one training step and one forward pass per method, in fresh processes.
 
 For every method and phase (``train``: forward + backward + Adam step in train mode; ``eval``: one forward in
-eval mode under ``no_grad``), a child process (``python -m benchmark.training.bench --child JSON``) builds a random bag
+eval mode under ``no_grad``), a child process (``python -m benchmark.perf.bench --child JSON``) builds a random bag
 of the requested size (5x / 10x / 20x features, coordinates on a square grid, k-NN graphs through
 :func:`benchmark.data.graphs.build_graph` and tissue types when the method's ``Needs`` ask), then, in this order:
 
@@ -70,7 +70,7 @@ class BenchCase:
 def bag_sizes(n20: int, n10: int | None = None, n5: int | None = None) -> tuple[int, int, int]:
     """Default 10x = N20 / 4 and 5x = N20 / 16 (each magnification step quarters the patch count)."""
     if n20 < 1:
-        raise ValueError(f"benchmark/training/bench.py: --n20 must be >= 1, got {n20}")
+        raise ValueError(f"benchmark/perf/bench.py: --n20 must be >= 1, got {n20}")
     return n20, n10 if n10 is not None else max(1, round(n20 / 4)), n5 if n5 is not None else max(1, round(n20 / 16))
 
 
@@ -177,7 +177,7 @@ def count_flops(method: str, options: dict, bag, phase: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmark.training.registry import create_method
+    from benchmark.api.registry import create_method
 
     opts = dict(options)
     if method.startswith("crossfusion"):
@@ -258,8 +258,8 @@ def run_case(case: BenchCase) -> dict:
     """
     import torch
 
-    from benchmark.training.precision import resolve_device
-    from benchmark.training.registry import count_parameters, create_method, get_method_spec
+    from benchmark.fitting.precision import resolve_device
+    from benchmark.api.registry import count_parameters, create_method, get_method_spec
 
     torch.set_num_threads(case.threads)
     device = resolve_device(case.device)
@@ -291,7 +291,7 @@ def run_case(case: BenchCase) -> dict:
 def run_in_child(case: BenchCase, timeout_s: float | None = None) -> dict:
     """Run ``case`` in a fresh interpreter; returns its result, or ``{"error": ...}``."""
     env = dict(os.environ, OMP_NUM_THREADS=str(case.threads), MKL_NUM_THREADS=str(case.threads))
-    cmd = [sys.executable, "-m", "benchmark.training.bench", "--child", json.dumps(asdict(case))]
+    cmd = [sys.executable, "-m", "benchmark.perf.bench", "--child", json.dumps(asdict(case))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env,
                               cwd=Path(__file__).resolve().parents[2])  # the repository root: this checkout's package
@@ -307,7 +307,7 @@ def run_in_child(case: BenchCase, timeout_s: float | None = None) -> dict:
 
 
 def _child_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.training.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmark.perf.bench")
     parser.add_argument("--child", required=True, help="BenchCase as JSON")
     args = parser.parse_args(argv)
     case = BenchCase(**json.loads(args.child))

@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from benchmark.data.bag import Needs
-from benchmark.training.config import RunConfig
-from benchmark.training.losses import cox_partial_likelihood, survival_loss
-from benchmark.training.metrics import c_index, evaluate
-from benchmark.training.precision import DeviceBags, autocast, check_precision, grad_scaler, resolve_device
-from benchmark.training.recipes import Recipe
-from benchmark.training.registry import count_parameters, create_method, get_method_spec
+from benchmark.settings.config import RunConfig
+from benchmark.fitting.losses import cox_partial_likelihood, survival_loss
+from benchmark.evaluation.metrics import c_index, evaluate
+from benchmark.fitting.precision import DeviceBags, autocast, check_precision, grad_scaler, resolve_device
+from benchmark.settings.recipes import Recipe
+from benchmark.api.registry import count_parameters, create_method, get_method_spec
 
 #: ``on_epoch(epoch, epochs, info)`` progress callback (1-based epoch).
 EpochCallback = Callable[[int, int, dict], None]
@@ -368,7 +368,7 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
     score_val_each_epoch : bool
         Also put the C-index of the validation split in ``info["val_c_index"]`` every epoch, without selecting
         on it. The tuner uses it to prune trials, on a cohort view whose validation split is an inner split of
-        the outer training fold (``benchmark.training.tuning``); never set it on an outer fold.
+        the outer training fold (``benchmark.tuning.study``); never set it on an outer fold.
     """
     recipe, spec, dev = config.resolved_recipe(), get_method_spec(config.method), resolve_device(device)
     data = fold_data(cohort, config, recipe)
@@ -444,7 +444,7 @@ def _evaluate_fold(model: nn.Module, cohort, needs, data: FoldData, runtime: Run
 
 
 def _mean_patches(bags: DeviceBags) -> float | None:
-    """Mean patch count of the bags the fold used: the bag size of the cost model (``benchmark.training.cost``)."""
+    """Mean patch count of the bags the fold used: the bag size of the cost model (``benchmark.execution.cost``)."""
     counts = list(bags.patch_counts.values())
     return float(np.mean(counts)) if counts else None
 

@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 from benchmark.naming import suggestion
 from benchmark.store.records import config_hash
-from benchmark.training.recipes import Recipe
-from benchmark.training.registry import constructor_options, get_method_spec
+from benchmark.settings.recipes import Recipe
+from benchmark.api.registry import constructor_options, get_method_spec
 
 #: Shared by every method: learning rate (log-uniform), weight decay (log-uniform), dropout and the
 #: accumulation window (bags per optimiser step). Ranges bracket the official values of every method
@@ -152,7 +152,7 @@ def _check_target(method: str, param: Param, accepted: set[str] | None) -> None:
 
 def _check_recipe_values(method: str, param: Param) -> None:
     """Every value of a recipe-field parameter must make a valid recipe (e.g. lr > 0, accumulation >= 1)."""
-    from benchmark.training.recipes import get_recipe
+    from benchmark.settings.recipes import get_recipe
 
     for value in param.values():
         try:

@@ -40,7 +40,7 @@ def shard_of(items: Sequence[T], shard: tuple[int, int] | None, label=lambda ite
     Parameters
     ----------
     items : sequence
-        The grid (e.g. :class:`~benchmark.training.config.RunConfig` objects).
+        The grid (e.g. :class:`~benchmark.settings.config.RunConfig` objects).
     shard : (int, int) or None
         Shard index and count, as :func:`parse_shard` returns them.
     label : callable

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from benchmark.training.output import SurvivalOutput
+from benchmark.api.output import SurvivalOutput
 
 #: Lower clamp of every log argument (the MCAT / Patch-GCN value).
 LOG_EPS = 1e-7

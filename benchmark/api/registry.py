@@ -3,7 +3,7 @@
 A method is an ``nn.Module`` whose ``forward(bag: Bag) -> SurvivalOutput``. It registers itself::
 
     from benchmark.data.bag import Needs
-    from benchmark.training.registry import register_method
+    from benchmark.api.registry import register_method
 
     @register_method("amil", needs=Needs(magnifications=(20,)),
                      source="Ilse et al. 2018; mahmoodlab/Patch-GCN models/model_set_mil.py")
@@ -51,7 +51,7 @@ class MethodSpec:
     loss: str = "nll"
     #: Methods excluded from ``--methods all`` (e.g. the ``random`` floor is still included by default).
     in_all: bool = True
-    #: Hyper-parameters the tuner searches besides the shared ones (``benchmark.training.search_spaces``):
+    #: Hyper-parameters the tuner searches besides the shared ones (``benchmark.tuning.search_spaces``):
     #: ``{name: {"low": .., "high": .., "log": ..} or {"choices": [..]} or None}`` (None leaves a shared entry
     #: out); False = nothing to tune (no trainable parameter).
     search_space: Mapping[str, Any] | bool | None = None

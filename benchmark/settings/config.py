@@ -24,9 +24,9 @@ from typing import Any, Mapping
 
 from benchmark.naming import did_you_mean
 from benchmark.store.records import Cell, config_hash
-from benchmark.training.recipes import SELECTIONS, Recipe, get_recipe, parse_option_value
+from benchmark.settings.recipes import SELECTIONS, Recipe, get_recipe, parse_option_value
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # benchmark.training.precision.PRECISIONS, without importing torch here
+PRECISIONS = ("fp32", "bf16", "fp16")  # benchmark.fitting.precision.PRECISIONS, without importing torch here
 
 UNITS = ("patient", "slide")
 #: ``--save-weights``: ``none`` (records only) or ``last`` (the selected model's weights beside each record).
@@ -124,13 +124,13 @@ class RunConfig:
     fold, seed : int
         Outer fold index and training seed.
     precision : {"fp32", "bf16", "fp16"}
-        Autocast precision of the training forward passes (``benchmark.training.precision``); part of the
+        Autocast precision of the training forward passes (``benchmark.fitting.precision``); part of the
         configuration because it changes the trained weights.
     repeat : int
         Repeat of repeated cross-validation: 0 = the cohort's split files, r >= 1 = stratified patient-level
         folds drawn with seed r (``benchmark.data.splits.repeated_folds``).
     recipe : str
-        Named recipe (``benchmark.training.recipes``).
+        Named recipe (``benchmark.settings.recipes``).
     overrides : tuple of (field, value)
         Recipe fields changed from the named recipe (``--set``), parsed to the field's type; fields equal to the
         recipe's own value are dropped, so two spellings of one recipe are one configuration.
@@ -157,7 +157,7 @@ class RunConfig:
         Registry files (cohorts, backbones) the cell's names come from (``--registry``,
         ``$MIL_BENCHMARK_REGISTRY``); read again when the cell is rebuilt from its record.
     tuning : str or None
-        Id of the tuning protocol that chose ``tuned`` (``benchmark.training.tuning``); None for an untuned cell.
+        Id of the tuning protocol that chose ``tuned`` (``benchmark.tuning.study``); None for an untuned cell.
     tuned : tuple of (name, value)
         The setting the tuner chose for this outer fold: recipe fields and constructor options, applied over
         ``overrides`` and ``method_options``. The label and the store folder name only the protocol, so the

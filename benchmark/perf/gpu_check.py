@@ -1,6 +1,6 @@
 """``make gpu-check``: one training step of every registered method on CUDA, in fp32 and bf16.
 
-For each method, on a random bag with what the method needs (``benchmark.training.bench.make_bag``):
+For each method, on a random bag with what the method needs (``benchmark.perf.bench.make_bag``):
 
 1. the same seeded model evaluates the bag on the CPU and on the device in fp32; the largest difference of the
    risks and logits must be <= ``TOLERANCE`` (1e-4);
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmark.training.precision import PRECISIONS, autocast, grad_scaler
+from benchmark.fitting.precision import PRECISIONS, autocast, grad_scaler
 
 TOLERANCE = 1e-4
 
@@ -62,8 +62,8 @@ def _train_step(model, bag, device: torch.device, precision: str) -> float:
 
 def check_method(method: str, device: torch.device, n20: int, in_dim: int, precisions=("fp32", "bf16")) -> dict:
     """fp32 device-vs-CPU difference and the timed training step per precision of one method."""
-    from benchmark.training.bench import bag_sizes, make_bag
-    from benchmark.training.registry import create_method, get_method_spec
+    from benchmark.perf.bench import bag_sizes, make_bag
+    from benchmark.api.registry import create_method, get_method_spec
 
     n20, n10, n5 = bag_sizes(n20)
     bag = make_bag(get_method_spec(method).needs, {20: n20, 10: n10, 5: n5}, in_dim, seed=0)
@@ -103,7 +103,7 @@ def print_table(rows: list[dict], precisions) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.training.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmark.perf.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="all", help="comma list of registered methods, or all")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:1, ... or cpu (to test the script)")
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"gpu-check: CUDA is not available (torch {torch.__version__}); nothing to check, skipped")
         return 0
-    from benchmark.training.registry import resolve_methods
+    from benchmark.api.registry import resolve_methods
 
     precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
     if any(p not in PRECISIONS for p in precisions):
