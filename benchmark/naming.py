@@ -55,3 +55,35 @@ def path_under(root: str | os.PathLike, *parts: str) -> Path:
     if path != base and base not in path.parents:
         raise ValueError(f"{Path(root).joinpath(*parts)}: resolves outside {root}")
     return path
+
+
+class Registry:
+    """Named entries of one kind (executors, statistical tests, ...), in registration order.
+
+    ``get`` raises the "did you mean" error of :func:`did_you_mean`, so an unknown name is one line naming the
+    option (``Registry("executor", option="--executor")``).
+    """
+
+    def __init__(self, kind: str, option: str | None = None) -> None:
+        self.kind, self.option, self._entries = kind, option, {}
+
+    def register(self, name: str, entry):
+        """Add ``entry`` under ``name`` (a second entry of one name replaces the first); returns ``entry``."""
+        self._entries[name] = entry
+        return entry
+
+    def get(self, name: str):
+        try:
+            return self._entries[name]
+        except KeyError:
+            error = did_you_mean(str(name), list(self._entries), self.kind)
+            raise (UnknownNameError(f"{self.option}: {error}") if self.option else error) from None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+    def items(self):
+        return self._entries.items()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries

@@ -17,6 +17,7 @@ SEARCH_SPACE = {"attention_dim": {"choices": [256, 384]}, "hidden": {"choices": 
 
 @register_method(
     "amil",
+    cost_prior=0.0055, paper_row=1,
     needs=Needs(magnifications=(20,)),
     search_space=SEARCH_SPACE,
     source="Ilse et al., ICML 2018; survival form of mahmoodlab/MCAT and mahmoodlab/Patch-GCN models/model_set_mil.py",

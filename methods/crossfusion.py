@@ -388,21 +388,34 @@ SEARCH_SPACE = {"num_layers": {"low": 1, "high": 2}, "num_heads": {"choices": [2
                 "attn_dropout": {"low": 0.0, "high": 0.3}}
 
 
-@register_method("crossfusion", needs=_NEEDS_MULTI, search_space=SEARCH_SPACE,
+#: What the harness's tools use: the plain-PyTorch reference path (``bench --reference``: SDPA attention, the
+#: package's ``F.dropout``, NCHW convolutions), the official code's kernel choice (``bench --official``: attention
+#: dropout on at evaluation, SDPA with that dropout) and FLOP counting without recomputation.
+_TOOL_OPTIONS = {
+    "reference_options": {"attention_backend": "sdpa", "dropout_impl": "torch", "channels_last": False},
+    "official_options": {"official_eval_dropout": True, "attention_backend": "sdpa"},
+    "flop_count_options": {"activation_checkpointing": False},
+}
+
+
+@register_method("crossfusion", needs=_NEEDS_MULTI, search_space=SEARCH_SPACE, cost_prior=0.086, paper_row=8,
+                 **_TOOL_OPTIONS,
                  source=_SOURCE + " (models/CrossFusion.py)")
 def crossfusion(in_dim: int, n_bins: int = 4, **options) -> CrossFusion:
     """CrossFusion with the Conv Processor (see :class:`CrossFusion`)."""
     return CrossFusion(in_dim, n_bins, **options)
 
 
-@register_method("crossfusion_wo_cp", needs=_NEEDS_MULTI, search_space=SEARCH_SPACE,
+@register_method("crossfusion_wo_cp", needs=_NEEDS_MULTI, search_space=SEARCH_SPACE, cost_prior=0.081,
+                 **_TOOL_OPTIONS,
                  source=_SOURCE + " (models/CrossFusionConcat.py)")
 def crossfusion_wo_cp(in_dim: int, n_bins: int = 4, **options) -> CrossFusionConcat:
     """Ablation w/o CP: concatenation + ``Linear(3D -> D) + LN`` instead of the Conv Processor."""
     return CrossFusionConcat(in_dim, n_bins, **options)
 
 
-@register_method("crossfusion_wo_fc", needs=Needs(magnifications=(20,)), search_space=SEARCH_SPACE,
+@register_method("crossfusion_wo_fc", needs=Needs(magnifications=(20,)), search_space=SEARCH_SPACE, cost_prior=0.065,
+                 **_TOOL_OPTIONS,
                  source=_SOURCE + " (models/CrossFusionSingle.py)")
 def crossfusion_wo_fc(in_dim: int, n_bins: int = 4, **options) -> CrossFusionSingle:
     """Ablation w/o F&C: 20x only, no cross-attention (see :class:`CrossFusionSingle`)."""

@@ -34,6 +34,7 @@ SEARCH_SPACE = {"hidden_dim": {"choices": [128, 256]}, "resample": {"low": 0.0, 
 
 @register_method(
     "deepgraphsurv",
+    cost_prior=0.0054, paper_row=4,
     needs=NEEDS,
     search_space=SEARCH_SPACE,
     source=(

@@ -35,6 +35,7 @@ SEARCH_SPACE = {"dropout": None, "nonlinear": {"choices": [True, False]}, "passi
 
 @register_method(
     "dsmil",
+    cost_prior=0.0016, paper_row=2,
     needs=Needs(magnifications=(20,)),
     search_space=SEARCH_SPACE,
     source="Li et al. CVPR 2021; github.com/binli123/dsmil-wsi (dsmil.py, train_tcga.py)",

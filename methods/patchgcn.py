@@ -35,6 +35,7 @@ SEARCH_SPACE = {"hidden_dim": {"choices": [64, 128, 256]}, "block_dropout": {"lo
 
 @register_method(
     "patchgcn",
+    cost_prior=0.011, paper_row=5,
     needs=NEEDS,
     search_space=SEARCH_SPACE,
     source="Chen et al. MICCAI 2021; github.com/mahmoodlab/Patch-GCN (models/model_graph_mil.py, PatchGCN_Surv)",

@@ -404,7 +404,8 @@ class ProtoSurv(nn.Module):
 SEARCH_SPACE = {"n_prototypes": {"choices": [4, 8, 16]}, "fusion_layers": {"low": 1, "high": 4}}
 
 
-@register_method("protosurv", needs=_NEEDS, search_space=SEARCH_SPACE, source=_SOURCE)
+@register_method("protosurv", needs=_NEEDS, search_space=SEARCH_SPACE, source=_SOURCE, cost_prior=0.17, paper_row=7,
+                 reference_options={"orthogonality_impl": "official"})  # the D x D Gram of the official loss
 def protosurv(in_dim: int, n_bins: int = 4, **options) -> ProtoSurv:
     """ProtoSurv with the shared discrete-time NLL head (see :class:`ProtoSurv`)."""
     return ProtoSurv(in_dim, n_bins, head="nll", **options)

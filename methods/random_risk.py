@@ -11,6 +11,7 @@ from benchmark.api import Bag, Needs, register_method, SurvivalOutput
 
 
 @register_method("random", needs=Needs(magnifications=(20,)), search_space=False,  # no trainable parameter
+                 cost_prior=0.0002, chance_floor=True,
                  source="harness baseline (no paper): chance level")
 class RandomRisk(nn.Module):
     """Chance-level baseline: logits drawn from seeded Gaussian noise, so ``risk = -sum(S)`` is noise.

@@ -310,6 +310,7 @@ SEARCH_SPACE = {"cluster_size": {"choices": [32, 64, 128]}, "feature_weight": {"
 
 @register_method(
     "scmil",
+    cost_prior=0.022, paper_row=6,
     needs=Needs(magnifications=(20,), coords=True),
     search_space=SEARCH_SPACE,
     source="Yang et al. MICCAI 2024 (arXiv 2407.00664); github.com/yang-ze-kang/SCMIL models/SCMIL.py",

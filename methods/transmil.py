@@ -211,6 +211,8 @@ SEARCH_SPACE = {"num_landmarks": {"choices": [64, 128, 256]}, "dim": {"choices":
 
 @register_method(
     "transmil",
+    cost_prior=0.069, paper_row=3,
+    reference_options={"nystrom_impl": "package"},  # NystromAttention.forward of the nystrom-attention package
     needs=Needs(magnifications=(20,)),
     search_space=SEARCH_SPACE,
     source="Shao et al. NeurIPS 2021; github.com/szc19990412/TransMIL (models/TransMIL.py)",

@@ -213,13 +213,6 @@ def test_enumerated_options_fail_at_parse_time(confined, capsys, argv, message):
     confined.check()
 
 
-def test_bin_rule_choices_are_the_label_rules():
-    from benchmark.commands.run import BIN_RULE_CHOICES
-    from benchmark.data.labels import RULES
-
-    assert BIN_RULE_CHOICES == RULES
-
-
 RUN_CASES = [
     ("device", ["--device", "tpu9"], r"^error: --device tpu9: "),
     ("cuda without cuda", ["--device", "cuda:7"], r"^error: --device cuda:7: "),

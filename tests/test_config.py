@@ -2,11 +2,15 @@
 every record and back (``from_record``, ``to_cli``), with readable labels."""
 import argparse
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmark.commands import run as run_command
+from benchmark.execution import session
 from benchmark.store.records import ResultStore
 from benchmark.settings.config import Experiment, RunConfig, hashed_config
 from benchmark.settings.recipes import Recipe, register_recipe
@@ -28,7 +32,7 @@ def parse_run(argv: list[str]) -> argparse.Namespace:
 
 
 def configs_of(argv: list[str]) -> list[RunConfig]:
-    return run_command.build_experiment(parse_run(argv)).configs(5)
+    return session.build_experiment(parse_run(argv)).configs(5)
 
 
 VARIANT = RunConfig("amil", "blca", "resnet50", fold=3, seed=2, recipe="cfgtest",
@@ -109,8 +113,10 @@ def test_experiment_file_and_command_line_override(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("methdos = ['amil']", "Did you mean 'methods'"),
-    ("folds = 3.5", "folds has the wrong type"),
+    ("folds = 3.5", "folds must be a string or list or integer, got float"),
     ("methods = [", "not valid TOML"),
+    ("[tune]\ntrails = 3", r"\[tune\].*Did you mean 'trials'"),
+    ("[tune]\ntrials = true", r"\[tune\]: trials must be a integer, got bool"),
 ])
 def test_bad_experiment_file_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.toml"
@@ -118,6 +124,15 @@ def test_bad_experiment_file_is_one_clear_error(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as info:
         configs_of(["run", "--config", str(path)])
     assert str(path) in str(info.value)
+
+
+def test_an_unknown_executor_from_a_file_names_the_option(tmp_path):
+    from benchmark.naming import UnknownNameError
+
+    path = tmp_path / "e.toml"
+    path.write_text("executor = 'sllurm'")
+    with pytest.raises(UnknownNameError, match="--executor: unknown executor 'sllurm'.*Known executors: local, ray"):
+        configs_of(["run", "--config", str(path)])
 
 
 def test_bad_settings_fail_before_any_cell():
@@ -131,7 +146,7 @@ def test_bad_settings_fail_before_any_cell():
 
 def test_experiment_file_carries_the_execution_settings(tmp_path):
     from benchmark.cli import build_parser
-    from benchmark.commands.run import build_experiment
+    from benchmark.execution.session import build_experiment
 
     path = tmp_path / "grid.toml"
     path.write_text('methods = ["amil"]\ndatasets = "blca"\nexecutor = "local"\nshard = "1/2"\nsave_weights = true\n'
@@ -158,3 +173,68 @@ def test_experiment_holds_the_shared_cell_settings_in_one_run_config():
     assert amil == shared.with_(method="amil", cohort="blca", fold=1, seed=3,
                                 method_options={"dropout": 0.1, "hidden": 256})
     assert dsmil.options == {"dropout": 0.1} and dsmil.unit == "slide" and dsmil.signal == "none"
+
+
+# ----------------------------------------------------------------------------- settings in one place
+def test_each_value_parser_names_the_option_it_parses():
+    from benchmark.settings.options import parse_indices
+
+    assert parse_indices("0-4", "--folds") == [0, 1, 2, 3, 4] and parse_indices("0,2,2", "--folds") == [0, 2]
+    assert parse_indices([3, 1], "--seed") == [1, 3] and parse_indices(2, "--repeat") == [2]
+    for argv, option in ((["run", "--seed", "x"], "--seed"), (["run", "--folds", "a-b"], "--folds"),
+                         (["run", "--repeat", "-1"], "--repeat"), (["run", "--shard", "3/2"], "--shard")):
+        with pytest.raises(ValueError, match=f"^{option}"):
+            configs_of(argv)
+
+
+def test_defaults_then_experiment_file_then_command_line(tmp_path):
+    from benchmark.settings.options import SETTINGS, TUNE_SETTINGS, run_settings
+
+    path = tmp_path / "e.toml"
+    path.write_text('jobs = 3\nselection = "inner"\n[set]\nlr = 1e-3\n[tune]\ntrials = 7\npruner = "none"\n')
+    parser = argparse.ArgumentParser()
+    run_command.register(parser.add_subparsers())
+    merged = run_settings(parser.parse_args(["run", "--config", str(path), "--jobs", "2", "--set", "epochs=2"]))
+    assert (merged["jobs"], merged["selection"], merged["unit"]) == (2, "inner", SETTINGS["unit"].default)
+    assert merged["set"] == {"lr": "0.001", "epochs": "2"}
+    assert merged["tune"]["trials"] == 7 and merged["tune"]["pruner"] == "none"
+    assert merged["tune"]["inner_folds"] == TUNE_SETTINGS["inner_folds"].default
+
+
+def test_every_allowed_value_set_reaches_argparse_from_one_declaration():
+    from benchmark import choices
+    from benchmark.execution.executors import EXECUTORS
+
+    parser = argparse.ArgumentParser()
+    run_command.register(parser.add_subparsers())
+    run_parser = parser._subparsers._group_actions[0].choices["run"]
+    by_flag = {a.option_strings[0]: a.choices for a in run_parser._actions if a.option_strings}
+    assert by_flag["--signal"] == choices.SIGNALS and by_flag["--layout"] == choices.LAYOUT_CHOICES
+    assert by_flag["--bin-rule"] == choices.BIN_RULES and by_flag["--precision"] == choices.PRECISIONS
+    assert by_flag["--missing-features"] == choices.MISSING_FEATURES
+    assert tuple(by_flag["--executor"]) == EXECUTORS.names() == ("local", "ray")
+
+
+def test_settings_reference_in_the_docs_is_the_generated_one():
+    from benchmark.settings.options import SETTINGS, TUNE_SETTINGS, reference_markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "SETTINGS.md").read_text()
+    assert docs.strip() == reference_markdown().strip(), "regenerate: python -m benchmark list settings --markdown"
+    assert all(f"| `{key}` |" in docs for key in [*SETTINGS, *TUNE_SETTINGS])
+
+
+def test_settings_and_help_load_no_torch():
+    code = ("import sys, contextlib, io\n"
+            "import benchmark.settings.config, benchmark.settings.options\n"
+            "assert 'torch' not in sys.modules, 'settings import torch'\n"
+            "from benchmark import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    for argv in (['--help'], ['run', '--help'], ['tune', '--help']):\n"
+            "        try:\n"
+            "            cli.main(argv)\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "print(sorted(m for m in ('torch', 'sksurv', 'sklearn') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

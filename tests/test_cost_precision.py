@@ -3,13 +3,15 @@ CPU through the trainer, fp32 records keep their hash) and the device bag cache.
 import math
 
 import pytest
+
+from benchmark.api.registry import get_method_spec
 import torch
 
 from benchmark.data.bag import Needs
 from benchmark.store.records import ResultStore
 from benchmark.settings.config import RunConfig
 from benchmark.execution.cost import (
-    CELL_OVERHEAD_S, PRIOR_SECONDS_PER_DRAW, REFERENCE_PATCHES, CostModel, Eta, cell_draws, format_seconds, record_draws,
+    CELL_OVERHEAD_S, REFERENCE_PATCHES, CostModel, Eta, cell_draws, format_seconds, record_draws,
 )
 from benchmark.fitting.precision import DeviceBags, autocast, bag_bytes, check_precision, resolve_device
 from benchmark.settings.recipes import Recipe, register_recipe
@@ -35,7 +37,7 @@ def test_cell_draws_count_training_and_weighted_evaluation():
 def test_cost_model_uses_priors_then_the_store():
     empty = CostModel()
     per_draw, source = empty.seconds_per_draw("amil")
-    assert per_draw == PRIOR_SECONDS_PER_DRAW["amil"] and source.startswith("prior")
+    assert per_draw == get_method_spec("amil").cost_prior and source.startswith("prior")
     assert empty.seconds_per_draw("my_plugin")[1].startswith("guess")
     model = CostModel.from_records([fake_record(seconds=1 + 435 * 0.02 * 2, patches=2 * REFERENCE_PATCHES)])
     per_draw, source = model.seconds_per_draw("amil", "blca", "resnet50")

@@ -340,10 +340,12 @@ def test_predictions_skip_automatic_maps_and_keep_the_outputs():
 
 # ------------------------------------------------------------------------------------------- benchmark command
 def test_reference_options_are_options_of_their_methods():
-    from benchmark.perf.bench import REFERENCE_OPTIONS
+    from benchmark.api.registry import get_method_spec, method_names
 
-    assert set(REFERENCE_OPTIONS) >= {"crossfusion", "crossfusion_wo_cp", "crossfusion_wo_fc", "transmil", "protosurv"}
-    for method, options in REFERENCE_OPTIONS.items():
+    with_reference = {m for m in method_names() if get_method_spec(m).reference_options}
+    assert with_reference >= {"crossfusion", "crossfusion_wo_cp", "crossfusion_wo_fc", "transmil", "protosurv"}
+    for method in with_reference:
+        options = get_method_spec(method).reference_options
         create_method(method, in_dim=8, n_bins=4, **options)  # an unknown option or value raises
         with pytest.raises((TypeError, ValueError)):
             create_method(method, in_dim=8, n_bins=4, **{name: "no-such-value" for name in options})

@@ -178,17 +178,6 @@ def test_data_source_round_trip_through_record_cli_and_experiment_file(folders, 
     assert (results / "figures" / f"heatmap_amil_blca_{slide}_fold0.png").is_file()
 
 
-def test_layout_and_missing_feature_choices_match_the_data_layer():
-    from benchmark.data.features import LAYOUTS
-    from benchmark.data.loader import MISSING_FEATURES
-    from benchmark.settings import config
-
-    from benchmark.commands import run
-
-    assert config.LAYOUT_CHOICES == run.LAYOUT_CHOICES == ("auto", *LAYOUTS)
-    assert config.MISSING_FEATURES == run.MISSING_FEATURES_CHOICES == MISSING_FEATURES
-
-
 # ----------------------------------------------------------------------------- the real TCGA-BLCA table
 def _real_blca(real_tables: Path) -> tuple[Path, Path]:
     table = real_tables / "CrossFusion" / "data" / "tcga_blca_all_clean.csv.zip"
@@ -261,7 +250,7 @@ def test_registry_files_travel_with_the_configuration(tmp_path):
 
 
 def test_experiment_file_data_source_and_registry(tmp_path, monkeypatch):
-    from benchmark.commands.run import build_experiment
+    from benchmark.execution.session import build_experiment
     from benchmark.data.cohorts import clear_registry_caches
 
     monkeypatch.setenv("MIL_BENCHMARK_REGISTRY", "")  # restored afterwards

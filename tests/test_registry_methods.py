@@ -17,7 +17,7 @@ from benchmark.data.bag import Bag, Needs
 from benchmark.data.graphs import build_graph
 from benchmark.fitting.losses import survival_loss
 from benchmark.api.output import SurvivalOutput
-from benchmark.api.registry import create_method, get_method_spec, method_names
+from benchmark.api.registry import create_method, get_method_spec, method_names, register_method
 
 IN_DIM = 64
 N_BINS = 4
@@ -362,3 +362,26 @@ def test_learns_planted_signal(name, tiny_cohort):
     samples = tiny_cohort.samples.loc[train_ids]
     score = c_index(samples["time"].to_numpy(), samples["event"].to_numpy(), pred.risk)
     assert score > 0.6, f"{name}: training C-index {score:.3f} after {LEARN_RECIPE['epochs']} epochs"
+
+
+# ------------------------------------------------------------------------ what each method tells the harness
+@pytest.mark.parametrize("name", METHODS)
+def test_declared_tool_options_are_options_of_the_method(name):
+    """``reference_options``, ``official_options`` and ``flop_count_options`` build the method (an option its
+    constructor does not take, or a value it does not know, raises)."""
+    spec = get_method_spec(name)
+    for options in (spec.reference_options, spec.official_options, spec.flop_count_options):
+        create_method(name, in_dim=8, n_bins=4, **options)
+    assert spec.cost_prior is None or spec.cost_prior > 0
+
+
+def test_paper_rows_are_the_papers_table_order():
+    rows = {get_method_spec(m).paper_row: m for m in METHODS if get_method_spec(m).paper_row is not None}
+    assert [rows[k] for k in sorted(rows)] == ["amil", "dsmil", "transmil", "deepgraphsurv", "patchgcn", "scmil",
+                                               "protosurv", "crossfusion"]
+    assert [m for m in METHODS if get_method_spec(m).chance_floor] == ["random"]
+
+
+def test_register_method_rejects_unknown_knowledge_with_a_suggestion():
+    with pytest.raises(ValueError, match="did you mean 'cost_prior'|Did you mean 'cost_prior'"):
+        register_method("x_typo", cost_prio=0.1)

@@ -13,7 +13,8 @@ import pytest
 from benchmark.store.lock import CellLock, LockBusy, stale_reason
 from benchmark.store.records import Cell, ResultStore
 from benchmark.settings.config import Experiment
-from benchmark.execution.shard import parse_shard, shard_of
+from benchmark.execution.shard import shard_of
+from benchmark.settings.options import parse_shard
 
 
 def test_parse_shard_accepts_i_of_n_and_names_the_option_otherwise():

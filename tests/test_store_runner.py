@@ -11,7 +11,7 @@ from benchmark.api.registry import register_method
 from benchmark.settings.config import ANY, Experiment, RunConfig, hashed_config
 from benchmark.settings.recipes import register_recipe
 from benchmark.execution.runner import (
-    Execution, load_trained_model, parse_folds, run_cell, run_grid, summary_table,
+    Execution, load_trained_model, run_cell, run_grid, summary_table,
 )
 from benchmark.store.records import Cell, ResultStore, config_hash
 from benchmark.fitting.trainer import predict
@@ -47,10 +47,7 @@ def toy_loader(name, data_root=None, backbone="resnet50", unit="patient"):
     return ToyCohort(n=30, seed=1)
 
 
-def test_parse_folds_and_config_hash():
-    assert parse_folds("0-4") == [0, 1, 2, 3, 4] and parse_folds("0,2,2") == [0, 2] and parse_folds("all", 3) == [0, 1, 2]
-    with pytest.raises(ValueError, match="--folds"):
-        parse_folds("a-b")
+def test_store_key_names_the_variant():
     assert RunConfig("amil", "blca", recipe="demo").store_key() == "demo"
     changed = RunConfig("amil", "blca", recipe="demo", overrides={"lr": "3e-4"}).store_key()
     assert changed.startswith("demo+") and changed != RunConfig("amil", "blca", overrides={"lr": "1e-4"}).store_key()

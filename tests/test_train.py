@@ -12,7 +12,8 @@ from benchmark.data.bag import Bag, Needs
 from benchmark.data.labels import assign_bins, quantile_edges
 from benchmark.api.output import SurvivalOutput
 from benchmark.settings.config import RunConfig
-from benchmark.settings.recipes import Recipe, get_recipe, parse_assignments, register_recipe
+from benchmark.settings.options import parse_assignments
+from benchmark.settings.recipes import Recipe, get_recipe, register_recipe
 from benchmark.api.registry import register_method
 from benchmark.fitting.trainer import (
     balanced_weights, draw_epoch, inner_split, lr_factor, plan_windows, resolve_device, train_fold,

@@ -22,6 +22,7 @@ import numpy as np
 from benchmark.analysis.significance import corrected_t_interval
 from benchmark.analysis.statistics import folds_per_repeat
 from benchmark.data.cohorts import cohort_names
+from benchmark.api.registry import get_method_spec
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
 from benchmark.evaluation.metrics import NO_EVENTS_NOTE, aggregate
 
@@ -29,8 +30,6 @@ from benchmark.evaluation.metrics import NO_EVENTS_NOTE, aggregate
 METRICS = {"c_index": True, "c_index_uno": True, "mean_auc": True, "ibs": False}
 METRIC_NAMES = {"c_index": "C-index", "c_index_uno": "Uno's C-index", "mean_auc": "mean time-dependent AUC",
                 "ibs": "integrated Brier score"}
-#: Paper order of the Table 1 rows; other methods follow alphabetically, the ``random`` floor comes last.
-PAPER_METHOD_ORDER = ("amil", "dsmil", "transmil", "deepgraphsurv", "patchgcn", "scmil", "protosurv", "crossfusion")
 TABLE2_BACKBONES = ("resnet50", "conch", "uni2-h", "quiltnet", "prov-gigapath")
 MISSING = {"md": "—", "latex": "--", "csv": ""}
 PAPER_MAX_MARK = "†"
@@ -296,12 +295,21 @@ def _cohort_columns(records: list[dict]) -> list[str]:
     return registered + [c for c in seen if c not in registered]
 
 
+def _method_order(method: str) -> tuple[int, int, str]:
+    """Sort key: paper rows first (in the paper's order), then other methods by name, chance floors last."""
+    try:
+        spec = get_method_spec(method)
+    except KeyError:  # a plugin method that is not loaded in this process
+        return (1, 0, method)
+    if spec.chance_floor:
+        return (2, 0, method)
+    return (0, spec.paper_row, method) if spec.paper_row is not None else (1, 0, method)
+
+
 def _method_rows(records: list[dict]) -> list[str]:
-    """Row names (``_row``) in the paper's method order, other methods by name, the ``random`` floor last."""
-    found = {str(r["method"]) for r in records}
-    ordered = [m for m in PAPER_METHOD_ORDER if m in found]
-    ordered += sorted(m for m in found if m not in PAPER_METHOD_ORDER and m != "random")
-    ordered += ["random"] if "random" in found else []
+    """Row names (``_row``) in the paper's method order (each method's registered ``paper_row``), other methods
+    by name, chance-level floors last."""
+    ordered = sorted({str(r["method"]) for r in records}, key=_method_order)
     return [row for m in ordered for row in sorted({r["_row"] for r in records if r["method"] == m})]
 
 

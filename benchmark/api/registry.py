@@ -55,9 +55,26 @@ class MethodSpec:
     #: ``{name: {"low": .., "high": .., "log": ..} or {"choices": [..]} or None}`` (None leaves a shared entry
     #: out); False = nothing to tune (no trainable parameter).
     search_space: Mapping[str, Any] | bool | None = None
+    #: Constructor options of the method's plain-PyTorch reference path, timed beside the default path by
+    #: ``benchmark bench --reference`` (empty: the method has no separate fast path).
+    reference_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Constructor options that reproduce the official code's kernel choice (``bench --official``; empty: none).
+    official_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Constructor options for counting model FLOPs (e.g. recomputation switched off: it is not model work).
+    flop_count_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Seconds per training draw on a 2-core CPU (one torch thread, two cells at a time): the mean s/cell of the
+    #: demo BLCA cells of the measured ``make table1`` grid (docs/CORE.md "Grid cost") divided by a demo BLCA
+    #: cell's 515 draws. The cost model's prior before a store has measured the method; None: unknown.
+    cost_prior: float | None = None
+    #: Row of the method in the CrossFusion paper's Table 1 (tables list these first, in this order; None: not
+    #: in the paper). ``chance_floor``: a chance-level baseline, listed last.
+    paper_row: int | None = None
+    chance_floor: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
+_KNOWLEDGE_FIELDS = ("reference_options", "official_options", "flop_count_options", "cost_prior", "paper_row",
+                     "chance_floor")
 _builtins_loaded = False
 
 
@@ -69,12 +86,19 @@ def register_method(
     loss: str = "nll",
     in_all: bool = True,
     search_space: Mapping[str, Any] | bool | None = None,
+    **knowledge: Any,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Class or factory decorator that registers a method under ``name``.
 
     The builder is called as ``builder(in_dim=..., n_bins=..., **options)``. ``search_space`` declares the
     method's own tunable hyper-parameters (see :class:`MethodSpec`); the tuner checks it against the builder.
+    ``knowledge`` holds what the harness's tools need to know about this method and nothing else tells them:
+    ``reference_options``, ``official_options``, ``flop_count_options``, ``cost_prior``, ``paper_row``,
+    ``chance_floor`` (see :class:`MethodSpec`).
     """
+    unknown = set(knowledge) - set(_KNOWLEDGE_FIELDS)
+    if unknown:
+        raise ValueError(f"register_method({name!r}): {did_you_mean(sorted(unknown)[0], _KNOWLEDGE_FIELDS, 'field')}")
     if loss not in ("nll", "cox"):
         raise ValueError(f"loss must be 'nll' or 'cox', got {loss!r}")
 
@@ -87,7 +111,7 @@ def register_method(
             raise ValueError(f"method {name!r} is already registered by {existing.module}")
         _REGISTRY[key] = MethodSpec(
             name=key, builder=builder, needs=needs, source=source, module=builder.__module__, loss=loss, in_all=in_all,
-            search_space=search_space,
+            search_space=search_space, **knowledge,
         )
         return builder
 

@@ -22,13 +22,13 @@ def register(subparsers) -> None:
     p.add_argument("--real-tables", type=Path,
                    help="folder laid out like shared/data/tcga_clinical: use the cohort's real table and splits "
                         "(default $MIL_BENCHMARK_TCGA_TABLES when --real-tables is given without --clinical)")
-    from benchmark.commands.run import LAYOUT_CHOICES, MISSING_FEATURES_CHOICES
+    from benchmark.choices import LAYOUT_CHOICES, MISSING_FEATURES
 
     p.add_argument("--features", nargs="+", action="extend", default=None, metavar="[MAGx=]DIR",
                    help="also check the feature files (as in run): one folder or 20x=DIR 10x=DIR 5x=DIR")
     p.add_argument("--backbone", default="resnet50", help="backbone of the feature files (default resnet50)")
     p.add_argument("--layout", default="auto", choices=LAYOUT_CHOICES, help="feature layout (default auto)")
-    p.add_argument("--missing-features", default="error", choices=MISSING_FEATURES_CHOICES,
+    p.add_argument("--missing-features", default="error", choices=MISSING_FEATURES,
                    help="slides without a feature file are a problem (error) or are left out, with the folds "
                         "checked again without them (drop)")
     p.set_defaults(func=run)

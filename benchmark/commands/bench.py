@@ -20,11 +20,8 @@ import argparse
 import json
 
 from benchmark.perf.bench import LARGEST_SLIDE, BenchCase, bag_sizes, run_in_child
-from benchmark.settings.recipes import parse_assignments, parse_option_value
+from benchmark.settings.options import parse_assignments, parse_option_value
 
-#: Options that reproduce the official CrossFusion code's kernel choice: attention dropout on at evaluation,
-#: and PyTorch SDPA called with that dropout (the math kernel on CPU, O(N^2) memory).
-OFFICIAL_OPTIONS = {"official_eval_dropout": True, "attention_backend": "sdpa"}
 
 #: The paper's average slide: patches at 20x / 10x / 5x (``--average``, 1536-d unless ``--in-dim``).
 AVERAGE_SLIDE = {"n20": 13_496, "n10": 3_449, "n5": 895, "in_dim": 1536}
@@ -111,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmark.api.registry import resolve_methods
+    from benchmark.api.registry import get_method_spec, resolve_methods
 
     n20, n10, n5, in_dim = _bag_from_args(args)
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]
@@ -121,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     variants = []
     for method in resolve_methods(args.methods):
         variants.append((method, options, method))
-        if args.official and method.startswith("crossfusion"):
-            variants.append((method, {**options, **OFFICIAL_OPTIONS}, f"{method} (official kernels)"))
+        official = get_method_spec(method).official_options  # the official code's kernel choice, if it differs
+        if args.official and official:
+            variants.append((method, {**options, **official}, f"{method} (official kernels)"))
 
     from benchmark.fitting.precision import resolve_device
 

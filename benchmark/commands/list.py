@@ -1,20 +1,55 @@
-"""``python -m benchmark list [datasets|backbones|methods]``: print the registries."""
+"""``python -m benchmark list [datasets|backbones|methods|executors|settings]``: print the registries and the
+settings reference."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("list", help="list datasets, backbones and methods")
-    p.add_argument("what", nargs="?", default="all", choices=("all", "datasets", "backbones", "methods"))
+    p = subparsers.add_parser("list", help="list datasets, backbones, methods, executors and settings")
+    p.add_argument("what", nargs="?", default="all",
+                   choices=("all", "datasets", "backbones", "methods", "executors", "settings"))
+    p.add_argument("--markdown", action="store_true",
+                   help="with settings: print the reference of every experiment-file key (docs/SETTINGS.md)")
     p.set_defaults(func=run)
+
+
+def _extension_points(console, what: str) -> None:
+    """The executors and the settings reference."""
+    from rich.table import Table
+
+    if what in ("all", "executors"):
+        from benchmark.execution.executors import EXECUTORS
+
+        t = Table(title="executors (--executor)")
+        for c in ("name", "description"):
+            t.add_column(c)
+        for name, kind in EXECUTORS.items():
+            t.add_row(name, kind.description)
+        console.print(t)
+    if what == "settings":
+        from benchmark.settings.options import SETTINGS, TUNE_SETTINGS
+
+        t = Table(title="settings (experiment-file key, option; docs/SETTINGS.md)")
+        for c in ("key", "option", "default"):
+            t.add_column(c)
+        for s in [*SETTINGS.values(), *TUNE_SETTINGS.values()]:
+            t.add_row(s.key if s.section != "tune" else f"tune.{s.key}", s.flag if s.cli else "(file only)",
+                      "" if s.default in (None, [], {}) else str(s.default))
+        console.print(t)
 
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    if args.what == "settings" and args.markdown:
+        from benchmark.settings.options import reference_markdown
+
+        print(reference_markdown())
+        return 0
     console = Console()
+    _extension_points(console, args.what)
     if args.what in ("all", "datasets"):
         from benchmark.data.cohorts import cohort_names, get_cohort
 

@@ -43,9 +43,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmark.choices import LAYOUTS
 from benchmark.data.backbones import Backbone, check_dim
 
-LAYOUTS = ("default", "trident", "clam", "crossfusion")
 #: Level-0 pixel size of a 256-px patch at each magnification on a 40x scan.
 PATCH_SIZE = 256
 LEVEL0_MAGNIFICATION = 40

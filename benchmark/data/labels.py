@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from benchmark.choices import BIN_RULES
+
 EPS = 1e-6
-RULES = ("train", "cohort", "cohort-slides")
+RULES = BIN_RULES
 
 
 def quantile_edges(times: np.ndarray, events: np.ndarray, n_bins: int = 4, *, source: str = "") -> np.ndarray:

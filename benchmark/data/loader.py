@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmark.choices import MISSING_FEATURES, UNITS
 from benchmark.data.backbones import Backbone, get_backbone
 from benchmark.data.bag import MAGNIFICATIONS, Bag, Needs
 from benchmark.data.clinical import patient_table, read_clinical
@@ -38,9 +39,6 @@ from benchmark.data.labels import RULES, assign_bins, quantile_edges
 from benchmark.data.paths import data_cache_dir
 from benchmark.data.splits import read_splits, split_files, stratified_patient_folds, write_splits
 
-UNITS = ("patient", "slide")
-#: What to do with slides of the table that have no feature file (``--missing-features``).
-MISSING_FEATURES = ("error", "drop")
 #: In-process bag cache budget (GiB), overridable with $MIL_BENCHMARK_CACHE_GB.
 DEFAULT_CACHE_GB = 16.0
 

@@ -52,6 +52,7 @@ from benchmark.data.backbones import Backbone, get_backbone, resolve_backbones
 from benchmark.data.cohorts import Cohort, get_cohort, resolve_cohorts
 from benchmark.data.features import LAYOUTS, H5SlideWriter, feature_path, level0_patch_size, write_slide, write_tissue_types
 from benchmark.data.splits import stratified_patient_folds, write_splits
+from benchmark import choices
 from benchmark.naming import did_you_mean
 
 SCHEMA = 4  # bump whenever the generative model changes: it names the cache folder, so old data is never reused
@@ -66,6 +67,8 @@ SIGNALS: dict[str, tuple[float, float, float]] = {
     "none": (0.0, 0.0, 0.0),
     "cross-xor": (0.0, 0.0, 1.0),
 }
+if tuple(SIGNALS) != choices.SIGNALS:  # the names users may pass are declared in benchmark.choices
+    raise ImportError("benchmark.data.synth.SIGNALS must name exactly benchmark.choices.SIGNALS")
 #: Form of the cross-scale component per signal preset (default "cos"). Both are independent of each scale.
 #: "cos" = cos(2 pi (u + v)): four diagonal level lines, hard to learn from ~300 patients (a gradient-boosted
 #: learner given the true u, v directions reaches C = 0.65 of an oracle 0.79 on demo BLCA); "xor" =

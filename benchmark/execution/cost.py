@@ -6,7 +6,7 @@ epoch for ``inner`` / ``paper-max``) counts ``EVAL_WEIGHT``. Its cost is
 
     seconds = CELL_OVERHEAD_S + draws x seconds_per_draw(method) x (mean patches per bag / reference patches)
 
-``seconds_per_draw`` starts from :data:`PRIOR_SECONDS_PER_DRAW` (measured on a 2-core CPU, demo BLCA, one torch
+``seconds_per_draw`` starts from the method's registered ``cost_prior`` (measured on a 2-core CPU, demo BLCA, one torch
 thread; docs/CORE.md "Grid cost") and is replaced by what the store has measured: the median over the method's
 finished records (their ``seconds``, ``history`` and ``data_sizes``) of seconds per draw, normalised by their bag
 size. Cells of the same method, cohort and backbone already in the store are the most faithful reference, so they
@@ -24,16 +24,18 @@ EVAL_WEIGHT = 0.35
 REFERENCE_PATCHES = 61.0
 #: Seconds of a cell that do not scale with its draws (loading the cohort in a fresh worker, writing the record).
 CELL_OVERHEAD_S = 1.0
-#: Seconds per draw on a 2-core CPU (one torch thread, two cells at a time): the mean s/cell of the 5 demo BLCA
-#: cells of the measured ``make table1`` grid (docs/CORE.md "Grid cost") divided by a demo BLCA cell's 515 draws
-#: (4 x 96 training draws + 0.35 x 373 evaluation forwards).
-PRIOR_SECONDS_PER_DRAW = {
-    "random": 0.0002, "dsmil": 0.0016, "amil": 0.0055, "deepgraphsurv": 0.0054, "patchgcn": 0.011,
-    "scmil": 0.022, "crossfusion_wo_fc": 0.065, "crossfusion": 0.086, "crossfusion_wo_cp": 0.081,
-    "protosurv": 0.17, "transmil": 0.069,
-}
 #: A method without a prior or a measurement (e.g. a plugin) is assumed to cost this much.
 UNKNOWN_SECONDS_PER_DRAW = 0.1
+
+
+def prior_seconds_per_draw(method: str) -> float | None:
+    """The method's registered ``cost_prior`` (None for an unknown method or one without a prior)."""
+    from benchmark.api.registry import get_method_spec
+
+    try:
+        return get_method_spec(method).cost_prior
+    except KeyError:
+        return None
 
 
 def cell_draws(epochs: int, draws_per_epoch: int, n_train: int, n_val: int, monitored: int = 0) -> float:
@@ -88,8 +90,9 @@ class CostModel:
             if key in self.measured:
                 n = len(self.measured[key])
                 return statistics.median(self.measured[key]), f"measured ({n} cell{'s' * (n != 1)} {source})".replace(" )", ")")
-        if method in PRIOR_SECONDS_PER_DRAW:
-            return PRIOR_SECONDS_PER_DRAW[method], "prior (2-core CPU)"
+        prior = prior_seconds_per_draw(method)
+        if prior is not None:
+            return prior, "prior (2-core CPU)"
         return UNKNOWN_SECONDS_PER_DRAW, "guess (no prior)"
 
     def estimate(self, method: str, draws: float, patches: float | None = None, cohort: str | None = None,

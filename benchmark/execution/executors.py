@@ -31,8 +31,11 @@ import threading
 import time
 import traceback
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlparse
+
+from benchmark.naming import Registry
 
 #: ``work(task, on_epoch)`` -> summary dict; must be a module-level function (it is pickled to workers).
 Work = Callable[..., dict]
@@ -447,3 +450,96 @@ class RayExecutor(Executor):
     def close(self) -> None:
         if self.ray is not None and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+# -------------------------------------------------------------------------------------------------------
+# the registry of executor kinds (``--executor``)
+# -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExecutorRequest:
+    """What any executor kind is built from: the work function, its worker initialiser and the resources."""
+
+    work: Work
+    jobs: int = 1
+    init: Callable | None = None
+    init_args: tuple = ()
+    address: str | None = None
+    cpus_per_cell: float = 1.0
+    gpus_per_cell: float = 0.0
+    store_root: str | None = None
+    shared_roots: tuple[str, ...] = ()
+    loader: Any = None  # tests inject a cohort loader (in-process execution only)
+
+
+@dataclass(frozen=True)
+class ExecutorKind:
+    """One ``--executor`` value: how it is built, what it checks before any cell, and how it is described.
+
+    ``check(experiment)`` raises a one-line ValueError for settings that cannot work (missing package,
+    unreachable cluster, device); ``cells_at_a_time(experiment)`` feeds the dry run's estimate; ``where``
+    describes it in headers; ``absolute_paths``: its workers run in another folder, so every path is made
+    absolute before it is sent.
+    """
+
+    name: str
+    description: str
+    build: Callable[[ExecutorRequest], Executor]
+    check: Callable[[Any], None]
+    cells_at_a_time: Callable[[Any], float]
+    where: Callable[[Any], str]
+    absolute_paths: bool = False
+
+
+EXECUTORS = Registry("executor", option="--executor")
+
+
+def register_executor(kind: ExecutorKind) -> ExecutorKind:
+    """Add an executor kind: every command, check, header and the docs list read this registry."""
+    return EXECUTORS.register(kind.name, kind)
+
+
+def get_executor_kind(name: str) -> ExecutorKind:
+    return EXECUTORS.get(name)
+
+
+def _check_device(device: str, precision: str, gpus_per_cell: float) -> None:
+    import torch
+
+    from benchmark.fitting.precision import check_precision, resolve_device
+
+    check_precision(precision, resolve_device(device))
+    if gpus_per_cell > 0 and not torch.cuda.is_available():
+        raise ValueError(f"--gpus-per-cell {gpus_per_cell:g}: this machine has no CUDA GPU")
+
+
+def _build_local(request: ExecutorRequest) -> Executor:
+    if request.jobs <= 1 or request.loader is not None:
+        return InlineExecutor(request.work, loader=request.loader)
+    return LocalExecutor(request.work, request.jobs, init=request.init, init_args=request.init_args)
+
+
+def _check_ray(experiment) -> None:
+    """Ray installed and the cluster reachable; the workers' devices are checked against its resources."""
+    from benchmark.fitting.precision import check_precision
+
+    import_ray()
+    check_reachable(experiment.address)
+    check_precision(experiment.shared.precision, "cuda" if experiment.gpus_per_cell > 0 else None)
+
+
+def _build_ray(request: ExecutorRequest) -> Executor:
+    return RayExecutor(request.work, address=request.address, cpus_per_cell=request.cpus_per_cell,
+                       gpus_per_cell=request.gpus_per_cell, init=request.init, init_args=request.init_args,
+                       store_root=request.store_root, shared_roots=request.shared_roots)
+
+
+register_executor(ExecutorKind(
+    "local", "this machine: in this process for --jobs 1, else --jobs worker processes",
+    build=_build_local,
+    check=lambda e: _check_device(e.device, e.shared.precision, e.gpus_per_cell),
+    cells_at_a_time=lambda e: float(e.jobs),
+    where=lambda e: "this process" if e.jobs <= 1 else "local worker processes"))
+register_executor(ExecutorKind(
+    "ray", "a Ray cluster (--address): each cell a Ray task, retried when its worker dies",
+    build=_build_ray, check=_check_ray, cells_at_a_time=lambda e: 1.0,
+    where=lambda e: f"Ray tasks ({e.address or 'RAY_ADDRESS or a local Ray'})", absolute_paths=True))

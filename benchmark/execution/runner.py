@@ -32,7 +32,7 @@ from benchmark.store.lock import CellLock, LockBusy, describe_owner
 from benchmark.store.records import SCHEMA, Cell, ResultStore, now_iso, software_provenance
 from benchmark.settings.config import RunConfig, hashed_config
 from benchmark.execution.cost import CostModel, Eta, cell_draws, format_seconds
-from benchmark.execution.executors import Executor, InlineExecutor, LocalExecutor, RayExecutor, Work
+from benchmark.execution.executors import Executor, ExecutorRequest, Work, get_executor_kind
 from benchmark.evaluation.metrics import NO_EVENTS_NOTE, aggregate
 from benchmark.api.registry import create_method, get_method_spec, load_builtin_methods, load_plugins
 from benchmark.fitting.trainer import train_fold
@@ -53,27 +53,6 @@ class Execution:
     save_weights: bool = True
     plugins: tuple[str, ...] = ()
     token: str | None = None
-
-
-def parse_folds(text: str | None, n_folds: int | None = None) -> list[int]:
-    """``"0-4"``, ``"0,2,3"`` or ``"all"``/None (every fold) -> sorted fold indices."""
-    if text is None or text.strip().lower() == "all":
-        if n_folds is None:
-            raise ValueError("parse_folds: 'all' needs the number of folds")
-        return list(range(n_folds))
-    out: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        a, sep, b = part.partition("-")
-        try:
-            out.update(range(int(a), int(b) + 1) if sep else [int(a)])
-        except ValueError:
-            raise ValueError(f"--folds: cannot parse {text!r} (expected e.g. 0-4 or 0,2,3)") from None
-    if not out or min(out) < 0:
-        raise ValueError(f"--folds: no valid fold in {text!r}")
-    return sorted(out)
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -286,20 +265,13 @@ def make_executor(kind: str = "local", jobs: int = 1, execution: "Execution" = N
                   cpus_per_cell: float | None = None, gpus_per_cell: float = 0.0, store_root: str | None = None,
                   loader: CohortLoader | None = None, work: Work = execute_cell,
                   shared_roots: tuple[str, ...] = ()) -> Executor:
-    """The executor of a grid (``work`` = :func:`execute_cell`) or of a tuner (its study workers): ``local`` (in
-    this process for one job, else worker processes) or ``ray`` (``store_root`` and ``shared_roots`` are checked
-    writable from every node)."""
+    """The executor of a grid (``work`` = :func:`execute_cell`) or of a tuner (its study workers), built by its
+    registered kind (``benchmark.execution.executors.EXECUTORS``)."""
     execution = execution or Execution()
     cpus_per_cell = cpus_per_cell or 1.0
-    init_args = (execution.plugins, max(1, int(cpus_per_cell)))
-    if kind == "ray":
-        return RayExecutor(work, address=address, cpus_per_cell=cpus_per_cell, gpus_per_cell=gpus_per_cell,
-                           init=_worker_init, init_args=init_args, store_root=store_root, shared_roots=shared_roots)
-    if kind != "local":
-        raise ValueError(f"--executor: {kind!r} is not one of local, ray")
-    if jobs <= 1 or loader is not None:
-        return InlineExecutor(work, loader=loader)
-    return LocalExecutor(work, jobs, init=_worker_init, init_args=init_args)
+    request = ExecutorRequest(work, jobs, _worker_init, (execution.plugins, max(1, int(cpus_per_cell))), address,
+                              cpus_per_cell, gpus_per_cell, store_root, tuple(shared_roots), loader)
+    return get_executor_kind(kind).build(request)
 
 
 # -------------------------------------------------------------------------------------------------------

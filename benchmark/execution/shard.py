@@ -12,28 +12,6 @@ from typing import Sequence, TypeVar
 T = TypeVar("T")
 
 
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; None stays None.
-
-    Raises
-    ------
-    ValueError
-        One line naming ``--shard`` and the problem (``3/2``, ``0/0``, ``x``).
-    """
-    if text is None:
-        return None
-    index, slash, count = str(text).strip().partition("/")
-    try:
-        i, n = int(index), int(count)
-    except ValueError:
-        raise ValueError(f"--shard: expected i/n (e.g. 0/4), got {text!r}") from None
-    if not slash or n < 1:
-        raise ValueError(f"--shard {text}: the shard count n must be at least 1")
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: the shard index must be in 0..{n - 1} (shards are numbered from 0)")
-    return i, n
-
-
 def shard_of(items: Sequence[T], shard: tuple[int, int] | None, label=lambda item: item.cell.label()) -> list[T]:
     """The items of shard ``(i, n)`` (all of them for None), in their original order.
 
@@ -42,7 +20,7 @@ def shard_of(items: Sequence[T], shard: tuple[int, int] | None, label=lambda ite
     items : sequence
         The grid (e.g. :class:`~benchmark.settings.config.RunConfig` objects).
     shard : (int, int) or None
-        Shard index and count, as :func:`parse_shard` returns them.
+        Shard index and count, as :func:`benchmark.settings.options.parse_shard` returns them.
     label : callable
         The stable, unique label of an item (its cell label by default).
     """

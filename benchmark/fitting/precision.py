@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from benchmark.choices import PRECISIONS
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: Share of the free device memory (measured when training starts) that cached bags may take.
 BAG_CACHE_FRACTION = 0.3

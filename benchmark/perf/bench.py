@@ -7,7 +7,7 @@ of the requested size (5x / 10x / 20x features, coordinates on a square grid, k-
 
 1. counts the step's model FLOPs (:func:`count_flops`, ``torch.utils.flop_counter`` on meta tensors);
 2. times the step ``repeats`` times, alternating with the method's plain PyTorch reference path
-   (:data:`REFERENCE_OPTIONS`) when asked, and keeps the fastest of each; right before every step it
+   (its registered ``reference_options``) when asked, and keeps the fastest of each; right before every step it
    measures the machine's float32 matmul rate (:func:`sgemm_rate`, a 4096 x 4096 ``mm``, best of 2), the
    peak against which that step's MFU is quoted (the machine is shared and its rate drifts with the load);
 3. reports ``ru_maxrss`` after the method's first step (the peak resident memory of the whole process:
@@ -35,17 +35,6 @@ LARGEST_SLIDE = {"n20": 137_990, "n10": 34_500, "n5": 8_600, "in_dim": 1536}
 #: Side of the square float32 matmul whose rate is the machine's peak for MFU (measured in each child).
 SGEMM_SIZE = 4096
 
-#: Options selecting each method's plain PyTorch reference path (``--reference`` times it in the same process).
-#: CrossFusion: PyTorch SDPA with the dropout as given (the math kernel on CPU in training, O(N^2) memory),
-#: ``F.dropout`` wherever the chunked path would run and in the FFNs, NCHW convolutions.
-_CROSSFUSION_REFERENCE = {"attention_backend": "sdpa", "dropout_impl": "torch", "channels_last": False}
-REFERENCE_OPTIONS = {
-    "crossfusion": _CROSSFUSION_REFERENCE,
-    "crossfusion_wo_cp": _CROSSFUSION_REFERENCE,
-    "crossfusion_wo_fc": _CROSSFUSION_REFERENCE,
-    "transmil": {"nystrom_impl": "package"},  # NystromAttention.forward of the nystrom-attention package
-    "protosurv": {"orthogonality_impl": "official"},  # the D x D Gram of the official loss
-}
 
 
 @dataclass
@@ -63,7 +52,7 @@ class BenchCase:
     options: dict = field(default_factory=dict)
     label: str = ""
     repeats: int = 1  # timed steps of each variant; the best is kept
-    reference: bool = False  # also time the method's reference path (REFERENCE_OPTIONS) in the same process
+    reference: bool = False  # also time the method's registered reference path in the same process
     device: str = "cpu"  # cuda: the step runs on the GPU; the matmul rate and the peak memory are the GPU's
 
 
@@ -177,11 +166,9 @@ def count_flops(method: str, options: dict, bag, phase: str) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmark.api.registry import create_method
+    from benchmark.api.registry import create_method, get_method_spec
 
-    opts = dict(options)
-    if method.startswith("crossfusion"):
-        opts["activation_checkpointing"] = False
+    opts = {**options, **get_method_spec(method).flop_count_options}
     aten = torch.ops.aten
     mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _flash_cpu_flops,
                aten._scaled_dot_product_flash_attention_for_cpu_backward: _flash_cpu_backward_flops,
@@ -269,8 +256,9 @@ def run_case(case: BenchCase) -> dict:
               "flops": count_flops(case.method, case.options, bag, case.phase)}
     bag = bag.to(device)
     variants = {"ours": case.options}
-    if case.reference and case.method in REFERENCE_OPTIONS:
-        variants["reference"] = {**case.options, **REFERENCE_OPTIONS[case.method]}
+    reference = get_method_spec(case.method).reference_options
+    if case.reference and reference:
+        variants["reference"] = {**case.options, **reference}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for repeat in range(case.repeats):
         for name, opts in variants.items():

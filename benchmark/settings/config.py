@@ -17,31 +17,21 @@ import dataclasses
 import math
 import os
 import shlex
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from benchmark.naming import did_you_mean
+from benchmark.choices import (
+    BIN_RULES, LAYOUT_CHOICES, MISSING_FEATURES, PRECISIONS, SAVE_WEIGHTS, SELECTIONS, SIGNALS, UNITS,
+)
 from benchmark.store.records import Cell, config_hash
-from benchmark.settings.recipes import SELECTIONS, Recipe, get_recipe, parse_option_value
+from benchmark.settings.options import check_choice as _check_choice, parse_option_value
+from benchmark.settings.recipes import Recipe, get_recipe
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # benchmark.fitting.precision.PRECISIONS, without importing torch here
-
-UNITS = ("patient", "slide")
-#: ``--save-weights``: ``none`` (records only) or ``last`` (the selected model's weights beside each record).
-SAVE_WEIGHTS = ("none", "last")
-EXECUTORS = ("local", "ray")
-BIN_RULES = ("train", "cohort", "cohort-slides")
 DEFAULT_N_BINS = 4
 #: Record keys of ``config`` that describe how the settings were spelled, not what they resolve to: they are
 #: left out of ``config_hash``, so the same resolved configuration always has the same hash.
 UNHASHED_KEYS = ("overrides", "signal", "registry", "tuning")
-SYNTHETIC_SIGNALS = ("mixed", "cross", "fine", "coarse", "none", "cross-xor")
-#: ``--layout`` values (``benchmark.data.features.LAYOUTS`` and ``auto``) and ``--missing-features`` values
-#: (``benchmark.data.loader.MISSING_FEATURES``), spelled out so the CLI needs no data modules (tested equal).
-LAYOUT_CHOICES = ("auto", "default", "trident", "clam", "crossfusion")
-MISSING_FEATURES = ("error", "drop")
 DATA_SOURCE_DEFAULTS = {"layout": "auto", "missing_features": "error"}
 FEATURE_KEYS = ("any", "20x", "10x", "5x")
 
@@ -106,11 +96,6 @@ def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
-
-
-def _check_choice(value: str, choices: tuple[str, ...], option: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{option}: {value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -202,7 +187,7 @@ class RunConfig:
         _check_choice(self.selection, SELECTIONS, "--selection")
         _check_choice(self.unit, UNITS, "--unit")
         _check_choice(self.bin_rule, BIN_RULES, "--bin-rule")
-        _check_choice(self.signal, SYNTHETIC_SIGNALS, "--signal")
+        _check_choice(self.signal, SIGNALS, "--signal")
         _check_choice(self.precision, PRECISIONS, "--precision")
         if self.n_bins < 2:
             raise ValueError(f"--n-bins: needs at least 2 bins, got {self.n_bins}")
@@ -392,21 +377,6 @@ def hashed_config(config: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # the grid
 # ---------------------------------------------------------------------------------------------------------
-#: Experiment-file keys and the type each must have.
-EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
-    "methods": (str, list), "datasets": (str, list), "backbones": (str, list), "folds": (str, list, int),
-    "seeds": (str, list, int), "repeats": int, "repeat": (str, list, int), "recipe": str, "set": dict, "method_options": dict, "selection": str, "unit": str,
-    "bin_rule": str, "n_bins": int, "data_root": str, "signal": str, "results": str, "jobs": int,
-    "device": str, "save_weights": bool, "plugins": list,
-    "clinical": str, "splits": str, "features": (str, list, dict), "layout": str, "missing_features": str,
-    "registry": (str, list),
-    "device": str, "save_weights": (bool, str), "plugins": list, "precision": str, "executor": str, "address": str,
-    "cpus_per_cell": (int, float), "gpus_per_cell": (int, float), "shard": str, "tune": dict,
-}
-#: Experiment-file settings that are paths: relative ones are taken from the experiment file's folder.
-EXPERIMENT_PATHS = ("clinical", "splits", "features", "registry")
-
-
 #: The placeholder coordinates of :attr:`Experiment.shared` (each cell sets its own).
 ANY = "*"
 
@@ -473,57 +443,8 @@ class Experiment:
                              f"{list(self.methods)}")
         if self.jobs < 1:
             raise ValueError("--jobs must be >= 1")
-        if self.save_weights not in SAVE_WEIGHTS:
-            raise ValueError(f"--save-weights: {self.save_weights!r} is not one of {', '.join(SAVE_WEIGHTS)}")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"--executor: {self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        _check_choice(self.save_weights, SAVE_WEIGHTS, "--save-weights")
         if self.cpus_per_cell is not None and self.cpus_per_cell <= 0:
             raise ValueError(f"--cpus-per-cell: must be > 0, got {self.cpus_per_cell}")
         if self.gpus_per_cell < 0:
             raise ValueError(f"--gpus-per-cell: must be >= 0, got {self.gpus_per_cell}")
-
-
-def read_experiment_file(path: str | Path) -> dict[str, Any]:
-    """An experiment file (TOML) as a dict of settings, checked against ``EXPERIMENT_KEYS``.
-
-    Example::
-
-        methods = ["amil", "dsmil"]
-        datasets = "blca,ucec"
-        folds = "0-4"
-        recipe = "demo"
-        [set]
-        lr = 3e-4
-        [method_options.amil]
-        dropout = 0.1
-
-    A ``[tune]`` table holds the options of ``benchmark tune`` and its ``[tune.space.<method>]`` search-space
-    overrides (read by ``benchmark/commands/tune.py``, docs/TUNING.md).
-    """
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"--config {path}: cannot read the experiment file ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"--config {path}: not valid TOML ({exc})") from None
-    for key, value in data.items():
-        if key not in EXPERIMENT_KEYS:
-            raise ValueError(f"--config {path}: {did_you_mean(key, list(EXPERIMENT_KEYS), 'setting')}")
-        if not isinstance(value, EXPERIMENT_KEYS[key]):
-            raise ValueError(f"--config {path}: {key} has the wrong type ({type(value).__name__})")
-    for key in EXPERIMENT_PATHS:
-        if key in data:
-            data[key] = _from_folder(path.parent, data[key])
-    return data
-
-
-def _from_folder(base: Path, value: Any) -> Any:
-    """Paths of an experiment file, relative ones taken from the file's folder (``20x=DIR`` items too)."""
-    if isinstance(value, dict):
-        return {k: str(base / str(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_folder(base, v) for v in value]
-    key, folder = _feature_pair(str(value))
-    joined = str(base / folder)
-    return joined if key is None else f"{key}={joined}"

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from benchmark.choices import SELECTIONS
 from benchmark.naming import did_you_mean
 
 
@@ -139,8 +140,6 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
-#: Selection rules (recorded in every result; ``paper-max`` is optimistic and every table marks it).
-SELECTIONS = ("last", "inner", "paper-max")
 
 
 def _parse_value(field_name: str, raw: Any, current: Any, annotation: str) -> Any:
@@ -203,29 +202,3 @@ def get_recipe(name: str, overrides: Mapping[str, Any] | None = None, notes: lis
         return dataclasses.replace(base, **changes)
     except ValueError as exc:
         raise ValueError(f"--set {' '.join(f'{k}={v}' for k, v in overrides.items())}: {exc}") from None
-
-
-def parse_assignments(items: list[str] | None, what: str = "--set") -> dict[str, str]:
-    """``["lr=3e-4", "epochs=4"]`` -> ``{"lr": "3e-4", "epochs": "4"}``."""
-    out: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"{what} expects key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def parse_option_value(text: str) -> Any:
-    """Method options from the CLI: int, float, bool, None or string."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text

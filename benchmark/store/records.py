@@ -26,12 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy
-import pandas
-import sklearn
-import sksurv
-import torch
-
 from benchmark import __version__
 from benchmark.naming import path_under
 
@@ -97,6 +91,8 @@ _PROVENANCE_CACHE: dict[str, Any] = {}
 def software_provenance() -> dict[str, Any]:
     """Package versions and git commit (cached per process)."""
     if not _PROVENANCE_CACHE:
+        import numpy, pandas, sklearn, sksurv, torch  # noqa: E401 (only the versions; records load without them)
+
         _PROVENANCE_CACHE.update(
             {
                 "versions": {
@@ -275,6 +271,8 @@ class ResultStore:
         record = dict(record)
         record.setdefault("schema", SCHEMA)
         if state_dict is not None:
+            import torch
+
             buffer = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
             _atomic_write_bytes(self.weights_path(cell), buffer.getvalue())
@@ -321,6 +319,8 @@ class ResultStore:
         moved = {k: v for k, v in record.items() if k != "_path"}
         moved.update(recipe=to.recipe, **changes)
         old_weights = self.weights_path(old_cell)
+        import torch
+
         state = torch.load(old_weights, weights_only=True) if record.get("weights") and old_weights.exists() else None
         self.write(moved, state_dict=state)
         for path in (old_weights, self.record_path(old_cell)):
@@ -334,6 +334,8 @@ class ResultStore:
         path = self.weights_path(Cell.of(record))
         if not path.is_file():
             return f"{path}: weights file missing"
+        import torch
+
         try:  # mmap: checks the archive and its tensors without reading them all
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # any failure to load means the cell must be redone
