@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods._attention import GatedAttention
+from methods._layers import GatedAttention
 
 from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 

@@ -30,7 +30,7 @@ from methods._crossfusion_blocks import (
     init_weights_like_official,
     square_pad,
 )
-from methods._inputs import checked_features
+from methods._layers import checked_features
 
 _FILE = "methods/crossfusion.py"
 _SOURCE = "Soraki, Wang, Elmore, Shapiro arXiv 2503.02064 (MIDL 2026); github.com/RustinS/CrossFusion"

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GINConv
 
-from methods._attention import GatedAttention, attention_pool
-from methods._inputs import graph_inputs
+from methods._layers import GatedAttention, attention_pool, graph_inputs
 
 from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from methods._inputs import checked_features
+from methods._layers import checked_features
 
 from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 

@@ -6,8 +6,7 @@ Official repository: github.com/mahmoodlab/Patch-GCN (``models/model_graph_mil.p
 ``Attn_Net_Gated``; ``WSI-Graph Construction.ipynb``: the graphs). Written from the paper and a reading of that
 code, with PyTorch Geometric's own ``GENConv`` and ``DeepGCNLayer``.
 
-``python -c "from methods.patchgcn import time_training_step as t; t()"`` times one training step at a real
-slide scale (a benchmark, not a test; ``t("deepgraphsurv")`` for DeepGraphConv).
+``python -m benchmark bench --methods patchgcn --average`` times one training step at a real slide scale.
 """
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import DeepGCNLayer, GENConv
 
-from methods._attention import GatedAttention, attention_pool
-from methods._inputs import graph_inputs
+from methods._layers import GatedAttention, attention_pool, graph_inputs
 
 from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
@@ -183,45 +181,3 @@ class PatchGCN(nn.Module):
         pooled, weights = attention_pool(self.attention(h_path), h_path)
         logits = self.classifier(self.path_rho(pooled))
         return SurvivalOutput.from_logits(logits, attention={"attention": AttentionMap(magnification, weights)})
-
-
-def time_training_step(
-    method: str = "patchgcn", n_nodes: int = 13_496, in_dim: int = 1024, steps: int = 3, seed: int = 0
-) -> None:
-    """Print the time of a forward + backward + Adam step on one synthetic slide (a benchmark, not a test)."""
-    import resource
-    import time
-
-    from benchmark.data.graphs import build_graph
-    from benchmark.api.registry import create_method, get_method_spec
-
-    torch.manual_seed(seed)
-    side = int((n_nodes * 1.3) ** 0.5) + 1
-    cells = torch.randperm(side * side)[:n_nodes]
-    coords = torch.stack([cells % side, cells // side], dim=1) * 256
-    feats = torch.randn(n_nodes, in_dim)
-    slides = torch.zeros(n_nodes, dtype=torch.long)
-    model = create_method(method, in_dim=in_dim)
-    kinds = get_method_spec(method).needs.graph
-    t0 = time.perf_counter()
-    graphs = {kind: build_graph(coords if kind == "spatial" else feats, slides, k=8) for kind in kinds}
-    print(f"{method}: graph(s) {', '.join(kinds)} built in {time.perf_counter() - t0:.2f} s")
-    bag = Bag("bench", ("s0",), {20: feats}, {20: coords}, {20: slides}, graphs)
-    optim = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-5)
-    model.train()
-    for step in range(steps):
-        t0 = time.perf_counter()
-        out = model(bag)
-        loss = out.risk.sum()
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-        print(f"{method}: N={n_nodes:,} D={in_dim} step {step}: fwd+bwd+Adam {time.perf_counter() - t0:.2f} s")
-    model.eval()
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        model(bag)
-        print(f"{method}: forward under no_grad {time.perf_counter() - t0:.2f} s")
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"{method}: peak RSS {peak_gib:.2f} GiB, torch threads {torch.get_num_threads()}")
-

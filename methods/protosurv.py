@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import DeepGCNLayer, GENConv
 
-from methods.scmil import kmeans
+from methods._layers import kmeans
 
 from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 
@@ -42,7 +42,7 @@ def pseudo_tissue_types(features: Tensor, n_types: int = 5, seed: int = 0, n_ite
     features : Tensor, shape (N, D)
     n_types : int
     seed : int
-        Seed of the k-means (:func:`methods.scmil.kmeans`, scalable k-means++ seeding + Lloyd).
+        Seed of the k-means (:func:`methods._layers.kmeans`, scalable k-means++ seeding + Lloyd).
     n_iter : int
         Maximum Lloyd iterations.
 

@@ -5,8 +5,8 @@ Survival Probability Distribution in Whole Slide Images", MICCAI 2024 (arXiv 240
 Official repository: github.com/yang-ze-kang/SCMIL (``models/SCMIL.py``, ``models/SoftFilter.py``,
 ``models/AMIL.py``; configuration ``configs/luad_scmil.yaml``).
 
-Also provides :func:`kmeans`, a seeded, memory-linear k-means in torch (reused by ``methods.protosurv`` for
-pseudo tissue types).
+Deviation: the gated attention pooling is the shared :class:`methods._layers.GatedAttention` (same layers and
+initialisation order as the official ``Attn_Net_Gated``; weights saved under the official names load too).
 """
 from __future__ import annotations
 
@@ -16,138 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
-
-
-#: Rows of the point matrix handled at once when computing point-to-centroid distances, scaled so that one
-#: chunk's distance block holds about this many entries (bounds k-means memory to O(N + chunk)).
-_KMEANS_BLOCK_ENTRIES = 1 << 22
-
-
-def _nearest(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
-    """Nearest centroid of every point, computed in row chunks (never an N x K matrix at once).
-
-    Parameters
-    ----------
-    points : Tensor, shape (N, D)
-    centroids : Tensor, shape (K, D)
-
-    Returns
-    -------
-    min_sq_dist : Tensor, shape (N,)
-        Squared Euclidean distance to the nearest centroid.
-    labels : Tensor, shape (N,), int64
-        Index of the nearest centroid.
-    """
-    n, k = points.shape[0], centroids.shape[0]
-    chunk = max(1, _KMEANS_BLOCK_ENTRIES // max(k, 1))
-    centroid_sq = centroids.pow(2).sum(dim=1)
-    min_sq_dist = torch.empty(n, dtype=points.dtype, device=points.device)
-    labels = torch.empty(n, dtype=torch.long, device=points.device)
-    for start in range(0, n, chunk):
-        block = points[start : start + chunk]
-        dist = torch.addmm(centroid_sq.unsqueeze(0), block, centroids.T, alpha=-2.0)
-        best, idx = dist.min(dim=1)
-        min_sq_dist[start : start + chunk] = (best + block.pow(2).sum(dim=1)).clamp(min=0.0)
-        labels[start : start + chunk] = idx
-    return min_sq_dist, labels
-
-
-def _weighted_kmeans_plus_plus(points: Tensor, weights: Tensor, n_clusters: int, generator: torch.Generator) -> Tensor:
-    """k-means++ D^2 seeding of weighted points (one candidate per step): (K, D) centroids, K <= len(points)."""
-    n = points.shape[0]
-    sq_norm = points.pow(2).sum(dim=1)
-
-    def sq_dist_to(i: int) -> Tensor:
-        return torch.addmv(sq_norm + sq_norm[i], points, points[i], alpha=-2.0).clamp(min=0.0)
-
-    first = int(torch.multinomial(weights, 1, generator=generator).item())
-    chosen = [first]
-    min_dist = sq_dist_to(first)
-    for _ in range(1, n_clusters):
-        mass = weights * min_dist
-        if float(mass.sum()) <= 0.0:  # every remaining point coincides with a chosen one
-            mass = torch.ones(n, device=points.device)
-            mass[chosen] = 0.0
-        nxt = int(torch.multinomial(mass, 1, generator=generator).item())
-        chosen.append(nxt)
-        torch.minimum(min_dist, sq_dist_to(nxt), out=min_dist)
-    return points[chosen]
-
-
-def _kmeans_parallel_init(
-    points: Tensor, n_clusters: int, generator: torch.Generator, oversampling: float = 2.0, rounds: int = 5
-) -> Tensor:
-    """Scalable k-means++ ("k-means||", Bahmani et al. 2012), the seeding cuML runs for ``init='k-means++'``.
-
-    Each round samples every point independently with probability ``min(1, l * d^2 / phi)``, ``l = oversampling * K``;
-    the candidates, weighted by the points closest to them, are reduced to K centroids by weighted k-means++.
-    Costs ``rounds`` chunked distance passes instead of K sequential passes over all N points.
-    """
-    n = points.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator, device=points.device).item())
-    candidates = points[first : first + 1]
-    min_dist, _ = _nearest(points, candidates)
-    for _ in range(rounds):
-        phi = float(min_dist.sum())
-        if phi <= 0.0:
-            break
-        prob = (oversampling * n_clusters * min_dist / phi).clamp(max=1.0)
-        picked = (torch.rand(n, generator=generator, device=points.device) < prob).nonzero(as_tuple=True)[0]
-        if picked.numel() == 0:
-            continue
-        candidates = torch.cat([candidates, points[picked]])
-        new_dist, _ = _nearest(points, points[picked])
-        min_dist = torch.minimum(min_dist, new_dist)
-    if candidates.shape[0] < n_clusters:
-        # Too few distinct candidates (tiny or duplicated data): top up with random points.
-        extra = torch.randperm(n, generator=generator, device=points.device)[: n_clusters - candidates.shape[0]]
-        return torch.cat([candidates, points[extra]])
-    _, owner = _nearest(points, candidates)
-    weights = torch.bincount(owner, minlength=candidates.shape[0]).float()
-    return _weighted_kmeans_plus_plus(candidates, weights.clamp(min=1e-12), n_clusters, generator)
-
-
-@torch.no_grad()
-def kmeans(points: Tensor, n_clusters: int, n_iter: int = 5, seed: int = 1) -> Tensor:
-    """Seeded k-means (scalable k-means++ seeding, then at most ``n_iter`` Lloyd iterations), linear in memory.
-
-    Parameters
-    ----------
-    points : Tensor, shape (N, D)
-        Points to cluster (any float dtype; computed in float32).
-    n_clusters : int
-        Number of clusters K (clipped to ``[1, N]``).
-    n_iter : int
-        Maximum number of Lloyd iterations (the official SCMIL code uses cuML with ``max_iter=5``);
-        stops early when no label changes.
-    seed : int
-        Seed of a private generator, so the result does not depend on (or disturb) the global RNG.
-
-    Returns
-    -------
-    Tensor, shape (N,), int64
-        Cluster label of every point, in ``0..K-1``. Empty clusters keep their previous centroid.
-    """
-    if points.dim() != 2 or points.shape[0] == 0:
-        raise ValueError(f"kmeans expects a non-empty (N, D) matrix, got shape {tuple(points.shape)}")
-    points = points.float()
-    n = points.shape[0]
-    k = max(1, min(int(n_clusters), n))
-    if k == 1:
-        return torch.zeros(n, dtype=torch.long, device=points.device)
-    generator = torch.Generator(device=points.device)
-    generator.manual_seed(seed)
-    centroids = _kmeans_parallel_init(points, k, generator)
-    _, labels = _nearest(points, centroids)
-    for _ in range(n_iter):
-        sums = torch.zeros_like(centroids).index_add_(0, labels, points)
-        counts = torch.bincount(labels, minlength=k).unsqueeze(1)
-        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
-        _, new_labels = _nearest(points, centroids)
-        if torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-    return labels
+from methods._layers import GatedAttention, kmeans
 
 
 def _global_zscore(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -286,21 +155,17 @@ class ClusterLocalAttention(nn.Module):
         return self.to_out(attended) + x
 
 
-class GatedAttentionPool(nn.Module):
-    """Gated attention pooling (Ilse et al. 2018) with dropout 0.25 on both branches.
+#: The official ``Attn_Net_Gated`` parameter names -> :class:`methods._layers.GatedAttention`'s.
+_OFFICIAL_POOL_NAMES = {"attention_a.": "tanh_branch.", "attention_b.": "sigmoid_branch.", "attention_c.": "score."}
 
-    Shapes: ``h`` (N, D) -> pooled (D,), weights (N,) summing to 1.
-    """
 
-    def __init__(self, dim: int, hidden: int = 256, dropout: float = 0.25) -> None:
-        super().__init__()
-        self.attention_a = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
-        self.attention_b = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
-        self.attention_c = nn.Linear(hidden, 1)
-
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        weights = self.attention_c(self.attention_a(h) * self.attention_b(h)).squeeze(1).softmax(dim=0)
-        return weights @ h, weights
+def _official_pool_names(module, state_dict, prefix, *args) -> None:
+    """Load weights saved under the official pooling names (``pool.attention_a.0.weight``, ...)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "pool.attention_")]:
+        rest = key[len(prefix + "pool."):]
+        for old, new in _OFFICIAL_POOL_NAMES.items():
+            if rest.startswith(old):
+                state_dict[prefix + "pool." + new + rest[len(old):]] = state_dict.pop(key)
 
 
 #: Tuned besides the shared space: the cluster size (the cluster count is ``kept patches // cluster_size``; 64
@@ -393,7 +258,8 @@ class SCMIL(nn.Module):
             kmeans_iter=kmeans_iter,
             kmeans_seed=kmeans_seed,
         )
-        self.pool = GatedAttentionPool(in_dim, hidden=256, dropout=dropout)
+        self.pool = GatedAttention(in_dim, hidden=256, dropout=dropout)
+        self.register_load_state_dict_pre_hook(_official_pool_names)
         self.classifier = nn.Linear(in_dim, n_bins)
 
     def forward(self, bag: Bag) -> SurvivalOutput:
@@ -413,7 +279,8 @@ class SCMIL(nn.Module):
                 filtered[kept], coords[kept], None if slide_index is None else slide_index[kept]
             )
             h = filtered.index_copy(0, kept, attended)
-        pooled, weights = self.pool(h)
+        weights = self.pool(h).softmax(dim=0)
+        pooled = weights @ h
         logits = self.classifier(pooled).unsqueeze(0)
         return SurvivalOutput.from_logits(
             logits,

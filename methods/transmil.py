@@ -14,7 +14,7 @@ import torch
 from nystrom_attention import NystromAttention
 from torch import Tensor, nn
 
-from methods._inputs import checked_features
+from methods._layers import checked_features
 
 from benchmark.api import AttentionMap, Bag, Needs, register_method, SurvivalOutput
 

@@ -43,9 +43,13 @@ def project_files():
 
 
 def imported_modules(tree: ast.AST):
+    """``(line, module)`` of every import; ``from package import name`` also yields ``package.name`` (a
+    submodule, when it is one)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.lineno, node.module
+            for alias in node.names:
+                yield node.lineno, f"{node.module}.{alias.name}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
@@ -88,3 +92,57 @@ def test_functions_are_short_and_shallow(path):
         and (body_lines(fn) > MAX_LINES or nesting(fn) > MAX_NESTING)
     ]
     assert not too_long, f"{path.relative_to(REPO)}: {', '.join(too_long)}"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> project modules it imports, at module level or inside functions (both can close a circle)."""
+    modules = {module_name(p): p for p in project_files()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for _, imported in imported_modules(ast.parse(path.read_text())):
+            while imported and imported not in modules:  # ``benchmark.api.Bag`` -> benchmark.api
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and imported not in ("benchmark", "methods"):
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (depth-first search), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], _ = 1, stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            found = None if state.get(nxt) == 2 else visit(nxt)
+            if found:
+                return found
+        state[node], _ = 2, stack.pop()
+        return None
+
+    for node in sorted(graph):
+        found = None if node in state else visit(node)
+        if found:
+            return found
+    return None
+
+
+def test_find_cycle_finds_a_circle_and_only_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circles_within_or_across_packages():
+    """Function-level imports count too: a circle hidden in a function is still a circle."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)

@@ -6,7 +6,8 @@ import torch
 
 from benchmark.data.bag import Bag
 from benchmark.api.registry import count_parameters, create_method, get_method_spec
-from methods.scmil import SCMIL, ClusterLocalAttention, kmeans, window_sizes
+from methods._layers import kmeans
+from methods.scmil import SCMIL, ClusterLocalAttention, window_sizes
 from tests.helpers import assert_attention_follows_permutation, assert_eval_in_bounded_memory, check_survival_output
 
 
@@ -152,3 +153,16 @@ def test_fifty_thousand_patches_in_bounded_memory():
     model = create_method("scmil", in_dim=8).eval()
     bag = make_bag(50_000, in_dim=8)
     assert_eval_in_bounded_memory(model, bag)
+
+
+def test_weights_saved_under_the_official_pooling_names_load():
+    """The pooling is the shared GatedAttention; a state dict with the official ``Attn_Net_Gated`` names
+    (``attention_a/b/c``) loads into the same parameters."""
+    torch.manual_seed(0)
+    model = SCMIL(in_dim=8)
+    renamed = {k.replace("pool.tanh_branch.", "pool.attention_a.").replace("pool.sigmoid_branch.", "pool.attention_b.")
+               .replace("pool.score.", "pool.attention_c."): v.clone() + 1 for k, v in model.state_dict().items()}
+    assert any(k.startswith("pool.attention_a.") for k in renamed)
+    other = SCMIL(in_dim=8)
+    other.load_state_dict(renamed)
+    assert torch.equal(other.pool.score.weight, model.pool.score.weight + 1)
