@@ -670,7 +670,7 @@ def trained_store(tiny_root, tmp_path):
     from benchmark.store.records import ResultStore
     from benchmark.settings.config import RunConfig
     from benchmark.settings.recipes import register_recipe
-    from benchmark.execution.runner import Execution, run_cell
+    from benchmark.execution.cells import Execution, run_cell
 
     register_recipe(Recipe("bad-inputs-tiny", lr=1e-3, epochs=1, accumulation=4, warmup_epochs=0,
                            max_samples_per_epoch=8))
@@ -683,7 +683,7 @@ def trained_store(tiny_root, tmp_path):
 @pytest.mark.parametrize("damage", ["weights garbage", "weights truncated", "weights pickled", "weights missing",
                                     "record truncated"])
 def test_rerun_redoes_a_cell_with_unreadable_weights_or_record(confined, trained_store, damage):
-    from benchmark.execution.runner import plan_grid, run_grid
+    from benchmark.execution.grid import plan_grid, run_grid
 
     store, config, execution = trained_store
     weights, record = store.weights_path(config.cell), store.record_path(config.cell)
@@ -790,7 +790,7 @@ def test_validation_fold_without_events_is_recorded_and_footnoted(confined, coho
     from benchmark.store.records import ResultStore
     from benchmark.settings.config import RunConfig
     from benchmark.settings.recipes import register_recipe
-    from benchmark.execution.runner import Execution, run_cell
+    from benchmark.execution.cells import Execution, run_cell
 
     patients = load_cohort("blca", data_root=cohort_root).samples
     censored = patients.index[patients["event"] == 0][:6].tolist()

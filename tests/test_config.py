@@ -14,7 +14,7 @@ from benchmark.execution import session
 from benchmark.store.records import ResultStore
 from benchmark.settings.config import Experiment, RunConfig, hashed_config
 from benchmark.settings.recipes import Recipe, register_recipe
-from benchmark.execution.runner import Execution, expected_config, run_cell
+from benchmark.execution.cells import Execution, expected_config, run_cell
 from test_train import ToyCohort
 
 torch.set_num_threads(1)

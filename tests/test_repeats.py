@@ -8,7 +8,7 @@ import pytest
 from benchmark.data.loader import load_cohort
 from benchmark.data.splits import read_splits, repeated_folds, split_files, write_splits
 from benchmark.settings.config import RunConfig
-from benchmark.execution.runner import get_cohort_data
+from benchmark.execution.cells import get_cohort_data
 
 
 @pytest.mark.parametrize("unit", ["patient", "slide"])

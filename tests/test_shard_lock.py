@@ -106,7 +106,7 @@ def test_unwritable_store_is_one_line_naming_results(tmp_path):
 
 
 def test_a_locked_cell_is_busy_and_a_cell_finished_elsewhere_is_skipped(tmp_path):
-    from benchmark.execution.runner import CellTask, Execution, execute_cell
+    from benchmark.execution.cells import CellTask, Execution, execute_cell
     from test_store_runner import grid, toy_loader
 
     store = ResultStore(tmp_path)
@@ -121,7 +121,7 @@ def test_a_locked_cell_is_busy_and_a_cell_finished_elsewhere_is_skipped(tmp_path
 
 
 def test_signals_wait_until_a_record_is_written():
-    from benchmark.execution.runner import signals_deferred
+    from benchmark.execution.cells import signals_deferred
 
     with pytest.raises(KeyboardInterrupt):
         with signals_deferred():

@@ -10,9 +10,8 @@ from benchmark.settings.recipes import Recipe
 from benchmark.api.registry import register_method
 from benchmark.settings.config import ANY, Experiment, RunConfig, hashed_config
 from benchmark.settings.recipes import register_recipe
-from benchmark.execution.runner import (
-    Execution, load_trained_model, run_cell, run_grid, summary_table,
-)
+from benchmark.execution.cells import Execution, load_trained_model, run_cell
+from benchmark.execution.grid import run_grid, summary_table
 from benchmark.store.records import Cell, ResultStore, config_hash
 from benchmark.fitting.trainer import predict
 from benchmark.data.bag import Needs
@@ -105,7 +104,7 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     assert len(redo.ran) == 1 and not redo.skipped
     assert store.read(cells[0])["config"]["method_options"] == {"dropout": 0.1}
     # same folder, another synthetic-data version: the record's hash says it is stale
-    monkeypatch.setattr("benchmark.execution.runner.SYNTHETIC_SCHEMA", 999)
+    monkeypatch.setattr("benchmark.execution.cells.SYNTHETIC_SCHEMA", 999)
     assert len(run_grid(changed, store, CPU, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_version"] == 999
     # ... or a backbone whose generator parameters were edited in datasets/backbones.toml
@@ -114,7 +113,7 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     from benchmark.data.backbones import get_backbone
 
     edited = dataclasses.replace(get_backbone("resnet50"), synthetic_signal=0.123)
-    monkeypatch.setattr("benchmark.execution.runner.get_backbone", lambda name: edited)
+    monkeypatch.setattr("benchmark.execution.cells.get_backbone", lambda name: edited)
     assert len(run_grid(changed, store, CPU, loader=toy_loader, show_progress=False).ran) == 1
     assert store.read(cells[0])["config"]["synthetic_backbone"] == {"noise": 1.0, "signal": 0.123}
 

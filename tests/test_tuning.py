@@ -22,7 +22,7 @@ from benchmark.store.records import ResultStore
 from benchmark.settings.config import RunConfig, hashed_config
 from benchmark.settings.recipes import register_recipe, Recipe
 from benchmark.api.registry import method_names, register_method
-from benchmark.execution.runner import Execution, expected_config
+from benchmark.execution.cells import Execution, expected_config
 from benchmark.tuning.search_spaces import SpaceError, method_space, parse_param, tunable
 from benchmark.fitting.trainer import train_fold
 from benchmark.tuning.study import (

@@ -1,0 +1,1 @@
+"""One module per ``python -m benchmark <command>``; each exposes ``register(subparsers)``."""

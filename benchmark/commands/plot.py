@@ -109,7 +109,7 @@ def _fold_model(store, record, retrain: bool):
     """The fold's trained model: its saved weights, or (``retrain``) the cell trained again through the runner."""
     from benchmark.analysis.plots import stale_data_reason
     from benchmark.settings.config import RunConfig
-    from benchmark.execution.runner import CellTask, Execution, execute_cell, load_trained_model
+    from benchmark.execution.cells import CellTask, Execution, execute_cell, load_trained_model
 
     stale = stale_data_reason(record)
     if stale and not retrain:
@@ -139,7 +139,7 @@ def heatmap(results, method: str, dataset: str, slide: str, *, fold=None, out=No
     from benchmark.store.query import Results
     from benchmark.store.records import ResultStore
     from benchmark.settings.config import RunConfig
-    from benchmark.execution.runner import get_cohort_data
+    from benchmark.execution.cells import get_cohort_data
 
     records = Results.open(results).cell(method, dataset, **filters)
     cohort = cohort_data if cohort_data is not None else get_cohort_data(RunConfig.from_record(records[0]))

@@ -57,7 +57,7 @@ def print_dry_run(console, configs, store, overwrite: bool, parallelism: float) 
     from rich.table import Table
 
     from benchmark.execution.cost import CostModel, format_seconds
-    from benchmark.execution.runner import estimate_cells, plan_grid
+    from benchmark.execution.grid import estimate_cells, plan_grid
 
     plan = plan_grid(configs, store, overwrite)
     model = CostModel.from_records(store.load_all()[0])
@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from benchmark.execution.executors import get_executor_kind
-    from benchmark.execution.runner import GridInterrupted, run_grid, summary_table
+    from benchmark.execution.grid import GridInterrupted, run_grid, summary_table
     from benchmark.execution.session import build_experiment, check_execution, interrupt_on_sigterm, \
         results_dir, start_executor
     from benchmark.execution.shard import shard_of
@@ -196,7 +196,7 @@ def retrain_tuned(configs: list, experiment, results: Path, storage: str | None,
                   overwrite: bool, console) -> int:
     """``run --tuned``: train every cell with the setting its finished study chose (serially)."""
     from benchmark.store.records import ResultStore
-    from benchmark.execution.runner import Execution
+    from benchmark.execution.cells import Execution
     from benchmark.tuning.study import find_tuned, retrain
 
     cells = [find_tuned(c, storage, str(results), protocol, experiment.device, experiment.plugins) for c in configs]

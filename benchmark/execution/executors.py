@@ -1,7 +1,7 @@
 """Where a grid's cells run: in this process, in local worker processes, or as Ray tasks on a cluster.
 
 Every executor runs ``work(task, on_epoch)`` for each submitted task (the runner passes
-``benchmark.execution.runner.execute_cell``, which trains one cell under its lock and writes its record) and hands
+``benchmark.execution.cells.execute_cell``, which trains one cell under its lock and writes its record) and hands
 back ``(key, summary)`` pairs as cells finish. The runner drives all of them the same way::
 
     executor.start()                      # connect, validate resources (ValueError = bad input, before any cell)

@@ -1,0 +1,1 @@
+"""Fitting one fold: the trainer, the one survival loss, device and precision."""

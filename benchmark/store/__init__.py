@@ -1,0 +1,1 @@
+"""The result store: atomic records, cell locks, and the one read-only layer over them."""

@@ -1,0 +1,1 @@
+"""Nested, equal-budget hyper-parameter tuning with Optuna."""

@@ -9,7 +9,7 @@ space (:mod:`benchmark.tuning.search_spaces`):
 2. a pruner (median or Hyperband) receives the inner C-index of every epoch through the trainer's epoch
    callback and stops poor trials (``optuna.TrialPruned``);
 3. the best setting is retrained once on the whole outer training fold and evaluated on the outer validation
-   fold (``runner.run_cell`` with a tuned :class:`~benchmark.settings.config.RunConfig`); the record keeps the
+   fold (``benchmark.execution.cells.run_cell`` with a tuned :class:`~benchmark.settings.config.RunConfig`); the record keeps the
    chosen setting and the trial history (``record["tuning"]``).
 
 Every method gets the same budget (trials, or seconds) and the same sampler seed. Studies live in one storage,
@@ -520,7 +520,7 @@ def optimize(task: StudyTask, worker: int = 0, log: Callable[[str], None] | None
              run_token: str | None = None) -> int:
     """Run trials of ``task``'s study in this process until none is queued (trial budget), the time is spent
     (time budget) or trials keep failing; returns the number of trials run here."""
-    from benchmark.execution.runner import get_cohort_data
+    from benchmark.execution.cells import get_cohort_data
 
     storage = open_storage(task.storage, task.results)
     study = open_study(task.name, storage, task.settings, task.max_steps, worker)
@@ -622,7 +622,8 @@ class TunedCell:
 def retrain(cell: TunedCell, store, execution, overwrite: bool = False, loader=None) -> dict:
     """Train the chosen setting on the whole outer training fold and evaluate it on the outer validation fold
     (skipped when the store already holds that exact tuned cell), under the cell's lock like every cell."""
-    from benchmark.execution.runner import CellTask, execute_cell, plan_grid
+    from benchmark.execution.cells import CellTask, execute_cell
+    from benchmark.execution.grid import plan_grid
 
     plan = plan_grid([cell.config], store, overwrite)
     if plan.skipped:
@@ -835,7 +836,7 @@ class StudyScheduler:
 
     def _stop(self) -> None:
         """Stop every worker (a second Ctrl-C meanwhile is ignored), then make the studies consistent."""
-        from benchmark.execution.runner import stop_executor
+        from benchmark.execution.grid import stop_executor
 
         stop_executor(self.executor)
         for run in self.runs.values():
