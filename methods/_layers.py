@@ -10,7 +10,6 @@ A private module (leading underscore): it registers no method.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn

@@ -11,8 +11,7 @@ code, with PyTorch Geometric's own ``GENConv`` and ``DeepGCNLayer``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch_geometric.nn import DeepGCNLayer, GENConv
 

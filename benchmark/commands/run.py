@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+
 
 from benchmark.commands._options import add_grid_arguments
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+
 
 def register(subparsers) -> None:
     from benchmark.commands._options import add_grid_arguments

@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-from benchmark.choices import SELECTIONS
 from benchmark.naming import did_you_mean
 
 
