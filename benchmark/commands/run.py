@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "results": None, "jobs": 1, "device": "auto", "save_weights": "none", "plugins": [], "precision": "fp32",
     "executor": "local", "address": None, "cpus_per_cell": None, "gpus_per_cell": 0.0, "shard": None,
     "clinical": None, "splits": None, "features": None, "layout": "auto", "missing_features": "error",
-    "registry": [],
+    "registry": [], "columns": None,
 }
 
 
@@ -94,7 +94,12 @@ def _data_source_options(p: argparse.ArgumentParser) -> None:
     ``audit``)."""
     p.add_argument("--clinical", default=None, metavar="FILE",
                    help="clinical table, .csv or MCAT's .csv.zip as shipped (default <cohort dir>/clinical.csv)")
-    p.add_argument("--splits", default=None, metavar="DIR", help="folder of MCAT splits_{k}.csv files")
+    p.add_argument("--splits", default=None, metavar="DIR",
+                   help="folder of MCAT splits_{k}.csv files (e.g. written by `benchmark splits`)")
+    p.add_argument("--columns", default=None, metavar="KEY=COLUMN,...",
+                   help="the clinical table's columns and their meaning: patient=..,slide=..,time=..,"
+                        "event=..|censorship=..,unit=months|days|years (exactly one of event / censorship; "
+                        "default: the cohort's registry mapping, else MCAT's columns)")
     p.add_argument("--features", nargs="+", action="extend", default=None, metavar="[MAGx=]DIR",
                    help="feature folder(s): one (CLAM FEAT_DIR, TRIDENT job folder, ...) or one per magnification, "
                         "e.g. --features 20x=DIR 10x=DIR 5x=DIR (default: the cohort folder of --data-root)")
@@ -190,6 +195,7 @@ def build_experiment(args: argparse.Namespace):
     s = settings(args)
     for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
         add_registry_file(path)
+    s["columns"], s["backbones"] = canonical_columns(s["columns"]), features_backbone(args, s)
     load_plugins(s["plugins"])
     methods = resolve_methods(_as_text_list(s["methods"]))
     options = {m: dict(o) for m, o in s["file_method_options"].items()}
@@ -206,6 +212,7 @@ def build_experiment(args: argparse.Namespace):
         data_root=s["data_root"], signal=s["signal"], precision=s["precision"], clinical=s["clinical"],
         splits=s["splits"], features=feature_items(s["features"]), layout=s["layout"],
         missing_features=s["missing_features"], registry=tuple(str(p) for p in user_registry_files()),
+        columns=s["columns"],
     )
     experiment = Experiment(
         methods=tuple(methods), cohorts=tuple(resolve_cohorts(_as_text_list(s["datasets"]))),
@@ -218,6 +225,33 @@ def build_experiment(args: argparse.Namespace):
     )
     experiment.check()
     return experiment
+
+
+def canonical_columns(spec) -> str | None:
+    """``--columns`` (or the experiment file's ``columns``) as the canonical mapping text; None when not given."""
+    if spec is None:
+        return None
+    from benchmark.data.clinical import parse_columns
+
+    return parse_columns(spec).spec()
+
+
+def features_backbone(args: argparse.Namespace, s: dict[str, Any]):
+    """The backbones of the run: as given, or with ``--features`` and no backbone named anywhere, the one
+    inferred from the feature files (printed), else an error asking for ``--backbone``."""
+    named = getattr(args, "backbones", None) is not None
+    if not named and getattr(args, "config", None):
+        from benchmark.settings.config import read_experiment_file
+
+        named = "backbones" in read_experiment_file(args.config)
+    if named or not s.get("features"):
+        return s["backbones"]
+    from benchmark.data.loader import infer_backbone
+    from benchmark.settings.config import feature_items
+
+    name, how = infer_backbone([v if k == "any" else f"{k}={v}" for k, v in feature_items(s["features"])])
+    print(how)
+    return name
 
 
 def _results_dir(experiment) -> Path:
@@ -255,6 +289,7 @@ def print_data_notes(console, cohort) -> None:
     source = cohort.provenance
     name = f"{cohort.name}/{cohort.backbone.name}"
     console.print(f"{name}: {len(cohort.samples)} samples, features: {source.get('layout_detection')}")
+    print_source_notes(console, name, source)
     missing = source.get("missing_split_ids") or []
     if missing:
         console.print(f"[yellow]{name}: {len(missing)} split ID(s) are not in the table and are left out, e.g. "
@@ -267,6 +302,16 @@ def print_data_notes(console, cohort) -> None:
     for row in dropped["folds"]:
         console.print(f"  fold {row['fold']}: dropped {row['train_dropped']} train / {row['val_dropped']} val; "
                       f"now {row['train']} train / {row['val']} val")
+
+
+def print_source_notes(console, name: str, source: dict) -> None:
+    """Where the folds came from, the column mapping (when one is used) and its warnings."""
+    if source.get("splits_origin"):
+        console.print(f"{name}: splits {source['splits_origin']}")
+    if source.get("columns"):
+        console.print(f"{name}: columns {source.get('column_mapping')}")
+    for warning in source.get("column_warnings") or []:
+        console.print(f"[yellow]warning: {name}: {warning}[/yellow]")
 
 
 def check_execution(experiment) -> None:

@@ -501,7 +501,7 @@ def load_cohort(
     root, synthetic = _resolve_root(data_root, cohort, bb, clinical)
     cdir = _cohort_dir(root, cohort)
     clinical_path = _clinical_path(clinical, cdir, cohort)
-    slides = read_clinical(clinical_path, columns=cmap)
+    slides = read_clinical(clinical_path, columns=None if cmap.is_default else cmap)
     patients, samples = _samples_of(slides, unit, clinical_path)
     split_dir, raw, origin = _split_folder(splits, cdir, clinical_path, patients, n_folds, split_seed, generate_splits)
     folds, missing_ids = _read_folds(split_dir, samples, slides, unit, raw)
