@@ -183,11 +183,16 @@ def print_report(report: AuditReport) -> None:
     console = Console()
     title = f"audit: {report.name}" if report.name else "audit"
     facts = Table(title=title, show_header=False)
-    facts.add_row("clinical table", report.clinical)
-    facts.add_row("splits", report.splits)
     for k, v in report.facts.items():
-        facts.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+        if k != "column mapping":  # printed as one line below
+            facts.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(facts)
+    f = report.facts
+    console.print(f"clinical table: {report.clinical}")
+    console.print(f"splits: {report.splits}")
+    console.print(f"columns: {f['column mapping']}")
+    console.print(f"labels: {f['events']} events, {f['censored']} censored, event rate {f['event rate']:.3f} "
+                  f"({f['patients']} patients)")
     folds = Table(title="folds")
     for c in report.folds.columns:
         folds.add_column(str(c), justify="right")

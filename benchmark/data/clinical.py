@@ -250,9 +250,14 @@ def _labels(df: pd.DataFrame, path: Path, cmap: ColumnMap, slide_file: pd.Series
     if bad.any():
         raise ValueError(
             f"{path}: {column!r} must be {meaning}; {int(bad.sum())} row(s) hold other values, "
-            f"e.g. {df[column][bad].iloc[0]!r}"
+            f"e.g. {_plain(df[column][bad].iloc[0])!r}"
         )
     return time, (1 - values) if cmap.event else values
+
+
+def _plain(value):
+    """A table value as a plain Python value (``2``, not ``np.int64(2)``, in messages)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def patient_table(slides: pd.DataFrame, *, source: object = "") -> pd.DataFrame:
