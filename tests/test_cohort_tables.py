@@ -2,6 +2,7 @@
 holds, the paper's published numbers beside ours (with an independent 95 % CI check), a D-calibration value for
 every method, and the data source as recorded."""
 import csv
+import re
 import math
 
 import numpy as np
@@ -111,3 +112,16 @@ def test_the_data_source_is_described_as_recorded():
     assert sizes.to_dict("records") == [
         {"repeat": 0, "fold": 0, "train": 31, "val": 7, "dropped (train/val)": "0/0"},
         {"repeat": 0, "fold": 1, "train": 30, "val": 8, "dropped (train/val)": "2/0"}]
+
+
+def test_list_is_readable_at_80_columns(monkeypatch, capsys):
+    from benchmark import cli
+    from benchmark.data.cohorts import backbone_names, cohort_names
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+    for name in cohort_names() + backbone_names() + ["amil", "crossfusion_wo_cp"]:
+        assert re.search(rf"│ {re.escape(name)} +│", out), name  # whole names, one line each
+    assert "resnet50-full: torchvision ResNet50 with fc = Identity" in out  # descriptions under the table
