@@ -189,6 +189,23 @@ def test_inverted_labels_are_warned_and_counted(own, capsys):
     assert not parse_columns("event=dead").warnings() and not parse_columns("censorship=censorship").warnings()
     for name in ("death", "status", "deceased", "event"):
         assert parse_columns(f"censorship={name}").warnings(), name
+    code, out, err = cli_run(capsys, "run", *inverted, "--features", own / "FEAT_DIR", "--backbone", "myresnet",
+                             "--missing-features", "drop", "--dry-run", "--results", own / "r")
+    assert code == 0 and "warning: mycohort/myresnet: column 'dead' is declared as censorship" in out, err
+
+
+def test_experiment_file_column_mapping(own, capsys):
+    from benchmark.commands.run import build_experiment
+
+    (own / "experiment.toml").write_text(
+        'methods = "amil"\ndatasets = "mycohort"\nbackbones = "myresnet"\nclinical = "clinical.csv"\n'
+        'registry = "registry.toml"\n[columns]\npatient = "patient"\nslide = "slide"\ntime = "os_months"\n'
+        'event = "dead"\n')
+    experiment = build_experiment(cli.build_parser().parse_args(["run", "--config", str(own / "experiment.toml")]))
+    assert experiment.shared.columns == CANONICAL and experiment.configs(5)[0].columns == CANONICAL
+    (own / "experiment.toml").write_text('methods = "amil"\ncolumns = "time=os_months,event=dead,censorship=x"\n')
+    with pytest.raises(ValueError, match="give exactly one of event=COLUMN"):
+        build_experiment(cli.build_parser().parse_args(["run", "--config", str(own / "experiment.toml")]))
 
 
 @pytest.mark.parametrize("edit,columns,pattern", [
