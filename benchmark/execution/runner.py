@@ -153,9 +153,10 @@ def registry_columns(config: RunConfig, record_config: dict[str, Any]) -> dict[s
     """A cohort's registry column mapping (``[cohorts.<name>.columns]``) is part of its cells' configuration
     (recorded and hashed) when no ``--columns`` is given; cohorts without one keep their config unchanged."""
     from benchmark.data.clinical import parse_columns
-    from benchmark.data.cohorts import get_cohort
+    from benchmark.data.cohorts import cohort_names, get_cohort
 
-    mapping = dict(get_cohort(config.cohort).columns) if config.columns is None else None
+    registered = config.columns is None and config.cohort in cohort_names()  # a test's toy cohort is not
+    mapping = dict(get_cohort(config.cohort).columns) if registered else None
     if mapping:
         record_config["columns"] = parse_columns(mapping).spec()
     return record_config
