@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     columns = args.columns if args.columns is not None else (dict(cohort.columns) or None)
     clinical, splits = _table_and_splits(args, cohort)
     backbone = audit_backbone(args)
-    report = audit(clinical, splits, name=cohort.name, columns=columns)
+    report = audit(clinical, splits, name=cohort.name, columns=columns, splits_given=args.splits is not None)
     if args.features:
         from benchmark.data.audit import audit_features
 

@@ -80,11 +80,12 @@ def _facts(patients: pd.DataFrame, slides: pd.DataFrame, cmap: ColumnMap) -> dic
 
 
 def audit(clinical: str | Path, splits: str | Path | None, name: str = "", columns=None, n_folds: int = 5,
-          seed: int = 0) -> AuditReport:
+          seed: int = 0, splits_given: bool = True) -> AuditReport:
     """Audit a clinical table against its split folder.
 
     ``splits`` None: the folds ``benchmark splits`` / ``run`` would generate (seed ``seed``), kept in memory and
-    never written. ``columns``: the table's column mapping (:func:`benchmark.data.clinical.parse_columns`); a
+    never written; ``splits_given``: whether the user named the folder (else it was found beside the table).
+    ``columns``: the table's column mapping (:func:`benchmark.data.clinical.parse_columns`); a
     column whose name contradicts its declared meaning is a warning.
     """
     cmap = parse_columns(columns) or ColumnMap()
@@ -97,7 +98,7 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "", colum
     else:
         raw = read_splits(splits)
         info = read_splits_info(splits)
-        splits_label = describe_origin(splits, True, info)
+        splits_label = describe_origin(splits, splits_given, info)
     report = AuditReport(name, str(clinical), splits_label, _facts(patients, slides, cmap), pd.DataFrame())
     report.warnings += cmap.warnings()
     _audit_folds(report, raw, slides, patients, clinical)
