@@ -125,3 +125,31 @@ def test_list_is_readable_at_80_columns(monkeypatch, capsys):
     for name in cohort_names() + backbone_names() + ["amil", "crossfusion_wo_cp"]:
         assert re.search(rf"│ {re.escape(name)} +│", out), name  # whole names, one line each
     assert "resnet50-full: torchvision ResNet50 with fc = Identity" in out  # descriptions under the table
+
+
+def test_table_command_published_and_dataset(tmp_path, capsys):
+    from benchmark import cli
+    from benchmark.store.records import ResultStore
+
+    store = ResultStore(tmp_path / "r")
+    for k, v in enumerate([0.50, 0.62, 0.55, 0.60, 0.52]):
+        store.write(rec("amil", "blca", k, v))
+        store.write(rec("amil", "mine", k, v))
+        store.write(rec("amil", "blca", k, v, backbone="myresnet"))
+    assert cli.main(["table", "1", "--results", str(tmp_path / "r"), "--published", "crossfusion",
+                     "--dataset", "blca"]) == 0
+    out = capsys.readouterr().out
+    assert "| Method | BLCA |" in out and "(paper 0.559 ± 0.059, in CI)" in out and "MINE" not in out
+    assert "Not shown: the store also holds backbone(s) myresnet (--backbone)." in out
+    assert cli.main(["table", "1", "--results", str(tmp_path / "r")]) == 0
+    assert "| Method | BLCA | MINE |" in capsys.readouterr().out
+
+
+def test_readme_and_help_agree_on_the_jobs_default():
+    from pathlib import Path
+
+    from benchmark.commands.run import DEFAULTS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert DEFAULTS["jobs"] == 1 and "`run` itself defaults to `--jobs 1`" in readme
+    assert "[--jobs N (default 1)]" in readme and "default `--jobs 2`" not in readme
