@@ -17,7 +17,7 @@ import importlib
 import sys
 
 #: command modules, in the order ``--help`` lists them
-COMMANDS = ("list", "synth", "audit", "run", "tune", "table", "plot", "compare", "calibration", "report", "bench")
+COMMANDS = ("list", "synth", "audit", "splits", "run", "tune", "table", "plot", "compare", "calibration", "report", "bench")
 #: exit code of an expected failure (the same as argparse's usage errors)
 USAGE_ERROR = 2
 

@@ -140,7 +140,7 @@ def test_data_source_round_trip_through_record_cli_and_experiment_file(folders, 
     feat = [f"{m}x={folders['clam'][m]}" for m in MAGS]
     results = tmp_path / "results"
     argv = ["run", "--methods", "amil", "--dataset", "blca", "--clinical", folders["base"] / "clinical.csv",
-            "--splits", folders["base"] / "splits", "--features", *feat, "--layout", "clam", "--folds", "0",
+            "--splits", folders["base"] / "splits", "--features", *feat, "--backbone", "resnet50", "--layout", "clam", "--folds", "0",
             "--recipe", "demo", "--set", "epochs=1", "--set", "max_samples_per_epoch=8", "--device", "cpu",
             "--results", results, "--save-weights", "last"]
     assert cli.main([str(a) for a in argv]) == 0
@@ -161,7 +161,7 @@ def test_data_source_round_trip_through_record_cli_and_experiment_file(folders, 
     experiment = tmp_path / "experiment.toml"
     rel = lambda p: str(Path(p).relative_to(folders["base"]))  # noqa: E731
     experiment.write_text(
-        f'methods = "amil"\ndatasets = "blca"\nfolds = "0"\nrecipe = "demo"\nlayout = "clam"\n'
+        f'methods = "amil"\ndatasets = "blca"\nbackbones = "resnet50"\nfolds = "0"\nrecipe = "demo"\nlayout = "clam"\n'
         f'clinical = "{rel(folders["base"] / "clinical.csv")}"\nsplits = "splits"\n'
         f'features = {{ "20x" = "{rel(folders["clam"][20])}", "10x" = "{rel(folders["clam"][10])}", '
         f'"5x" = "{rel(folders["clam"][5])}" }}\n'
@@ -204,7 +204,7 @@ def real_feat_dir(real_tables, tmp_path_factory):
 def test_real_table_zip_as_shipped_with_a_partial_feature_folder(real_tables, real_feat_dir, tmp_path, capsys):
     table, splits = _real_blca(real_tables)
     base = ["run", "--methods", "amil", "--dataset", "blca", "--clinical", str(table), "--splits", str(splits),
-            "--features", str(real_feat_dir), "--folds", "0", "--recipe", "demo", "--set", "epochs=1",
+            "--features", str(real_feat_dir), "--backbone", "resnet50", "--folds", "0", "--recipe", "demo", "--set", "epochs=1",
             "--set", "max_samples_per_epoch=8", "--device", "cpu", "--results", str(tmp_path / "r")]
     assert cli.main(base) == 2
     err = capsys.readouterr().err.strip()
@@ -228,7 +228,7 @@ def test_real_table_zip_as_shipped_with_a_partial_feature_folder(real_tables, re
 def test_audit_with_features_reports_the_folds_after_dropping(real_tables, real_feat_dir, capsys):
     table, splits = _real_blca(real_tables)
     argv = ["audit", "--dataset", "blca", "--clinical", str(table), "--splits", str(splits),
-            "--features", str(real_feat_dir)]
+            "--features", str(real_feat_dir), "--backbone", "resnet50"]
     assert cli.main(argv) == 1
     assert "397 slide(s) have no resnet50 feature file" in " ".join(capsys.readouterr().out.split())
     cli.main(argv + ["--missing-features", "drop"])
@@ -257,7 +257,7 @@ def test_experiment_file_data_source_and_registry(tmp_path, monkeypatch):
     (tmp_path / "clam").mkdir()
     (tmp_path / "mine.toml").write_text('[cohorts.tcga_kirc]\ntitle = "KIRC"\n')
     experiment_file = tmp_path / "experiment.toml"
-    experiment_file.write_text('methods = "amil"\ndatasets = "tcga_kirc"\nclinical = "t.csv.zip"\n'
+    experiment_file.write_text('methods = "amil"\ndatasets = "tcga_kirc"\nbackbones = "resnet50"\nclinical = "t.csv.zip"\n'
                                'features = "20x=clam"\nmissing_features = "drop"\nregistry = "mine.toml"\n')
     try:
         experiment = build_experiment(cli.build_parser().parse_args(["run", "--config", str(experiment_file)]))

@@ -43,7 +43,8 @@ def _fmt(value) -> str:
 
 
 def data_description(record: dict) -> str:
-    """Where a record's data came from: the data root, or the synthetic preset / seed / signal."""
+    """Where a record's data came from, as recorded: the synthetic preset / seed / signal, or the real clinical
+    table, feature folder(s), layout and column mapping, or the data root."""
     prov = record.get("provenance") or {}
     config = record.get("config") or {}
     root = prov.get("data_root", config.get("data_root"))
@@ -52,7 +53,28 @@ def data_description(record: dict) -> str:
     if isinstance(synthetic, dict):
         parts = [f"{k} {synthetic[k]}" for k in ("preset", "seed", "signal") if synthetic.get(k) is not None]
         return f"synthetic ({', '.join(parts)})" + (f" at {root}" if root else "")
-    return f"data root {root}" if root else "synthetic (embedded demo)"
+    if data.get("clinical") and (config.get("clinical") or not root):
+        return _real_source(data)
+    if root:
+        return f"data root {root}"
+    return "synthetic (embedded demo)" if config.get("synthetic_version") is not None else "not recorded"
+
+
+def _real_source(data: dict) -> str:
+    """A real data source in words: clinical table, features, layout, column mapping."""
+    features = data.get("features") or {}
+    shown = ", ".join(v if k == "any" else f"{k} {v}" for k, v in features.items()) or "—"
+    text = f"real data: clinical table {data['clinical']}, features {shown}"
+    text += f" ({data['layout']} layout)" if data.get("layout") else ""
+    return text + (f", columns {data['columns']}" if data.get("columns") else "")
+
+
+def splits_description(record: dict) -> str:
+    """Where a record's folds came from (given / found folder, generating command and seed), as recorded."""
+    data = (record.get("provenance") or {}).get("data") or {}
+    origin = data.get("splits_origin") or data.get("splits") or "—"
+    return origin + (f" (repeat {record['repeat']}: generated with seed {record['repeat']})"
+                     if record.get("repeat") else "")
 
 
 def provenance_table(records: Sequence[dict]) -> pd.DataFrame:
@@ -68,6 +90,7 @@ def provenance_table(records: Sequence[dict]) -> pd.DataFrame:
             "method": key[0], "cohort": key[1], "backbone": key[2], "recipe": key[3], "selection": key[4],
             "seed": key[5], "folds ok": len(ok), "folds failed": len(recs) - len(ok),
             "data": data_description(recs[0]),
+            "splits": splits_description(recs[0]),
             "git commit": ", ".join(commits) or "—",
             "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if k in ("harness", "torch", "scikit-survival")) or "—",
             "created": f"{created[0][:10]} .. {created[-1][:10]}" if created else "—",
@@ -98,17 +121,42 @@ def _report_card(cohort: str, records: Sequence[dict], use_audit: bool) -> tuple
     cell was trained on (paths from the record's provenance) when they are reachable, else the records."""
     data = (records[0].get("provenance") or {}).get("data") or {}
     clinical, splits = data.get("clinical"), data.get("splits")
+    sizes = trained_sizes_text(records)
     if use_audit and clinical and Path(clinical).exists():
         from benchmark.data.audit import audit
 
-        rep = audit(clinical, splits if splits and Path(splits).is_dir() else None, name=cohort)
+        rep = audit(clinical, splits if splits and Path(splits).is_dir() else None, name=cohort,
+                    columns=data.get("columns"))
         facts = pd.DataFrame([{k: ("/".join(str(x) for x in v) if isinstance(v, list) else
-                                   f"{v:.1%}" if k == "censoring" else v) for k, v in rep.facts.items()}])
-        text = _md_table(facts, index=False) + "\n" + _md_table(rep.folds, index=False)
+                                   f"{v:.1%}" if k in ("censoring", "event rate") else v) for k, v in rep.facts.items()}])
+        text = _md_table(facts, index=False) + "\nFolds of the split files (before any slide without features is left " \
+            "out):\n\n" + _md_table(rep.folds, index=False)
         text += "".join(f"\n- warning: {w}" for w in rep.warnings)
         text += "".join(f"\n- **problem**: {p}" for p in rep.problems)
-        return f"audit of {clinical}", text
-    return "records", _md_table(report_card_from_records(records), index=False)
+        return f"audit of {clinical}", text + sizes
+    return "records", _md_table(report_card_from_records(records), index=False) + sizes
+
+
+def trained_sizes(records: Sequence[dict]) -> pd.DataFrame:
+    """Per fold of one cell, the samples that trained and were evaluated (after ``--missing-features drop``),
+    from the records (``data_sizes``), and the slides each fold lost."""
+    rows = []
+    for r in sorted(records, key=lambda r: (int(r.get("repeat") or 0), int(r["fold"]))):
+        sizes = r.get("data_sizes") or {}
+        lost = ((r.get("missing_features") or {}).get("fold") or {})
+        rows.append({"repeat": int(r.get("repeat") or 0), "fold": int(r["fold"]), "train": sizes.get("n_train"),
+                     "val": sizes.get("n_val"), "dropped (train/val)": f"{lost['train_dropped']}/{lost['val_dropped']}"
+                     if lost else "0/0"})
+    return pd.DataFrame(rows)
+
+
+def trained_sizes_text(records: Sequence[dict]) -> str:
+    """The Markdown of :func:`trained_sizes` (nothing when the records hold no sizes)."""
+    frame = trained_sizes(records)
+    if frame.empty or frame["train"].isna().all():
+        return ""
+    return ("\n\nSizes that trained (per fold of this cell, after leaving out slides without features):\n\n"
+            + _md_table(frame, index=False))
 
 
 def calibration_table(records: Sequence[dict]) -> pd.DataFrame:
@@ -119,10 +167,13 @@ def calibration_table(records: Sequence[dict]) -> pd.DataFrame:
         value = (r.get("metrics") or {}).get("d_calibration_p")
         if value is not None and math.isfinite(value):
             cells[(r["method"], r["cohort"])].append(float(value))
-    frame = pd.DataFrame({cohort: {m: fisher_combined_p(ps)} for (m, cohort), ps in cells.items()})
+    columns: dict[str, dict[str, float]] = defaultdict(dict)  # one value per method and cohort
+    for (method, cohort), ps in cells.items():
+        columns[cohort][method] = fisher_combined_p(ps)
+    frame = pd.DataFrame(columns)
     if frame.empty:
         return frame
-    frame = frame.groupby(level=0).first().reindex(sorted({m for m, _ in cells}))
+    frame = frame.reindex(sorted({m for m, _ in cells}))
     frame.index.name = "method"
     return frame.reindex(columns=sorted(frame.columns))
 

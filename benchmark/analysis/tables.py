@@ -21,8 +21,8 @@ import numpy as np
 
 from benchmark.analysis.significance import corrected_t_interval
 from benchmark.analysis.statistics import folds_per_repeat
-from benchmark.data.cohorts import cohort_names
 from benchmark.api.registry import get_method_spec
+from benchmark.data.cohorts import DATASETS_DIR, cohort_names
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
 from benchmark.evaluation.metrics import NO_EVENTS_NOTE, aggregate
 
@@ -99,6 +99,9 @@ class ResultTable:
     marks: dict[tuple[str, str], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     ci: float | None = None  # show this confidence interval instead of ± std
+    #: published (mean, std) per cell, shown beside ours (``--published``, :func:`add_published`)
+    published: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    backbone: str = ""  # Table 1's backbone
 
     @property
     def higher_is_better(self) -> bool:
@@ -289,10 +292,43 @@ def label_rows(records: list[dict], row_key: str) -> tuple[list[dict], list[str]
     return out, sorted(set(notes.values()))
 
 
+#: The paper's cohorts, in the order of its tables' columns.
+PAPER_COHORT_ORDER = ("blca", "brca", "coad", "gbmlgg", "luad", "ucec")
+
+
 def _cohort_columns(records: list[dict]) -> list[str]:
-    registered = list(cohort_names())
-    seen = sorted({str(r["cohort"]) for r in records})
-    return registered + [c for c in seen if c not in registered]
+    """The cohorts present in the records: the paper's six in the paper's order, then any other by name."""
+    seen = {str(r["cohort"]) for r in records}
+    return [c for c in PAPER_COHORT_ORDER if c in seen] + sorted(seen - set(PAPER_COHORT_ORDER))
+
+
+def filter_datasets(records: Iterable[dict], datasets: str | Sequence[str] | None) -> list[dict]:
+    """The records of the cohorts named in ``datasets`` (``--dataset``: a comma list; None = every cohort); a
+    cohort the records do not hold is an error naming the ones they hold."""
+    records = list(records)
+    if not datasets:
+        return records
+    wanted = [d.strip().lower() for d in (datasets.split(",") if isinstance(datasets, str) else datasets)]
+    present = sorted({str(r["cohort"]) for r in records})
+    absent = [d for d in wanted if d and d not in present]
+    if absent:
+        raise ValueError(f"--dataset {','.join(absent)}: no records of this cohort in the store (it holds "
+                         f"{', '.join(present) or 'none'})")
+    return [r for r in records if str(r["cohort"]) in wanted]
+
+
+def other_slices_note(records: Iterable[dict], backbone: str | None, recipe: str, selection: str) -> str | None:
+    """A footer line when the store holds backbones, recipes or selection rules other than the table's."""
+    records = list(records)
+    parts = []
+    for what, key, shown, option in (("backbone", "backbone", backbone, "--backbone"),
+                                     ("recipe", "recipe", recipe, "--recipe"),
+                                     ("selection", "selection", selection, "--selection")):
+        values = {str(r[key]) if key != "recipe" else _recipe_name(r[key]) for r in records}
+        others = sorted(values - {shown}) if shown is not None else []
+        if others:
+            parts.append(f"{what}(s) {', '.join(others)} ({option})")
+    return ("Not shown: the store also holds " + "; ".join(parts) + ".") if parts else None
 
 
 def _method_order(method: str) -> tuple[int, int, str]:
@@ -400,6 +436,7 @@ def table1(
     """Table 1: rows = methods, columns = cohorts, for one backbone / recipe / selection; ``tuned``: each
     method's tuned cells where it has some (see :func:`tuned_or_default`)."""
     recs = [r for r in records if seed is None or int(r["seed"]) == seed]
+    everything = list(recs)
     if backbone is None:
         backbones = {str(r["backbone"]) for r in recs}
         backbone = "resnet50" if "resnet50" in backbones or not backbones else _choose_one(recs, "backbone", None, "backbone")
@@ -421,6 +458,8 @@ def table1(
         selection=selection, ci=ci,
     )
     table.notes += ([stale_note] if stale_note else []) + tuning_notes + config_notes
+    table.notes += [n for n in (other_slices_note(everything, backbone, recipe, selection),) if n]
+    table.backbone = backbone
     return _finish(table, significance, marker)
 
 
@@ -442,6 +481,7 @@ def table2(
     recs = [r for r in records if str(r["method"]) == method.lower() and (seed is None or int(r["seed"]) == seed)]
     if not recs:
         raise ValueError(f"no records for method {method!r}")
+    everything = list(recs)
     recs, stale_note = newest_data_records(recs)
     recs, tuning_notes = tuned_or_default(recs, tuned, "backbone")
     recs, recipe, selection = _one_recipe_and_selection(recs, recipe, selection)
@@ -460,13 +500,84 @@ def table2(
     )
     table.notes.append("Mean: mean of the cohort means, shown only when every cohort is present.")
     table.notes += ([stale_note] if stale_note else []) + tuning_notes + config_notes
+    table.notes += [n for n in (other_slices_note(everything, None, recipe, selection),) if n]
     return _finish(table, significance, marker)
+
+
+# -------------------------------------------------------------------------------------------------------
+# published numbers beside ours
+# -------------------------------------------------------------------------------------------------------
+#: Published result files (``datasets/published/``, with their citation in its README.md).
+PUBLISHED_DIR = DATASETS_DIR / "published"
+PUBLISHED = {"crossfusion": ("crossfusion_tables.csv",
+                             "Soraki et al., CrossFusion, arXiv 2503.02064, Tables 1-2 (mean ± std over 5 folds)")}
+#: Level of the interval the published mean is compared with.
+PUBLISHED_CI = 0.95
+
+
+def read_published(name: str) -> dict[tuple[int, str, str, str], tuple[float, float]]:
+    """``{(table, row, cohort, backbone): (mean, std)}`` of a published result file, names lower case."""
+    if name.lower() not in PUBLISHED:
+        raise ValueError(f"--published {name}: unknown; known: {', '.join(PUBLISHED)}")
+    out = {}
+    with open(PUBLISHED_DIR / PUBLISHED[name.lower()][0], newline="") as handle:
+        for row in csv.DictReader(handle):
+            key = (int(row["table"]), row["row"].lower(), row["cohort"].lower(), row["backbone"].lower())
+            out[key] = (float(row["c_index_mean"]), float(row["c_index_std"]))
+    return out
+
+
+def add_published(table: ResultTable, name: str, number: int, method: str | None = None) -> ResultTable:
+    """Put the published C-index (mean, std) beside each cell of Table ``number`` that the paper reports, and
+    whether the published mean lies inside our cell's 95 % confidence interval (corrected t over folds)."""
+    if table.metric != "c_index":
+        raise ValueError(f"--published: the paper reports the C-index, not {table.metric}")
+    published = read_published(name)
+    backbone = table.backbone.lower()
+    for row in table.rows:
+        key_row = row.split(" ")[0]
+        for col in table.columns:
+            key = (1, key_row, col, backbone) if number == 1 else (2, (method or "").lower(), col, key_row)
+            if key in published:
+                table.published[(row, col)] = published[key]
+    table.notes.append(f"paper: the published C-index ({PUBLISHED[name.lower()][1]}; datasets/published/); "
+                       f"in CI / outside CI: whether the paper's mean lies inside our cell's {PUBLISHED_CI:.0%} "
+                       "confidence interval (corrected t over folds); no CI: fewer than 2 folds.")
+    return table
+
+
+def _published_csv(table: ResultTable, row: str, col: str) -> list[str]:
+    """The published columns of a CSV row (none when the table shows no published numbers)."""
+    if not table.published:
+        return []
+    if (row, col) not in table.published:
+        return ["", "", ""]
+    mean, std = table.published[(row, col)]
+    verdict = _published_text(table, row, col).rsplit(", ", 1)[1].rstrip(")")
+    return [f"{mean:.3f}", f"{std:.3f}", {"in CI": "yes", "outside CI": "no"}.get(verdict, "")]
+
+
+def _published_text(table: ResultTable, row: str, col: str, decimals: int = 3) -> str:
+    """`` (paper 0.559 ± 0.059, in CI)`` for a cell the paper reports (nothing otherwise)."""
+    if (row, col) not in table.published:
+        return ""
+    mean, std = table.published[(row, col)]
+    cell = table.cells.get((row, col))
+    interval = cell.interval(PUBLISHED_CI) if cell is not None and cell.present else None
+    verdict = "no CI" if interval is None else "in CI" if interval[0] <= mean <= interval[1] else "outside CI"
+    return f" (paper {mean:.{decimals}f} ± {std:.{decimals}f}, {verdict})"
 
 
 # -------------------------------------------------------------------------------------------------------
 # rendering
 # -------------------------------------------------------------------------------------------------------
 def _cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: int = 3) -> str:
+    text = _own_cell_text(table, row, col, fmt, decimals)
+    paper = _published_text(table, row, col, decimals)
+    return text + (paper.replace("±", r"$\pm$") if fmt == "latex" else paper)
+
+
+def _own_cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: int = 3) -> str:
     value = table.value(row, col)
     cell = table.cells.get((row, col)) if col != "Mean" else None
     if value is None:
@@ -534,7 +645,8 @@ def render(table: ResultTable, fmt: str = "md") -> str:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["row", "column", "metric", "mean", "std", "n_folds", "n_expected", "n_errors", "rank",
-                         "marker", "recipe", "selection"])
+                         "marker", "recipe", "selection"] + (["paper_mean", "paper_std", "paper_in_ci"]
+                                                             if table.published else []))
         for row in table.rows:
             for col in table.all_columns():
                 value = table.value(row, col)
@@ -545,6 +657,6 @@ def render(table: ResultTable, fmt: str = "md") -> str:
                     "" if col == "Mean" else (len(cell.values) if cell is not None else 0),
                     cell.n_expected if cell is not None else "", cell.n_errors if cell is not None else 0,
                     table.ranks(col).get(row, ""), table.marks.get((row, col), ""), table.recipe, table.selection,
-                ])
+                ] + _published_csv(table, row, col))
         return buffer.getvalue()
     raise ValueError(f"unknown table format {fmt!r}; expected md, latex or csv")

@@ -20,6 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise alpha of the markers (Holm per column)")
     p.add_argument("--reference", default=None,
                    help="mark every method against this one (default: all pairs of methods)")
+    p.add_argument("--dataset", default=None,
+                   help="only these cohorts (comma list; default: every cohort in the store)")
     p.add_argument("--cards-from-records", action="store_true",
                    help="read cohort report cards off the stored predictions instead of auditing the clinical table")
     p.set_defaults(func=run)
@@ -27,10 +29,14 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from benchmark.analysis.report import build_report
+    from benchmark.analysis.tables import filter_datasets
     from benchmark.store.query import Results
 
     km = [m.strip().lower() for m in args.km_methods.split(",")] if args.km_methods else None
-    path = build_report(Results.open(args.results), args.out, km_methods=km, split=args.split, n_boot=args.n_boot,
+    results = Results.open(args.results)
+    if args.dataset:  # the report of some cohorts only
+        results = Results(results.root, tuple(filter_datasets(results.records, args.dataset)), results.notes)
+    path = build_report(results, args.out, km_methods=km, split=args.split, n_boot=args.n_boot,
                         alpha=args.alpha, boot_seed=args.boot_seed, audit_cards=not args.cards_from_records,
                         reference=args.reference.lower() if args.reference else None)
     print(f"wrote {path}")

@@ -38,6 +38,7 @@ def print_data_notes(console, cohort) -> None:
     source = cohort.provenance
     name = f"{cohort.name}/{cohort.backbone.name}"
     console.print(f"{name}: {len(cohort.samples)} samples, features: {source.get('layout_detection')}")
+    print_source_notes(console, name, source)
     missing = source.get("missing_split_ids") or []
     if missing:
         console.print(f"[yellow]{name}: {len(missing)} split ID(s) are not in the table and are left out, e.g. "
@@ -50,6 +51,16 @@ def print_data_notes(console, cohort) -> None:
     for row in dropped["folds"]:
         console.print(f"  fold {row['fold']}: dropped {row['train_dropped']} train / {row['val_dropped']} val; "
                       f"now {row['train']} train / {row['val']} val")
+
+
+def print_source_notes(console, name: str, source: dict) -> None:
+    """Where the folds came from, the column mapping (when one is used) and its warnings."""
+    if source.get("splits_origin"):
+        console.print(f"{name}: splits {source['splits_origin']}")
+    if source.get("columns"):
+        console.print(f"{name}: columns {source.get('column_mapping')}")
+    for warning in source.get("column_warnings") or []:
+        console.print(f"[yellow]warning: {name}: {warning}[/yellow]")
 
 
 def print_dry_run(console, configs, store, overwrite: bool, parallelism: float) -> None:

@@ -41,6 +41,11 @@ def register(subparsers) -> None:
                    help="auto: corrected resampled t with repeats, fold-stratified bootstrap without")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--dataset", default=None,
+                   help="only these cohorts (comma list; default: every cohort in the store, the paper's six first)")
+    p.add_argument("--published", default=None, choices=("crossfusion",),
+                   help="show the paper's C-index (mean ± std) beside each cell it reports, and whether the paper's "
+                        "mean lies inside our cell's 95%% CI (datasets/published/)")
     p.add_argument("--ci", action="store_true",
                    help="show each cell's 95%% confidence interval (corrected t over folds) instead of ± std")
     p.set_defaults(func=main)
@@ -62,11 +67,11 @@ def significance_hook(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    from benchmark.analysis.tables import render, table1, table2
+    from benchmark.analysis.tables import add_published, filter_datasets, render, table1, table2
     from benchmark.store.query import Results
 
     results = Results.open(args.results)  # read once; what was left out while reading goes to the footer
-    records = list(results.records)
+    records = filter_datasets(results.records, args.dataset)
     hook = significance_hook(args)
     ci = 0.95 if args.ci else None
     if args.number == "1":
@@ -75,6 +80,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         table = table2(records, method=args.method, recipe=args.recipe, selection=args.selection, seed=args.seed,
                        metric=args.metric, significance=hook, ci=ci, tuned=args.tuned)
+    if args.published:
+        add_published(table, args.published, int(args.number), method=args.method)
     table.notes += list(results.notes)
     text = render(table, args.format)
     if args.out:

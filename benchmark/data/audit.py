@@ -2,8 +2,8 @@
 
 Fatal problems (non-zero exit of ``python -m benchmark audit``): a patient in both train and val of a fold,
 split IDs missing from the table, an empty train or validation split, a validation split without events
-(its C-index is undefined). Warnings: val folds that overlap, patients in no val fold, train/val that
-do not cover a fold's IDs.
+(its C-index is undefined). Warnings: val folds that overlap, patients in no val fold, a patient in neither
+train nor val of a fold, a label column whose name contradicts its declared meaning. The audit writes nothing.
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.data.clinical import patient_table, read_clinical
-from benchmark.data.splits import read_splits, stratified_patient_folds
+from benchmark.data.clinical import ColumnMap, parse_columns, patient_table, read_clinical
+from benchmark.data.splits import (
+    GENERATOR, describe_origin, read_splits, read_splits_info, stratified_patient_folds,
+)
 
 
 @dataclass
@@ -59,28 +61,53 @@ def _fold_size_problems(k: int, train: set[str], val: set[str], val_events: int)
     return []
 
 
-def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> AuditReport:
-    """Audit a clinical table against its split folder (``None``: the harness's own generated splits)."""
-    slides = read_clinical(clinical)
-    patients = patient_table(slides, source=clinical)
-    if splits is None:
-        raw = stratified_patient_folds(patients[["time", "event"]])
-        splits_label = "(generated: patient-level, stratified by event and time bin, seed 0)"
-    else:
-        raw = read_splits(splits)
-        splits_label = str(splits)
+def _facts(patients: pd.DataFrame, slides: pd.DataFrame, cmap: ColumnMap) -> dict:
+    """The report card's facts: the column mapping, sizes, events, censoring, follow-up."""
     t = patients["time"]
-    facts = {
+    censored = patients["censorship"] == 1
+    return {
+        "column mapping": cmap.describe(),
         "patients": len(patients),
         "slides": len(slides),
         "events": int(patients["event"].sum()),
-        "censoring": float(patients["censorship"].mean()),
+        "censored": int(censored.sum()),
+        "event rate": float(patients["event"].mean()),
+        "censoring": float(censored.mean()),
         "time quantiles (min/25/50/75/max, months)": [round(float(x), 2) for x in np.quantile(t, [0, .25, .5, .75, 1])],
-        "median follow-up of censored (months)": round(float(t[patients["censorship"] == 1].median()), 2)
-        if (patients["censorship"] == 1).any() else None,
+        "median follow-up of censored (months)": round(float(t[censored].median()), 2) if censored.any() else None,
         "slides per patient (max)": int(patients["slide_ids"].map(len).max()),
     }
-    report = AuditReport(name, str(clinical), splits_label, facts, pd.DataFrame())
+
+
+def audit(clinical: str | Path, splits: str | Path | None, name: str = "", columns=None, n_folds: int = 5,
+          seed: int = 0, splits_given: bool = True) -> AuditReport:
+    """Audit a clinical table against its split folder.
+
+    ``splits`` None: the folds ``benchmark splits`` / ``run`` would generate (seed ``seed``), kept in memory and
+    never written; ``splits_given``: whether the user named the folder (else it was found beside the table).
+    ``columns``: the table's column mapping (:func:`benchmark.data.clinical.parse_columns`); a
+    column whose name contradicts its declared meaning is a warning.
+    """
+    cmap = parse_columns(columns) or ColumnMap()
+    slides = read_clinical(clinical, columns=None if cmap.is_default else cmap)
+    patients = patient_table(slides, source=clinical)
+    if splits is None:
+        raw = stratified_patient_folds(patients[["time", "event"]], n_folds, seed)
+        splits_label = (f"(generated in memory: {GENERATOR}, seed {seed}, {n_folds} folds; nothing written; "
+                        "write them with `benchmark splits`)")
+    else:
+        raw = read_splits(splits)
+        info = read_splits_info(splits)
+        splits_label = describe_origin(splits, splits_given, info)
+    report = AuditReport(name, str(clinical), splits_label, _facts(patients, slides, cmap), pd.DataFrame())
+    report.warnings += cmap.warnings()
+    _audit_folds(report, raw, slides, patients, clinical)
+    return report
+
+
+def _audit_folds(report: AuditReport, raw: list, slides: pd.DataFrame, patients: pd.DataFrame, clinical) -> None:
+    """Per fold: sizes, events, IDs missing from the table, leaks, patients in neither part; then the checks
+    across folds."""
     rows, all_missing, val_seen = [], set(), {}
     for k, (train, val) in enumerate(raw):
         tr, miss_t = _to_patients(train, slides)
@@ -90,6 +117,10 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> Au
         leak = sorted(tr & va)
         if leak:
             report.problems.append(f"fold {k}: {len(leak)} patient(s) in both train and val, e.g. {leak[:3]}")
+        neither = sorted(set(patients.index) - tr - va)
+        if neither:
+            report.warnings.append(f"fold {k}: {len(neither)} patient(s) of the table are in neither train nor val "
+                                   f"(unused by this fold), e.g. {neither[:3]}")
         for p in va:
             val_seen.setdefault(p, []).append(k)
         ev = patients.loc[sorted(va), "event"]
@@ -97,7 +128,7 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> Au
         rows.append({"fold": k, "train IDs": len(train), "val IDs": len(val), "train pat.": len(tr),
                      "val pat.": len(va), "val events": int(ev.sum()),
                      "val cens.": round(float(1 - ev.mean()), 3) if len(ev) else None,
-                     "missing": len(missing), "leaked": len(leak)})
+                     "missing": len(missing), "leaked": len(leak), "unused": len(neither)})
     report.folds = pd.DataFrame(rows)
     if all_missing:
         report.problems.append(
@@ -109,18 +140,20 @@ def audit(clinical: str | Path, splits: str | Path | None, name: str = "") -> Au
     never = sorted(set(patients.index) - set(val_seen))
     if never:
         report.warnings.append(f"{len(never)} patient(s) of the table are in no val fold, e.g. {never[:3]}")
-    return report
 
 
 def audit_features(report: AuditReport, dataset: str, clinical, splits, *, features, backbone: str = "resnet50",
-                   layout: str = "auto", missing_features: str = "error") -> AuditReport:
+                   layout: str = "auto", missing_features: str = "error", columns=None) -> AuditReport:
     """Add the feature files to ``report``: how the layout was found, the slides without a file (a problem with
-    ``missing_features="error"``), and with ``"drop"`` each fold's sizes and events once they are left out."""
+    ``missing_features="error"``), and with ``"drop"`` each fold's sizes and events once they are left out.
+    Every feature file's dim is read from its header first: one that differs from the backbone's raises
+    ValueError naming the file and both dims. Nothing is written (generated splits stay in memory)."""
     from benchmark.data.loader import load_cohort
 
     cohort = load_cohort(dataset, clinical=clinical, splits=splits, features=features, backbone=backbone,
-                         layout=layout, missing_features="drop")
+                         layout=layout, missing_features="drop", columns=columns, generate_splits="memory")
     report.facts["features"] = cohort.provenance["layout_detection"]
+    report.facts["feature dims"] = f"every file {cohort.backbone.dim}-d ({backbone})"
     dropped = cohort.provenance["missing_features"]
     if not dropped:
         report.facts["slides without features"] = 0
@@ -151,11 +184,16 @@ def print_report(report: AuditReport) -> None:
     console = Console()
     title = f"audit: {report.name}" if report.name else "audit"
     facts = Table(title=title, show_header=False)
-    facts.add_row("clinical table", report.clinical)
-    facts.add_row("splits", report.splits)
     for k, v in report.facts.items():
-        facts.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+        if k != "column mapping":  # printed as one line below
+            facts.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(facts)
+    f = report.facts
+    console.print(f"clinical table: {report.clinical}")
+    console.print(f"splits: {report.splits}")
+    console.print(f"columns: {f['column mapping']}")
+    console.print(f"labels: {f['events']} events, {f['censored']} censored, event rate {f['event rate']:.3f} "
+                  f"({f['patients']} patients)")
     folds = Table(title="folds")
     for c in report.folds.columns:
         folds.add_column(str(c), justify="right")

@@ -1,5 +1,10 @@
-"""Cohort registry, read from the data files ``datasets/*.toml`` and from registry files outside the package
-(tables ``[cohorts.<name>]``).
+"""The registry of cohorts and backbones (patch encoders), read from the data files ``datasets/*.toml`` and from
+registry files outside the package (tables ``[cohorts.<name>]`` and ``[backbones.<name>]``). One module reads
+both, so a registry file is parsed and checked in one place; :mod:`benchmark.data.backbones` re-exports the
+backbone half under its older name.
+
+Every key of a table is checked: an unknown key (``patinets = 400``) is an error naming the file, the table and
+the closest known key.
 
 Each cohort carries its TCGA project(s) and the facts of its real label table (patients, slides, events,
 censoring rate, follow-up), which the synthetic generator mirrors, and optionally where its real table and
@@ -67,10 +72,8 @@ def add_registry_file(path: str | os.PathLike) -> Path:
 
 def clear_registry_caches() -> None:
     """Forget the parsed registries (after the registry files changed)."""
-    from benchmark.data import backbones
-
     _cohorts.cache_clear()
-    backbones._backbones.cache_clear()
+    _backbones.cache_clear()
 
 
 def load_definitions(section: str) -> dict[str, dict]:
@@ -84,8 +87,41 @@ def load_definitions(section: str) -> dict[str, dict]:
                 raise ValueError(f"{path}: {section[:-1]} {name!r} is already defined in {merged[name.lower()]['_file']}")
             if not isinstance(body, dict):
                 raise ValueError(f"{path}: [{section}.{name}] must be a table")
+            check_keys(body, section, name, path)
             merged[name.lower()] = dict(body, _file=str(path))
     return merged
+
+
+#: The keys a registry table may hold (anything else is a typo, reported with the closest key).
+COHORT_KEYS = ("title", "projects", "patients", "slides", "events", "censoring", "time_min", "time_median",
+               "time_max", "real_clinical", "real_splits", "table_source", "columns")
+BACKBONE_KEYS = ("dim", "description", "trident", "synthetic_noise", "synthetic_signal", "variants")
+VARIANT_KEYS = ("dim", "description", "trident")
+#: ``[cohorts.<name>.columns]``: the clinical table's columns (see :class:`benchmark.data.clinical.ColumnMap`).
+COLUMN_KEYS = ("patient", "slide", "time", "event", "censorship", "unit")
+
+
+def _unknown_key(key: str, known: tuple[str, ...], where: str) -> ValueError:
+    return ValueError(f"{where}: {did_you_mean(key, list(known), 'key')}")
+
+
+def check_keys(body: dict, section: str, name: str, path: object) -> None:
+    """Raise ValueError (file, table, did-you-mean) for a key the registry does not know."""
+    known = COHORT_KEYS if section == "cohorts" else BACKBONE_KEYS
+    for key in body:
+        if key not in known:
+            raise _unknown_key(key, known, f"{path}: [{section}.{name}]")
+    nested = {"columns": COLUMN_KEYS} if section == "cohorts" else {}
+    for sub, keys in nested.items():
+        if sub in body and not isinstance(body[sub], dict):
+            raise ValueError(f"{path}: [{section}.{name}] {sub} must be a table")
+        for key in body.get(sub, {}) if sub in body else ():
+            if key not in keys:
+                raise _unknown_key(key, keys, f"{path}: [{section}.{name}.{sub}]")
+    for vname, vbody in (body.get("variants") or {}).items() if section == "backbones" else ():
+        for key in vbody if isinstance(vbody, dict) else ():
+            if key not in VARIANT_KEYS:
+                raise _unknown_key(key, VARIANT_KEYS, f"{path}: [{section}.{name}.variants.{vname}]")
 
 
 @dataclass(frozen=True)
@@ -106,6 +142,8 @@ class Cohort:
     real_splits: str | None = None
     table_source: str = ""
     source_file: str = ""
+    #: the clinical table's column mapping (``[cohorts.<name>.columns]``), as ``((key, value), ...)``
+    columns: tuple[tuple[str, str], ...] = ()
 
     def real_paths(self, tables_dir: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
         """Real clinical table and split folder inside ``tables_dir`` (default ``$MIL_BENCHMARK_TCGA_TABLES``)."""
@@ -140,6 +178,7 @@ def _cohorts() -> dict[str, Cohort]:
                 real_splits=body.get("real_splits"),
                 table_source=body.get("table_source", ""),
                 source_file=body["_file"],
+                columns=tuple(sorted((str(k), str(v)) for k, v in (body.get("columns") or {}).items())),
             )
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{body['_file']}: cohort {name!r}: {exc}") from None
@@ -166,3 +205,90 @@ def resolve_cohorts(selection: str | list[str] | tuple[str, ...]) -> list[str]:
             return cohort_names()
         selection = [s for s in selection.split(",") if s.strip()]
     return [get_cohort(s.strip()).name for s in selection]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backbones
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backbone:
+    """One patch encoder (or one variant of it)."""
+
+    name: str  # canonical name, also the folder name of its features
+    dim: int
+    description: str
+    base: str  # name of the base backbone (== name when not a variant)
+    variant: str | None = None
+    trident: str | None = None  # encoder name in TRIDENT output folders (features_<trident>)
+    synthetic_noise: float = 1.0  # per-coordinate noise std of the synthetic features
+    # How strongly the encoder expresses the planted prognostic morphology: a factor on the synthetic preset's
+    # amplitude (data v4). Backbones differ here, not only in noise, so the synthetic Table 2 can rank them.
+    synthetic_signal: float = 1.0
+
+
+@lru_cache(maxsize=1)
+def _backbones() -> dict[str, Backbone]:
+    out: dict[str, Backbone] = {}
+    for name, body in load_definitions("backbones").items():
+        try:
+            out.update(_backbone_entries(name, body))
+        except KeyError as exc:
+            raise ValueError(f"{body['_file']}: backbone {name!r} lacks field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{body['_file']}: backbone {name!r}: {exc}") from None
+    return out
+
+
+def _backbone_entries(name: str, body: dict) -> dict[str, Backbone]:
+    """The backbone ``name`` of one registry table and its variants."""
+    dim = int(body["dim"])
+    noise = float(body.get("synthetic_noise", 1.0))
+    signal = float(body.get("synthetic_signal", 1.0))
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if not (noise >= 0 and signal >= 0):  # also refuses NaN
+        raise ValueError("synthetic_noise and synthetic_signal must be >= 0")
+    trident = body.get("trident")
+    out = {name: Backbone(name, dim, body.get("description", ""), name, None, trident, noise, signal)}
+    for vname, vbody in body.get("variants", {}).items():
+        full = f"{name}-{vname}"
+        check_registry_name(full, "backbone", body["_file"])
+        out[full] = Backbone(
+            full, int(vbody["dim"]), vbody.get("description", ""), name, vname,
+            vbody.get("trident", f"{trident}_{vname}" if trident else None), noise, signal,
+        )
+    return out
+
+
+def backbone_names(include_variants: bool = True) -> list[str]:
+    """Registered backbone names (base names first in file order, each followed by its variants)."""
+    return [n for n, b in _backbones().items() if include_variants or b.variant is None]
+
+
+def get_backbone(name: str) -> Backbone:
+    """The backbone ``name`` (``resnet50``, ``resnet50-full`` or ``resnet50:full``); unknown -> did-you-mean."""
+    key = name.lower().replace(":", "-")
+    try:
+        return _backbones()[key]
+    except KeyError:
+        raise did_you_mean(name, backbone_names(), "backbone") from None
+
+
+def resolve_backbones(selection: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"all"`` (the five base backbones) or a comma list of names -> validated canonical names."""
+    if isinstance(selection, str):
+        if selection.strip().lower() == "all":
+            return backbone_names(include_variants=False)
+        selection = [s for s in selection.split(",") if s.strip()]
+    return [get_backbone(s.strip()).name for s in selection]
+
+
+def check_dim(found: int, backbone: Backbone, path: object) -> None:
+    """Raise a clear error when a feature file's dim disagrees with the declared backbone."""
+    if found == backbone.dim:
+        return
+    same = [b.name for b in _backbones().values() if b.dim == found and b.base == backbone.base]
+    hint = f" Did you mean backbone {same[0]!r} ({found}-d)?" if same else ""
+    raise ValueError(
+        f"{path}: features have dim {found}, but backbone {backbone.name!r} declares dim {backbone.dim}.{hint}"
+    )

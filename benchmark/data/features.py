@@ -289,6 +289,33 @@ def validate_coords(coords: np.ndarray, n_patches: int, where: str) -> np.ndarra
     return coords.astype(np.int64)
 
 
+def _h5_feature_dim(path: Path, group: str | None) -> int:
+    try:
+        with h5py.File(path, "r") as f5:
+            node = f5[group] if group is not None and group in f5 else f5
+            if "features" not in node:
+                raise ValueError(f"{path}: h5 file has no 'features' dataset (keys: {list(node.keys())})")
+            return int(node["features"].shape[-1])
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable h5 file ({str(exc).strip().splitlines()[0]})") from None
+
+
+def feature_dim(path: Path, group: str | None = None) -> int:
+    """The feature dim of one file, from its header (h5: the dataset's shape; ``.pt``: the tensor's shape,
+    memory-mapped), without reading the features."""
+    path = Path(path)
+    if path.suffix != ".pt":
+        return _h5_feature_dim(path, group)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return int(_load_tensor_file(path).shape[-1])  # legacy format (no mmap) or a clear error
+    obj = obj["features"] if isinstance(obj, dict) and "features" in obj else obj
+    if not isinstance(obj, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor of features, got {type(obj).__name__}")
+    return int(obj.shape[-1])
+
+
 def read_features(
     path: Path, backbone: Backbone, *, with_coords: bool, coords_file: Path | None = None, group: str | None = None,
     magnification: int | None = None,

@@ -26,18 +26,19 @@ import pandas as pd
 import torch
 
 from benchmark.choices import MISSING_FEATURES, UNITS
-from benchmark.data.backbones import Backbone, get_backbone
 from benchmark.data.bag import MAGNIFICATIONS, Bag, Needs
-from benchmark.data.clinical import patient_table, read_clinical
-from benchmark.data.cohorts import Cohort, get_cohort
+from benchmark.data.clinical import ColumnMap, parse_columns, patient_table, read_clinical
+from benchmark.data.cohorts import Backbone, Cohort, backbone_names, check_dim, get_backbone, get_cohort
 from benchmark.data.features import (
-    ANY_MAGNIFICATION, LAYOUTS, FeatureFolders, count_feature_files, detect_layout, expected_feature_file, read_slide,
-    read_tissue_types,
+    ANY_MAGNIFICATION, LAYOUTS, FeatureFolders, count_feature_files, detect_layout, expected_feature_file,
+    feature_dim, find_feature_file, read_slide, read_tissue_types,
 )
 from benchmark.data.graphs import build_graph
 from benchmark.data.labels import RULES, assign_bins, quantile_edges
 from benchmark.data.paths import data_cache_dir
-from benchmark.data.splits import read_splits, split_files, stratified_patient_folds, write_splits
+from benchmark.data.splits import (
+    describe_origin, read_splits, read_splits_info, split_files, stratified_patient_folds, write_splits,
+)
 
 #: In-process bag cache budget (GiB), overridable with $MIL_BENCHMARK_CACHE_GB.
 DEFAULT_CACHE_GB = 16.0
@@ -252,8 +253,7 @@ def _writable_splits_dir(preferred: Path, clinical: Path) -> Path:
         probe.unlink()
         return preferred
     except OSError:
-        digest = hashlib.sha1(str(clinical.resolve()).encode()).hexdigest()[:10]
-        return data_cache_dir("splits", f"{clinical.stem}-{digest}")
+        return _splits_cache_dir(clinical)
 
 
 def parse_feature_folders(spec: str | os.PathLike | dict | list | tuple | None) -> FeatureFolders | None:
@@ -333,42 +333,66 @@ def _samples_of(slides: pd.DataFrame, unit: str, source: Path) -> tuple[pd.DataF
     return patients, samples[["patient_id", "slide_ids", "time", "event", "censorship"]]
 
 
-def _split_folder(splits, cdir: Path, clinical_path: Path, patients: pd.DataFrame, n_folds: int,
-                  split_seed: int) -> tuple[Path, bool]:
-    """The folder of split files to use, generating stratified patient splits when there are none."""
+def _splits_cache_dir(clinical: Path) -> Path:
+    digest = hashlib.sha1(str(clinical.resolve()).encode()).hexdigest()[:10]
+    return data_cache_dir("splits", f"{clinical.stem}-{digest}")
+
+
+def _given_splits(splits) -> Path:
+    split_dir = Path(splits)
+    if not split_dir.is_dir():
+        what = "does not exist" if not split_dir.exists() else "is not a directory"
+        raise FileNotFoundError(f"--splits {split_dir}: {what}")
+    if not split_files(split_dir):
+        raise FileNotFoundError(f"--splits {split_dir}: no splits_{{k}}.csv files in this folder")
+    return split_dir
+
+
+def _split_folder(splits, cdir: Path, clinical_path: Path, patients: pd.DataFrame, n_folds: int, split_seed: int,
+                  generate: str = "write") -> tuple[Path | None, list | None, dict]:
+    """The split files to use: ``(folder, None, origin)``, or with ``generate="memory"`` and no split files
+    ``(None, folds, origin)``. Without split files, stratified patient splits are generated (``"write"``: into
+    ``<cohort dir>/splits``, else the data cache, with a ``splits_info.json`` naming ``benchmark run`` and the
+    seed). ``origin`` holds ``generated`` (in this call), ``origin`` (one line) and ``info``."""
     if splits:
-        split_dir = Path(splits)
-        if not split_dir.is_dir():
-            what = "does not exist" if not split_dir.exists() else "is not a directory"
-            raise FileNotFoundError(f"--splits {split_dir}: {what}")
-        if not split_files(split_dir):
-            raise FileNotFoundError(f"--splits {split_dir}: no splits_{{k}}.csv files in this folder")
-        return split_dir, False
-    split_dir = cdir / "splits"
-    if split_files(split_dir):
-        return split_dir, False
-    split_dir = _writable_splits_dir(split_dir, clinical_path)
-    if split_files(split_dir):
-        return split_dir, False
-    write_splits(split_dir, stratified_patient_folds(patients[["time", "event"]], n_folds, split_seed))
-    return split_dir, True
+        split_dir = _given_splits(splits)
+        info = read_splits_info(split_dir)
+        return split_dir, None, {"generated": False, "origin": describe_origin(split_dir, True, info), "info": info}
+    for candidate in (cdir / "splits", _splits_cache_dir(clinical_path)):
+        if split_files(candidate):
+            info = read_splits_info(candidate)
+            return candidate, None, {"generated": False, "origin": describe_origin(candidate, False, info),
+                                     "info": info}
+    folds = stratified_patient_folds(patients[["time", "event"]], n_folds, split_seed)
+    info = {"command": "benchmark run", "seed": split_seed, "n_folds": n_folds, "clinical": str(clinical_path)}
+    if generate == "memory":
+        info["command"] = "benchmark audit"
+        return None, folds, {"generated": True, "origin": describe_origin(None, False, info), "info": info}
+    split_dir = _writable_splits_dir(cdir / "splits", clinical_path)
+    write_splits(split_dir, folds, info)
+    origin = (f"generated now by `benchmark run` (seed {split_seed}, {n_folds} folds, patient-level, stratified by "
+              f"event and time bin), written to {split_dir}")
+    return split_dir, None, {"generated": True, "origin": origin, "info": info}
 
 
-def _read_folds(split_dir: Path, samples: pd.DataFrame, slides: pd.DataFrame, unit: str) -> tuple[list[Fold], list[str]]:
-    """Folds of the split files mapped to sample IDs, and the split IDs the table lacks; a leak is an error."""
+def _read_folds(split_dir: Path | None, samples: pd.DataFrame, slides: pd.DataFrame, unit: str,
+                raw: list | None = None) -> tuple[list[Fold], list[str]]:
+    """Folds of the split files (or of ``raw`` folds) mapped to sample IDs, and the split IDs the table lacks;
+    a leak is an error."""
     folds, missing_ids = [], []
-    for k, (tr, va) in enumerate(read_splits(split_dir)):
+    source = split_dir if split_dir is not None else "generated splits"
+    for k, (tr, va) in enumerate(raw if raw is not None else read_splits(split_dir)):
         train, miss_t = map_split_ids(tr, samples, slides, unit)
         val, miss_v = map_split_ids(va, samples, slides, unit)
         missing_ids += miss_t + miss_v
         both = set(train) & set(val)
         if both:
-            raise ValueError(f"{split_dir}/splits_{k}.csv: {len(both)} sample(s) in both train and val "
+            raise ValueError(f"{source}/splits_{k}.csv: {len(both)} sample(s) in both train and val "
                              f"(patient leak), e.g. {sorted(both)[:3]}")
         folds.append(Fold(k, train, val))
     missing_ids = sorted(set(missing_ids))
     if missing_ids:
-        warnings.warn(f"{split_dir}: {len(missing_ids)} split ID(s) are not in the clinical table and are dropped, "
+        warnings.warn(f"{source}: {len(missing_ids)} split ID(s) are not in the clinical table and are dropped, "
                       f"e.g. {missing_ids[:3]} (run `python -m benchmark audit`)", stacklevel=3)
     return folds, missing_ids
 
@@ -433,6 +457,7 @@ def load_cohort(
     clinical: str | os.PathLike | None = None, splits: str | os.PathLike | None = None,
     features: str | os.PathLike | dict | list | None = None, layout: str = "auto", missing_features: str = "error",
     bin_rule: str = "train", check_features: bool = True, n_folds: int = 5, split_seed: int = 0,
+    columns: str | dict | ColumnMap | None = None, generate_splits: str = "write", check_dims: bool = True,
 ) -> CohortData:
     """Load one cohort: clinical table, folds, feature source (see the module docstring).
 
@@ -453,6 +478,13 @@ def load_cohort(
     bin_rule : default rule of :meth:`CohortData.bins`
     check_features : verify that every slide of the table has a feature file
     n_folds, split_seed : of the generated splits
+    columns : the clinical table's column mapping (``--columns`` text or a mapping, see
+        :func:`benchmark.data.clinical.parse_columns`); default: the cohort's ``[cohorts.<name>.columns]``, else
+        the MCAT columns. Recorded in ``provenance["columns"]`` with its warnings.
+    generate_splits : ``"write"`` (generated splits are written, see ``splits``) or ``"memory"`` (kept in memory,
+        nothing written: ``audit``)
+    check_dims : read every feature file's dim from its header before anything trains; a file whose dim is
+        not the backbone's is an error naming the file and both dims
 
     Raises
     ------
@@ -463,31 +495,97 @@ def load_cohort(
                                    ("--missing-features", missing_features, MISSING_FEATURES)):
         _check_choice(option, value, choices)
     folders = parse_feature_folders(features)
+    cmap = parse_columns(columns if columns is not None else (dict(cohort.columns) or None)) or ColumnMap()
     root, synthetic = _resolve_root(data_root, cohort, bb, clinical)
     cdir = _cohort_dir(root, cohort)
     clinical_path = _clinical_path(clinical, cdir, cohort)
-    slides = read_clinical(clinical_path)
+    slides = read_clinical(clinical_path, columns=None if cmap.is_default else cmap)
     patients, samples = _samples_of(slides, unit, clinical_path)
-    split_dir, generated = _split_folder(splits, cdir, clinical_path, patients, n_folds, split_seed)
-    folds, missing_ids = _read_folds(split_dir, samples, slides, unit)
+    split_dir, raw, origin = _split_folder(splits, cdir, clinical_path, patients, n_folds, split_seed, generate_splits)
+    folds, missing_ids = _read_folds(split_dir, samples, slides, unit, raw)
     folders = folders or {ANY_MAGNIFICATION: cdir}
     layout, layout_note = _choose_layout(folders, layout, bb, slides["slide_id"].tolist())
     absent = _slides_without_features(folders, layout, bb, slides["slide_id"].tolist()) if check_features else {}
     if absent and missing_features == "error":
         raise _missing_features_error(absent, len(slides), folders, layout, bb, clinical_path)
+    if check_dims:
+        check_feature_dims(folders, layout, bb, [s for s in slides["slide_id"] if s not in absent])
     slides, samples, folds, dropped = _drop_missing(slides, samples, folds, absent, unit, clinical_path) if absent \
         else (slides, samples, folds, None)
     provenance = {
         "dataset": cohort.name, "backbone": bb.name, "unit": unit, "data_root": str(Path(root).resolve()),
-        "cohort_dir": str(cdir.resolve()), "clinical": str(clinical_path.resolve()), "splits": str(split_dir.resolve()),
-        "splits_generated": generated, "layout": layout, "layout_detection": layout_note,
+        "cohort_dir": str(cdir.resolve()), "clinical": str(clinical_path.resolve()),
+        "splits": None if split_dir is None else str(split_dir.resolve()), "splits_generated": origin["generated"],
+        "splits_origin": origin["origin"], "splits_info": origin["info"], "layout": layout,
+        "layout_detection": layout_note, "columns": None if cmap.is_default else cmap.spec(),
+        "column_mapping": cmap.describe(), "column_warnings": cmap.warnings(),
         "features": {("any" if m is None else f"{m}x"): str(Path(f).resolve()) for m, f in folders.items()},
         "synthetic": synthetic, "missing_split_ids": missing_ids, "missing_features": dropped,
-        "magnifications": list(MAGNIFICATIONS),
+        "magnifications": list(MAGNIFICATIONS), "sizes": fold_sizes(folds),
     }
     return CohortData(cohort=cohort, backbone=bb, unit=unit, slides=slides, samples=samples, folds=folds,
                       feature_root=cdir, layout=layout, feature_folders=folders, provenance=provenance,
                       truth=_truth_of(cdir, samples), bin_rule=bin_rule)
+
+
+def fold_sizes(folds: list[Fold]) -> list[dict]:
+    """Per fold, the numbers of training and validation samples (after any drop: what trains)."""
+    return [{"fold": f.k, "train": len(f.train), "val": len(f.val)} for f in folds]
+
+
+def _feature_files(folders: FeatureFolders, layout: str, bb: Backbone, slides: list[str]):
+    """``(path, h5 group)`` of every feature file of ``slides`` at 20x and every magnification given a folder."""
+    mags = sorted({m for m in folders if m is not None} | ({20} if ANY_MAGNIFICATION in folders else set()))
+    for m in mags:
+        for slide in slides:
+            path = find_feature_file(folders, layout, bb, slide, m)
+            if path.exists():
+                yield path, f"{m}x" if layout == "default" else None
+
+
+def check_feature_dims(folders: FeatureFolders, layout: str, bb: Backbone, slides: list[str]) -> int:
+    """Every feature file's dim (read from its header) against the backbone's, before anything trains.
+
+    Returns the number of files checked; the first file whose dim differs raises ValueError naming the file,
+    its dim and the backbone's dim.
+    """
+    n = 0
+    for path, group in _feature_files(folders, layout, bb, slides):
+        check_dim(feature_dim(path, group), bb, f"{path}[{group}]" if group else path)
+        n += 1
+    return n
+
+
+def _first_feature_file(folders: FeatureFolders) -> tuple[Path, str] | tuple[None, str]:
+    """One feature file of the folders, and the folder names from the given folder down to it."""
+    for folder in folders.values():
+        for pattern in ("*.h5", "*.pt"):
+            found = next((p for p in sorted(Path(folder).rglob(pattern)) if "coord" not in p.name.lower()), None)
+            if found is not None:
+                return found, f"{Path(folder).name}/{found.parent.relative_to(folder).as_posix()}".lower()
+    return None, ""
+
+
+def infer_backbone(features) -> tuple[str, str]:
+    """The backbone of ``--features`` given without ``--backbone``: ``(name, how it was inferred)``.
+
+    Inferred only when exactly one registered backbone has the files' dim (read from one file's header) and its
+    name (or its TRIDENT name) appears in the feature folder's path; otherwise ValueError asks for
+    ``--backbone``.
+    """
+    folders = parse_feature_folders(features)
+    path, words = _first_feature_file(folders)
+    if path is None:
+        raise ValueError(f"--features {', '.join(str(f) for f in folders.values())}: no .h5 or .pt feature file "
+                         "found; name the backbone with --backbone")
+    dim = feature_dim(path)
+    same_dim = [get_backbone(n) for n in backbone_names() if get_backbone(n).dim == dim]
+    named = [b for b in same_dim if b.name in words or (b.trident and b.trident.lower() in words)]
+    if len(named) == 1:
+        return named[0].name, f"backbone {named[0].name} inferred from {path} ({dim}-d, folder named after it)"
+    listed = ", ".join(b.name for b in same_dim) or "none (declare one in a registry file)"
+    raise ValueError(f"--features given without --backbone: the feature files are {dim}-d (e.g. {path}); name "
+                     f"their backbone with --backbone (registered {dim}-d backbones: {listed})")
 
 
 def _clinical_path(clinical, cdir: Path, cohort: Cohort) -> Path:

@@ -417,7 +417,7 @@ def write_base(plan: CohortPlan, cohort_dir: Path, n_folds: int = 5) -> None:
     )
     clinical.to_csv(tmp / "clinical.csv")  # leading unnamed index column, like the MCAT tables
     folds = stratified_patient_folds(p[["time", "event"]], n_folds=n_folds, seed=plan.seed)
-    write_splits(tmp / "splits", folds)
+    write_splits(tmp / "splits", folds, {"command": "benchmark synth", "seed": plan.seed})
     counts = {m: 0 for m in MAGS}
     for i, slide in enumerate(s["slide_id"]):
         geo = plan.geometry(i)

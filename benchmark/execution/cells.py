@@ -116,7 +116,20 @@ def expected_config(config: RunConfig, in_dim: int | None = None) -> dict[str, A
     """The ``config`` a record of this cell gets (``in_dim`` defaults to the backbone's registered dim)."""
     data_root = resolved_data_root(config)
     dim = get_backbone(config.backbone).dim if in_dim is None else in_dim
-    return config.record_config(dim, data_root, synthetic_facts(config, data_root))
+    return registry_columns(config, config.record_config(dim, data_root, synthetic_facts(config, data_root)))
+
+
+def registry_columns(config: RunConfig, record_config: dict[str, Any]) -> dict[str, Any]:
+    """A cohort's registry column mapping (``[cohorts.<name>.columns]``) is part of its cells' configuration
+    (recorded and hashed) when no ``--columns`` is given; cohorts without one keep their config unchanged."""
+    from benchmark.data.clinical import parse_columns
+    from benchmark.data.cohorts import cohort_names, get_cohort
+
+    registered = config.columns is None and config.cohort in cohort_names()  # a test's toy cohort is not
+    mapping = dict(get_cohort(config.cohort).columns) if registered else None
+    if mapping:
+        record_config["columns"] = parse_columns(mapping).spec()
+    return record_config
 
 
 @contextlib.contextmanager

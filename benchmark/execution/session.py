@@ -17,7 +17,11 @@ from benchmark.data.cohorts import add_registry_file, resolve_cohorts, user_regi
 from benchmark.execution.executors import InlineExecutor, get_executor_kind
 from benchmark.execution.cells import Execution, default_results_dir, execute_cell, get_cohort_data, make_executor
 from benchmark.settings.config import ANY, Experiment, RunConfig, feature_items
-from benchmark.settings.options import parse_assignments, parse_indices, parse_option_value, parse_shard, run_settings
+from benchmark.data.clinical import parse_columns
+from benchmark.data.loader import infer_backbone
+from benchmark.settings.options import (
+    parse_assignments, parse_indices, parse_option_value, parse_shard, read_experiment_file, run_settings,
+)
 
 SYNTHETIC_DEFAULT_RECIPE = "demo"
 REAL_DEFAULT_RECIPE = "paper"
@@ -59,8 +63,26 @@ def _shared_config(s: dict[str, Any]) -> RunConfig:
         bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]), data_root=s["data_root"], signal=s["signal"],
         precision=s["precision"], clinical=s["clinical"], splits=s["splits"], features=feature_items(s["features"]),
         layout=s["layout"], missing_features=s["missing_features"],
-        registry=tuple(str(p) for p in user_registry_files()),
+        registry=tuple(str(p) for p in user_registry_files()), columns=canonical_columns(s["columns"]),
     )
+
+
+def canonical_columns(spec) -> str | None:
+    """``--columns`` (or the experiment file's ``columns``) as the canonical mapping text; None when not given."""
+    return None if spec is None else parse_columns(spec).spec()
+
+
+def features_backbone(args: argparse.Namespace, s: dict[str, Any]):
+    """The backbones of the run: as given, or with ``--features`` and no backbone named anywhere, the one
+    inferred from the feature files (printed), else an error asking for ``--backbone``."""
+    named = getattr(args, "backbones", None) is not None
+    if not named and getattr(args, "config", None):
+        named = "backbones" in read_experiment_file(args.config)
+    if named or not s.get("features"):
+        return s["backbones"]
+    name, how = infer_backbone([v if k == "any" else f"{k}={v}" for k, v in feature_items(s["features"])])
+    print(how)
+    return name
 
 
 def build_experiment(args: argparse.Namespace) -> Experiment:
@@ -68,6 +90,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
     s = run_settings(args)
     for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
         add_registry_file(path)
+    s["backbones"] = features_backbone(args, s)
     load_plugins(s["plugins"])
     methods = resolve_methods(_names(s["methods"]))
     get_executor_kind(s["executor"])  # an unknown executor from an experiment file: one line

@@ -73,7 +73,7 @@ def _feature_pair(text: str) -> tuple[str | None, str]:
 def _data_source_cli(config: "RunConfig") -> list[str]:
     """The ``run`` options of a configuration's data source (nothing for the defaults)."""
     args: list[str] = []
-    for name in ("clinical", "splits"):
+    for name in ("clinical", "splits", "columns"):
         if getattr(config, name) is not None:
             args += [f"--{name}", getattr(config, name)]
     if config.features:
@@ -143,6 +143,11 @@ class RunConfig:
         ``$MIL_BENCHMARK_REGISTRY``); read again when the cell is rebuilt from its record.
     tuning : str or None
         Id of the tuning protocol that chose ``tuned`` (``benchmark.tuning.study``); None for an untuned cell.
+    columns : str or None
+        The clinical table's column mapping (``--columns``, canonical ``patient=..,slide=..,time=..,
+        event=..|censorship=..,unit=..`` text of ``benchmark.data.clinical.ColumnMap.spec``); None = the cohort's
+        registry mapping or the MCAT columns. Stored and hashed only when given, so cells without a mapping keep
+        their hash.
     tuned : tuple of (name, value)
         The setting the tuner chose for this outer fold: recipe fields and constructor options, applied over
         ``overrides`` and ``method_options``. The label and the store folder name only the protocol, so the
@@ -173,6 +178,7 @@ class RunConfig:
     precision: str = "fp32"
     tuning: str | None = None
     tuned: tuple[tuple[str, Any], ...] = ()
+    columns: str | None = None
 
     def __post_init__(self) -> None:
         setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -212,7 +218,7 @@ class RunConfig:
     def data_source(self) -> dict[str, Any]:
         """The data-source settings that differ from the defaults (what a record stores and the loader takes)."""
         given = {"clinical": self.clinical, "splits": self.splits, "features": dict(self.features) or None,
-                 "layout": self.layout, "missing_features": self.missing_features}
+                 "layout": self.layout, "missing_features": self.missing_features, "columns": self.columns}
         return {k: v for k, v in given.items() if v is not None and v != DATA_SOURCE_DEFAULTS.get(k)}
 
     def loader_arguments(self) -> dict[str, Any]:
@@ -328,7 +334,7 @@ class RunConfig:
             splits=config.get("splits"), features=config.get("features") or (), layout=config.get("layout") or "auto",
             missing_features=config.get("missing_features") or "error", registry=config.get("registry") or (),
             precision=config.get("precision") or "fp32", tuning=tuning.get("id"),
-            tuned=tuned,
+            tuned=tuned, columns=config.get("columns"),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -70,7 +70,11 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     _s("data_root", None, str, None, "data", "real data root (default: the embedded synthetic cohorts)", path=True),
     _s("clinical", None, str, None, "data", "clinical table, .csv or MCAT's .csv.zip as shipped "
        "(default <cohort dir>/clinical.csv)", path=True, metavar="FILE"),
-    _s("splits", None, str, None, "data", "folder of MCAT splits_{k}.csv files", path=True, metavar="DIR"),
+    _s("splits", None, str, None, "data", "folder of MCAT splits_{k}.csv files (e.g. written by `benchmark splits`)",
+       path=True, metavar="DIR"),
+    _s("columns", None, (str, dict), None, "data", "the clinical table's columns and their meaning: patient=..,"
+       "slide=..,time=..,event=..|censorship=..,unit=months|days|years (exactly one of event / censorship; "
+       "default: the cohort's registry mapping, else MCAT's columns)", metavar="KEY=COLUMN,..."),
     _s("features", None, (str, list, dict), None, "data", "feature folder(s): one (CLAM FEAT_DIR, TRIDENT job "
        "folder, ...) or one per magnification, e.g. 20x=DIR 10x=DIR 5x=DIR", path=True, many=True,
        metavar="[MAGx=]DIR"),
