@@ -18,27 +18,7 @@ def _cell_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("plot", help="Kaplan-Meier curves with log-rank test, attention heatmaps")
-    sub = p.add_subparsers(dest="plot", required=True, metavar="FIGURE")
-
-    km = sub.add_parser(
-        "km",
-        help="Kaplan-Meier curves of high vs low predicted risk, log-rank p-value (PNG + PDF)",
-        description=(
-            "Split each fold's validation patients at a risk threshold, pool the folds, and draw both Kaplan-Meier "
-            "curves (95%% bands) with an at-risk table and the log-rank p-value. train-median (default): the "
-            "median risk of the fold's training samples; pooled-median: the pooled out-of-fold median, as the "
-            "official CrossFusion code."
-        ),
-    )
-    _cell_options(km)
-    km.add_argument("--dataset", default="all", help="cohort, comma list, or 'all' (default)")
-    km.add_argument("--split", choices=("train-median", "pooled-median"), default="train-median")
-    km.add_argument("--layout", choices=("panels", "figures"), default=None,
-                    help="one figure with a panel per cohort (default for several) or one figure per cohort")
-    km.set_defaults(func=run_km)
-
+def _register_heatmap(sub) -> None:
     hm = sub.add_parser(
         "heatmap",
         help="attention maps of a trained fold model on one slide (PNG + PDF)",
@@ -68,6 +48,30 @@ def register(subparsers) -> None:
     hm.add_argument("--geojson", default=None, metavar="FILE",
                     help="write every patch with its scores as GeoJSON for QuPath (File > Import objects from file)")
     hm.set_defaults(func=run_heatmap)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plot", help="Kaplan-Meier curves with log-rank test, attention heatmaps")
+    sub = p.add_subparsers(dest="plot", required=True, metavar="FIGURE")
+
+    km = sub.add_parser(
+        "km",
+        help="Kaplan-Meier curves of high vs low predicted risk, log-rank p-value (PNG + PDF)",
+        description=(
+            "Split each fold's validation patients at a risk threshold, pool the folds, and draw both Kaplan-Meier "
+            "curves (95%% bands) with an at-risk table and the log-rank p-value. train-median (default): the "
+            "median risk of the fold's training samples; pooled-median: the pooled out-of-fold median, as the "
+            "official CrossFusion code."
+        ),
+    )
+    _cell_options(km)
+    km.add_argument("--dataset", default="all", help="cohort, comma list, or 'all' (default)")
+    km.add_argument("--split", choices=("train-median", "pooled-median"), default="train-median")
+    km.add_argument("--layout", choices=("panels", "figures"), default=None,
+                    help="one figure with a panel per cohort (default for several) or one figure per cohort")
+    km.set_defaults(func=run_km)
+
+    _register_heatmap(sub)
 
     tune = sub.add_parser(
         "tuning",
