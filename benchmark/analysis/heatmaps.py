@@ -156,11 +156,11 @@ def slide_overlay(maps: Sequence, slide: SlideImage, geometry: Mapping[int, Patc
 def slide_figure(overlay: SlideOverlay, maps: Sequence, titles: Mapping[str, str], suptitle: str) -> plt.Figure:
     """The thumbnail beside each map's overlay, one colour bar for all (percentile ranks), titles wrapped."""
     panels = 1 + len(maps)
-    ncols = min(4, panels)
-    nrows = -(-panels // ncols)
+    nrows = -(-panels // 4)  # at most four panels a row, rows filled evenly
+    ncols = -(-panels // nrows)
     h, w = overlay.thumbnail.shape[:2]
     width = 3.4
-    fig = plt.figure(figsize=(width * ncols + 1.0, (width * h / w + 0.9) * nrows), layout="constrained")
+    fig = plt.figure(figsize=(width * ncols + 1.4, (width * h / w + 0.6) * nrows), layout="constrained")
     axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     axes[0].imshow(overlay.thumbnail)
     axes[0].set_title(f"slide ({1 / overlay.scale[0]:.0f}x downsampled)", fontsize=8)
