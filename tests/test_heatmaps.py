@@ -132,6 +132,7 @@ def _one_line_error(capsys, rc) -> str:
     ("top-k-without-slide", "--top-k: patch images are read from the slide; give --slide-file (or --slide-dir)"),
     ("negative-top-k", "--top-k -1: must be >= 0"),
     ("no-slide-dir", "--slide-dir"),
+    ("slide-dir-escape", "would name a file outside it"),
 ])
 def test_slide_options_bad_input(confined, capsys, tiny_root, tmp_path, monkeypatch, case, message):  # noqa: F811
     _, slide = _cell(tiny_root, tmp_path)
@@ -139,7 +140,8 @@ def test_slide_options_bad_input(confined, capsys, tiny_root, tmp_path, monkeypa
     present.write_bytes(b"\0" * 64)
     extra = {"missing-library": ["--slide-file", str(present)], "no-such-file": ["--slide-file", str(tmp_path / "x.svs")],
              "top-k-without-slide": ["--top-k", "2"], "negative-top-k": ["--top-k", "-1"],
-             "no-slide-dir": ["--slide-dir", str(tmp_path / "nowhere")]}[case]
+             "no-slide-dir": ["--slide-dir", str(tmp_path / "nowhere")],
+             "slide-dir-escape": ["--slide-dir", str(tmp_path), "--slide-ext", "/../../x.svs"]}[case]
     if case == "missing-library":
         for module in ("openslide", "tiffslide"):  # None in sys.modules: the import fails as if not installed
             monkeypatch.setitem(sys.modules, module, None)
@@ -168,3 +170,59 @@ def test_slide_file_and_slide_dir_exclude_each_other(capsys, tmp_path):
         main(["plot", "heatmap", "--results", str(tmp_path), "--method", "amil", "--dataset", "blca", "--slide", "s",
               "--slide-file", "a.svs", "--slide-dir", str(tmp_path)])
     assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+class _FakeTiffSlide:
+    """tiffslide's API on a 400 x 300 grey image with one dark square (RGB regions, as tiffslide returns)."""
+
+    dimensions = (400, 300)
+    level_downsamples = (1.0, 4.0)
+    properties = {"tiffslide.objective-power": "40"}
+
+    def __init__(self, path):
+        from PIL import Image
+
+        pixels = np.full((300, 400, 3), 200, np.uint8)
+        pixels[100:200, 100:200] = 20
+        self.image = Image.fromarray(pixels)
+
+    def get_thumbnail(self, size):
+        thumb = self.image.copy()
+        thumb.thumbnail(size)
+        return thumb
+
+    def get_best_level_for_downsample(self, downsample):
+        return 1 if downsample >= 4 else 0
+
+    def read_region(self, location, level, size):
+        from PIL import Image
+
+        d = self.level_downsamples[level]
+        x, y = location
+        box = (x, y, x + round(size[0] * d), y + round(size[1] * d))
+        return self.image.crop(box).resize(size, Image.Resampling.BOX)
+
+    def close(self):
+        pass
+
+
+def test_tiffslide_is_read_when_openslide_is_absent(monkeypatch, tmp_path):
+    import types
+
+    fake = types.ModuleType("tiffslide")
+    fake.TiffSlide = _FakeTiffSlide
+    fake.PROPERTY_NAME_OBJECTIVE_POWER = "tiffslide.objective-power"
+    monkeypatch.setitem(sys.modules, "openslide", None)
+    monkeypatch.setitem(sys.modules, "tiffslide", fake)
+    (tmp_path / "s.tif").write_bytes(b"II*\0")
+    with slides.open_slide(tmp_path / "s.tif") as slide:
+        assert slide.backend == "tiffslide" and slide.dimensions == (400, 300) and slide.objective_power == 40
+        thumb, scale = slide.thumbnail(200)
+        assert thumb.shape == (150, 200, 3) and scale == (0.5, 0.5)
+        dark = slide.read_patch(100, 100, 100, 25)  # downsample 4: read from level 1, no resize
+        assert dark.shape == (25, 25, 3) and (dark == 20).all()
+        edge = slide.read_patch(50, 50, 100, 50)  # level 0, a quarter of it dark
+        # (Lanczos resampling rings within a few pixels of the edge at 25, 25)
+        assert edge.shape == (50, 50, 3) and (edge[30:, 30:] == 20).all() and (edge[:20] == 200).all()
+        with pytest.raises(ValueError, match=r"2 of 3 patch corners of map m lie outside the slide \(400 x 300"):
+            slides.check_inside(np.array([[0, 0], [400, 0], [0, 300]]), slide, "map m")

@@ -155,8 +155,13 @@ def _slide_file(slide: str, slide_file, slide_dir, slide_ext: str) -> Path | Non
         return Path(slide_file) if slide_file is not None else None
     if not Path(slide_dir).is_dir():
         raise FileNotFoundError(f"--slide-dir {slide_dir}: not a directory")
+    from benchmark.naming import path_under
+
     ext = slide_ext if slide_ext.startswith(".") else f".{slide_ext}"
-    return Path(slide_dir) / f"{slide}{ext}"
+    try:
+        return path_under(slide_dir, f"{slide}{ext}")
+    except ValueError:
+        raise ValueError(f"--slide-dir {slide_dir}: slide id {slide!r} would name a file outside it") from None
 
 
 def heatmap(results, method: str, dataset: str, slide: str, *, fold=None, out=None, retrain=False,
