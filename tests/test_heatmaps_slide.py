@@ -285,7 +285,7 @@ def _check_geojson(path: Path, maps, side: int) -> None:
     np.testing.assert_allclose(scores, maps[0].values, rtol=1e-6)
 
 
-def test_lower_magnifications_at_their_own_extent(slide_cohorts, cmu_slide, tmp_path, capsys):
+def test_command_with_slide_dir_geojson_per_magnification_and_no_stray_files(slide_cohorts, cmu_slide, tmp_path, capsys):
     from benchmark.cli import main
 
     root, _, facts = slide_cohorts["trident"]

@@ -204,8 +204,9 @@ def patch_geometry(folders: FeatureFolders, layout: str, backbone: Backbone, sli
     if found is None:
         found = float(level0_patch_size(magnification)), \
             f"{PATCH_SIZE}-px patch at {magnification}x on a {LEVEL0_MAGNIFICATION}x scan (assumed)"
-    size = max(1, int(round(found[0] * magnification / level0_mag)))
-    return PatchGeometry(found[0], size, found[1])
+    if "patch_size_level0" in attrs and "patch_size" in attrs:  # TRIDENT: patch_size is at the target magnification
+        return PatchGeometry(found[0], int(attrs["patch_size"]), found[1])
+    return PatchGeometry(found[0], max(1, int(round(found[0] * magnification / level0_mag))), found[1])
 
 
 def check_inside(coords: np.ndarray, slide: SlideImage, what: str) -> None:
