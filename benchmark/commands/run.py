@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "results": None, "jobs": 1, "device": "auto", "save_weights": "none", "plugins": [], "precision": "fp32",
     "executor": "local", "address": None, "cpus_per_cell": None, "gpus_per_cell": 0.0, "shard": None,
     "clinical": None, "splits": None, "features": None, "layout": "auto", "missing_features": "error",
-    "registry": [],
+    "registry": [], "seeding": "per-fold",
 }
 
 
@@ -70,6 +70,9 @@ def add_grid_arguments(p: argparse.ArgumentParser) -> None:
                         "in tables)")
     p.add_argument("--folds", default=None, help="e.g. 0-4, 0,2 or all (default all)")
     p.add_argument("--seed", dest="seeds", default=None, help="training seed(s), e.g. 0 or 0-2 (default 0)")
+    p.add_argument("--seeding", default=None, choices=("per-fold", "shared"),
+                   help="per-fold (default): each fold's training seed derived from (seed, repeat, fold); shared: "
+                        "--seed for every fold, as the official codes (parity; filed apart, label seeding=shared)")
     p.add_argument("--repeats", type=int, default=None,
                    help="repeated cross-validation: R split sets (repeat 0 = the cohort's split files, 1..R-1 "
                         "stratified patient-level folds drawn with seed r; default 1)")
@@ -206,6 +209,7 @@ def build_experiment(args: argparse.Namespace):
         data_root=s["data_root"], signal=s["signal"], precision=s["precision"], clinical=s["clinical"],
         splits=s["splits"], features=feature_items(s["features"]), layout=s["layout"],
         missing_features=s["missing_features"], registry=tuple(str(p) for p in user_registry_files()),
+        seeding=s["seeding"],
     )
     experiment = Experiment(
         methods=tuple(methods), cohorts=tuple(resolve_cohorts(_as_text_list(s["datasets"]))),

@@ -29,6 +29,10 @@ from benchmark.settings.recipes import SELECTIONS, Recipe, get_recipe, parse_opt
 PRECISIONS = ("fp32", "bf16", "fp16")  # benchmark.fitting.precision.PRECISIONS, without importing torch here
 
 UNITS = ("patient", "slide")
+#: ``--seeding``: ``per-fold`` derives each cell's training seed from (seed, repeat, fold), so every fold is a
+#: fresh draw of the training procedure; ``shared`` seeds every fold with ``seed`` (the official codes; records
+#: without a ``seeding`` entry were trained so). See ``benchmark.fitting.trainer.training_seed``.
+SEEDINGS = ("per-fold", "shared")
 #: ``--save-weights``: ``none`` (records only) or ``last`` (the selected model's weights beside each record).
 SAVE_WEIGHTS = ("none", "last")
 EXECUTORS = ("local", "ray")
@@ -156,6 +160,10 @@ class RunConfig:
     registry : tuple of str
         Registry files (cohorts, backbones) the cell's names come from (``--registry``,
         ``$MIL_BENCHMARK_REGISTRY``); read again when the cell is rebuilt from its record.
+    seeding : {"per-fold", "shared"}
+        How the training seed (initialisation, sampling, dropout) follows from ``seed``: derived from
+        (seed, repeat, fold), or ``seed`` itself for every fold (parity with the official codes; the store files
+        such cells apart, label ``seeding=shared``).
     tuning : str or None
         Id of the tuning protocol that chose ``tuned`` (``benchmark.tuning.study``); None for an untuned cell.
     tuned : tuple of (name, value)
@@ -188,6 +196,7 @@ class RunConfig:
     precision: str = "fp32"
     tuning: str | None = None
     tuned: tuple[tuple[str, Any], ...] = ()
+    seeding: str = "per-fold"
 
     def __post_init__(self) -> None:
         setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -204,6 +213,7 @@ class RunConfig:
         _check_choice(self.bin_rule, BIN_RULES, "--bin-rule")
         _check_choice(self.signal, SYNTHETIC_SIGNALS, "--signal")
         _check_choice(self.precision, PRECISIONS, "--precision")
+        _check_choice(self.seeding, SEEDINGS, "--seeding")
         if self.n_bins < 2:
             raise ValueError(f"--n-bins: needs at least 2 bins, got {self.n_bins}")
         options = {k: parse_option_value(v) if isinstance(v, str) else v for k, v in dict(self.method_options).items()}
@@ -262,6 +272,8 @@ class RunConfig:
         out.update({k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v})
         if self.tuning:
             out["tuned"] = self.tuning
+        if self.seeding == "shared":  # filed apart from the default per-fold cells, in the folder of older records
+            out["seeding"] = "shared"
         return out
 
     def label(self) -> str:
@@ -315,6 +327,8 @@ class RunConfig:
             config["precision"] = self.precision
         if self.tuning:
             config["tuning"] = {"id": self.tuning, "params": dict(self.tuned)}
+        if self.seeding != "shared":  # absent for shared, the seeding of every record written without the entry
+            config["seeding"] = self.seeding
         return config
 
     @classmethod
@@ -343,7 +357,7 @@ class RunConfig:
             splits=config.get("splits"), features=config.get("features") or (), layout=config.get("layout") or "auto",
             missing_features=config.get("missing_features") or "error", registry=config.get("registry") or (),
             precision=config.get("precision") or "fp32", tuning=tuning.get("id"),
-            tuned=tuned,
+            tuned=tuned, seeding=config.get("seeding") or "shared",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,7 +382,7 @@ class RunConfig:
         args += [f"--set={k}={_format_value(v)}" for k, v in sorted({**dict(self.overrides), **tuned_recipe}.items())]
         args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in sorted(self.options.items())]
         defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed",
-                    "precision": "fp32"}
+                    "precision": "fp32", "seeding": "per-fold"}
         args += [f"--{k.replace('_', '-')}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
         if self.data_root is not None:
             args += ["--data-root", self.data_root]
@@ -402,6 +416,7 @@ EXPERIMENT_KEYS: dict[str, type | tuple[type, ...]] = {
     "registry": (str, list),
     "device": str, "save_weights": (bool, str), "plugins": list, "precision": str, "executor": str, "address": str,
     "cpus_per_cell": (int, float), "gpus_per_cell": (int, float), "shard": str, "tune": dict,
+    "seeding": str,
 }
 #: Experiment-file settings that are paths: relative ones are taken from the experiment file's folder.
 EXPERIMENT_PATHS = ("clinical", "splits", "features", "registry")
