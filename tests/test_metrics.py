@@ -158,7 +158,40 @@ def test_metric_failures_keep_their_reason():
     got = evaluate([1.0, 2.0, 3.0, 4.0], [0, 0, 0, 0], [0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 5.0], [1, 0, 1],
                    errors=errors)
     assert np.isnan(got["c_index"]) and "all samples are censored" in errors["c_index"]
-    assert "Cox head" in errors["ibs"] and "Cox head" in errors["d_calibration_p"]
+    assert errors["ibs"] == errors["mean_auc"] == "ValueError: no event in the validation fold"
+    assert "Cox head" in errors["d_calibration_p"]
+    errors = {}
+    got = evaluate([1.0, 2.0, 3.0, 4.0], [1, 0, 1, 0], [0.4, 0.2, 0.3, 0.1], [1.0, 2.0, 5.0], [1, 0, 1],
+                   errors=errors)
+    assert np.isfinite(got["mean_auc"]) and "Cox head" in errors["ibs"]  # the real reason, not the grid
+
+
+def test_small_folds_with_an_event_in_range_never_lose_a_metric_to_the_grid():
+    """Folds of 8 patients with 1-3 events (as the tiny preset's): wherever the validation fold has an event
+    before both folds' last times, the AUC, Uno's C and the IBS are finite; otherwise the reason names it."""
+    rng = np.random.default_rng(12)
+    edges = np.array([0.0, 10.0, 25.0, 50.0, 200.0])
+    checked = 0
+    for _ in range(300):
+        time = np.round(rng.exponential(30.0, 40), 1) + 0.1
+        event = (rng.random(40) < 0.25).astype(int)
+        x = rng.normal(size=40)
+        survival = np.exp(-np.outer(np.exp(x), [0.2, 0.5, 1.0, 2.0]))
+        te, tr = np.arange(8), np.arange(8, 40)
+        errors = {}
+        got = evaluate(time[te], event[te], x[te], time[tr], event[tr], survival=survival[te], bin_edges=edges,
+                       errors=errors)
+        hi = min(time[te].max(), time[tr].max())
+        in_range = event[te].astype(bool) & (time[te] >= max(time[te].min(), time[tr].min())) & (time[te] < hi)
+        if in_range.any():
+            checked += 1
+            grid = evaluation_times(time[tr], time[te], test_event=event[te])
+            assert grid.size >= 1 and grid.min() >= time[te][in_range].min()
+            assert np.isfinite(got["mean_auc"]) and np.isfinite(got["c_index_uno"]), errors
+            assert np.isfinite(got["ibs"]) or "fewer than 2 evaluation times" in errors["ibs"], errors
+        else:
+            assert "no event" in errors["mean_auc"] or "no validation event" in errors["mean_auc"]
+    assert checked > 150
 
 
 def test_d_calibration_hand_computed():
