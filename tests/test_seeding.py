@@ -93,3 +93,20 @@ def test_shared_seeding_reproduces_the_records_of_the_one_seed_runs(tiny_root, t
     assert {p["sample_id"]: p["risk"] for p in result.predictions} == reference["risks"]
     per_fold = trainer.train_fold(cohort, config.with_(seeding="per-fold"), device="cpu")
     assert {p["sample_id"]: p["risk"] for p in per_fold.predictions} != reference["risks"]
+
+
+def test_run_flag_and_experiment_file_choose_the_seeding(tmp_path):
+    from benchmark.cli import build_parser, main
+    from benchmark.commands.run import build_experiment
+
+    def experiment(*argv):
+        return build_experiment(build_parser().parse_args(["run", *argv]))
+
+    assert {c.seeding for c in experiment("--methods", "amil").configs(5)} == {"per-fold"}
+    shared = experiment("--methods", "amil", "--seeding", "shared").configs(5)
+    assert {c.seeding for c in shared} == {"shared"} and shared[0].label() == "demo, seeding=shared"
+    path = tmp_path / "grid.toml"
+    path.write_text('methods = "amil"\nseeding = "shared"\n')
+    assert experiment("--config", str(path)).shared.seeding == "shared"
+    path.write_text('methods = "amil"\nseeding = "sometimes"\n')
+    assert main(["run", "--config", str(path), "--dry-run", "--results", str(tmp_path / "r")]) == 2
