@@ -153,7 +153,7 @@ def test_declared_family_marks_footer_and_confidence_intervals(tmp_path):
     footer = [n for n in t.notes if "Holm-adjusted over" in n]
     assert len(footer) == 1 and "m = 3 comparisons" in footer[0] and "all pairs of rows" in footer[0]
     assert "alpha 0.05" in footer[0] and "conditional on the trained models" in footer[0]
-    assert "5 finished validation folds" in footer[0] and "Minimum detectable difference" in md
+    assert "BLCA: 5 finished validation folds" in md and "Minimum detectable difference" in md
     assert "statistically tied for best" in md and "NOT tested" not in md
     assert "95% CI" in md.splitlines()[0] and "Nadeau-Bengio" in md
     cell = t.cells[("good", "blca")]

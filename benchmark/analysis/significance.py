@@ -574,7 +574,8 @@ class StatTest:
 STAT_TESTS: dict[str, StatTest] = {t.name: t for t in (
     StatTest("corrected-t", "corrected resampled t-test over the per-fold differences (Nadeau & Bengio 2003; "
              "Bouckaert & Frank 2004 for repeats)",
-             "training procedures, with the training randomness of each fold's model in the fold-to-fold spread",
+             "the cohort only (it compares training procedures: each fold's freshly seeded model puts the training "
+             "randomness into the fold-to-fold spread)",
              None, "any per-fold metric; J >= 2 validation folds", 0, _run_corrected_t, lambda data: None),
     StatTest("fold-bootstrap", "paired bootstrap over patients (each once for every repeat and seed), every fold's "
              "C-index recomputed (Efron & Tibshirani 1993)",
@@ -661,20 +662,27 @@ class ColumnSignificance:
     def n_comparisons(self) -> int:
         return len(self.pairs)
 
-    def footer(self, marker: str = "*") -> str:
-        """The sentence a table prints under itself: test, what it conditions on, family, Holm, alpha, m."""
+    def footer(self, marker: str = "*", details: bool = True) -> str:
+        """The sentence a table prints under itself: test, what it conditions on, family, Holm, alpha, m; with
+        ``details`` the column's own facts too (:meth:`details`)."""
         spec = STAT_TESTS[self.test]
         what = (f"↓ / ↑ significantly worse / better than {self.reference}" if self.family == "reference"
                 else f"{marker} significantly below at least one other row")
         family = (f"every method vs {self.reference}" if self.family == "reference" else "all pairs of rows")
         m = self.n_comparisons
         resamples = f" ({self.n_boot} resamples)" if self.n_boot else ""
-        lost = (f" {self.lost} of {self.n_boot} resamples lost some fold's comparable pairs (that fold left out of "
-                "their mean)." if self.lost else "")
         text = (f"{what}: two-sided {spec.description}{resamples}, conditional on {spec.conditions_on}; "
-                f"{self.n_units} finished validation folds ({self.n_folds} per repeat, {self.n_repeats} repeat(s), "
-                f"{self.seeds} seed(s)); family {family}, Holm-adjusted over m = {m} comparison{'s' if m != 1 else ''} "
-                f"per column, family-wise alpha {self.alpha:g}.{lost}")
+                f"family {family}, Holm-adjusted over m = {m} comparison{'s' if m != 1 else ''} per column, "
+                f"family-wise alpha {self.alpha:g}.")
+        return f"{text} {self.details()}" if details else text
+
+    def details(self) -> str:
+        """The column's own facts: finished folds, resamples that lost a fold's pairs, withheld marks."""
+        text = (f"{self.n_units} finished validation folds ({self.n_folds} per repeat, {self.n_repeats} repeat(s), "
+                f"{self.seeds} seed(s)).")
+        if self.lost:
+            text += (f" {self.lost} of {self.n_boot} resamples lost some fold's comparable pairs (that fold left "
+                     "out of their mean).")
         if self.withheld:
             text += f" Marks withheld: {self.withheld}."
         return text

@@ -378,14 +378,14 @@ def _metric_error_notes(table: ResultTable) -> list[str]:
                 reasons.setdefault(why, []).append(f"{int(r.get('repeat') or 0)}/{int(r['fold'])}")
         for why, folds in sorted(reasons.items()):
             notes.append(f"{row} / {col}: {METRIC_NAMES[table.metric]} undefined in finished fold(s) (repeat/fold) "
-                         f"{', '.join(sorted(folds))}: {why}.")
+                         f"{', '.join(sorted(folds))}: {why.rstrip('.')}.")
     return notes
 
 
 def _apply_significance(table: ResultTable, significance: SignificanceHook, marker: str) -> None:
     """Mark the rows each column's declared family of tests marks, bold the rows it ties for best, and state the
     test, its MDE and what bold means under the table."""
-    footers, untested, mdes = [], [], []
+    footers, untested, mdes, details = [], [], [], []
     table.tested_best = {}
     for col in table.columns:
         rows = {r: table.cells[(r, col)].records for r in table.rows
@@ -407,13 +407,18 @@ def _apply_significance(table: ResultTable, significance: SignificanceHook, mark
         if getattr(result, "tied_best", None) is not None:
             table.tested_best[col] = set(result.tied_best)
         if getattr(result, "mde", None) is not None:
-            mdes.append(f"{col.upper()} {result.mde.value:.3f} ({result.mde.low:.3f}-{result.mde.high:.3f})")
-        footer = result.footer(marker) if hasattr(result, "footer") else f"{marker}: significantly worse (paired test)."
+            mde = result.mde
+            mdes.append(f"{col.upper()} {mde.value:.3f}" + (f" ({mde.low:.3f}-{mde.high:.3f})" if mde.high > mde.low
+                                                             else ""))
+        if hasattr(result, "details"):
+            details.append(f"{col.upper()}: {result.details()}")
+        footer = (result.footer(marker, details=False) if hasattr(result, "details") else
+                  result.footer(marker) if hasattr(result, "footer") else f"{marker}: significantly worse (paired test).")
         footers += [footer] if footer not in footers else []
     table.notes.insert(0, "Bold: the rows not significantly below the column's best mean (the set statistically "
                           "tied for best: Holm-adjusted all-pairs tests below); no bold in a column without that "
                           "test (the reference family tests rows against the reference only).")
-    table.notes += footers
+    table.notes += footers + details
     if mdes:
         table.notes.append("Minimum detectable difference of the test that ran (80 % power, Holm's first step "
                            "alpha / m; in brackets its range from the uncertainty of the spread of few folds): "
