@@ -110,3 +110,24 @@ def test_run_flag_and_experiment_file_choose_the_seeding(tmp_path):
     assert experiment("--config", str(path)).shared.seeding == "shared"
     path.write_text('methods = "amil"\nseeding = "sometimes"\n')
     assert main(["run", "--config", str(path), "--dry-run", "--results", str(tmp_path / "r")]) == 2
+
+
+def test_older_records_are_refiled_for_shared_and_retrained_for_per_fold(tmp_path, tiny_root):
+    """A record written before the seeding existed (folder ``demo``, no ``seeding`` entry) is the shared cell:
+    a shared run moves it into its own folder and skips it; a per-fold run trains its own cell."""
+    from benchmark.execution.runner import plan_grid, run_cell
+    from benchmark.store.records import ResultStore
+
+    store = ResultStore(tmp_path / "store")
+    shared = RunConfig("amil", "blca", recipe="demo", data_root=tiny_root, seeding="shared",
+                       overrides={"epochs": 1})
+    run_cell(shared, store)
+    record = store.read(shared.cell)
+    old = shared.with_(seeding="per-fold").cell  # the folder an older run used: the plain store key
+    store.write({**record, "recipe": old.recipe, "label": "demo, epochs=1", "weights": None})
+    (tmp_path / "store" / shared.cell.run_dir / "fold0.json").unlink()
+    per_fold = shared.with_(seeding="per-fold")
+    plan = plan_grid([per_fold], store)
+    assert plan.todo == [per_fold] and "another configuration" in next(iter(plan.rerun_reasons.values()))
+    plan = plan_grid([shared], store)
+    assert plan.skipped == [shared] and store.read(shared.cell)["config_hash"] == record["config_hash"]
