@@ -8,9 +8,14 @@ DATASETS ?= all
 JOBS     ?= 2
 # Table 2 method (the paper's is CrossFusion; e.g. `make table2 TABLE2_METHOD=amil` for a fast backbone ranking)
 TABLE2_METHOD ?= crossfusion
-# Null calibration: methods run on --signal none data (every method equally good), one store per data seed
-CALIBRATION_METHODS ?= amil,dsmil,deepgraphsurv,random
-CALIBRATION_SEEDS   ?= 0 1 2
+# Null calibration (docs/EXPERIMENTS.md): one cheap training procedure under several names (methods/_null_copies.py,
+# initialisation differing per copy and per cell) on synthetic data with signal (models learn and vary) and without;
+# one store per signal and data seed; every offered test's false-mark rate per family vs alpha
+CALIBRATION_METHODS ?= null0,null1,null2
+CALIBRATION_PLUGIN  ?= methods._null_copies
+CALIBRATION_SEEDS   ?= 1 2 3 4 5 6 7 8
+CALIBRATION_SIGNALS ?= mixed none
+CALIBRATION_PRESET  ?= tiny
 CALIBRATION_DATA    ?= data_cache/calibration
 CALIBRATION_RESULTS ?= results/calibration
 # Synthetic controls with a known answer: a 20x-only signal (20x-reading methods above random), no signal
@@ -21,7 +26,7 @@ CONTROL_RESULTS  ?= results/controls
 TUNE   ?= 0
 TRIALS ?= 30
 
-.PHONY: install test test-ray gpu-check heatmap-demo table1 table2 calibration controls clean-results help
+.PHONY: install test test-ray gpu-check heatmap-demo table1 table2 calibration calibration-stores controls clean-results help
 
 help:
 	@echo "make install   - create $(VENV) with the pinned CPU stack (and the slides extra) and install the harness"
@@ -32,7 +37,7 @@ help:
 	@echo "make table1    - Table 1 grid (every method x six cohorts, synthetic demo data) -> $(RESULTS)/table1.md"
 	@echo "                 TUNE=1: tune every method first ($(TRIALS) trials per outer fold) -> $(RESULTS)/table1-tuned.md"
 	@echo "make table2    - Table 2 grid (CrossFusion x five backbones x six cohorts)  -> $(RESULTS)/table2.md"
-	@echo "make calibration - methods on --signal none data of CALIBRATION_SEEDS; how often a column gets a mark vs alpha"
+	@echo "make calibration - equal training procedures on data with and without signal: how often each test marks a column vs alpha"
 	@echo "make controls  - CONTROL_METHODS on a 20x-only signal and on no signal, marked against random"
 
 $(PY):
@@ -72,13 +77,20 @@ table2: install
 	$(PY) -m benchmark run --methods $(TABLE2_METHOD) --dataset $(DATASETS) --backbone all --jobs $(JOBS) --results $(RESULTS)
 	$(PY) -m benchmark table 2 --results $(RESULTS) --method $(TABLE2_METHOD) --format md --out $(RESULTS)/table2.md
 
-calibration: install
-	for seed in $(CALIBRATION_SEEDS); do \
-	  $(PY) -m benchmark synth --out $(CALIBRATION_DATA)/s$$seed --preset demo --seed $$seed --signal none --cohorts all || exit 1; \
-	  $(PY) -m benchmark run --methods $(CALIBRATION_METHODS) --dataset all --backbone resnet50 --recipe demo \
-	    --data-root $(CALIBRATION_DATA)/s$$seed --jobs $(JOBS) --results $(CALIBRATION_RESULTS)/s$$seed || exit 1; \
+calibration-stores: install
+	for seed in $(CALIBRATION_SEEDS); do for signal in $(CALIBRATION_SIGNALS); do \
+	  $(PY) -m benchmark synth --out $(CALIBRATION_DATA)/$$signal/s$$seed --preset $(CALIBRATION_PRESET) --seed $$seed \
+	    --signal $$signal --cohorts all || exit 1; \
+	  $(PY) -m benchmark --plugin $(CALIBRATION_PLUGIN) run --methods $(CALIBRATION_METHODS) --dataset all \
+	    --backbone resnet50 --recipe demo --data-root $(CALIBRATION_DATA)/$$signal/s$$seed --jobs $(JOBS) \
+	    --results $(CALIBRATION_RESULTS)/$$signal/s$$seed || exit 1; \
+	done; done
+
+calibration: calibration-stores
+	for signal in $(CALIBRATION_SIGNALS); do \
+	  $(PY) -m benchmark --plugin $(CALIBRATION_PLUGIN) calibration --design "$$signal signal, $(CALIBRATION_PRESET)" \
+	    --results $(foreach s,$(CALIBRATION_SEEDS),$(CALIBRATION_RESULTS)/$$signal/s$(s)) || exit 1; \
 	done
-	$(PY) -m benchmark calibration --results $(addprefix $(CALIBRATION_RESULTS)/s,$(CALIBRATION_SEEDS))
 
 controls: install
 	for signal in fine none; do \

@@ -19,6 +19,10 @@ BIN_RULES = ("train", "cohort", "cohort-slides")
 UNITS = ("patient", "slide")
 #: Model selection (``paper-max`` is optimistic and every table marks it).
 SELECTIONS = ("last", "inner", "paper-max")
+#: ``--seeding``: ``per-fold`` derives each cell's training seed from (seed, repeat, fold), so every fold is a
+#: fresh draw of the training procedure; ``shared`` seeds every fold with ``seed`` (the official codes; records
+#: without a ``seeding`` entry were trained so). See ``benchmark.fitting.trainer.training_seed``.
+SEEDINGS = ("per-fold", "shared")
 #: Autocast precision of the training forward passes.
 PRECISIONS = ("fp32", "bf16", "fp16")
 #: ``--save-weights``: records only, or the selected model's weights beside each record.

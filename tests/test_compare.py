@@ -104,37 +104,30 @@ def test_c_index_matches_sksurv_with_ties_and_weights():
 
 
 def test_better_method_is_significant_identical_is_not(store):
-    good = select_cell(store, "good", "blca")
-    twin = select_cell(store, "twin", "blca")
-    noise = select_cell(store, "noise", "blca")
-    assert len(good) == 5
-    better = compare.compare_cells(good, noise, n_boot=400, seed=3)
-    bs = better.bootstrap
-    assert bs.difference > 0.15 and bs.p_value < 0.01 and bs.significant()
-    assert bs.ci_low <= bs.difference <= bs.ci_high and bs.ci_low > 0
-    # pooled C-index of each = sksurv on the pooled out-of-fold risks
-    pooled = compare.pooled_predictions(good)
+    """The pooled bootstrap of the registry on real records: its C-index is sksurv's on the pooled out-of-fold
+    risks, a better method is found, identical risks are not."""
+    from benchmark.analysis.significance import fold_bootstrap_c, pooled_fold
+
+    rows = {m: select_cell(store, m, "blca") for m in ("good", "twin", "noise")}
+    data = compare.column_data(rows)
+    result = compare.SignificanceOptions(test="pooled-bootstrap", n_boot=400)(rows)
+    assert result.marks == {"noise": "worse"} and result.raw_p[("good", "twin")] == 1.0
+    assert result.differences[("good", "noise")] > 0.15 and result.raw_p[("good", "noise")] < 0.01
+    folds, risks = pooled_fold(list(data.folds), dict(data.risks))
+    pooled = compare.pooled_predictions(rows["good"])
     ref = concordance_index_censored(pooled["event"].astype(bool), pooled["time"], pooled["risk"], tied_tol=1e-8)[0]
-    assert bs.c_index_a == pytest.approx(ref, abs=1e-12)
-    # per-fold differences are the stored fold C-indices
-    assert better.fold_differences == pytest.approx(
-        [a["metrics"]["c_index"] - b["metrics"]["c_index"] for a, b in zip(good, noise)])
-    same = compare.compare_cells(good, twin, n_boot=200, seed=3).bootstrap
-    assert same.difference == 0 and same.p_value == 1.0 and not same.significant()
+    assert fold_bootstrap_c(folds, risks, n_boot=10).observed[0] == pytest.approx(ref, abs=1e-12)
 
 
 def test_bootstrap_is_seeded_and_resamples_patients(tmp_path):
     root = write_fake_store(tmp_path, methods=("good", "noise"), cohorts=("blca",), n_patients=60, slides_per_patient=2)
-    a = compare.pooled_predictions(select_cell(root, "good", "blca"))
-    b = compare.pooled_predictions(select_cell(root, "noise", "blca"))
-    r1 = compare.paired_bootstrap(a, b, n_boot=150, seed=7)
-    r2 = compare.paired_bootstrap(a, b, n_boot=150, seed=7)
-    r3 = compare.paired_bootstrap(a, b, n_boot=150, seed=8)
-    np.testing.assert_array_equal(r1.differences, r2.differences)
-    assert r1.p_value == r2.p_value and r1.ci_low == r2.ci_low
-    assert not np.array_equal(r1.differences, r3.differences)
-    assert r1.n_patients == 60 and r1.n_samples == 120
-    assert r1.ci_low <= r1.difference <= r1.ci_high
+    rows = {m: select_cell(root, m, "blca") for m in ("good", "noise")}
+    runs = [compare.SignificanceOptions(test="fold-bootstrap", n_boot=150, seed=seed)(rows) for seed in (7, 7, 8)]
+    assert runs[0].raw_p == runs[1].raw_p and runs[0].mde == runs[1].mde
+    assert runs[0].mde != runs[2].mde  # another seed, other resamples
+    data = compare.column_data(rows)
+    assert sum(f.time.size for f in data.folds) == 120 and np.unique(np.concatenate(
+        [f.patients for f in data.folds])).size == 60
 
 
 def test_column_data_reads_fold_values_and_predictions(store):
@@ -143,7 +136,8 @@ def test_column_data_reads_fold_values_and_predictions(store):
     assert data.n_folds == 5 and data.n_repeats == 1 and len(data.folds) == 5
     np.testing.assert_allclose(data.fold_values["noise"], [r["metrics"]["c_index"] for r in rows["noise"]])
     for fold, risk, record in zip(data.folds, data.risks["good"], rows["good"]):
-        ref = concordance_index_censored(fold.event.astype(bool), fold.time, risk, tied_tol=1e-8)[0]
+        assert risk.shape == (1, fold.time.size)  # one row per seed
+        ref = concordance_index_censored(fold.event.astype(bool), fold.time, risk[0], tied_tol=1e-8)[0]
         assert ref == pytest.approx(record["metrics"]["c_index"])
     # another metric: fold values only (the corrected t is the test that needs no predictions)
     uno = compare.column_data(rows, metric="c_index", predictions=False)
@@ -159,6 +153,11 @@ def test_column_data_repeats_and_seeds(store):
                 "predictions": [{**p, "risk": -p["risk"]} for p in r["predictions"]]} for r in good]
     data = compare.column_data({"good": good + flipped, "noise": noise})
     np.testing.assert_allclose(data.fold_values["good"], 0.5)
+    assert data.seeds == 2 and data.risks["good"][0].shape[0] == 2
+    # the bootstrap tests the quantity the table shows: mean over seeds of the per-fold C, not an ensemble's C
+    boot = compare.SignificanceOptions(test="fold-bootstrap", n_boot=200)({"good": good + flipped, "noise": noise})
+    shown = float(np.mean(data.fold_values["good"] - data.fold_values["noise"]))
+    assert boot.differences[("good", "noise")] == pytest.approx(shown, abs=1e-12) and boot.seeds == 2
     # two repeats: J = 10 fold values, and the default test becomes the corrected t
     repeated = compare.column_data({"good": good + copies(good, repeat=1), "noise": noise + copies(noise, repeat=1)})
     assert len(repeated.fold_values["good"]) == 10 and repeated.n_repeats == 2
@@ -201,7 +200,9 @@ def test_design_mde_pools_the_pairs(store):
     v = data.fold_values
     assert np.var(v["good"] - v["twin"]) == 0  # identical models: left out of the pooled variance
     pooled_sd = np.sqrt(np.mean([np.var(v["good"] - v["noise"], ddof=1), np.var(v["twin"] - v["noise"], ddof=1)]))
-    assert compare.design_mde(data) == pytest.approx(minimum_detectable_difference(pooled_sd, 5, 5))
+    mde = compare.design_mde(data)
+    assert mde.value == pytest.approx(minimum_detectable_difference(pooled_sd, 5, 5, n_comparisons=3))
+    assert mde.low < mde.value < mde.high
 
 
 def test_calibration_rate_from_stores_of_equally_good_methods(tmp_path):
@@ -282,7 +283,8 @@ def test_compare_cli_prints_and_writes(store, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "good vs noise" in text and "blca" in text and "mean rank" in text.lower()
-    assert "Holm p = " in text and "Holm-adjusted over 3 comparisons (all pairs of rows)" in text
+    assert "Holm p = " in text and "Holm-adjusted over m = 3 comparisons" in text and "all pairs of rows" in text
+    assert "corrected resampled t-test" in text  # the default at one repeat too
     assert "minimum detectable difference" in text and "Iman-Davenport" in text
     data = json.loads(out_json.read_text())
     pair = next(p for p in data["pairs"] if p["a"] == "good" and p["b"] == "noise" and p["cohort"] == "blca")
@@ -305,5 +307,11 @@ def test_calibration_command_prints_the_rate(tmp_path, capsys):
              for i in range(2)]
     assert main(["calibration", "--results", *roots, "--n-boot", "200"]) == 0
     text = capsys.readouterr().out
-    assert "of 4 columns marked" in text and "vs alpha 0.05" in text
+    lines = [line for line in text.splitlines() if line.startswith("| ") and "| all |" in line]
+    assert len(lines) == 6  # 2 families x 3 tests, over every column
+    for family in ("reference", "all-pairs"):
+        for test in ("corrected-t", "fold-bootstrap", "pooled-bootstrap"):
+            line = next(x for x in lines if x.startswith(f"| {family} | {test} |"))
+            assert "| 4 |" in line and "| 0.05 |" in line
+    assert main(["calibration", "--results", *roots, "--tests", "t-test"]) == 2
     assert "good " in text.split("mean C-index over columns")[1] and "4 columns)" in text

@@ -13,7 +13,7 @@ from test_compare import write_fake_store
 
 
 def test_report_page(tmp_path):
-    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=80)
+    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=150)
     # one failed fold must be counted, not hidden
     failed = store / "cells" / "noise" / "luad" / "resnet50" / "harmonized-last_epoch-s0" / "fold4.json"
     record = json.loads(failed.read_text())
@@ -77,14 +77,34 @@ def test_report_states_design_mde_and_d_calibration(tmp_path):
         path.write_text(json.dumps(record))
     text = build_report(Results.open(store), tmp_path / "r.md", n_boot=100, audit_cards=False).read_text()
     assert "**Design, backbone resnet50" in text and "MDE (C-index)" in text
-    assert "Iman-Davenport" in text and "Holm-adjusted over 1 comparison" in text
+    assert "Iman-Davenport" in text and "Holm-adjusted over m = 1 comparison" in text
+    assert "Holm's first step" in text and "MDE range" in text
     calibration = text.split("**D-calibration")[1]
     good_row = next(line for line in calibration.splitlines() if line.startswith("| good |"))
     assert f"{combine_pvalues(fold_ps, method='fisher').pvalue:.3f}" in good_row
+    events = [p["event"] for r in select_cell(store, "good", "blca") for p in r["predictions"]]
+    assert ("no power" in good_row) == (1 - np.mean(events) >= 0.3)
+
+
+def test_d_calibration_combines_within_a_repeat_and_seed_then_averages():
+    from scipy.stats import combine_pvalues
+
+    from benchmark.analysis.report import calibration_table
+
+    def rec(repeat, seed, fold, p, events):
+        return {"method": "m", "cohort": "blca", "repeat": repeat, "seed": seed, "fold": fold,
+                "metrics": {"d_calibration_p": p}, "predictions": [{"event": 1}] * events}
+
+    ps = {(0, 0): [0.5, 0.2, 0.04], (1, 0): [0.3, 0.6, 0.9], (0, 1): [0.01, 0.2, 0.4]}
+    records = [rec(r, s, k, p, 4) for (r, s), fold_ps in ps.items() for k, p in enumerate(fold_ps)]
+    expected = min(1.0, 2 * np.mean([combine_pvalues(v, method="fisher").pvalue for v in ps.values()]))
+    assert calibration_table(records).loc["m", "blca"] == f"{expected:.3f}"  # no censoring: no warning
+    pooled = combine_pvalues([p for v in ps.values() for p in v], method="fisher").pvalue
+    assert f"{pooled:.3f}" != f"{expected:.3f}"  # not Fisher over dependent repeats
 
 
 def test_report_reference_family(tmp_path):
-    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=80)
+    store = write_fake_store(tmp_path / "store", methods=("good", "noise"), n_patients=150)
     text = build_report(Results.open(store), tmp_path / "r.md", n_boot=100, audit_cards=False,
                         reference="good").read_text()
     noise_row = next(line for line in text.splitlines() if line.startswith("| noise |"))

@@ -1,4 +1,4 @@
-"""Tables 1 and 2: mean ± population std, best bold / second underlined, missing never zero, marks."""
+"""Tables 1 and 2: mean ± population std, bold only as tested (or labelled untested), missing never zero, marks."""
 import pytest
 
 from benchmark.store.records import ResultStore
@@ -25,7 +25,7 @@ def test_expected_folds_come_from_the_cohort_not_from_the_other_rows():
     recs = [{**rec(m, "blca", 0, c), "n_folds": 5} for m, c in (("amil", 0.7), ("crossfusion", 0.6))]
     t = table1(recs)
     assert all(not t.cells[(m, "blca")].complete for m in ("amil", "crossfusion"))
-    assert t.ranks("blca") == {}
+    assert t.bold("blca") == set()
     md = render(t, "md")
     assert "| 0.700 (1/5) |" in md and "**" not in md.split("\n\n")[1]
     # records from before the runner stored n_folds: the most folds of any cell
@@ -38,10 +38,11 @@ def test_table1_cells_ranks_and_missing():
     assert t.columns[:2] == ["blca", "brca"] or "blca" in t.columns
     cell = t.cells[("amil", "blca")]
     assert cell.mean == pytest.approx(0.70) and cell.std == pytest.approx(0.070710678, abs=1e-8)  # population std
-    assert t.ranks("blca") == {"amil": 1, "crossfusion": 2}
+    assert t.bold("blca") == {"amil"} and t.tested_best is None
     md = render(t, "md")
     line = {l.split(" | ")[0].strip("| "): l for l in md.splitlines() if l.startswith("| ")}
-    assert "**0.700 ± 0.071**" in line["amil"] and "<u>0.630 ± 0.022</u>" in line["crossfusion"]
+    assert "**0.700 ± 0.071**" in line["amil"] and "| 0.630 ± 0.022 |" in line["crossfusion"] and "<u>" not in md
+    assert "Bold: the highest mean of the column, NOT tested" in md
     # random has no ucec record at all and only an error for luad: shown missing, never 0
     cells = [c.strip() for c in line["random"].strip("|").split("|")]
     col = {name: i for i, name in enumerate(c.strip() for c in line["Method"].strip("|").split("|"))}
@@ -71,13 +72,14 @@ def test_significance_hook_and_formats():
     t = table1(grid(), significance=hook)
     assert seen["amil"] == 4 and t.marks[("random", "blca")] == "*"
     latex = render(t, "latex")
-    assert r"\textbf{0.700 $\pm$ 0.071}" in latex and r"\underline{0.630 $\pm$ 0.022}" in latex and "--" in latex
+    assert r"\textbf" not in latex and r"\underline" not in latex and "--" in latex  # a bare set ties nothing for best
     csv_text = render(t, "csv").splitlines()
     assert csv_text[0].startswith("row,column,metric,mean,std,n_folds")
     random_ucec = [l for l in csv_text if l.startswith("random,ucec")][0].split(",")
     assert random_ucec[3] == "" and random_ucec[5] == "0"
     # IBS: lower is better
-    assert table1(grid(), metric="ibs").ranks("blca")["crossfusion"] == 2
+    assert table1(grid(), metric="ibs").bold("blca") == {"amil"}
+    assert "bold" in csv_text[0].split(",")
     with pytest.raises(ValueError, match="format"):
         render(t, "html")
 
@@ -97,7 +99,7 @@ def test_table2_backbones_and_mean_column(tmp_path):
     if n_cols == 2:  # without a cohort registry: Mean = mean of the cohort means
         assert t.value("uni2-h", "Mean") == pytest.approx(0.705)
     assert t.value("conch", "Mean") is None  # a missing cohort: no Mean
-    assert t.ranks("Mean").get("uni2-h") == 1 if t.value("uni2-h", "Mean") is not None else True
+    assert t.bold("Mean") == {"uni2-h"} if t.value("uni2-h", "Mean") is not None else True
     # the store round trip feeds the renderer
     store = ResultStore(tmp_path)
     for r in records:
@@ -138,22 +140,29 @@ def test_older_synthetic_data_versions_never_share_a_table():
 
 
 def test_declared_family_marks_footer_and_confidence_intervals(tmp_path):
-    from benchmark.analysis.significance import corrected_t_interval
+    from benchmark.analysis.significance import bounded_interval
     from benchmark.analysis.statistics import SignificanceOptions
     from test_compare import write_fake_store
 
     store = write_fake_store(tmp_path / "s", methods=("good", "twin", "noise"), n_patients=100)
     records = ResultStore(store).records()
-    t = table1(records, significance=SignificanceOptions(n_boot=200), marker="*", ci=0.95)
+    t = table1(records, significance=SignificanceOptions(n_boot=200, test="fold-bootstrap"), marker="*", ci=0.95)
     assert {k for k, v in t.marks.items()} == {("noise", "blca"), ("noise", "luad")}
+    assert t.bold("blca") == t.bold("luad") == {"good", "twin"}  # tied for best: identical risks, noise below
     md = render(t, "md")
-    footer = [n for n in t.notes if "Holm" in n]
-    assert len(footer) == 1 and "3 comparisons (all pairs of rows)" in footer[0] and "alpha 0.05" in footer[0]
+    footer = [n for n in t.notes if "Holm-adjusted over" in n]
+    assert len(footer) == 1 and "m = 3 comparisons" in footer[0] and "all pairs of rows" in footer[0]
+    assert "alpha 0.05" in footer[0] and "conditional on the trained models" in footer[0]
+    assert "BLCA: 5 finished validation folds" in md and "Minimum detectable difference" in md
+    assert "statistically tied for best" in md and "NOT tested" not in md
     assert "95% CI" in md.splitlines()[0] and "Nadeau-Bengio" in md
     cell = t.cells[("good", "blca")]
-    _, low, high = corrected_t_interval(cell.values, 5, 0.95)
-    assert f"{cell.mean:.3f} [{low:.3f}, {high:.3f}]" in md
-    ref = table1(records, significance=SignificanceOptions(family="reference", reference="noise", n_boot=200))
+    _, low, high, clipped = bounded_interval(cell.values, 5, 0.95)
+    assert f"{cell.mean:.3f} [{low:.3f}, {high:.3f}]" in md and not clipped
+    default = table1(records, significance=SignificanceOptions())
+    assert "corrected resampled t-test" in " ".join(default.notes)  # the default test at one repeat
+    ref = table1(records, significance=SignificanceOptions(family="reference", reference="noise", n_boot=200,
+                                                           test="fold-bootstrap"))
     assert ref.marks[("good", "luad")] == "↑" and ref.marks[("twin", "blca")] == "↑" and ("noise", "blca") not in ref.marks
     assert r"$\uparrow$" in render(ref, "latex")
 
@@ -166,9 +175,23 @@ def test_table_command_significance_options(tmp_path, capsys):
     assert main(["table", "1", "--results", str(store), "--significance", "--reference", "good", "--n-boot", "200",
                  "--test", "fold-bootstrap", "--alpha", "0.05"]) == 0
     text = capsys.readouterr().out
-    assert "↓" in text and "worse / better than good" in text and "Holm-adjusted over 1 comparison (" in text
+    assert "↓" in text and "worse / better than good" in text and "Holm-adjusted over m = 1 comparison " in text
+    assert "no bold in a column without that test" in text
     assert main(["table", "1", "--results", str(store), "--reference", "good"]) == 2  # a family needs --significance
     assert main(["table", "1", "--results", str(store), "--significance", "--metric", "c_index_uno"]) == 0
+
+
+def test_intervals_stay_in_the_unit_range_and_undefined_metrics_say_why():
+    recs = [rec("amil", "blca", k, c) for k, c in enumerate([0.2, 1.0, 0.95, 0.3, 0.99])]
+    recs += [rec("dsmil", "blca", k, 0.6) for k in range(5)]
+    recs[0] = {**recs[0], "metrics": {"c_index": 0.2, "mean_auc": None},
+               "metric_errors": {"mean_auc": "ValueError: no event in the validation fold"}}
+    t = table1(recs, ci=0.95)
+    low, high, clipped = t.cells[("amil", "blca")].interval(0.95)
+    assert clipped and 0.0 <= low and high == 1.0 and "1.000]^" in render(t, "md")
+    auc = render(table1(recs, metric="mean_auc"), "md")
+    assert "amil / blca: mean time-dependent AUC undefined in finished fold(s) (repeat/fold) 0/0: ValueError: no " \
+           "event in the validation fold." in auc
 
 
 def test_a_column_that_cannot_be_tested_is_named_not_fatal():

@@ -5,46 +5,41 @@ Pure functions on arrays (no result store): :mod:`benchmark.analysis.statistics`
 :class:`ColumnData` these functions take.
 
 The quantity a table cell shows is the mean over ``J = R x K`` validation folds (``R`` repeats of ``K``-fold
-cross-validation; several training seeds of one fold are averaged first) of the per-fold Harrell C-index. Two
-methods are compared on the *same* folds by one of three tests:
+cross-validation) of the per-fold metric, each fold's value first averaged over the training seeds. Two methods
+are compared on the *same* folds by one of the tests of :data:`STAT_TESTS`, the one registry that the command
+line choices, the option checks, the table footers and the docs read:
 
-``corrected-t``
+``corrected-t`` (the default at every design)
     Nadeau-Bengio corrected resampled t-test over the ``J`` per-fold differences (Nadeau & Bengio 2003;
-    Bouckaert & Frank 2004 for repeated K-fold). Accounts for the overlap of training sets, hence for training
-    randomness; weak with ``J = 5`` (4 degrees of freedom).
+    Bouckaert & Frank 2004 for repeated K-fold). Each fold's model is a fresh draw of the training procedure
+    (``--seeding per-fold``), so the fold-to-fold spread contains the training randomness: its null is "the two
+    training procedures are equally good on this cohort". Weak with ``J = 5`` (4 degrees of freedom).
 ``fold-bootstrap``
-    Paired bootstrap that resamples validation patients *within each fold* and recomputes every fold's C-index
-    of both methods on the same resample; the statistic is the mean over folds, as in the table. Covers the
-    sampling of test patients only (the trained models are held fixed).
+    Paired bootstrap over patients (each patient drawn once for every repeat, seed and method), every fold's
+    C-index recomputed, the statistic the mean over folds as in the table. Conditional on the trained models:
+    its null is "these fitted models rank the cohort's patients equally well", not a statement about methods.
 ``pooled-bootstrap``
-    The former default, kept as a labelled alternative: one C-index on the risks pooled over folds (it mixes the
-    risk scales of K different models, so it tests another quantity than the table shows).
+    Labelled alternative: one C-index on the risks pooled over folds (it mixes the risk scales of K different
+    models, another quantity than the table shows); one repeat and one seed only. Conditional on the models.
 
-``auto`` picks ``corrected-t`` when there are repeats (``R > 1``: enough folds for a t-test that accounts for
-training randomness) and ``fold-bootstrap`` otherwise (with 5 folds the corrected t has 4 degrees of freedom
-and almost no power). Multiplicity is controlled with Holm (1979) over a family declared up front.
+Multiplicity is controlled with Holm (1979) over a family declared up front. A test that cannot be read where
+validation folds have few events (:attr:`StatTest.min_events`, :data:`BOOTSTRAP_MIN_EVENTS`) withholds its
+marks there and says so in the footer.
 """
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
 #: Risks closer than this are ties (scored 1/2), as ``sksurv.metrics.concordance_index_censored``.
 TIED_TOL = 1e-8
-TESTS = ("auto", "corrected-t", "fold-bootstrap", "pooled-bootstrap")
 FAMILIES = ("reference", "all-pairs")
-TEST_DESCRIPTIONS = {
-    "corrected-t": "corrected resampled t-test (Nadeau & Bengio 2003) over the per-fold differences",
-    "fold-bootstrap": "paired bootstrap of patients within each fold, per-fold C-index recomputed, covering "
-                      "test-set sampling only",
-    "pooled-bootstrap": "paired bootstrap over patients of the risks pooled across folds, a pooled C-index that is "
-                        "not the quantity of the table",
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,21 +194,82 @@ def corrected_t_interval(values: Sequence[float], n_folds: int, confidence: floa
     return mean, float(mean - half), float(mean + half)
 
 
-def minimum_detectable_difference(sd_difference: float, n_units: int, n_folds: int, alpha: float = 0.05,
-                                  power: float = 0.8) -> float:
-    """Smallest mean difference a paired corrected t-test detects with the given power.
+def bounded_interval(values: Sequence[float], n_folds: int, confidence: float = 0.95, low: float = 0.0,
+                     high: float = 1.0) -> tuple[float, float, float, bool]:
+    """:func:`corrected_t_interval` clipped to the metric's range ``[low, high]``; the flag says it was clipped.
 
-    ``MDE = (t_{1-alpha/2, J-1} + t_{power, J-1}) s_d sqrt(1/J + n_test/n_train)`` (the usual normal-approximation
-    power formula with t quantiles; Nadeau & Bengio 2003 for the variance factor). ``s_d`` is the standard
-    deviation of the per-fold differences (ddof 1), e.g. observed between two methods.
+    The t-interval is symmetric and can leave the range with few or spread folds (``[-0.16, 1.39]`` for a
+    C-index); the clipped ends are not a confidence statement, so the caller shows the flag.
+    """
+    mean, lo, hi = corrected_t_interval(values, n_folds, confidence)
+    clipped = lo < low or hi > high
+    return mean, max(lo, low), min(hi, high), clipped
+
+
+def minimum_detectable_difference(sd_difference: float, n_units: int, n_folds: int, alpha: float = 0.05,
+                                  power: float = 0.8, n_comparisons: int = 1) -> float:
+    """Smallest mean difference a paired corrected t-test detects with the given power at Holm's first step.
+
+    ``MDE = (t_{1-alpha/(2m), J-1} + t_{power, J-1}) s_d sqrt(1/J + n_test/n_train)`` (the usual
+    normal-approximation power formula with t quantiles; Nadeau & Bengio 2003 for the variance factor). ``s_d``
+    is the standard deviation of the per-fold differences (ddof 1). ``m`` = comparisons of the family: Holm's
+    strictest step tests at ``alpha / m`` (x1.32 for m = 3, x1.56 for m = 6 at J = 5).
     """
     if n_units < 2 or n_folds < 2:
         raise ValueError(f"the MDE needs J >= 2 fold values and K >= 2 folds; got J = {n_units}, K = {n_folds}")
-    if not (0 < alpha < 1 and 0 < power < 1) or not sd_difference >= 0:
-        raise ValueError(f"need 0 < alpha, power < 1 and sd >= 0; got {alpha}, {power}, {sd_difference}")
+    if not (0 < alpha < 1 and 0 < power < 1) or not sd_difference >= 0 or n_comparisons < 1:
+        raise ValueError(f"need 0 < alpha, power < 1, sd >= 0 and m >= 1; got {alpha}, {power}, {sd_difference}, "
+                         f"{n_comparisons}")
     df = n_units - 1
-    quantiles = stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)
+    quantiles = stats.t.ppf(1 - alpha / (2 * n_comparisons), df) + stats.t.ppf(power, df)
     return float(quantiles * sd_difference * math.sqrt(corrected_variance_factor(n_units, n_folds)))
+
+
+def bootstrap_mde(standard_error: float, alpha: float = 0.05, power: float = 0.8, n_comparisons: int = 1) -> float:
+    """MDE of a bootstrap test at Holm's first step: ``(z_{1-alpha/(2m)} + z_power) SE`` with ``SE`` the bootstrap
+    standard deviation of the difference (normal approximation of the resampling distribution)."""
+    return float((stats.norm.ppf(1 - alpha / (2 * n_comparisons)) + stats.norm.ppf(power)) * standard_error)
+
+
+def sd_interval(sd: float, df: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Confidence interval of a standard deviation estimated with ``df`` degrees of freedom (normal data):
+    ``s sqrt(df / chi2_{1-a/2, df})`` to ``s sqrt(df / chi2_{a/2, df})``. With J = 5 folds (df 4) it spans
+    0.60 s to 2.87 s: an MDE from five folds is known only to within a factor of about 5."""
+    a = 1 - confidence
+    return (float(sd * math.sqrt(df / stats.chi2.ppf(1 - a / 2, df))),
+            float(sd * math.sqrt(df / stats.chi2.ppf(a / 2, df))))
+
+
+@dataclass(frozen=True)
+class MDE:
+    """Minimum detectable difference of the test that ran (80 % power by default), at Holm's first step.
+
+    ``value`` from the observed spread; ``low``/``high`` the same with the spread at the ends of its 95 %
+    interval (:func:`sd_interval`; for a bootstrap test the interval is not computed: ``low = high = value``).
+    """
+
+    value: float
+    low: float
+    high: float
+    test: str
+    n_comparisons: int
+    alpha: float
+    power: float
+
+    def describe(self) -> str:
+        spread = (f" (95 % range {self.low:.3f}-{self.high:.3f} from the uncertainty of the spread of few folds)"
+                  if self.high > self.low else "")
+        return (f"minimum detectable difference {self.value:.3f}{spread}: {self.power:.0%} power for the {self.test} "
+                f"at Holm's first step, alpha {self.alpha:g} / m = {self.n_comparisons}")
+
+
+def corrected_t_mde(sd_difference: float, n_units: int, n_folds: int, alpha: float = 0.05, power: float = 0.8,
+                    n_comparisons: int = 1) -> MDE:
+    """:func:`minimum_detectable_difference` with its range from :func:`sd_interval`."""
+    value = minimum_detectable_difference(sd_difference, n_units, n_folds, alpha, power, n_comparisons)
+    low, high = (minimum_detectable_difference(s, n_units, n_folds, alpha, power, n_comparisons)
+                 for s in sd_interval(sd_difference, n_units - 1))
+    return MDE(value, low, high, "corrected-t", n_comparisons, alpha, power)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,7 +283,8 @@ class FoldSample:
     ----------
     time, event : ndarray, shape (n,)
     patients : ndarray of int, shape (n,)
-        Patient code of each sample: a resample draws patients, and every sample of a drawn patient comes along.
+        Patient code of each sample, the same code for a patient in every fold and repeat of the column: a
+        resample draws patients, every sample of a drawn patient comes along, in every repeat alike.
     """
 
     time: np.ndarray
@@ -242,6 +299,10 @@ class FoldSample:
         if comparable_pairs(self.time, self.event).sum() == 0:
             raise ValueError("a validation fold has no comparable pair (no event): its C-index is undefined")
 
+    @property
+    def events(self) -> int:
+        return int(np.sum(np.asarray(self.event) != 0))
+
 
 def patient_resample_weights(rng: np.random.Generator, patients: np.ndarray, n_boot: int) -> np.ndarray:
     """Multiplicity of each sample in ``n_boot`` resamples of the patients with replacement; shape (B, n)."""
@@ -252,21 +313,35 @@ def patient_resample_weights(rng: np.random.Generator, patients: np.ndarray, n_b
     return counts[:, inverse]
 
 
+@dataclass(frozen=True)
+class BootstrapC:
+    """:func:`fold_bootstrap_c`: observed fold-mean C of each method (M,), the same on each resample (B, M), and
+    how many resamples lost some fold's comparable pairs (that fold is left out of those resamples' mean)."""
+
+    observed: np.ndarray
+    resampled: np.ndarray
+    lost: int
+
+
+def _as_seed_rows(risk) -> np.ndarray:
+    r = np.asarray(risk, float)
+    return r[None, :] if r.ndim == 1 else r
+
+
 def fold_bootstrap_c(folds: Sequence[FoldSample], risks: Mapping[str, Sequence[np.ndarray]], n_boot: int = 1000,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over folds of each method's Harrell C-index, observed and on paired within-fold resamples.
+                     seed: int = 0) -> BootstrapC:
+    """Mean over folds of each method's Harrell C-index (seeds averaged per fold), observed and on paired resamples.
 
-    Every resample draws, independently in each fold, the fold's patients with replacement (the same draw for
-    all methods: paired), recomputes each fold's C-index of every method, and averages over folds (the
-    fold-stratified bootstrap of statistics.md section 2; Efron & Tibshirani 1993, ch. 6 for the paired
-    bootstrap). Resamples where some fold has no comparable pair are dropped.
+    Every resample draws the column's patients with replacement once (Efron & Tibshirani 1993, ch. 6, paired
+    bootstrap): a patient's multiplicity is the same in every fold that holds it (every repeat), for every seed
+    and every method. Each (fold, seed) C-index is recomputed on the resample, averaged over seeds, then over
+    folds: the quantity of the table. A fold whose resample keeps no comparable pair has no C-index there; it is
+    left out of that resample's mean and the resample is counted in ``lost``.
 
-    Returns
-    -------
-    observed : ndarray, shape (M,)
-        Mean fold C-index of each method (order of ``risks``).
-    resampled : ndarray, shape (B', M)
-        The same on each kept resample.
+    Parameters
+    ----------
+    risks : mapping
+        Method -> one risk array per fold, shape (n,) or (S, n) for S training seeds.
     """
     if not folds:
         raise ValueError("fold_bootstrap_c needs at least one fold")
@@ -274,36 +349,45 @@ def fold_bootstrap_c(folds: Sequence[FoldSample], risks: Mapping[str, Sequence[n
     for m in methods:
         if len(risks[m]) != len(folds):
             raise ValueError(f"method {m!r} has risks for {len(risks[m])} folds, expected {len(folds)}")
-    rng = np.random.default_rng(seed)
+    codes = np.unique(np.concatenate([np.asarray(f.patients) for f in folds]), return_inverse=True)[1]
+    counts = patient_resample_weights(np.random.default_rng(seed), np.arange(codes.max() + 1), n_boot)
     observed = np.zeros((len(folds), len(methods)))
     resampled = np.zeros((n_boot, len(folds), len(methods)))
+    start = 0
     for j, fold in enumerate(folds):
-        fold_risks = [np.asarray(risks[m][j], float) for m in methods]
+        fold_codes = codes[start:start + fold.time.size]
+        start += fold.time.size
+        fold_risks = [_as_seed_rows(risks[m][j]) for m in methods]
         for m, risk in zip(methods, fold_risks):
-            if risk.shape != fold.time.shape:
-                raise ValueError(f"method {m!r}, fold {j}: {risk.size} risks for {fold.time.size} samples")
-        weights = patient_resample_weights(rng, fold.patients, n_boot)
-        observed[j], resampled[:, j] = _fold_c_indices(fold, fold_risks, weights)
-    means = resampled.mean(axis=1)
-    return observed.mean(axis=0), means[np.isfinite(means).all(axis=1)]
+            if risk.shape[1] != fold.time.size:
+                raise ValueError(f"method {m!r}, fold {j}: {risk.shape[1]} risks for {fold.time.size} samples")
+        observed[j], resampled[:, j] = _fold_c_indices(fold, fold_risks, counts[:, fold_codes])
+    lost = ~np.isfinite(resampled).all(axis=(1, 2))
+    with warnings.catch_warnings():  # a resample in which every fold lost its pairs: NaN, counted in ``lost``
+        warnings.simplefilter("ignore", RuntimeWarning)
+        means = np.nanmean(resampled, axis=1)
+    return BootstrapC(observed.mean(axis=0), means, int(lost.sum()))
 
 
 def _fold_c_indices(fold: FoldSample, fold_risks: Sequence[np.ndarray], weights: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """One fold's C-index of each method, observed (shape (M,)) and under each resample's weights (B, M)."""
+    """One fold's seed-averaged C-index of each method, observed (M,) and under each resample's weights (B, M)."""
     comp = comparable_pairs(fold.time, fold.event)
-    conc = [concordance_scores(risk) * comp for risk in fold_risks]
-    observed = np.array([c.sum() / comp.sum() for c in conc])
-    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without a comparable pair: NaN, dropped
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without a comparable pair: NaN, counted
         denominators = weighted_quadratic_form(weights, comp)
-        resampled = np.stack([weighted_quadratic_form(weights, c) / denominators for c in conc], axis=1)
-    return observed, resampled
+        observed, resampled = [], []
+        for seeds in fold_risks:
+            conc = [concordance_scores(r) * comp for r in seeds]
+            observed.append(np.mean([c.sum() / comp.sum() for c in conc]))
+            resampled.append(np.mean([weighted_quadratic_form(weights, c) / denominators for c in conc], axis=0))
+    return np.array(observed), np.stack(resampled, axis=1)
 
 
 def bootstrap_p_value(differences: np.ndarray) -> float:
     """Two-sided bootstrap p-value of ``difference = 0``: ``2 min(P*(D <= 0), P*(D >= 0))``, each proportion
     counted as ``(#+1)/(B+1)`` so that it is never 0 (Davison & Hinkley 1997, eq. 4.11)."""
     d = np.asarray(differences, float)
+    d = d[np.isfinite(d)]
     if d.size == 0:
         raise ValueError("no bootstrap resample left to compute a p-value")
     below = (np.sum(d <= 0) + 1) / (d.size + 1)
@@ -314,18 +398,14 @@ def bootstrap_p_value(differences: np.ndarray) -> float:
 def pooled_fold(folds: Sequence[FoldSample], risks: Mapping[str, Sequence[np.ndarray]]
                 ) -> tuple[list[FoldSample], dict[str, list[np.ndarray]]]:
     """Every fold merged into one (the pooled out-of-fold predictions), for the ``pooled-bootstrap`` test."""
-    offset, patients = 0, []
-    for f in folds:  # patient codes of different folds must not collide
-        codes = np.unique(f.patients, return_inverse=True)[1]
-        patients.append(codes + offset)
-        offset += codes.max() + 1
     merged = FoldSample(np.concatenate([f.time for f in folds]), np.concatenate([f.event for f in folds]),
-                        np.concatenate(patients))
-    return [merged], {m: [np.concatenate([np.asarray(r, float) for r in per_fold])] for m, per_fold in risks.items()}
+                        np.concatenate([f.patients for f in folds]))
+    return [merged], {m: [np.concatenate([np.asarray(r, float) for r in per_fold], axis=-1)]
+                      for m, per_fold in risks.items()}
 
 
 # --------------------------------------------------------------------------------------------------
-# One table column: per-method fold values (and predictions), tests, Holm, marks, footer
+# One table column: per-method fold values (and predictions)
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ColumnData:
@@ -340,9 +420,13 @@ class ColumnData:
     folds : tuple of FoldSample, optional
         The J validation folds (needed by the bootstrap tests only).
     risks : dict, optional
-        Method -> J risk arrays aligned with ``folds``.
+        Method -> J risk arrays aligned with ``folds``, each (n,) or (S, n) for S seeds.
     repeats : int, optional
         ``R``, repeats present (default ``J // K``; a cell with unfinished folds has ``J < R K``).
+    fold_events : tuple of int, optional
+        Events in each of the J validation folds (default: read off ``folds``).
+    seeds : int
+        Training seeds averaged per fold.
     """
 
     fold_values: Mapping[str, np.ndarray]
@@ -350,6 +434,8 @@ class ColumnData:
     folds: tuple[FoldSample, ...] | None = None
     risks: Mapping[str, Sequence[np.ndarray]] | None = None
     repeats: int | None = None
+    fold_events: tuple[int, ...] | None = None
+    seeds: int = 1
 
     def __post_init__(self):
         lengths = {m: len(v) for m, v in self.fold_values.items()}
@@ -367,54 +453,194 @@ class ColumnData:
         return list(self.fold_values)
 
     @property
+    def n_units(self) -> int:
+        return len(next(iter(self.fold_values.values())))
+
+    @property
     def n_repeats(self) -> int:
-        return self.repeats or max(1, len(next(iter(self.fold_values.values()))) // self.n_folds)
+        return self.repeats or max(1, self.n_units // self.n_folds)
+
+    @property
+    def min_events(self) -> int | None:
+        """Fewest events in a validation fold (None when unknown)."""
+        events = self.fold_events or (tuple(f.events for f in self.folds) if self.folds else None)
+        return min(events) if events else None
 
     def mean(self, method: str) -> float:
         return float(np.mean(self.fold_values[method]))
 
 
+# --------------------------------------------------------------------------------------------------
+# The tests: one registry read by the command line, validation, footers and docs
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TestOutcome:
+    """What a test returns for a family of pairs: the tested difference ``a - b`` and the raw two-sided p of each
+    pair, the standard error of each difference (for the MDE), and the bootstrap's resamples and lost ones."""
+
+    differences: dict[tuple[str, str], float]
+    p_values: dict[tuple[str, str], float]
+    standard_errors: dict[tuple[str, str], float]
+    n_boot: int = 0
+    lost: int = 0
+
+
+def _run_corrected_t(data: ColumnData, pairs, n_boot: int, seed: int) -> TestOutcome:
+    diffs, ps, ses = {}, {}, {}
+    for a, b in pairs:
+        result = corrected_resampled_t(np.subtract(data.fold_values[a], data.fold_values[b]), data.n_folds)
+        diffs[(a, b)], ps[(a, b)], ses[(a, b)] = result.mean, result.p_value, result.standard_error
+    return TestOutcome(diffs, ps, ses)
+
+
+def _bootstrap_outcome(folds, risks, pairs, n_boot: int, seed: int) -> TestOutcome:
+    boot = fold_bootstrap_c(folds, risks, n_boot=n_boot, seed=seed)
+    index = {m: i for i, m in enumerate(risks)}
+    diffs, ps, ses = {}, {}, {}
+    for a, b in pairs:
+        d = boot.resampled[:, index[a]] - boot.resampled[:, index[b]]
+        diffs[(a, b)] = float(boot.observed[index[a]] - boot.observed[index[b]])
+        ps[(a, b)] = bootstrap_p_value(d)
+        ses[(a, b)] = float(np.nanstd(d, ddof=1))
+    return TestOutcome(diffs, ps, ses, n_boot, boot.lost)
+
+
+def _run_fold_bootstrap(data: ColumnData, pairs, n_boot: int, seed: int) -> TestOutcome:
+    return _bootstrap_outcome(list(data.folds), dict(data.risks), pairs, n_boot, seed)
+
+
+def _run_pooled_bootstrap(data: ColumnData, pairs, n_boot: int, seed: int) -> TestOutcome:
+    folds, risks = pooled_fold(list(data.folds), dict(data.risks))
+    return _bootstrap_outcome(folds, risks, pairs, n_boot, seed)
+
+
+def _needs_predictions(data: ColumnData) -> str | None:
+    return None if data.folds is not None and data.risks is not None else "needs the stored predictions of every fold"
+
+
+def _one_repeat_one_seed(data: ColumnData) -> str | None:
+    if data.n_repeats > 1 or data.seeds > 1:
+        return "pools each patient's risk once: one repeat and one seed only (use corrected-t)"
+    return _needs_predictions(data)
+
+
+#: Fewest events in every validation fold at which the bootstrap tests show their marks. A resample misses all
+#: ``e`` event patients of a fold with probability about ``exp(-e)`` (37 % at 1 event, 5 % at 3, 0.7 % at 5):
+#: that fold then has no C-index there, and the resampling distribution is no longer that of the table's mean
+#: over every fold. From 5 events on, at most a few per cent of resamples lose a fold (5 folds). The calibration
+#: (docs/EXPERIMENTS.md) found the bootstraps conservative, not liberal, below it; the marks are withheld
+#: there because the distribution answers another question, not because of a measured excess.
+BOOTSTRAP_MIN_EVENTS = 5
+
+
+@dataclass(frozen=True)
+class StatTest:
+    """One paired test of the registry.
+
+    Attributes
+    ----------
+    name, description : str
+        Command-line name; what the footer says it is (with its source).
+    conditions_on : str
+        What the test holds fixed: its null hypothesis in words (the footer prints it).
+    metrics : tuple of str or None
+        Metrics it can test (None: any stored per-fold metric).
+    design : str
+        What the column must provide (the docs print it).
+    min_events : int
+        Fewest events per validation fold at which its marks are shown (0: no threshold); see
+        :data:`BOOTSTRAP_MIN_EVENTS`.
+    run : callable
+        ``run(data, pairs, n_boot, seed) -> TestOutcome``.
+    check : callable
+        ``check(data) -> None or why the column's design does not allow the test``.
+    bootstrap : bool
+        Draws resamples (``--n-boot``, ``--boot-seed``).
+    """
+
+    name: str
+    description: str
+    conditions_on: str
+    metrics: tuple[str, ...] | None
+    design: str
+    min_events: int
+    run: Callable[[ColumnData, Sequence[tuple[str, str]], int, int], TestOutcome]
+    check: Callable[[ColumnData], str | None]
+    bootstrap: bool = False
+
+    def problem(self, metric: str) -> str | None:
+        """Why the test cannot test ``metric`` (None when it can)."""
+        if self.metrics is not None and metric not in self.metrics:
+            return f"the {self.name} test recomputes Harrell's C-index; for {metric} use --test corrected-t (or auto)"
+        return None
+
+
+STAT_TESTS: dict[str, StatTest] = {t.name: t for t in (
+    StatTest("corrected-t", "corrected resampled t-test over the per-fold differences (Nadeau & Bengio 2003; "
+             "Bouckaert & Frank 2004 for repeats)",
+             "the cohort only (it compares training procedures: each fold's freshly seeded model puts the training "
+             "randomness into the fold-to-fold spread)",
+             None, "any per-fold metric; J >= 2 validation folds", 0, _run_corrected_t, lambda data: None),
+    StatTest("fold-bootstrap", "paired bootstrap over patients (each once for every repeat and seed), every fold's "
+             "C-index recomputed (Efron & Tibshirani 1993)",
+             "the trained models: held fixed, only the validation patients are resampled",
+             ("c_index",), "Harrell's C-index with stored predictions", BOOTSTRAP_MIN_EVENTS, _run_fold_bootstrap,
+             _needs_predictions, bootstrap=True),
+    StatTest("pooled-bootstrap", "paired bootstrap over patients of one C-index on the risks pooled across folds "
+             "(not the quantity of the table)",
+             "the trained models: held fixed, only the validation patients are resampled",
+             ("c_index",), "Harrell's C-index with stored predictions; one repeat, one seed", BOOTSTRAP_MIN_EVENTS,
+             _run_pooled_bootstrap, _one_repeat_one_seed, bootstrap=True),
+)}
+DEFAULT_TEST = "corrected-t"
+#: ``--test`` choices: ``auto`` (= :data:`DEFAULT_TEST`) and every registered test.
+TEST_CHOICES = ("auto", *STAT_TESTS)
+
+
+def test_help() -> str:
+    """The ``--test`` help text, from the registry."""
+    return "; ".join(f"{t.name}: conditional on {t.conditions_on}" for t in STAT_TESTS.values()) + \
+        f"; auto = {DEFAULT_TEST}"
+
+
+def check_test(test: str, metric: str = "c_index") -> None:
+    """Raise ValueError when ``test`` is unknown or cannot test ``metric``."""
+    if test != "auto" and test not in STAT_TESTS:
+        raise ValueError(f"unknown test {test!r}; expected one of {', '.join(TEST_CHOICES)}")
+    problem = STAT_TESTS[DEFAULT_TEST if test == "auto" else test].problem(metric)
+    if problem:
+        raise ValueError(problem)
+
+
 def resolve_test(test: str, data: ColumnData) -> str:
-    """``auto`` -> ``corrected-t`` with repeats (R > 1), else ``fold-bootstrap`` (needs predictions)."""
-    if test not in TESTS:
-        raise ValueError(f"unknown test {test!r}; expected one of {', '.join(TESTS)}")
-    if test == "auto":
-        test = "corrected-t" if data.n_repeats > 1 or data.folds is None else "fold-bootstrap"
-    if test != "corrected-t" and (data.folds is None or data.risks is None):
-        raise ValueError(f"the {test} test needs the stored predictions of every fold")
-    if test == "pooled-bootstrap" and data.n_repeats > 1:
-        raise ValueError("the pooled bootstrap needs each patient once (one repeat); use corrected-t")
-    return test
+    """``auto`` -> :data:`DEFAULT_TEST`; raises ValueError when the column's design does not allow the test."""
+    check_test(test)
+    name = DEFAULT_TEST if test == "auto" else test
+    problem = STAT_TESTS[name].check(data)
+    if problem:
+        raise ValueError(f"the {name} test {problem}")
+    return name
 
 
 def pair_tests(data: ColumnData, pairs: Sequence[tuple[str, str]], test: str, n_boot: int = 1000,
                seed: int = 0) -> dict[tuple[str, str], tuple[float, float]]:
-    """``(a, b) -> (difference a - b of the tested quantity, raw two-sided p)`` for every pair.
-
-    ``test`` must be resolved (:func:`resolve_test`). The bootstrap tests draw one set of resamples for all
-    methods, so every pair is paired on the same resamples.
-    """
-    if test == "corrected-t":
-        out = {}
-        for a, b in pairs:
-            result = corrected_resampled_t(np.subtract(data.fold_values[a], data.fold_values[b]), data.n_folds)
-            out[(a, b)] = (result.mean, result.p_value)
-        return out
-    folds, risks = list(data.folds), dict(data.risks)
-    if test == "pooled-bootstrap":
-        folds, risks = pooled_fold(folds, risks)
-    observed, resampled = fold_bootstrap_c(folds, risks, n_boot=n_boot, seed=seed)
-    index = {m: i for i, m in enumerate(risks)}
-    return {(a, b): (float(observed[index[a]] - observed[index[b]]),
-                     bootstrap_p_value(resampled[:, index[a]] - resampled[:, index[b]])) for a, b in pairs}
+    """``(a, b) -> (difference a - b of the tested quantity, raw two-sided p)`` for every pair (``test``
+    resolved). The bootstrap tests draw one set of resamples for all methods: every pair is paired on them."""
+    outcome = STAT_TESTS[test].run(data, pairs, n_boot, seed)
+    return {pair: (outcome.differences[pair], outcome.p_values[pair]) for pair in pairs}
 
 
+# --------------------------------------------------------------------------------------------------
+# Holm over the declared family, marks, the set tied for best, footer
+# --------------------------------------------------------------------------------------------------
 @dataclass
 class ColumnSignificance:
     """Raw and Holm-adjusted p-values of one column's declared family, and the rows they mark.
 
     ``marks`` maps a row to ``"worse"`` or ``"better"``: in the ``reference`` family, relative to the reference;
-    in ``all-pairs``, ``"worse"`` = significantly below at least one other row.
+    in ``all-pairs``, ``"worse"`` = significantly below at least one other row. ``tied_best``: in the all-pairs
+    family, the column's best row and every row not significantly below it (None in the reference family,
+    which does not test against the best). ``withheld``: why no mark is shown although the test ran.
     """
 
     test: str
@@ -429,20 +655,41 @@ class ColumnSignificance:
     n_folds: int = 0
     n_repeats: int = 1
     n_boot: int = 0  # resamples of a bootstrap test (0 for the t-test)
+    n_units: int = 0  # validation folds every row finished (J)
+    lost: int = 0  # resamples in which some fold lost its comparable pairs
+    withheld: str | None = None
+    tied_best: set[str] | None = None
+    mde: MDE | None = None
+    seeds: int = 1
 
     @property
     def n_comparisons(self) -> int:
         return len(self.pairs)
 
-    def footer(self, marker: str = "*") -> str:
-        """The sentence a table prints under itself: test, adjustment, alpha, number of comparisons."""
+    def footer(self, marker: str = "*", details: bool = True) -> str:
+        """The sentence a table prints under itself: test, what it conditions on, family, Holm, alpha, m; with
+        ``details`` the column's own facts too (:meth:`details`)."""
+        spec = STAT_TESTS[self.test]
         what = (f"↓ / ↑ significantly worse / better than {self.reference}" if self.family == "reference"
                 else f"{marker} significantly below at least one other row")
         family = (f"every method vs {self.reference}" if self.family == "reference" else "all pairs of rows")
+        m = self.n_comparisons
         resamples = f" ({self.n_boot} resamples)" if self.n_boot else ""
-        return (f"{what}: two-sided {TEST_DESCRIPTIONS[self.test]}{resamples}, {self.n_folds} folds x "
-                f"{self.n_repeats} repeat(s); Holm-adjusted over {self.n_comparisons} comparison{'s' if self.n_comparisons != 1 else ''} ({family}) "
-                f"per column, family-wise alpha {self.alpha:g}.")
+        text = (f"{what}: two-sided {spec.description}{resamples}, conditional on {spec.conditions_on}; "
+                f"family {family}, Holm-adjusted over m = {m} comparison{'s' if m != 1 else ''} per column, "
+                f"family-wise alpha {self.alpha:g}.")
+        return f"{text} {self.details()}" if details else text
+
+    def details(self) -> str:
+        """The column's own facts: finished folds, resamples that lost a fold's pairs, withheld marks."""
+        text = (f"{self.n_units} finished validation folds ({self.n_folds} per repeat, {self.n_repeats} repeat(s), "
+                f"{self.seeds} seed(s)).")
+        if self.lost:
+            text += (f" {self.lost} of {self.n_boot} resamples lost some fold's comparable pairs (that fold left "
+                     "out of their mean).")
+        if self.withheld:
+            text += f" Marks withheld: {self.withheld}."
+        return text
 
 
 def resamples_for(n_comparisons: int, alpha: float, n_boot: int) -> int:
@@ -468,10 +715,49 @@ def marks_from_adjusted(family: str, differences: Mapping[tuple[str, str], float
     return marks
 
 
+def tied_for_best(data: ColumnData, adjusted_p: Mapping[tuple[str, str], float], alpha: float,
+                  higher_is_better: bool = True) -> set[str]:
+    """The row with the best mean and every row not significantly below it (Holm-adjusted all-pairs p-values):
+    the set statistically tied for best, the only rows a table may call best."""
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(data.methods, key=lambda m: sign * data.mean(m))
+    tied = {best}
+    for (a, b), p in adjusted_p.items():
+        if best in (a, b):
+            other = b if a == best else a
+            if p > alpha or sign * (data.mean(best) - data.mean(other)) <= 0:
+                tied.add(other)
+    return tied
+
+
+def _withheld(spec: StatTest, data: ColumnData) -> str | None:
+    events = data.min_events
+    if spec.min_events and events is not None and events < spec.min_events:
+        return (f"a validation fold has {events} event(s), fewer than {spec.min_events}: resamples often miss all of "
+                f"a fold's event patients, so the {spec.name} distribution is not that of the mean over every fold "
+                "(docs/EXPERIMENTS.md)")
+    return None
+
+
+def _test_mde(spec: StatTest, data: ColumnData, outcome: TestOutcome, alpha: float, m: int) -> MDE | None:
+    """The MDE of the test that ran, its spread pooled (root mean square) over the family's informative pairs."""
+    if spec.bootstrap:
+        ses = [s for s in outcome.standard_errors.values() if np.isfinite(s) and s > 0]
+        if not ses:
+            return None
+        value = bootstrap_mde(float(np.sqrt(np.mean(np.square(ses)))), alpha, 0.8, m)
+        return MDE(value, value, value, spec.name, m, alpha, 0.8)
+    sds = [np.std(np.subtract(data.fold_values[a], data.fold_values[b]), ddof=1) for a, b in outcome.differences]
+    sds = [s for s in sds if s > 0]
+    if not sds:
+        return None
+    return corrected_t_mde(float(np.sqrt(np.mean(np.square(sds)))), data.n_units, data.n_folds, alpha, 0.8, m)
+
+
 def column_significance(data: ColumnData, *, family: str = "reference", reference: str | None = None,
                         alpha: float = 0.05, test: str = "auto", n_boot: int = 1000, seed: int = 0,
                         higher_is_better: bool = True) -> ColumnSignificance:
-    """Test one column's declared family of pairs and Holm-adjust it (Holm 1979; statistics.md section 3).
+    """Test one column's declared family of pairs and Holm-adjust it (Holm 1979).
 
     Parameters
     ----------
@@ -481,30 +767,34 @@ def column_significance(data: ColumnData, *, family: str = "reference", referenc
         Every method vs ``reference`` (``k - 1`` comparisons) or every pair (``k (k - 1) / 2``).
     alpha : float
         Family-wise error rate: a row is marked where its Holm-adjusted p-value is ``<= alpha``.
-    test : {"auto", "corrected-t", "fold-bootstrap", "pooled-bootstrap"}
-        See the module docstring; ``auto`` is ``corrected-t`` with repeats, ``fold-bootstrap`` without.
+    test : str
+        A name of :data:`STAT_TESTS`, or ``auto`` (:data:`DEFAULT_TEST`).
     n_boot : int
         Bootstrap resamples, raised to :func:`resamples_for` when too few to reach the Holm thresholds.
     """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1); got {alpha}")
-    test = resolve_test(test, data)
+    spec = STAT_TESTS[resolve_test(test, data)]
     pairs = comparison_family(data.methods, family, reference)
-    n_boot = 0 if test == "corrected-t" else resamples_for(len(pairs), alpha, n_boot)
-    tested = pair_tests(data, pairs, test, n_boot=n_boot, seed=seed)
-    raw = {pair: tested[pair][1] for pair in pairs}
+    n_boot = resamples_for(len(pairs), alpha, n_boot) if spec.bootstrap else 0
+    outcome = spec.run(data, pairs, n_boot, seed)
+    raw = {pair: outcome.p_values[pair] for pair in pairs}
     adjusted = dict(zip(pairs, holm_adjust([raw[pair] for pair in pairs])))
-    differences = {pair: tested[pair][0] for pair in pairs}
-    marks = marks_from_adjusted(family, differences, adjusted, alpha, higher_is_better)
-    return ColumnSignificance(test, family, reference if family == "reference" else None, alpha, pairs,
-                              differences, raw, adjusted, marks, data.n_folds, data.n_repeats, n_boot)
+    withheld = _withheld(spec, data)
+    marks = {} if withheld else marks_from_adjusted(family, outcome.differences, adjusted, alpha, higher_is_better)
+    tied = (tied_for_best(data, adjusted, alpha, higher_is_better) if family == "all-pairs" and not withheld
+            else None)
+    return ColumnSignificance(spec.name, family, reference if family == "reference" else None, alpha, pairs,
+                              dict(outcome.differences), raw, adjusted, marks, data.n_folds, data.n_repeats, n_boot,
+                              data.n_units, outcome.lost, withheld, tied,
+                              _test_mde(spec, data, outcome, alpha, len(pairs)), data.seeds)
 
 
 def vs_best_marks(data: ColumnData, *, alpha: float = 0.05, test: str = "pooled-bootstrap", n_boot: int = 1000,
                   seed: int = 0) -> set[str]:
-    """The former rule, kept only to document its error rate: every row vs the column's *observed* best, each at
-    the raw ``alpha``. The best is chosen from the same data and ``k - 1`` tests run unadjusted, so with equally
-    good methods it marks some row far more often than ``alpha`` (see :func:`null_marking_rates`)."""
+    """A rule kept only to document its error rate: every row vs the column's *observed* best, each at the raw
+    ``alpha``. The best is chosen from the same data and ``k - 1`` tests run unadjusted, so with equally good
+    methods it marks some row far more often than ``alpha`` (see :func:`null_marking_rates`)."""
     best = max(data.methods, key=data.mean)
     pairs = [(best, m) for m in data.methods if m != best]
     tested = pair_tests(data, pairs, resolve_test(test, data), n_boot=n_boot, seed=seed)
@@ -512,37 +802,59 @@ def vs_best_marks(data: ColumnData, *, alpha: float = 0.05, test: str = "pooled-
 
 
 # --------------------------------------------------------------------------------------------------
-# Null calibration: how often does a scheme mark anything when every method is equally good?
+# Null calibration: how often does a test mark anything when every method is equally good?
 # --------------------------------------------------------------------------------------------------
-def fold_c_index(fold: FoldSample, risk: np.ndarray) -> float:
+def fold_harrell_c(fold: FoldSample, risk: np.ndarray) -> float:
     """Harrell's C-index of one fold's risks (pair-matrix form of ``concordance_index_censored``)."""
     comp = comparable_pairs(fold.time, fold.event)
     return float((concordance_scores(risk) * comp).sum() / comp.sum())
 
 
-def simulate_null_column(rng: np.random.Generator, n_methods: int = 6, n_patients: int = 150, n_folds: int = 5,
-                         n_repeats: int = 1, noise: float = 1.0) -> ColumnData:
-    """One column of ``n_methods`` equally good methods: per-patient risk = true risk + independent noise.
-
-    Times are exponential with hazard ``exp(x) / 30`` for a standard-normal true risk ``x``, censored uniformly on
-    [5, 120] months (about 45 % censored). Each repeat draws a new partition into ``n_folds`` folds and each
-    (repeat, fold) a fresh noise draw per method, as a retrained model would.
-    """
+def _null_survival(rng: np.random.Generator, n_patients: int, censor_high: float):
+    """Standard-normal true risk x, exponential times with hazard ``exp(x) / 30``, uniform censoring on
+    [5, censor_high] months (120: about 45 % censored; 25: about 80 %)."""
     x = rng.normal(size=n_patients)
     event_time = rng.exponential(30.0 * np.exp(-x))
-    censor_time = rng.uniform(5.0, 120.0, size=n_patients)
-    time, event = np.minimum(event_time, censor_time), (event_time <= censor_time).astype(int)
+    censor_time = rng.uniform(5.0, censor_high, size=n_patients)
+    return x, np.minimum(event_time, censor_time), (event_time <= censor_time).astype(int)
+
+
+def simulate_null_column(rng: np.random.Generator, n_methods: int = 6, n_patients: int = 150, n_folds: int = 5,
+                         n_repeats: int = 1, noise: float = 1.0, model_sd: float = 0.0, censor_high: float = 120.0,
+                         min_events: int = 1) -> ColumnData:
+    """One column of ``n_methods`` equally good training procedures.
+
+    Each (method, repeat, fold) is a freshly trained model: risk = ``q x + noise e`` with the true risk ``x``,
+    per-patient noise ``e`` and a model-level quality ``q = max(0, 1 + model_sd z)`` drawn per model, so trained
+    models differ in true C-index around the same mean (``model_sd`` 0.3 gives a seed-to-seed C spread of about
+    0.03 at ``noise`` 1). Times: :func:`_null_survival`. Each repeat draws a new partition into ``n_folds``
+    folds; a partition with a fold of fewer than ``min_events`` events is drawn again.
+    """
+    x, time, event = _null_survival(rng, n_patients, censor_high)
+    while event.sum() < n_folds * max(1, min_events):
+        x, time, event = _null_survival(rng, n_patients, censor_high)
     methods = [f"m{i}" for i in range(n_methods)]
     folds, risks = [], {m: [] for m in methods}
     for _ in range(n_repeats):
-        fold_of = rng.permutation(np.arange(n_patients) % n_folds)
+        fold_of = _partition(rng, time, event, n_folds, max(1, min_events))
         for k in range(n_folds):
             val = np.flatnonzero(fold_of == k)
             folds.append(FoldSample(time[val], event[val], val))
             for m in methods:
-                risks[m].append(x[val] + noise * rng.normal(size=val.size))
-    values = {m: np.array([fold_c_index(f, r) for f, r in zip(folds, risks[m])]) for m in methods}
+                q = max(0.0, 1.0 + model_sd * rng.normal())
+                risks[m].append(q * x[val] + noise * rng.normal(size=val.size))
+    values = {m: np.array([fold_harrell_c(f, r) for f, r in zip(folds, risks[m])]) for m in methods}
     return ColumnData(values, n_folds, tuple(folds), risks)
+
+
+def _partition(rng: np.random.Generator, time: np.ndarray, event: np.ndarray, n_folds: int,
+               min_events: int) -> np.ndarray:
+    """A random fold of each patient, every fold with at least ``min_events`` events and a comparable pair."""
+    while True:
+        fold_of = rng.permutation(np.arange(event.size) % n_folds)
+        if all(event[fold_of == k].sum() >= min_events
+               and comparable_pairs(time[fold_of == k], event[fold_of == k]).sum() > 0 for k in range(n_folds)):
+            return fold_of
 
 
 @dataclass(frozen=True)
@@ -606,10 +918,12 @@ class FriedmanResult:
         return bool(self.f_p_value <= alpha)
 
 
-def friedman_from_mean_ranks(mean_ranks: Sequence[float], n_datasets: int) -> FriedmanResult:
+def friedman_from_mean_ranks(mean_ranks: Sequence[float], n_datasets: int, tie_correction: float = 1.0
+                             ) -> FriedmanResult:
     """Friedman and Iman-Davenport statistics from the methods' mean ranks (Demšar 2006, JMLR 7:1-30, sec. 3.2.2).
 
-    ``chi2_F = 12 N / (k (k + 1)) [sum_j R_j^2 - k (k + 1)^2 / 4]`` with ``k - 1`` df, and
+    ``chi2_F = 12 N / (k (k + 1)) [sum_j R_j^2 - k (k + 1)^2 / 4] / C`` with ``k - 1`` df, ``C`` the tie
+    correction (:func:`friedman_tie_correction`; 1 without ties), and
     ``F_F = (N - 1) chi2_F / (N (k - 1) - chi2_F)``, F-distributed with ``(k - 1, (k - 1)(N - 1))`` df
     (Iman & Davenport 1980), less conservative than the chi-square.
     """
@@ -617,12 +931,38 @@ def friedman_from_mean_ranks(mean_ranks: Sequence[float], n_datasets: int) -> Fr
     k, n = r.size, int(n_datasets)
     if k < 2 or n < 2:
         raise ValueError(f"the Friedman test needs >= 2 methods and >= 2 data sets; got k = {k}, N = {n}")
-    chi2 = 12.0 * n / (k * (k + 1)) * (np.sum(r ** 2) - k * (k + 1) ** 2 / 4.0)
+    if not 0 < tie_correction <= 1:
+        raise ValueError(f"the tie correction lies in (0, 1]; got {tie_correction}")
+    chi2 = 12.0 * n / (k * (k + 1)) * (np.sum(r ** 2) - k * (k + 1) ** 2 / 4.0) / tie_correction
     df1, df2 = k - 1, (k - 1) * (n - 1)
     denominator = n * (k - 1) - chi2
     f = math.inf if denominator <= 0 else (n - 1) * chi2 / denominator  # every data set ranks alike: F infinite
     f_p = 0.0 if math.isinf(f) else float(stats.f.sf(f, df1, df2))
     return FriedmanResult(float(chi2), float(stats.chi2.sf(chi2, df1)), float(f), f_p, df1, df2, n, k)
+
+
+def friedman_tie_correction(ranks: np.ndarray) -> float:
+    """``C = 1 - sum (t^3 - t) / (N k (k^2 - 1))`` over the groups of ``t`` tied ranks within each data set (row)
+    (Hollander & Wolfe 1999, sec. 7.1; what ``scipy.stats.friedmanchisquare`` divides by)."""
+    r = np.asarray(ranks, float)
+    n, k = r.shape
+    ties = sum(float(np.sum(counts ** 3 - counts)) for counts in
+               (np.unique(row, return_counts=True)[1].astype(float) for row in r))
+    return 1.0 - ties / (n * k * (k * k - 1))
+
+
+def friedman_test(scores: np.ndarray, higher_is_better: bool = True) -> FriedmanResult:
+    """Friedman (tie-corrected) and Iman-Davenport tests on a data sets x methods score matrix.
+
+    Equals ``scipy.stats.friedmanchisquare`` for the chi-square (ties included); a matrix whose every row is all
+    ties (``C = 0``) carries no ranking: chi2 = 0, p = 1.
+    """
+    ranks = rank_rows(scores, higher_is_better)
+    correction = friedman_tie_correction(ranks)
+    if correction <= 0:
+        n, k = ranks.shape
+        return FriedmanResult(0.0, 1.0, 0.0, 1.0, k - 1, (k - 1) * (n - 1), n, k)
+    return friedman_from_mean_ranks(ranks.mean(axis=0), ranks.shape[0], correction)
 
 
 def rank_rows(scores: np.ndarray, higher_is_better: bool = True) -> np.ndarray:
@@ -649,7 +989,8 @@ def nemenyi_critical_difference(n_methods: int, n_datasets: int, alpha: float = 
 def fisher_combined_p(p_values: Sequence[float]) -> float:
     """Fisher's (1932) combination of independent p-values: ``-2 sum log p`` is chi-square with ``2n`` df.
 
-    Used for the D-calibration tests of the folds of one cell (disjoint validation patients).
+    Used for the D-calibration tests of the folds of one repeat and seed of a cell (disjoint validation
+    patients); :func:`average_p_value` then combines repeats and seeds, which share patients.
     """
     p = np.asarray([v for v in p_values if v is not None and math.isfinite(v)], dtype=float)
     if p.size == 0:
@@ -658,3 +999,15 @@ def fisher_combined_p(p_values: Sequence[float]) -> float:
         raise ValueError(f"p-values must lie in [0, 1]; got {p.tolist()}")
     statistic = -2.0 * np.sum(np.log(np.clip(p, np.finfo(float).tiny, 1.0)))
     return float(stats.chi2.sf(statistic, 2 * p.size))
+
+
+def average_p_value(p_values: Sequence[float]) -> float:
+    """``min(1, 2 mean(p))``: a p-value valid under any dependence between the tests (Rüschendorf 1982; Vovk &
+    Wang 2020, Biometrika 107:791-808, "twice the arithmetic mean"). Used to combine the D-calibration of several
+    repeats or seeds of one cell, whose validation patients recur."""
+    p = np.asarray([v for v in p_values if v is not None and math.isfinite(v)], dtype=float)
+    if p.size == 0:
+        raise ValueError("average_p_value needs at least one finite p-value")
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must lie in [0, 1]; got {p.tolist()}")
+    return float(p[0]) if p.size == 1 else float(min(1.0, 2.0 * p.mean()))

@@ -11,8 +11,6 @@ this module reads fold records into them:
   :func:`design_mde`: the minimum detectable difference of a design from its observed fold variance;
 - **over cohorts**: mean ranks, the Friedman / Iman-Davenport test and the Nemenyi critical difference with its
   diagram (Demšar 2006, JMLR 7:1-30), drawn only when the test rejects;
-- the former **pooled** paired bootstrap (:func:`paired_bootstrap`, :func:`compare_cells`), kept as a labelled
-  alternative: one C-index on the risks pooled across folds, which is not the quantity the tables show.
 
 Harrell's C-index follows ``sksurv.metrics.concordance_index_censored`` exactly (risk ties within ``1e-8``
 count one half; an event is comparable to later times and to censored samples at its own time). The bootstraps
@@ -22,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -34,13 +32,18 @@ from benchmark.analysis.significance import (
     ColumnSignificance,
     FoldSample,
     FriedmanResult,
+    BOOTSTRAP_MIN_EVENTS,
+    STAT_TESTS,
     MarkingRate,
     column_significance,
+    marks_from_adjusted,
     comparable_pairs,
     concordance_scores,
-    friedman_from_mean_ranks,
+    MDE,
+    check_test,
+    corrected_t_mde,
+    friedman_test,
     marking_rate,
-    minimum_detectable_difference,
     nemenyi_critical_difference,
     nemenyi_q,  # noqa: F401  re-exported: callers ask this module for the Nemenyi q
 )
@@ -85,8 +88,8 @@ def pooled_predictions(records: Sequence[Mapping]) -> pd.DataFrame:
     return pooled.set_index("sample_id")
 
 
-def fold_c_index(record: Mapping) -> float:
-    """The fold's reported C-index (``metrics.c_index``), recomputed from predictions if absent."""
+def record_c_index(record: Mapping) -> float:
+    """A fold record's reported C-index (``metrics.c_index``), recomputed from its predictions if absent."""
     value = (record.get("metrics") or {}).get("c_index")
     if value is not None:
         return float(value)
@@ -109,181 +112,12 @@ def harrell_c_index(time, event, risk, weights: np.ndarray | None = None) -> flo
 
 
 # --------------------------------------------------------------------------------------------------
-# Paired bootstrap
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class BootstrapResult:
-    """Paired bootstrap of ``C(a) - C(b)`` over patients.
-
-    Attributes
-    ----------
-    c_index_a, c_index_b : float
-        Pooled out-of-fold C-index of each method on the common samples.
-    difference : float
-        ``c_index_a - c_index_b`` (observed).
-    ci_low, ci_high : float
-        Percentile confidence interval of the difference at level ``confidence``.
-    p_value : float
-        Two-sided bootstrap p-value, ``min(1, 2 * min(#(d* <= 0) + 1, #(d* >= 0) + 1) / (n_boot + 1))``.
-    n_boot, seed, confidence : bootstrap settings
-    n_patients, n_samples : int
-        Patients resampled and samples they carry.
-    differences : ndarray, shape (n_boot,)
-        The bootstrap distribution (resamples without a comparable pair are dropped).
-    """
-
-    c_index_a: float
-    c_index_b: float
-    difference: float
-    ci_low: float
-    ci_high: float
-    p_value: float
-    n_boot: int
-    seed: int
-    confidence: float
-    n_patients: int
-    n_samples: int
-    differences: np.ndarray = field(repr=False)
-
-    def significant(self, alpha: float = 0.05) -> bool:
-        return bool(self.p_value < alpha)
-
-
-def paired_bootstrap(
-    pred_a: pd.DataFrame,
-    pred_b: pd.DataFrame,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-    chunk: int = 100,
-) -> BootstrapResult:
-    """Paired bootstrap over patients of the pooled out-of-fold risks of two methods.
-
-    Parameters
-    ----------
-    pred_a, pred_b : DataFrame
-        :func:`pooled_predictions` of the two cells (indexed by ``sample_id``); only common samples are used.
-    n_boot : int
-        Bootstrap resamples.
-    seed : int
-        Seed of the resampling (``numpy.random.default_rng``); equal seeds give identical results.
-    confidence : float
-        Level of the percentile interval.
-    """
-    common = pred_a.index.intersection(pred_b.index)
-    if len(common) < 2:
-        raise ValueError("the two cells share fewer than 2 samples; were they run on the same cohort and folds?")
-    a = pred_a.loc[common]
-    b = pred_b.loc[common]
-    if not (np.allclose(a["time"].to_numpy(), b["time"].to_numpy()) and (a["event"].to_numpy() == b["event"].to_numpy()).all()):
-        raise ValueError("the two cells disagree on survival times/events of the same samples; different data?")
-    time, event = a["time"].to_numpy(float), a["event"].to_numpy(int)
-    comp = comparable_pairs(time, event)
-    conc_a = concordance_scores(a["risk"].to_numpy(float)) * comp
-    conc_b = concordance_scores(b["risk"].to_numpy(float)) * comp
-    # Each sample's multiplicity in a resample = how often its patient was drawn.
-    patient_codes, patients = pd.factorize(a["patient_id"])
-    n_patients = len(patients)
-
-    def c_of(weights: np.ndarray, conc: np.ndarray) -> np.ndarray:  # weights (B, N)
-        den = np.einsum("bi,ij,bj->b", weights, comp, weights)
-        num = np.einsum("bi,ij,bj->b", weights, conc, weights)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return num / den
-
-    ones = np.ones((1, len(common)))
-    c_a, c_b = float(c_of(ones, conc_a)[0]), float(c_of(ones, conc_b)[0])
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        draws = rng.integers(0, n_patients, size=(size, n_patients))
-        counts = np.stack([np.bincount(d, minlength=n_patients) for d in draws]).astype(float)
-        weights = counts[:, patient_codes]
-        diffs.append(c_of(weights, conc_a) - c_of(weights, conc_b))
-    d = np.concatenate(diffs)
-    d = d[np.isfinite(d)]
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
-    n = len(d)
-    p = min(1.0, 2.0 * min((np.sum(d <= 0) + 1) / (n + 1), (np.sum(d >= 0) + 1) / (n + 1)))
-    return BootstrapResult(
-        c_index_a=c_a, c_index_b=c_b, difference=c_a - c_b, ci_low=float(lo), ci_high=float(hi), p_value=float(p),
-        n_boot=n_boot, seed=seed, confidence=confidence, n_patients=n_patients, n_samples=len(common), differences=d,
-    )
-
-
-@dataclass
-class PairedComparison:
-    """Method/row ``a`` vs ``b`` on one cohort: per-fold differences and the paired bootstrap."""
-
-    label_a: str
-    label_b: str
-    cohort: str
-    folds: list[int]
-    fold_c_a: list[float]
-    fold_c_b: list[float]
-    bootstrap: BootstrapResult
-
-    @property
-    def fold_differences(self) -> list[float]:
-        return [x - y for x, y in zip(self.fold_c_a, self.fold_c_b)]
-
-    @property
-    def mean_difference(self) -> float:
-        return float(np.mean(self.fold_differences)) if self.folds else float("nan")
-
-    def as_dict(self) -> dict:
-        bs = self.bootstrap
-        return {
-            "a": self.label_a, "b": self.label_b, "cohort": self.cohort, "folds": self.folds,
-            "fold_c_index_a": self.fold_c_a, "fold_c_index_b": self.fold_c_b,
-            "fold_differences": self.fold_differences, "mean_fold_difference": self.mean_difference,
-            "pooled_c_index_a": bs.c_index_a, "pooled_c_index_b": bs.c_index_b,
-            "pooled_difference": bs.difference, "ci_low": bs.ci_low, "ci_high": bs.ci_high,
-            "confidence": bs.confidence, "p_value": bs.p_value, "n_boot": bs.n_boot, "seed": bs.seed,
-            "n_patients": bs.n_patients, "n_samples": bs.n_samples,
-        }
-
-
-def compare_cells(
-    records_a: Sequence[Mapping],
-    records_b: Sequence[Mapping],
-    *,
-    label_a: str | None = None,
-    label_b: str | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> PairedComparison:
-    """Compare two cells of one cohort (fold records of each): per-fold differences + paired bootstrap."""
-    if not records_a or not records_b:
-        raise ValueError("compare_cells needs at least one record per cell")
-    by_fold_a = {int(r["fold"]): r for r in records_a}
-    by_fold_b = {int(r["fold"]): r for r in records_b}
-    folds = sorted(set(by_fold_a) & set(by_fold_b))
-    boot = paired_bootstrap(
-        pooled_predictions(records_a), pooled_predictions(records_b), n_boot=n_boot, seed=seed, confidence=confidence
-    )
-    return PairedComparison(
-        label_a=label_a or str(records_a[0].get("method")),
-        label_b=label_b or str(records_b[0].get("method")),
-        cohort=str(records_a[0].get("cohort")),
-        folds=folds,
-        fold_c_a=[fold_c_index(by_fold_a[k]) for k in folds],
-        fold_c_b=[fold_c_index(by_fold_b[k]) for k in folds],
-        bootstrap=boot,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
 # Records -> one table column of the significance layer
 # --------------------------------------------------------------------------------------------------
 def fold_metric(records: Sequence[Mapping], metric: str = "c_index") -> float:
     """A validation fold's metric averaged over the seeds (records) of that fold; NaN when none has it."""
     if metric == "c_index":
-        values = [fold_c_index(r) for r in records]
+        values = [record_c_index(r) for r in records]
     else:
         values = [(r.get("metrics") or {}).get(metric) for r in records]
     values = [float(v) for v in values if v is not None and math.isfinite(v)]
@@ -304,17 +138,39 @@ def folds_per_repeat(records: Iterable[Mapping]) -> int:
     return max([int(r["n_folds"]) for r in records if r.get("n_folds")] or [len({int(r["fold"]) for r in records})])
 
 
-def _fold_sample(unit_records: Mapping[str, Sequence[Mapping]]) -> tuple[FoldSample, dict[str, np.ndarray]]:
-    """The common validation samples of one fold, and each row's (seed-averaged) risk on them."""
-    pooled = {row: pooled_predictions(recs) for row, recs in unit_records.items()}
-    common = sorted(set.intersection(*(set(p.index) for p in pooled.values())))
-    first = next(iter(pooled.values())).loc[common]
-    for row, p in pooled.items():
-        if not (np.allclose(p.loc[common, "time"], first["time"]) and (p.loc[common, "event"] == first["event"]).all()):
-            raise ValueError(f"row {row!r} disagrees on survival times/events of the same samples; different data?")
-    patients = pd.factorize(first["patient_id"])[0]
+def _seed_predictions(records: Sequence[Mapping]) -> list[pd.DataFrame]:
+    """One prediction frame per seed (record) of one fold, indexed by ``sample_id``, in seed order."""
+    frames = []
+    for r in sorted(records, key=lambda r: int(r.get("seed") or 0)):
+        frame = pooled_predictions([r])
+        frames.append(frame)
+    return frames
+
+
+def _fold_sample(unit_records: Mapping[str, Sequence[Mapping]], patient_codes: dict[str, int]
+                 ) -> tuple[FoldSample, dict[str, np.ndarray]]:
+    """The common validation samples of one fold, and each row's risks on them, shape (seeds, n).
+
+    ``patient_codes`` maps a patient id to its code for the whole column (extended here), so a patient keeps
+    one code in every repeat: a bootstrap draws each patient once for all repeats.
+    """
+    per_seed = {row: _seed_predictions(recs) for row, recs in unit_records.items()}
+    common = sorted(set.intersection(*(set(f.index) for frames in per_seed.values() for f in frames)))
+    first = next(iter(per_seed.values()))[0].loc[common]
+    for row, frames in per_seed.items():
+        for f in frames:
+            if not (np.allclose(f.loc[common, "time"], first["time"]) and (f.loc[common, "event"] == first["event"]).all()):
+                raise ValueError(f"row {row!r} disagrees on survival times/events of the same samples; different data?")
+    patients = np.array([patient_codes.setdefault(p, len(patient_codes)) for p in first["patient_id"]])
     fold = FoldSample(first["time"].to_numpy(float), first["event"].to_numpy(int), patients)
-    return fold, {row: p.loc[common, "risk"].to_numpy(float) for row, p in pooled.items()}
+    risks = {row: np.stack([f.loc[common, "risk"].to_numpy(float) for f in frames]) for row, frames in per_seed.items()}
+    return fold, risks
+
+
+def _fold_events(records: Sequence[Mapping]) -> int | None:
+    """Events among a fold's validation samples (from its stored predictions; None without them)."""
+    preds = (records[0].get("predictions") or []) if records else []
+    return sum(1 for p in preds if int(p.get("event") or 0)) if preds else None
 
 
 def column_data(rows: Mapping[str, Sequence[Mapping]], metric: str = "c_index",
@@ -322,7 +178,8 @@ def column_data(rows: Mapping[str, Sequence[Mapping]], metric: str = "c_index",
     """One table column (cohort) as :class:`ColumnData`: each row's per-(repeat, fold) metric, seeds averaged.
 
     Only the validation folds every row finished are used. With ``predictions`` and the Harrell C-index, the
-    stored out-of-fold risks come along for the bootstrap tests (other metrics: the corrected t only).
+    stored out-of-fold risks of every seed come along for the bootstrap tests (other metrics: the corrected t
+    only). The events of each validation fold are read off the predictions either way.
     """
     units = {row: _units([r for r in recs if r.get("status", "ok") == "ok"]) for row, recs in rows.items()}
     units = {row: u for row, u in units.items() if u}
@@ -334,16 +191,20 @@ def column_data(rows: Mapping[str, Sequence[Mapping]], metric: str = "c_index",
         raise ValueError(f"fewer than 2 validation folds with a finite {metric} are shared by every row")
     fold_values = {row: np.array([values[row][key] for key in shared]) for row in units}
     all_records = [r for u in units.values() for recs in u.values() for r in recs]
-    n_repeats = len({key[0] for key in shared})
+    first = next(iter(units.values()))
+    events = [_fold_events(first[key]) for key in shared]
+    common = dict(n_folds=folds_per_repeat(all_records), repeats=len({key[0] for key in shared}),
+                  fold_events=None if None in events else tuple(events),
+                  seeds=max(len(u[key]) for u in units.values() for key in shared))
     if not (predictions and metric == "c_index"):
-        return ColumnData(fold_values, folds_per_repeat(all_records), repeats=n_repeats)
-    folds, risks = [], {row: [] for row in units}
+        return ColumnData(fold_values, **common)
+    folds, risks, codes = [], {row: [] for row in units}, {}
     for key in shared:
-        fold, fold_risks = _fold_sample({row: units[row][key] for row in units})
+        fold, fold_risks = _fold_sample({row: units[row][key] for row in units}, codes)
         folds.append(fold)
         for row in units:
             risks[row].append(fold_risks[row])
-    return ColumnData(fold_values, folds_per_repeat(all_records), tuple(folds), risks, n_repeats)
+    return ColumnData(fold_values, folds=tuple(folds), risks=risks, **common)
 
 
 @dataclass(frozen=True)
@@ -362,16 +223,14 @@ class SignificanceOptions:
     def __post_init__(self):
         if self.family == "reference" and not self.reference:
             raise ValueError("the reference family needs --reference NAME")
-        if self.metric != "c_index" and self.test in ("fold-bootstrap", "pooled-bootstrap"):
-            raise ValueError(f"the {self.test} test recomputes Harrell's C-index; for {self.metric} use "
-                             "--test corrected-t (or auto)")
+        check_test(self.test, self.metric)
 
     def __call__(self, rows: Mapping[str, Sequence[Mapping]]) -> ColumnSignificance | None:
         """Test one column (``row -> its fold records``); None when fewer than 2 rows, or the reference is absent."""
         rows = {row: recs for row, recs in rows.items() if recs}
         if len(rows) < 2 or (self.family == "reference" and self.reference not in rows):
             return None
-        data = column_data(rows, self.metric, predictions=self.test != "corrected-t")
+        data = column_data(rows, self.metric, predictions=self.test not in ("auto", "corrected-t"))
         return column_significance(data, family=self.family, reference=self.reference, alpha=self.alpha,
                                    test=self.test, n_boot=self.n_boot, seed=self.seed,
                                    higher_is_better=self.higher_is_better)
@@ -405,6 +264,59 @@ def calibration_rate(results: Iterable[Results], options: SignificanceOptions, m
     return marking_rate(columns, marks_anything)
 
 
+def _column_outcomes(data: ColumnData, reference: str, tests: Sequence[str], alpha: float, n_boot: int,
+                     seed: int) -> list[dict]:
+    """Whether each family x test marks this column, shown and as it would without withholding."""
+    out = []
+    for family in ("reference", "all-pairs"):
+        for test in tests:
+            result = column_significance(data, family=family, reference=reference, alpha=alpha, test=test,
+                                         n_boot=n_boot, seed=seed)
+            raw = marks_from_adjusted(family, result.differences, result.adjusted_p, alpha)
+            out.append({"family": family, "test": result.test, "marked": bool(result.marks),
+                        "marked_unwithheld": bool(raw), "lost": result.lost})
+    return out
+
+
+def calibration_rates(results: Iterable[Results], *, methods: Sequence[str] | None = None,
+                      reference: str | None = None, tests: Sequence[str] | None = None, alpha: float = 0.05,
+                      n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Family-wise marking rate of every test and family over the columns of null stores, by events per fold.
+
+    Every column (cohort x backbone x recipe x selection of one store) whose rows are equally good training
+    procedures (``make calibration``: one procedure under several names, or ``--signal none`` data) is tested in
+    both families (every row vs ``reference``, default the first row by name; all pairs) by each test. The rate
+    of columns with any mark estimates the family-wise error rate. Columns are split by the fewest events in a
+    validation fold (below / at least :data:`~benchmark.analysis.significance.BOOTSTRAP_MIN_EVENTS`);
+    ``unwithheld`` is the rate the marks would have without the events threshold.
+
+    Returns
+    -------
+    DataFrame with columns family, test, events, columns, marked, rate, se, unwithheld, within.
+    """
+    tests = list(tests or STAT_TESTS)
+    rows = []
+    for index, column in enumerate(store_columns(results, methods)):
+        data = column_data(column, predictions=True)
+        ref = reference if reference in data.methods else sorted(data.methods)[0]
+        usable = [t for t in tests if STAT_TESTS[t].check(data) is None]
+        few = data.min_events is not None and data.min_events < BOOTSTRAP_MIN_EVENTS
+        for outcome in _column_outcomes(data, ref, usable, alpha, n_boot, seed + index):
+            rows.append({**outcome, "events": f"< {BOOTSTRAP_MIN_EVENTS}" if few else f">= {BOOTSTRAP_MIN_EVENTS}"})
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    both = frame.assign(events="all")
+    out = []
+    for (family, test, events), group in pd.concat([frame, both]).groupby(["family", "test", "events"], sort=False):
+        rate = MarkingRate(int(group["marked"].sum()), len(group))
+        out.append({"family": family, "test": test, "events per fold": events, "columns": rate.columns,
+                    "marked": rate.marked, "rate": rate.rate, "se": rate.standard_error,
+                    "unwithheld": float(group["marked_unwithheld"].mean()), "lost resamples": int(group["lost"].sum()),
+                    "within": rate.within(alpha)})
+    return pd.DataFrame(out)
+
+
 def null_means(results: Iterable[Results], methods: Sequence[str] | None = None, metric: str = "c_index"
                ) -> pd.DataFrame:
     """Each method's table value (mean over folds) averaged over the columns of ``--signal none`` stores.
@@ -429,19 +341,20 @@ def null_means(results: Iterable[Results], methods: Sequence[str] | None = None,
     return frame.sort_index()
 
 
-def design_mde(data: ColumnData, alpha: float = 0.05, power: float = 0.8) -> float:
-    """Minimum detectable difference of a column's design from its observed fold variance (statistics.md sec. 2).
+def design_mde(data: ColumnData, alpha: float = 0.05, power: float = 0.8, n_comparisons: int | None = None) -> MDE:
+    """Minimum detectable difference of the corrected t on a column's design, from its observed fold variance.
 
     ``s_d`` is pooled over every pair of rows (the root mean of the pairs' per-fold-difference variances), so the
-    number describes the design (J folds, K per repeat), not one lucky pair. Pairs with identical fold values
-    (the same model twice) carry no information on the variance and are left out.
+    number describes the design (J folds, K per repeat), not one lucky pair; pairs with identical fold values
+    (the same model twice) are left out. ``n_comparisons``: the family's m (default all pairs), whose Holm
+    first step tests at ``alpha / m``. The range states the uncertainty of ``s_d`` from few folds.
     """
     methods = data.methods
+    m = n_comparisons or len(methods) * (len(methods) - 1) // 2
     variances = [np.var(np.subtract(data.fold_values[a], data.fold_values[b]), ddof=1)
                  for i, a in enumerate(methods) for b in methods[i + 1:]]
     variances = [v for v in variances if v > 0] or [0.0]
-    n_units = len(data.fold_values[methods[0]])
-    return minimum_detectable_difference(float(np.sqrt(np.mean(variances))), n_units, data.n_folds, alpha, power)
+    return corrected_t_mde(float(np.sqrt(np.mean(variances))), data.n_units, data.n_folds, alpha, power, m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,7 +441,7 @@ def rank_summary(scores: pd.DataFrame, alpha: float = 0.05) -> RankSummary:
     ranks = mean_ranks(scores)
     friedman = None
     if scores.shape[0] >= 2 and scores.shape[1] >= 2:
-        friedman = friedman_from_mean_ranks(ranks[scores.columns].to_numpy(), scores.shape[0])
+        friedman = friedman_test(scores.to_numpy())
     cd = nemenyi_critical_difference(scores.shape[1], scores.shape[0], alpha)
     return RankSummary(scores, ranks, cd, alpha, friedman)
 
@@ -644,7 +557,7 @@ def score_table(
     table: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for key, recs in groups.items():
         complete = folds_done[key] >= expected[key[1:3]]  # an incomplete cell is never ranked
-        table[key[1:3]][key[0]].append(float(np.mean([fold_c_index(r) for r in recs])) if complete else math.nan)
+        table[key[1:3]][key[0]].append(float(np.mean([record_c_index(r) for r in recs])) if complete else math.nan)
     # several seeds of one method and data set are replicates: their means are averaged
     frame = pd.DataFrame({row: {m: float(np.mean(v)) for m, v in cols.items()} for row, cols in table.items()}).T
     frame = frame.reindex(columns=[m.lower() for m in methods])

@@ -4,8 +4,9 @@
 - Table 2: rows = the five backbones, columns = the cohorts + Mean (one method, CrossFusion by default).
 
 Each cell is the mean ± population std (ddof 0) of the per-fold metric; when several seeds were run, the
-folds' values are first averaged over seeds. The best value of each column is bold and the second best
-underlined. A cell without any successful fold is shown as missing (never as zero); a cell with fewer
+folds' values are first averaged over seeds. Bold is a tested claim only with a significance hook: the rows not
+significantly below the column's best in the all-pairs family (the set tied for best); without one, bold is the
+highest mean and the footer says it is untested. A cell without any successful fold is shown as missing (never as zero); a cell with fewer
 folds than the table's others is marked ``(k/n)``; ``paper-max`` selection (optimistic: the epoch is chosen
 on the reported fold) is marked in the caption, the header and a note. A significance hook may mark cells.
 """
@@ -19,7 +20,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from benchmark.analysis.significance import corrected_t_interval
+from benchmark.analysis.significance import bounded_interval
 from benchmark.analysis.statistics import folds_per_repeat
 from benchmark.api.registry import get_method_spec
 from benchmark.data.cohorts import DATASETS_DIR, cohort_names
@@ -54,11 +55,12 @@ class TableCell:
     records: list[dict] = field(default_factory=list)
     folds_per_repeat: int = 0  # K of the K-fold split (the CI's Nadeau-Bengio correction needs it)
 
-    def interval(self, confidence: float = 0.95) -> tuple[float, float] | None:
-        """Confidence interval of the fold mean (corrected t over the J fold values; None below 2 values)."""
+    def interval(self, confidence: float = 0.95) -> tuple[float, float, bool] | None:
+        """Confidence interval of the fold mean (corrected t over the J fold values; None below 2 values),
+        clipped to the metric's range [0, 1]: ``(low, high, clipped)``."""
         if len(self.values) < 2 or self.folds_per_repeat < 2:
             return None
-        return corrected_t_interval(self.values, self.folds_per_repeat, confidence)[1:]
+        return bounded_interval(self.values, self.folds_per_repeat, confidence)[1:]
 
     @property
     def mean(self) -> float:
@@ -102,6 +104,8 @@ class ResultTable:
     #: published (mean, std) per cell, shown beside ours (``--published``, :func:`add_published`)
     published: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     backbone: str = ""  # Table 1's backbone
+    #: Column -> rows tied for best by the declared all-pairs test; None = bold is the untested highest mean.
+    tested_best: dict[str, set[str]] | None = None
 
     @property
     def higher_is_better(self) -> bool:
@@ -122,16 +126,22 @@ class ResultTable:
     def all_columns(self) -> list[str]:
         return self.columns + (["Mean"] if self.mean_column else [])
 
-    def ranks(self, column: str, decimals: int = 3) -> dict[str, int]:
-        """Row -> 1 (best) or 2 (second best) in ``column``, on the displayed (rounded) values; ties share a rank.
-        Only cells with every fold compete (an incomplete cell is marked, never bold)."""
+    def highest(self, column: str, decimals: int = 3) -> set[str]:
+        """Rows with the best displayed (rounded) mean of ``column``, untested. Only cells with every fold
+        compete (an incomplete cell is marked, never bold)."""
         vals = {r: self.value(r, column) if self._complete(r, column) else None for r in self.rows}
-        shown = sorted({round(v, decimals) for v in vals.values() if v is not None}, reverse=self.higher_is_better)
-        out = {}
-        for r, v in vals.items():
-            if v is not None and round(v, decimals) in shown[:2]:
-                out[r] = shown.index(round(v, decimals)) + 1
-        return out
+        shown = [round(v, decimals) for v in vals.values() if v is not None]
+        if not shown:
+            return set()
+        best = max(shown) if self.higher_is_better else min(shown)
+        return {r for r, v in vals.items() if v is not None and round(v, decimals) == best}
+
+    def bold(self, column: str, decimals: int = 3) -> set[str]:
+        """The rows shown bold: the set tied for best by the declared test when one ran (none in a column it did
+        not test), else the untested highest mean."""
+        if self.tested_best is None:
+            return self.highest(column, decimals)
+        return self.tested_best.get(column, set())
 
 
 #: Marks a cell whose folds were run under different configurations (never averaged silently).
@@ -370,7 +380,8 @@ def _finish(table: ResultTable, significance: SignificanceHook | None, marker: s
         )
     incomplete = [k for k, c in table.cells.items() if c is not None and c.present and not c.complete]
     if incomplete:
-        table.notes.append("(k/n): only k of the n folds finished for this cell.")
+        table.notes.append("(k/n): k of the n validation folds have a value of the metric (unfinished folds, or "
+                           "folds where it is undefined: reasons below).")
     if any(c is not None and c.mixed_configs for c in table.cells.values()):
         table.notes.append(f"{MIXED_MARK}: the folds of this cell ran under different configurations (recipe fields, "
                            "method options or data version); rerun `benchmark run` to make them consistent.")
@@ -378,16 +389,48 @@ def _finish(table: ResultTable, significance: SignificanceHook | None, marker: s
         table.notes.append("err: at least one fold of this cell failed (see the error records).")
     if table.ci is not None:
         table.notes.append(f"[low, high]: {table.ci:.0%} confidence interval of the fold mean, t-interval over the "
-                           "repeat x fold values with the Nadeau-Bengio variance correction (1/J + 1/(K-1)).")
-    table.notes += _no_event_notes(table)
+                           "repeat x fold values with the Nadeau-Bengio variance correction (1/J + 1/(K-1)); "
+                           f"{CLIPPED_MARK} = the interval left [0, 1] and is clipped there (not a confidence "
+                           "statement at the clipped end).")
+    table.notes += _no_event_notes(table) + _metric_error_notes(table)
     if significance is not None:
         _apply_significance(table, significance, marker)
+    else:
+        table.notes.insert(0, "Bold: the highest mean of the column, NOT tested (add --significance for tested "
+                              "claims).")
     return table
 
 
+#: Marks an interval clipped to the metric's range [0, 1].
+CLIPPED_MARK = "^"
+
+
+def _metric_error_notes(table: ResultTable) -> list[str]:
+    """Why a finished fold has no value of the table's metric (the reasons the records keep in
+    ``metric_errors``), one line per cell, instead of a bare "(k/n)"."""
+    notes = []
+    for (row, col), cell in table.cells.items():
+        if cell is None:
+            continue
+        reasons: dict[str, list[str]] = {}
+        for r in cell.records:
+            value = (r.get("metrics") or {}).get(table.metric)
+            if table.metric == "c_index" and NO_EVENTS_NOTE in (r.get("notes") or []):
+                continue  # said by the no-event note
+            if value is None or not math.isfinite(value):
+                why = (r.get("metric_errors") or {}).get(table.metric) or "no reason recorded"
+                reasons.setdefault(why, []).append(f"{int(r.get('repeat') or 0)}/{int(r['fold'])}")
+        for why, folds in sorted(reasons.items()):
+            notes.append(f"{row} / {col}: {METRIC_NAMES[table.metric]} undefined in finished fold(s) (repeat/fold) "
+                         f"{', '.join(sorted(folds))}: {why.rstrip('.')}.")
+    return notes
+
+
 def _apply_significance(table: ResultTable, significance: SignificanceHook, marker: str) -> None:
-    """Mark the rows each column's declared family of tests marks, and state the test under the table."""
-    footers, untested = [], []
+    """Mark the rows each column's declared family of tests marks, bold the rows it ties for best, and state the
+    test, its MDE and what bold means under the table."""
+    footers, untested, mdes, details = [], [], [], []
+    table.tested_best = {}
     for col in table.columns:
         rows = {r: table.cells[(r, col)].records for r in table.rows
                 if table.cells.get((r, col)) is not None and table.cells[(r, col)].present}
@@ -405,9 +448,25 @@ def _apply_significance(table: ResultTable, significance: SignificanceHook, mark
         reference_family = getattr(result, "family", None) == "reference"
         for r, direction in marks.items():
             table.marks[(r, col)] = DIRECTION_MARKS[direction] if reference_family else marker
-        footer = result.footer(marker) if hasattr(result, "footer") else f"{marker}: significantly worse (paired test)."
+        if getattr(result, "tied_best", None) is not None:
+            table.tested_best[col] = set(result.tied_best)
+        if getattr(result, "mde", None) is not None:
+            mde = result.mde
+            mdes.append(f"{col.upper()} {mde.value:.3f}" + (f" ({mde.low:.3f}-{mde.high:.3f})" if mde.high > mde.low
+                                                             else ""))
+        if hasattr(result, "details"):
+            details.append(f"{col.upper()}: {result.details()}")
+        footer = (result.footer(marker, details=False) if hasattr(result, "details") else
+                  result.footer(marker) if hasattr(result, "footer") else f"{marker}: significantly worse (paired test).")
         footers += [footer] if footer not in footers else []
-    table.notes += footers
+    table.notes.insert(0, "Bold: the rows not significantly below the column's best mean (the set statistically "
+                          "tied for best: Holm-adjusted all-pairs tests below); no bold in a column without that "
+                          "test (the reference family tests rows against the reference only).")
+    table.notes += footers + details
+    if mdes:
+        table.notes.append("Minimum detectable difference of the test that ran (80 % power, Holm's first step "
+                           "alpha / m; in brackets its range from the uncertainty of the spread of few folds): "
+                           + ", ".join(mdes) + ".")
     if untested:
         table.notes.append(f"not tested (fewer than 2 rows, or the reference absent): {', '.join(untested)}.")
 
@@ -589,11 +648,8 @@ def _own_cell_text(table: ResultTable, row: str, col: str, fmt: str, decimals: i
         text = f"{value:.{decimals}f}"
     else:
         text = f"{value:.{decimals}f}{_spread_text(table, cell, fmt, decimals)}"
-    rank = table.ranks(col, decimals).get(row)
-    if rank == 1:
+    if row in table.bold(col, decimals):
         text = f"**{text}**" if fmt == "md" else rf"\textbf{{{text}}}"
-    elif rank == 2:
-        text = f"<u>{text}</u>" if fmt == "md" else rf"\underline{{{text}}}"
     if cell is not None:
         mark = table.marks.get((row, col), "")
         text += LATEX_MARKS.get(mark, mark) if fmt == "latex" else mark
@@ -610,7 +666,8 @@ def _spread_text(table: ResultTable, cell: TableCell, fmt: str, decimals: int) -
     """`` ± std``, or `` [low, high]`` with ``table.ci``; nothing for one fold (no spread, not a misleading 0)."""
     if table.ci is not None:
         interval = cell.interval(table.ci)
-        return "" if interval is None else f" [{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
+        return "" if interval is None else (f" [{interval[0]:.{decimals}f}, {interval[1]:.{decimals}f}]"
+                                            + (CLIPPED_MARK if interval[2] else ""))
     pm = r" $\pm$ " if fmt == "latex" else " ± "
     return f"{pm}{cell.std:.{decimals}f}" if len(cell.values) > 1 else ""
 
@@ -626,7 +683,7 @@ def render(table: ResultTable, fmt: str = "md") -> str:
                  "|" + "---|" * (1 + len(table.all_columns()))]
         for row in table.rows:
             lines.append("| " + " | ".join([row] + [_cell_text(table, row, c, "md") for c in table.all_columns()]) + " |")
-        lines += [""] + [f"- {n}" for n in ["Best per column in bold, second underlined; — = missing (no finished fold)."] + table.notes]
+        lines += [""] + [f"- {n}" for n in ["— = missing (no finished fold)."] + table.notes]
         return "\n".join(lines) + "\n"
     if fmt == "latex":
         esc = lambda s: (s.replace("_", r"\_").replace("±", r"$\pm$").replace(PAPER_MAX_MARK, r"$^\dagger$")  # noqa: E731
@@ -644,7 +701,7 @@ def render(table: ResultTable, fmt: str = "md") -> str:
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["row", "column", "metric", "mean", "std", "n_folds", "n_expected", "n_errors", "rank",
+        writer.writerow(["row", "column", "metric", "mean", "std", "n_folds", "n_expected", "n_errors", "bold",
                          "marker", "recipe", "selection"] + (["paper_mean", "paper_std", "paper_in_ci"]
                                                              if table.published else []))
         for row in table.rows:
@@ -656,7 +713,7 @@ def render(table: ResultTable, fmt: str = "md") -> str:
                     f"{cell.std:.6f}" if cell is not None and cell.present else "",
                     "" if col == "Mean" else (len(cell.values) if cell is not None else 0),
                     cell.n_expected if cell is not None else "", cell.n_errors if cell is not None else 0,
-                    table.ranks(col).get(row, ""), table.marks.get((row, col), ""), table.recipe, table.selection,
+                    int(row in table.bold(col)), table.marks.get((row, col), ""), table.recipe, table.selection,
                 ] + _published_csv(table, row, col))
         return buffer.getvalue()
     raise ValueError(f"unknown table format {fmt!r}; expected md, latex or csv")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmark.analysis.significance import TESTS
+from benchmark.analysis.significance import TEST_CHOICES, test_help
 
 
 def register(subparsers) -> None:
@@ -32,8 +32,7 @@ def register(subparsers) -> None:
     family = p.add_mutually_exclusive_group()
     family.add_argument("--reference", default=None, help="family: every method vs this one (m = k - 1)")
     family.add_argument("--all-pairs", action="store_true", help="family: every pair (m = k(k-1)/2; the default)")
-    p.add_argument("--test", choices=TESTS, default="auto",
-                   help="auto: corrected-t with repeats, fold-bootstrap without; pooled-bootstrap = the former test")
+    p.add_argument("--test", choices=TEST_CHOICES, default="auto", help=test_help())
     p.add_argument("--metric", choices=("c_index", "c_index_uno"), default="c_index",
                    help="c_index_uno: corrected t only (the bootstrap recomputes Harrell's C)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -71,7 +70,7 @@ def _rows(results, methods: list[str], cohort: str, filters: dict) -> dict[str, 
 def _compare_cohort(cohort: str, rows: dict, options, confidence: float) -> dict:
     """Print and return one cohort's family of tests, intervals and MDE."""
     from benchmark.analysis import statistics as stats_layer
-    from benchmark.analysis.significance import corrected_t_interval
+    from benchmark.analysis.significance import bounded_interval
 
     result = options(rows)
     data = stats_layer.column_data(rows, options.metric, predictions=False)
@@ -92,15 +91,18 @@ def _compare_cohort(cohort: str, rows: dict, options, confidence: float) -> dict
                       "mean_fold_difference": float(diffs.mean()), "tested_difference": sign * result.differences[pair],
                       "p_value": float(raw), "holm_p_value": float(adjusted),
                       "significant": bool(adjusted <= options.alpha)})
-    intervals = {m: corrected_t_interval(v, data.n_folds, confidence) for m, v in data.fold_values.items()}
-    print(f"mean {options.metric} [{confidence:.0%} CI, corrected t]: " +
-          ", ".join(f"{m} {mean:.3f} [{lo:.3f}, {hi:.3f}]" for m, (mean, lo, hi) in intervals.items()))
-    mde = stats_layer.design_mde(data, alpha=options.alpha)
-    print(f"minimum detectable difference of this design (80% power, alpha {options.alpha:g}, observed fold "
-          f"variance): {mde:.3f}")
+    intervals = {m: bounded_interval(v, data.n_folds, confidence) for m, v in data.fold_values.items()}
+    print(f"mean {options.metric} [{confidence:.0%} CI, corrected t; ^ = clipped to [0, 1]]: " +
+          ", ".join(f"{m} {mean:.3f} [{lo:.3f}, {hi:.3f}]{'^' if clipped else ''}"
+                    for m, (mean, lo, hi, clipped) in intervals.items()))
+    mde = result.mde
+    print(mde.describe() if mde is not None else "minimum detectable difference: no spread between rows observed")
     return {"cohort": cohort, "test": result.test, "family": result.family, "reference": result.reference,
             "n_comparisons": result.n_comparisons, "footer": result.footer("*"), "pairs": pairs,
-            "intervals": {m: list(v) for m, v in intervals.items()}, "mde": mde}
+            "withheld": result.withheld, "lost_resamples": result.lost,
+            "intervals": {m: list(v[:3]) for m, v in intervals.items()},
+            "clipped": {m: v[3] for m, v in intervals.items()},
+            "mde": None if mde is None else mde.value, "mde_range": None if mde is None else [mde.low, mde.high]}
 
 
 def _ranks(results, methods, cohorts, filters, args) -> dict:

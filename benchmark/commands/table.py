@@ -4,14 +4,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmark.analysis.significance import TEST_CHOICES, test_help
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "table",
         help="Table 1 (methods x cohorts) or Table 2 (backbones x cohorts) from the result store",
         description="Render Table 1 (rows = methods, columns = cohorts) or Table 2 (rows = backbones, columns = "
-                    "cohorts + Mean, one method). Cells: mean ± population std (or --ci) over folds; best bold, second "
-                    "underlined; missing cells shown as missing.",
+                    "cohorts + Mean, one method). Cells: mean ± population std (or --ci) over folds; bold = highest mean "
+                    "(untested), or with --significance the rows not significantly below the best; missing cells "
+                    "shown as missing.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("number", choices=("1", "2"), help="which table")
@@ -37,8 +40,7 @@ def register(subparsers) -> None:
     family.add_argument("--all-pairs", action="store_true",
                         help="family: every pair of rows (m = k(k-1)/2; the default); marks rows below another")
     p.add_argument("--alpha", type=float, default=0.05, help="family-wise significance level")
-    p.add_argument("--test", default="auto", choices=("auto", "corrected-t", "fold-bootstrap", "pooled-bootstrap"),
-                   help="auto: corrected resampled t with repeats, fold-stratified bootstrap without")
+    p.add_argument("--test", default="auto", choices=TEST_CHOICES, help=test_help())
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--boot-seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--dataset", default=None,

@@ -61,7 +61,7 @@ def _shared_config(s: dict[str, Any]) -> RunConfig:
     return RunConfig(
         ANY, ANY, recipe=recipe, overrides=s["set"], selection=s["selection"], unit=s["unit"],
         bin_rule=s["bin_rule"], n_bins=int(s["n_bins"]), data_root=s["data_root"], signal=s["signal"],
-        precision=s["precision"], clinical=s["clinical"], splits=s["splits"], features=feature_items(s["features"]),
+        precision=s["precision"], seeding=s["seeding"], clinical=s["clinical"], splits=s["splits"], features=feature_items(s["features"]),
         layout=s["layout"], missing_features=s["missing_features"],
         registry=tuple(str(p) for p in user_registry_files()), columns=canonical_columns(s["columns"]),
     )

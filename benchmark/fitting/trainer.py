@@ -45,6 +45,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def training_seed(config: RunConfig) -> int:
+    """The seed of a cell's training randomness: model initialisation, the epoch sampler, dropout.
+
+    ``seeding = "per-fold"`` (default): a 32-bit seed derived from ``(seed, repeat, fold)`` by numpy's
+    ``SeedSequence`` (well-mixed, so neighbouring folds and seeds give unrelated streams). Each fold is then an
+    independent draw of the training procedure, and the fold-to-fold spread a test over folds sees contains the
+    initialisation's variance. ``seeding = "shared"``: ``seed`` for every fold, as the official codes (one
+    initialisation shared by the folds: its luck is a constant offset no test over folds can see).
+    """
+    if config.seeding == "shared":
+        return int(config.seed)
+    return int(np.random.SeedSequence([int(config.seed), int(config.repeat), int(config.fold)]).generate_state(1)[0])
+
+
 @dataclass
 class Runtime:
     """Where and how a fold trains: the device, its bags (moved there once), autocast precision, fp16 scaler."""
@@ -359,8 +373,8 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
     config : RunConfig
         Method and its options, recipe, selection rule (``last``; ``inner``: best epoch on an inner split of the
         training fold, by patient, never looking at the reported split; ``paper-max``: best epoch on the
-        reported split, as the CrossFusion code, optimistic), seed (model initialisation, dropout, sampler and
-        inner split), bin rule and bin count.
+        reported split, as the CrossFusion code, optimistic), seed and seeding (model initialisation, dropout and
+        sampler: :func:`training_seed`; the inner split: ``seed``), bin rule and bin count.
     device : str
         ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
     on_epoch : callable, optional
@@ -372,10 +386,11 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
     """
     recipe, spec, dev = config.resolved_recipe(), get_method_spec(config.method), resolve_device(device)
     data = fold_data(cohort, config, recipe)
-    seed_everything(config.seed)
+    seed = training_seed(config)
+    seed_everything(seed)
     model = create_method(config.method, in_dim=cohort.in_dim, n_bins=config.n_bins, **config.options).to(dev)
     runtime = Runtime.create(cohort, spec.needs, dev, config.precision)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(seed)
     is_cox = spec.loss == "cox"
     opt = optimisation(model, recipe, data, is_cox, config.method)
     monitor_ids = {"inner": data.inner_ids, "paper-max": data.val_ids}.get(config.selection)
@@ -404,7 +419,9 @@ def train_fold(cohort, config: RunConfig, *, device: str | torch.device = "auto"
     if best_state is not None:
         model.load_state_dict(best_state)
         selected_epoch = best_epoch
-    return _evaluate_fold(model, cohort, spec.needs, data, runtime, selected_epoch, history, opt)
+    result = _evaluate_fold(model, cohort, spec.needs, data, runtime, selected_epoch, history, opt)
+    result.extra["training_seed"] = seed  # recorded with the fold's facts (``data_sizes``)
+    return result
 
 
 def _patience_exhausted(selection: str, patience: int | None, best_score: float, epochs_since_best: int) -> bool:

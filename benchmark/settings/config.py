@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from benchmark.choices import (
-    BIN_RULES, LAYOUT_CHOICES, MISSING_FEATURES, PRECISIONS, SAVE_WEIGHTS, SELECTIONS, SIGNALS, UNITS,
+    BIN_RULES, LAYOUT_CHOICES, MISSING_FEATURES, PRECISIONS, SAVE_WEIGHTS, SEEDINGS, SELECTIONS, SIGNALS, UNITS,
 )
 from benchmark.store.records import Cell, config_hash
 from benchmark.settings.options import check_choice as _check_choice, parse_option_value
@@ -141,6 +141,10 @@ class RunConfig:
     registry : tuple of str
         Registry files (cohorts, backbones) the cell's names come from (``--registry``,
         ``$MIL_BENCHMARK_REGISTRY``); read again when the cell is rebuilt from its record.
+    seeding : {"per-fold", "shared"}
+        How the training seed (initialisation, sampling, dropout) follows from ``seed``: derived from
+        (seed, repeat, fold), or ``seed`` itself for every fold (parity with the official codes; the store files
+        such cells apart, label ``seeding=shared``).
     tuning : str or None
         Id of the tuning protocol that chose ``tuned`` (``benchmark.tuning.study``); None for an untuned cell.
     columns : str or None
@@ -179,6 +183,7 @@ class RunConfig:
     tuning: str | None = None
     tuned: tuple[tuple[str, Any], ...] = ()
     columns: str | None = None
+    seeding: str = "per-fold"
 
     def __post_init__(self) -> None:
         setattr_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -195,6 +200,7 @@ class RunConfig:
         _check_choice(self.bin_rule, BIN_RULES, "--bin-rule")
         _check_choice(self.signal, SIGNALS, "--signal")
         _check_choice(self.precision, PRECISIONS, "--precision")
+        _check_choice(self.seeding, SEEDINGS, "--seeding")
         if self.n_bins < 2:
             raise ValueError(f"--n-bins: needs at least 2 bins, got {self.n_bins}")
         options = {k: parse_option_value(v) if isinstance(v, str) else v for k, v in dict(self.method_options).items()}
@@ -253,6 +259,8 @@ class RunConfig:
         out.update({k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v})
         if self.tuning:
             out["tuned"] = self.tuning
+        if self.seeding == "shared":  # filed apart from the default per-fold cells, in the folder of older records
+            out["seeding"] = "shared"
         return out
 
     def label(self) -> str:
@@ -306,6 +314,8 @@ class RunConfig:
             config["precision"] = self.precision
         if self.tuning:
             config["tuning"] = {"id": self.tuning, "params": dict(self.tuned)}
+        if self.seeding != "shared":  # absent for shared, the seeding of every record written without the entry
+            config["seeding"] = self.seeding
         return config
 
     @classmethod
@@ -334,7 +344,7 @@ class RunConfig:
             splits=config.get("splits"), features=config.get("features") or (), layout=config.get("layout") or "auto",
             missing_features=config.get("missing_features") or "error", registry=config.get("registry") or (),
             precision=config.get("precision") or "fp32", tuning=tuning.get("id"),
-            tuned=tuned, columns=config.get("columns"),
+            tuned=tuned, columns=config.get("columns"), seeding=config.get("seeding") or "shared",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -359,7 +369,7 @@ class RunConfig:
         args += [f"--set={k}={_format_value(v)}" for k, v in sorted({**dict(self.overrides), **tuned_recipe}.items())]
         args += [f"--method-option={self.method}.{k}={_format_value(v)}" for k, v in sorted(self.options.items())]
         defaults = {"unit": "patient", "bin_rule": "train", "n_bins": DEFAULT_N_BINS, "signal": "mixed",
-                    "precision": "fp32"}
+                    "precision": "fp32", "seeding": "per-fold"}
         args += [f"--{k.replace('_', '-')}={getattr(self, k)}" for k, v in defaults.items() if getattr(self, k) != v]
         if self.data_root is not None:
             args += ["--data-root", self.data_root]

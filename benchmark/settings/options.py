@@ -64,6 +64,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
        "'all' (the five base backbones) or a comma list"),
     _s("folds", None, (str, list, int), "all", "grid", "outer folds, e.g. 0-4, 0,2 or all"),
     _s("seeds", "--seed", (str, list, int), "0", "grid", "training seed(s), e.g. 0 or 0-2"),
+    _s("seeding", None, str, "per-fold", "grid", "per-fold: each fold's training seed derived from (seed, repeat, "
+       "fold), so folds vary as training runs do; shared: the seed for every fold, as the official codes (parity; "
+       "filed apart, label seeding=shared)", choices=choices.SEEDINGS),
     _s("repeats", None, int, 1, "grid", "repeated cross-validation: R split sets (repeat 0 = the cohort's split "
        "files, 1..R-1 stratified patient-level folds drawn with seed r)", cli_type=int),
     _s("repeat", None, (str, list, int), None, "grid", "only these repeats, e.g. 2 or 1-3 (instead of repeats)"),
