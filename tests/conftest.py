@@ -16,8 +16,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
+import pandas as pd
 import pytest
 import torch
+
+from fakes import Confinement
 
 # Small models on 2 shared cores: one intra-op thread is ~10x faster than two (PyG scatter stalls) and
 # keeps results reproducible.
@@ -53,3 +57,37 @@ def real_tables() -> Path:
     if not (SHARED_TABLES / "derived" / "labels").is_dir():
         pytest.skip(f"real TCGA tables not found at {SHARED_TABLES}")
     return SHARED_TABLES
+
+
+@pytest.fixture()
+def confined(tmp_path, monkeypatch, tiny_root):
+    """Records the files the harness opens (h5, torch, CSV); caches go to ``tmp_path/cache``; cwd = tmp_path."""
+    guard = Confinement(tmp_path, tiny_root)
+    real_h5, real_load, real_csv = h5py.File, torch.load, pd.read_csv
+
+    class SpyFile(real_h5):
+        def __init__(self, name, *args, **kwargs):
+            guard.opened.append(Path(name))
+            super().__init__(name, *args, **kwargs)
+
+    def spy_load(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            guard.opened.append(Path(f))
+        return real_load(f, *args, **kwargs)
+
+    def spy_csv(f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            guard.opened.append(Path(f))
+        return real_csv(f, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", SpyFile)
+    monkeypatch.setattr(torch, "load", spy_load)
+    monkeypatch.setattr(pd, "read_csv", spy_csv)
+    monkeypatch.setenv("MIL_BENCHMARK_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("MIL_BENCHMARK_REGISTRY", "")  # restored afterwards, also when --registry adds to it
+    monkeypatch.chdir(tmp_path)
+    from benchmark.data.cohorts import clear_registry_caches
+
+    clear_registry_caches()
+    yield guard
+    clear_registry_caches()

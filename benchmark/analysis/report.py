@@ -162,7 +162,7 @@ def trained_sizes_text(records: Sequence[dict]) -> str:
 #: Censored fraction of a cell's validation samples from which the report calls its D-calibration test powerless:
 #: censored samples spread their mass over the low bins, so even calibrated curves almost never fail (simulated
 #: false-alarm rate of calibrated exponential curves, 60-patient folds: 0.046 uncensored, 0.014 at 20 %,
-#: 0.004 at 38 %, 0 at 53 % censoring; tests/test_metrics.py).
+#: 0.004 at 38 %, 0 at 53 % censoring; tests/evaluation/test_metrics.py).
 DCAL_POWERLESS_CENSORING = 0.3
 
 

@@ -15,6 +15,7 @@ from benchmark.store.records import Cell, ResultStore
 from benchmark.settings.config import Experiment
 from benchmark.execution.shard import shard_of
 from benchmark.settings.options import parse_shard
+from fakes import grid, toy_loader
 
 
 def test_parse_shard_accepts_i_of_n_and_names_the_option_otherwise():
@@ -107,7 +108,6 @@ def test_unwritable_store_is_one_line_naming_results(tmp_path):
 
 def test_a_locked_cell_is_busy_and_a_cell_finished_elsewhere_is_skipped(tmp_path):
     from benchmark.execution.cells import CellTask, Execution, execute_cell
-    from test_store_runner import grid, toy_loader
 
     store = ResultStore(tmp_path)
     config = grid(["amil"], [0])[0]

@@ -12,11 +12,10 @@ from sklearn.metrics import roc_auc_score
 
 from benchmark.analysis import plots
 from benchmark.commands.plot import heatmap
-from benchmark.settings.recipes import get_recipe
 from benchmark.cli import main
 from benchmark.analysis.statistics import pooled_predictions
 from benchmark.store.query import Results, select_cell
-from test_compare import write_fake_store
+from fakes import write_fake_store, write_untrained_cell
 
 
 @pytest.fixture(scope="module")
@@ -101,32 +100,12 @@ def test_tumour_fraction_of_coarse_patches():
     np.testing.assert_allclose(frac, [0.5])
 
 
-def _write_untrained_cell(results, cohort, method, data_root, fold=0, weights=True, config_extra=None):
-    """A store record with an untrained model's weights (heatmaps need a model, not a good one)."""
-    from benchmark.api.registry import create_method
-    from benchmark.store.records import ResultStore
-
-    torch.manual_seed(0)
-    model = create_method(method, in_dim=cohort.in_dim, n_bins=4)
-    val = cohort.folds[fold].val
-    preds = [{"sample_id": s, "patient_id": cohort.samples.at[s, "patient_id"], "time": float(cohort.samples.at[s, "time"]),
-              "event": int(cohort.samples.at[s, "event"]), "risk": 0.0} for s in val]
-    record = {"status": "ok", "method": method, "cohort": cohort.name, "backbone": cohort.backbone.name, "fold": fold,
-              "seed": 0, "recipe": "demo", "selection": "last",
-              "config": {"recipe": get_recipe("demo").to_dict(), "in_dim": cohort.in_dim, "n_bins": 4,
-                         "method_options": {}, "data_root": str(data_root),
-                         "unit": "patient", **(config_extra or {})},
-              "provenance": {}, "metrics": {"c_index": 0.5}, "train_risk_median": 0.0, "predictions": preds}
-    ResultStore(results).write(record, state_dict=model.state_dict() if weights else None)
-    return model, val
-
-
 def test_heatmap_maps_equal_model_attention(tiny_root, tmp_path):
     from benchmark.data.bag import Needs
     from benchmark.data.loader import load_cohort
 
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
-    model, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, fold=2)
+    model, val = write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, fold=2)
     slide = cohort.samples.at[val[0], "slide_ids"][0]
     res = heatmap(tmp_path / "store", "amil", "blca", slide, out=tmp_path / "fig", cohort_data=cohort)
     assert res.fold == 2 and res.sample_id == val[0] and [m.name for m in res.maps] == ["attention"]
@@ -150,7 +129,7 @@ def test_heatmap_crossfusion_draws_every_map(tiny_root, tmp_path, capsys):
     from benchmark.data.loader import load_cohort
 
     cohort = load_cohort("ucec", data_root=tiny_root, backbone="resnet50")
-    _write_untrained_cell(tmp_path / "store", cohort, "crossfusion", tiny_root, fold=0)
+    write_untrained_cell(tmp_path / "store", cohort, "crossfusion", tiny_root, fold=0)
     sample = cohort.folds[0].val[1]
     rc = main(["plot", "heatmap", "--results", str(tmp_path / "store"), "--method", "crossfusion", "--dataset", "ucec",
                "--slide", sample, "--out", str(tmp_path / "fig"), "--json", str(tmp_path / "hm.json")])
@@ -168,12 +147,11 @@ def test_heatmap_without_weights_says_how_to_retrain(tiny_root, tmp_path, capsys
     from benchmark.data.loader import load_cohort
 
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
-    _, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, weights=False)
+    _, val = write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, weights=False)
     with pytest.raises(FileNotFoundError, match="--overwrite"):
         heatmap(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)
     with pytest.raises(KeyError, match="no sample"):
         heatmap(tmp_path / "store", "amil", "blca", "NO-SUCH-SLIDE", cohort_data=cohort)
-
 
 
 def test_heatmap_refuses_a_model_trained_on_other_synthetic_data(tiny_root, tmp_path):
@@ -191,7 +169,7 @@ def test_heatmap_refuses_a_model_trained_on_other_synthetic_data(tiny_root, tmp_
     assert plots.stale_data_reason({**edited, "config": {**edited["config"], "data_root": "/real"}}) is None
     # the command refuses such weights with the retrain command, instead of drawing meaningless maps
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
-    _, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root,
+    _, val = write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root,
                                    config_extra={"data_root": None, "synthetic_version": SCHEMA - 1})
     with pytest.raises(ValueError, match=f"synthetic data version {SCHEMA - 1}.*--overwrite"):
         heatmap(tmp_path / "store", "amil", "blca", val[0], cohort_data=cohort)

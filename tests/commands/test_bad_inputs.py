@@ -25,88 +25,12 @@ from benchmark import cli
 from benchmark.data.bag import Needs
 from benchmark.data.loader import load_cohort
 from benchmark.settings.recipes import Recipe
+from fakes import Confinement, snapshot
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
-def _snapshot(*folders: Path, skip: Path | None = None, recursive: bool = True) -> dict[str, float]:
-    """``{file: mtime}`` of the files under ``folders`` (or only in them), ``skip`` and what lies under it left out."""
-    seen = {}
-    for folder in folders:
-        if not folder.is_dir():
-            continue
-        for path in (folder.rglob("*") if recursive else folder.iterdir()):
-            if skip is not None and (path == skip or skip in path.parents):
-                continue
-            if path.is_symlink():  # pytest's "<name>current" links follow the newest folder
-                continue
-            if path.is_file() or not recursive:
-                seen[str(path)] = path.stat().st_mtime
-    return seen
-
-
-class Confinement:
-    """What a case opened and changed; :meth:`check` asserts it all stayed inside the given roots.
-
-    Watched for writes: the shared synthetic cohort and the repository's caches (every file), and the entries of
-    the folders above the case's temporary folder (where an escaping path would land).
-    """
-
-    def __init__(self, tmp_path: Path, shared: Path):
-        self.tmp_path = tmp_path
-        self.opened: list[Path] = []
-        self.deep = (shared, REPO / "data_cache", REPO / "results")
-        self.shallow = (tmp_path.parent,)  # further up, other sessions of the shared machine come and go
-        self.before = self._state()
-
-    def _state(self) -> dict[str, float]:
-        return {**_snapshot(*self.deep), **_snapshot(*self.shallow, skip=self.tmp_path, recursive=False)}
-
-    def check(self, *roots: Path) -> None:
-        allowed = [Path(r).resolve() for r in (self.tmp_path, *roots)]
-        for path in self.opened:
-            resolved = path.resolve()
-            assert any(resolved == r or r in resolved.parents for r in allowed), f"read outside the roots: {path}"
-        after = self._state()
-        changed = {p for p, t in after.items() if self.before.get(p) != t}
-        assert not changed, f"written outside the roots: {sorted(changed)[:5]}"
-
-
-@pytest.fixture()
-def confined(tmp_path, monkeypatch, tiny_root):
-    """Records the files the harness opens (h5, torch, CSV); caches go to ``tmp_path/cache``; cwd = tmp_path."""
-    guard = Confinement(tmp_path, tiny_root)
-    real_h5, real_load, real_csv = h5py.File, torch.load, pd.read_csv
-
-    class SpyFile(real_h5):
-        def __init__(self, name, *args, **kwargs):
-            guard.opened.append(Path(name))
-            super().__init__(name, *args, **kwargs)
-
-    def spy_load(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):
-            guard.opened.append(Path(f))
-        return real_load(f, *args, **kwargs)
-
-    def spy_csv(f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):
-            guard.opened.append(Path(f))
-        return real_csv(f, *args, **kwargs)
-
-    monkeypatch.setattr(h5py, "File", SpyFile)
-    monkeypatch.setattr(torch, "load", spy_load)
-    monkeypatch.setattr(pd, "read_csv", spy_csv)
-    monkeypatch.setenv("MIL_BENCHMARK_DATA", str(tmp_path / "cache"))
-    monkeypatch.setenv("MIL_BENCHMARK_REGISTRY", "")  # restored afterwards, also when --registry adds to it
-    monkeypatch.chdir(tmp_path)
-    from benchmark.data.cohorts import clear_registry_caches
-
-    clear_registry_caches()
-    yield guard
-    clear_registry_caches()
-
-
 def test_the_confinement_check_notices_reads_and_writes_outside(tmp_path, tiny_root):
     guard = Confinement(tmp_path, tiny_root)
     guard.check()
@@ -742,11 +666,11 @@ def test_figure_names_stay_under_out(tmp_path, name):
 def test_generated_splits_honour_the_data_cache_variable(confined, cohort_root, tmp_path):
     shutil.rmtree(cohort_root / "blca" / "splits")
     (cohort_root / "blca" / "splits").write_text("a file where the split folder would go")
-    repo_cache = _snapshot(REPO / "data_cache")
+    repo_cache = snapshot(REPO / "data_cache")
     cohort = load_cohort("blca", data_root=cohort_root)
     assert cohort.provenance["splits_generated"]
     assert Path(cohort.provenance["splits"]).is_relative_to((tmp_path / "cache" / "splits").resolve())
-    assert _snapshot(REPO / "data_cache") == repo_cache
+    assert snapshot(REPO / "data_cache") == repo_cache
     confined.check(cohort_root)
 
 
@@ -869,7 +793,7 @@ BAG_CASES = [
     ("empty bag", lambda x: x[:0], r"\[20x\]: empty bag \(0 patches\)"),
     ("NaN features", _poison(np.nan), r"\[20x\]: features contain NaN or inf values \(1 of"),
     ("inf features", _poison(np.inf), r"\[20x\]: features contain NaN or inf values \(1 of"),
-]  # a wrong dim is refused before any cell: tests/test_own_cohort.py
+]  # a wrong dim is refused before any cell: tests/commands/test_own_cohort.py
 
 
 @pytest.mark.parametrize("damage,message", [c[1:] for c in BAG_CASES], ids=[c[0] for c in BAG_CASES])

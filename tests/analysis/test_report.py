@@ -9,7 +9,7 @@ import numpy as np
 from benchmark.cli import main
 from benchmark.analysis.report import build_report, data_description, report_card_from_records
 from benchmark.store.query import Results, select_cell
-from test_compare import write_fake_store
+from fakes import write_fake_store
 
 
 def test_report_page(tmp_path):

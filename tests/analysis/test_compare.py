@@ -16,72 +16,7 @@ from sksurv.metrics import concordance_index_censored
 from benchmark.analysis import statistics as compare
 from benchmark.store.query import Results, select_cell
 from benchmark.cli import main
-
-#: fake methods: how their risk relates to the true risk z
-FAKE_METHODS = {
-    "good": lambda z, noise: z + 0.3 * noise,   # strongly prognostic
-    "twin": lambda z, noise: z + 0.3 * noise,   # identical risks to "good"
-    "noise": lambda z, noise: noise,            # random
-    "peer": lambda z, noise: z + 0.3 * np.roll(noise, 1),  # as good as "good", its own errors
-}
-
-
-def write_fake_store(
-    root: Path,
-    methods=("good", "twin", "noise"),
-    cohorts=("blca", "luad"),
-    n_patients: int = 150,
-    n_folds: int = 5,
-    backbone: str = "resnet50",
-    seed: int = 0,
-    slides_per_patient: int = 1,
-) -> Path:
-    """Write fold records of ``methods x cohorts x folds`` under ``root`` (the store layout) and return root.
-
-    Times are exponential with hazard ``exp(z)``; ``good`` and ``twin`` have identical risks ``z + noise``,
-    ``noise`` is random. With ``slides_per_patient > 1`` the unit is ``slide`` (samples = slides).
-    """
-    for ci, cohort in enumerate(cohorts):
-        rng = np.random.default_rng(seed + 100 * ci)
-        z = rng.normal(size=n_patients)
-        time = rng.exponential(30.0 * np.exp(-z))
-        censor_time = rng.uniform(5, 120, size=n_patients)
-        event = (time <= censor_time).astype(int)
-        time = np.minimum(time, censor_time).round(2) + 0.01
-        fold_of = rng.permutation(np.arange(n_patients) % n_folds)
-        noise_good = rng.normal(size=n_patients)
-        noise_rand = rng.normal(size=n_patients)
-        for method in methods:
-            noise = noise_rand if method == "noise" else noise_good
-            risk = FAKE_METHODS[method](z, noise)
-            for k in range(n_folds):
-                val = np.flatnonzero(fold_of == k)
-                train = np.flatnonzero(fold_of != k)
-                preds = []
-                for i in val:
-                    for s in range(slides_per_patient):
-                        sid = f"{cohort}-P{i:03d}" + (f"-S{s}" if slides_per_patient > 1 else "")
-                        preds.append({"sample_id": sid, "patient_id": f"{cohort}-P{i:03d}", "time": float(time[i]),
-                                      "event": int(event[i]), "risk": float(risk[i] + 0.01 * s)})
-                df = pd.DataFrame(preds)
-                c = concordance_index_censored(df["event"].astype(bool), df["time"], df["risk"], tied_tol=1e-8)[0]
-                record = {
-                    "schema": 1, "status": "ok", "method": method, "cohort": cohort, "backbone": backbone,
-                    "fold": k, "seed": 0, "recipe": "harmonized", "selection": "last_epoch",
-                    "unit": "slide" if slides_per_patient > 1 else "patient",
-                    "config": {"lr": 2e-4}, "config_hash": "abc123",
-                    "provenance": {"versions": {"torch": "2.13.0", "benchmark": "0.1.0"}, "git_commit": "deadbeef",
-                                   "data_root": None, "synthetic": {"preset": "demo", "seed": 0},
-                                   "created": "2025-01-01T00:00:00"},
-                    "metrics": {"c_index": float(c), "c_index_uno": None, "ibs": None, "mean_auc": None},
-                    "selected_epoch": 19, "history": [], "bin_edges": [0, 10, 20, 40, 1e9],
-                    "train_risk_median": float(np.median(risk[train])),
-                    "predictions": preds, "error": None, "seconds": 1.0, "weights": None,
-                }
-                cell = root / "cells" / method / cohort / backbone / f"harmonized-last_epoch-s0"
-                cell.mkdir(parents=True, exist_ok=True)
-                (cell / f"fold{k}.json").write_text(json.dumps(record))
-    return root
+from fakes import write_fake_store
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import pytest
 
 from benchmark.store.records import ResultStore
 from benchmark.analysis.tables import render, table1, table2
+from fakes import write_fake_store
 
 
 def rec(method, cohort, fold, c, *, backbone="resnet50", status="ok", selection="last", recipe="demo", seed=0):
@@ -142,7 +143,6 @@ def test_older_synthetic_data_versions_never_share_a_table():
 def test_declared_family_marks_footer_and_confidence_intervals(tmp_path):
     from benchmark.analysis.significance import bounded_interval
     from benchmark.analysis.statistics import SignificanceOptions
-    from test_compare import write_fake_store
 
     store = write_fake_store(tmp_path / "s", methods=("good", "twin", "noise"), n_patients=100)
     records = ResultStore(store).records()
@@ -169,7 +169,6 @@ def test_declared_family_marks_footer_and_confidence_intervals(tmp_path):
 
 def test_table_command_significance_options(tmp_path, capsys):
     from benchmark.cli import main
-    from test_compare import write_fake_store
 
     store = write_fake_store(tmp_path / "s", methods=("good", "noise"), n_patients=80)
     assert main(["table", "1", "--results", str(store), "--significance", "--reference", "good", "--n-boot", "200",

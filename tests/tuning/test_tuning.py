@@ -14,7 +14,6 @@ import pandas as pd
 import psutil
 import pytest
 from optuna.trial import TrialState
-from test_train import ToyCohort, scoped_registry
 from torch import nn
 
 from benchmark.cli import main as cli_main
@@ -29,9 +28,10 @@ from benchmark.tuning.study import (
     InnerCohort, NestingError, StudyTask, TunedCell, TuningSettings, find_tuned, inner_folds, open_storage, retrain,
     run_study, seeded_sampler,
 )
+from fakes import ToyCohort, scoped_registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 #: Three short epochs of a few windows: a trial of two inner folds takes a fraction of a second.

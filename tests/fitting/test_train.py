@@ -1,15 +1,12 @@
 """The trainer: windows, schedule, sampler, determinism, selection rules, Cox windows, learning a planted signal."""
 import math
-from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from benchmark.data.bag import Bag, Needs
-from benchmark.data.labels import assign_bins, quantile_edges
+from benchmark.data.bag import Needs
 from benchmark.api.output import SurvivalOutput
 from benchmark.settings.config import RunConfig
 from benchmark.settings.options import parse_assignments
@@ -18,55 +15,7 @@ from benchmark.api.registry import register_method
 from benchmark.fitting.trainer import (
     balanced_weights, draw_epoch, inner_split, lr_factor, plan_windows, resolve_device, train_fold,
 )
-
-
-@dataclass
-class ToyFold:
-    train: list
-    val: list
-
-
-class ToyCohort:
-    """A tiny in-memory cohort following the data contract: bags whose mean feature carries the log hazard."""
-
-    def __init__(self, n=60, dim=16, patches=6, seed=0, n_folds=2):
-        rng = np.random.default_rng(seed)
-        ids = [f"P{i:03d}" for i in range(n)]
-        x = rng.normal(size=n)
-        t_event = rng.exponential(np.exp(-1.5 * x) * 20)
-        t_cens = rng.uniform(10, 60, n)
-        time = np.minimum(t_event, t_cens) + 0.1
-        event = (t_event <= t_cens).astype(int)
-        self.samples = pd.DataFrame(
-            {"patient_id": ids, "slide_ids": [(s + "-slide",) for s in ids], "time": time, "event": event,
-             "censorship": 1 - event}, index=pd.Index(ids, name="sample_id"))
-        self.folds = [ToyFold([s for j, s in enumerate(ids) if j % n_folds != k],
-                              [s for j, s in enumerate(ids) if j % n_folds == k]) for k in range(n_folds)]
-        self.in_dim = dim
-        self.provenance = {"data_root": None, "synthetic": "toy"}
-        direction = rng.normal(size=dim)
-        self._features = {
-            s: torch.tensor(rng.normal(size=(patches, dim)) * 0.5 + x[i] * direction[None, :], dtype=torch.float32)
-            for i, s in enumerate(ids)}
-        self.bag_calls: list[str] = []
-
-    def bag(self, sample_id, needs):
-        self.bag_calls.append(sample_id)
-        return Bag(sample_id, (sample_id + "-slide",), {20: self._features[sample_id]})
-
-    def bins(self, fold, rule="train", n_bins=4):
-        ref = self.samples.loc[fold.train] if rule == "train" else self.samples
-        edges = quantile_edges(ref["time"].to_numpy(), ref["event"].to_numpy(), n_bins)
-        return edges, pd.Series(assign_bins(self.samples["time"].to_numpy(), edges), index=self.samples.index)
-
-
-def scoped_registry(monkeypatch):
-    """Register test-only methods in a copy of the registry that is restored after the test, so they never
-    reach the contract tests that run on every registered method."""
-    from benchmark.api import registry
-
-    registry.load_builtin_methods()
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+from fakes import ToyCohort, scoped_registry
 
 
 class ToyCoxMean(nn.Module):

@@ -13,7 +13,7 @@ import pytest
 from benchmark.analysis import heatmaps, plots
 from benchmark.cli import main
 from benchmark.data import slides
-from test_bad_inputs import confined  # noqa: F401 (fixture)
+from fakes import write_untrained_cell
 
 CROSSFUSION_MAPS = ("coarse_cross", "fine_cross", "source_transformer", "final_transformer", "final_cls")
 
@@ -89,10 +89,9 @@ def test_percentile_rank_ties_share_a_rank():
 
 def _cell(tiny_root, tmp_path):
     from benchmark.data.loader import load_cohort
-    from test_plots import _write_untrained_cell
 
     cohort = load_cohort("blca", data_root=tiny_root, backbone="resnet50")
-    _, val = _write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, fold=0)
+    _, val = write_untrained_cell(tmp_path / "store", cohort, "amil", tiny_root, fold=0)
     return cohort, cohort.samples.at[val[0], "slide_ids"][0]
 
 

@@ -15,7 +15,7 @@ from benchmark.store.records import ResultStore
 from benchmark.settings.config import Experiment, RunConfig, hashed_config
 from benchmark.settings.recipes import Recipe, register_recipe
 from benchmark.execution.cells import Execution, expected_config, run_cell
-from test_train import ToyCohort
+from fakes import ToyCohort
 
 torch.set_num_threads(1)
 register_recipe(Recipe("cfgtest", lr=1e-3, epochs=1, accumulation=4, warmup_epochs=0, max_samples_per_epoch=8))
@@ -218,7 +218,7 @@ def test_every_allowed_value_set_reaches_argparse_from_one_declaration():
 def test_settings_reference_in_the_docs_is_the_generated_one():
     from benchmark.settings.options import SETTINGS, TUNE_SETTINGS, reference_markdown
 
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "SETTINGS.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "SETTINGS.md").read_text()
     assert docs.strip() == reference_markdown().strip(), "regenerate: python -m benchmark list settings --markdown"
     assert all(f"| `{key}` |" in docs for key in [*SETTINGS, *TUNE_SETTINGS])
 
@@ -235,6 +235,6 @@ def test_settings_and_help_load_no_torch():
             "        except SystemExit:\n"
             "            pass\n"
             "print(sorted(m for m in ('torch', 'sksurv', 'sklearn') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

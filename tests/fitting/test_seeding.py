@@ -11,7 +11,7 @@ from benchmark.execution.cells import expected_config, get_cohort_data
 from benchmark.fitting import trainer
 from benchmark.settings.config import RunConfig, hashed_config
 
-REFERENCE = Path(__file__).parent / "data" / "seeding_shared_d946c8a.json"
+REFERENCE = Path(__file__).parent / "seeding_shared_d946c8a.json"
 CREATE = trainer.create_method
 
 

@@ -152,6 +152,6 @@ def test_readme_and_help_agree_on_the_jobs_default():
 
     from benchmark.settings.options import SETTINGS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert SETTINGS["jobs"].default == 1 and "`run` itself defaults to `--jobs 1`" in readme
     assert "[--jobs N (default 1)]" in readme and "default `--jobs 2`" not in readme

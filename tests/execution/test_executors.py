@@ -14,7 +14,7 @@ import pytest
 
 from benchmark.execution.executors import InlineExecutor, LocalExecutor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def toy_work(task, on_epoch=None):
