@@ -1,4 +1,4 @@
-"""``python -m benchmark list [datasets|backbones|methods|executors|settings]``: print the registries and the
+"""``python -m benchmark list [datasets|backbones|methods|executors|tests|settings]``: print the registries and the
 settings reference.
 
 Tables fit the terminal: names are never cut; on a narrow terminal (under 120 columns) the long text columns
@@ -15,7 +15,7 @@ WIDE = 120
 def register(subparsers) -> None:
     p = subparsers.add_parser("list", help="list datasets, backbones, methods, executors and settings")
     p.add_argument("what", nargs="?", default="all",
-                   choices=("all", "datasets", "backbones", "methods", "executors", "settings"))
+                   choices=("all", "datasets", "backbones", "methods", "executors", "tests", "settings"))
     p.add_argument("--markdown", action="store_true",
                    help="with settings: print the reference of every experiment-file key (docs/SETTINGS.md)")
     p.set_defaults(func=run)
@@ -33,6 +33,15 @@ def _extension_points(console, what: str) -> None:
             t.add_column(c)
         for name, kind in EXECUTORS.items():
             t.add_row(name, kind.description)
+        console.print(t)
+    if what in ("all", "tests"):
+        from benchmark.analysis.significance import STAT_TESTS
+
+        t = Table(title="statistical tests (table --significance --test, compare --test)")
+        for c in ("name", "description", "conditions on"):
+            t.add_column(c, overflow="fold")
+        for name, test in STAT_TESTS.items():
+            t.add_row(name, test.description, test.conditions_on)
         console.print(t)
     if what == "settings":
         from benchmark.settings.options import SETTINGS, TUNE_SETTINGS

@@ -491,3 +491,11 @@ def test_bootstrap_resamples_suffice_for_the_holm_thresholds():
     column = sig.simulate_null_column(np.random.default_rng(0), n_methods=3)
     result = sig.column_significance(column, family="all-pairs", test="fold-bootstrap", n_boot=50)
     assert result.n_boot == 240 and "(240 resamples)" in result.footer()
+
+
+def test_list_tests_reads_the_registry(capsys):
+    from benchmark.cli import main as cli_main
+
+    assert cli_main(["list", "tests"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in sig.STAT_TESTS)
