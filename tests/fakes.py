@@ -133,7 +133,7 @@ def write_fake_store(
                     "train_risk_median": float(np.median(risk[train])),
                     "predictions": preds, "error": None, "seconds": 1.0, "weights": None,
                 }
-                cell = root / "cells" / method / cohort / backbone / f"harmonized-last_epoch-s0"
+                cell = root / "cells" / method / cohort / backbone / "harmonized-last_epoch-s0"
                 cell.mkdir(parents=True, exist_ok=True)
                 (cell / f"fold{k}.json").write_text(json.dumps(record))
     return root

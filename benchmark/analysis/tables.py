@@ -23,7 +23,7 @@ import numpy as np
 from benchmark.analysis.significance import bounded_interval
 from benchmark.analysis.statistics import folds_per_repeat
 from benchmark.api.registry import get_method_spec
-from benchmark.data.cohorts import DATASETS_DIR, cohort_names
+from benchmark.data.cohorts import DATASETS_DIR
 from benchmark.store.query import fold_order, newest_data_records, recorded_n_folds
 from benchmark.evaluation.metrics import NO_EVENTS_NOTE, aggregate
 

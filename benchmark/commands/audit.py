@@ -25,17 +25,14 @@ def register(subparsers) -> None:
                    help="folder laid out like shared/data/tcga_clinical: use the cohort's real table and splits "
                         "(default $MIL_BENCHMARK_TCGA_TABLES when --real-tables is given without --clinical)")
     from benchmark.choices import LAYOUT_CHOICES, MISSING_FEATURES
+    from benchmark.settings.options import SETTINGS, add_arguments
 
     p.add_argument("--features", nargs="+", action="extend", default=None, metavar="[MAGx=]DIR",
                    help="also check the feature files (as in run): one folder or 20x=DIR 10x=DIR 5x=DIR")
     p.add_argument("--backbone", default=None,
                    help="backbone of the feature files; required with --features unless exactly one registered "
                         "backbone has the files' dim and is named in the folder's path (then it is printed)")
-    p.add_argument("--columns", default=None, metavar="KEY=COLUMN,...",
-                   help="the clinical table's columns and their meaning: patient=..,slide=..,time=..,"
-                        "event=..|censorship=..,unit=months|days|years (exactly one of event / censorship; "
-                        "default: the cohort's registry mapping, else MCAT's case_id, slide_id, survival_months, "
-                        "censorship)")
+    add_arguments(p, {"columns": SETTINGS["columns"]}, ("data",))
     p.add_argument("--layout", default="auto", choices=LAYOUT_CHOICES, help="feature layout (default auto)")
     p.add_argument("--missing-features", default="error", choices=MISSING_FEATURES,
                    help="slides without a feature file are a problem (error) or are left out, with the folds "

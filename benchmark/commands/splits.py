@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    from benchmark.settings.options import SETTINGS, add_arguments
+
     p = subparsers.add_parser(
         "splits", help="generate patient-level k-fold splits (stratified by event and time bin, seeded) into a folder",
         description="Patient-level k-fold cross-validation splits, stratified by event and time bin "
@@ -18,9 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--clinical", type=Path, default=None,
                    help="clinical table (.csv or .csv.zip; default <data root>/<cohort>/clinical.csv)")
     p.add_argument("--data-root", type=Path, default=None, help="data root holding <cohort>/clinical.csv")
-    p.add_argument("--columns", default=None, metavar="KEY=COLUMN,...",
-                   help="the table's columns and their meaning: patient=..,slide=..,time=..,"
-                        "event=..|censorship=..,unit=months|days|years (see `audit --help`)")
+    add_arguments(p, {"columns": SETTINGS["columns"]}, ("data",))
     p.add_argument("--out", type=Path, required=True, help="folder to write splits_{k}.csv into")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")

@@ -20,7 +20,7 @@ from benchmark.settings.config import ANY, Experiment, RunConfig, feature_items
 from benchmark.data.clinical import parse_columns
 from benchmark.data.loader import infer_backbone
 from benchmark.settings.options import (
-    parse_assignments, parse_indices, parse_option_value, parse_shard, read_experiment_file, run_settings,
+    parse_assignments, parse_indices, parse_option_value, parse_shard, run_settings,
 )
 
 SYNTHETIC_DEFAULT_RECIPE = "demo"
@@ -72,13 +72,10 @@ def canonical_columns(spec) -> str | None:
     return None if spec is None else parse_columns(spec).spec()
 
 
-def features_backbone(args: argparse.Namespace, s: dict[str, Any]):
+def features_backbone(s: dict[str, Any]):
     """The backbones of the run: as given, or with ``--features`` and no backbone named anywhere, the one
     inferred from the feature files (printed), else an error asking for ``--backbone``."""
-    named = getattr(args, "backbones", None) is not None
-    if not named and getattr(args, "config", None):
-        named = "backbones" in read_experiment_file(args.config)
-    if named or not s.get("features"):
+    if "backbones" in s["given"] or not s.get("features"):
         return s["backbones"]
     name, how = infer_backbone([v if k == "any" else f"{k}={v}" for k, v in feature_items(s["features"])])
     print(how)
@@ -90,7 +87,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
     s = run_settings(args)
     for path in s["registry"]:  # the experiment file's (the command line's were read by the CLI)
         add_registry_file(path)
-    s["backbones"] = features_backbone(args, s)
+    s["backbones"] = features_backbone(s)
     load_plugins(s["plugins"])
     methods = resolve_methods(_names(s["methods"]))
     get_executor_kind(s["executor"])  # an unknown executor from an experiment file: one line

@@ -77,7 +77,8 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
        path=True, metavar="DIR"),
     _s("columns", None, (str, dict), None, "data", "the clinical table's columns and their meaning: patient=..,"
        "slide=..,time=..,event=..|censorship=..,unit=months|days|years (exactly one of event / censorship; "
-       "default: the cohort's registry mapping, else MCAT's columns)", metavar="KEY=COLUMN,..."),
+       "default: the cohort's registry mapping, else MCAT's case_id, slide_id, survival_months, censorship)",
+       metavar="KEY=COLUMN,..."),
     _s("features", None, (str, list, dict), None, "data", "feature folder(s): one (CLAM FEAT_DIR, TRIDENT job "
        "folder, ...) or one per magnification, e.g. 20x=DIR 10x=DIR 5x=DIR", path=True, many=True,
        metavar="[MAGx=]DIR"),
@@ -297,7 +298,8 @@ def merge(args: argparse.Namespace, file: dict[str, Any] | None = None,
 
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The settings of ``run`` / ``tune``: :func:`merge` of the experiment file (``--config``) and the command
-    line, with the values that combine rather than override (plugins, ``--set``, ``--no-weights``) resolved."""
+    line, with the values that combine rather than override (plugins, ``--set``, ``--no-weights``) resolved;
+    ``given`` holds the keys the file or the command line set (the rest are defaults)."""
     file = read_experiment_file(args.config) if getattr(args, "config", None) else {}
     merged = merge(args, file)
     if isinstance(merged["save_weights"], bool):  # an experiment file may say true / false
@@ -311,6 +313,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     merged["set"] = {**{k: str(v) for k, v in (file.get("set") or {}).items()},
                      **parse_assignments(getattr(args, "overrides", None), "--set")}
     merged["tune"] = merge(args, file.get("tune"), TUNE_SETTINGS)
+    merged["given"] = set(file) | {k for k, s in SETTINGS.items() if s.cli and getattr(args, k, None) is not None}
     return merged
 
 
