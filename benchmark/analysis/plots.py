@@ -51,7 +51,7 @@ from benchmark.analysis.heatmaps import (  # noqa: E402
     SlideOverlay, panel_title, percentile_rank, slide_figure, slide_overlay, top_patches, write_geojson,
 )
 from benchmark.analysis.statistics import pooled_predictions  # noqa: E402
-from benchmark.data.backbones import get_backbone  # noqa: E402
+from benchmark.data.cohorts import get_backbone  # noqa: E402
 from benchmark.data.bag import Needs  # noqa: E402
 from benchmark.data.features import level0_patch_size  # noqa: E402
 from benchmark.data.slides import PatchGeometry, open_slide, patch_geometry  # noqa: E402

@@ -88,7 +88,7 @@ def _datasets(console) -> None:
 
 
 def _backbones(console) -> None:
-    from benchmark.data.backbones import backbone_names, get_backbone
+    from benchmark.data.cohorts import backbone_names, get_backbone
 
     wide = console.width >= WIDE
     t = _table("backbones (noise, signal: of the synthetic features)",

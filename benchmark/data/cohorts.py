@@ -1,7 +1,8 @@
 """The registry of cohorts and backbones (patch encoders), read from the data files ``datasets/*.toml`` and from
 registry files outside the package (tables ``[cohorts.<name>]`` and ``[backbones.<name>]``). One module reads
-both, so a registry file is parsed and checked in one place; :mod:`benchmark.data.backbones` re-exports the
-backbone half under its older name.
+both, so a registry file is parsed and checked in one place. A backbone has a true feature dim and optional
+named variants with their own dims, addressed as ``<name>-<variant>`` or ``<name>:<variant>`` (e.g.
+``resnet50-full``, 2048-d); feature folders on disk use the canonical name.
 
 Every key of a table is checked: an unknown key (``patinets = 400``) is an error naming the file, the table and
 the closest known key.

@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from benchmark.choices import LAYOUTS
-from benchmark.data.backbones import Backbone, check_dim
+from benchmark.data.cohorts import Backbone, check_dim
 
 #: Level-0 pixel size of a 256-px patch at each magnification on a 40x scan.
 PATCH_SIZE = 256

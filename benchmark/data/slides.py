@@ -34,7 +34,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from benchmark.data.backbones import Backbone
+from benchmark.data.cohorts import Backbone
 from benchmark.data.features import (
     LEVEL0_MAGNIFICATION, PATCH_SIZE, FeatureFolders, coords_path, find_feature_file, level0_patch_size,
 )

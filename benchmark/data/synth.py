@@ -48,8 +48,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sksurv.metrics import concordance_index_censored
 
-from benchmark.data.backbones import Backbone, get_backbone, resolve_backbones
-from benchmark.data.cohorts import Cohort, get_cohort, resolve_cohorts
+from benchmark.data.cohorts import Backbone, Cohort, get_backbone, get_cohort, resolve_backbones, resolve_cohorts
 from benchmark.data.features import LAYOUTS, H5SlideWriter, feature_path, level0_patch_size, write_slide, write_tissue_types
 from benchmark.data.splits import stratified_patient_folds, write_splits
 from benchmark import choices

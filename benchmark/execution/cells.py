@@ -15,8 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmark.data.backbones import get_backbone
-from benchmark.data.cohorts import add_registry_file
+from benchmark.data.cohorts import add_registry_file, get_backbone
 from benchmark.data.loader import Fold, load_cohort
 from benchmark.data.splits import repeated_folds, straddling_patients
 from benchmark.data.synth import SCHEMA as SYNTHETIC_SCHEMA, ensure_synthetic, synthetic_parameters

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.api.registry import check_method_options, load_plugins, resolve_methods
-from benchmark.data.backbones import resolve_backbones
-from benchmark.data.cohorts import add_registry_file, resolve_cohorts, user_registry_files
+from benchmark.data.cohorts import add_registry_file, resolve_backbones, resolve_cohorts, user_registry_files
 from benchmark.execution.executors import InlineExecutor, get_executor_kind
 from benchmark.execution.cells import Execution, default_results_dir, execute_cell, get_cohort_data, make_executor
 from benchmark.settings.config import ANY, Experiment, RunConfig, feature_items

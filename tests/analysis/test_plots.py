@@ -155,7 +155,7 @@ def test_heatmap_without_weights_says_how_to_retrain(tiny_root, tmp_path, capsys
 
 
 def test_heatmap_refuses_a_model_trained_on_other_synthetic_data(tiny_root, tmp_path):
-    from benchmark.data.backbones import get_backbone
+    from benchmark.data.cohorts import get_backbone
     from benchmark.data.loader import load_cohort
     from benchmark.data.synth import SCHEMA
 

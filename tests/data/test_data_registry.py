@@ -1,8 +1,9 @@
 """Cohort and backbone registries (datasets/*.toml)."""
 import pytest
 
-from benchmark.data.backbones import backbone_names, check_dim, get_backbone, resolve_backbones
-from benchmark.data.cohorts import DATASETS_DIR, cohort_names, get_cohort, resolve_cohorts
+from benchmark.data.cohorts import (
+    DATASETS_DIR, backbone_names, check_dim, cohort_names, get_backbone, get_cohort, resolve_backbones, resolve_cohorts,
+)
 from benchmark.naming import UnknownNameError
 
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 import benchmark.data.synth as synth
-from benchmark.data.backbones import get_backbone
+from benchmark.data.cohorts import get_backbone, get_cohort
 from benchmark.data.bag import Needs
-from benchmark.data.cohorts import get_cohort
 from benchmark.data.loader import load_cohort
 
 

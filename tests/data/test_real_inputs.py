@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmark import cli
-from benchmark.data.backbones import get_backbone
+from benchmark.data.cohorts import get_backbone
 from benchmark.data.bag import Needs
 from benchmark.data.loader import load_cohort
 from benchmark.settings.config import RunConfig, feature_items

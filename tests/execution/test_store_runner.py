@@ -99,7 +99,7 @@ def test_rerun_redoes_cells_finished_under_another_configuration(tmp_path, monke
     # ... or a backbone whose generator parameters were edited in datasets/backbones.toml
     import dataclasses
 
-    from benchmark.data.backbones import get_backbone
+    from benchmark.data.cohorts import get_backbone
 
     edited = dataclasses.replace(get_backbone("resnet50"), synthetic_signal=0.123)
     monkeypatch.setattr("benchmark.execution.cells.get_backbone", lambda name: edited)
